@@ -1,0 +1,51 @@
+"""`exgra-med <command> [args]`: a thin dispatcher; each command is a typed `main(argv)` elsewhere.
+
+Commands are imported lazily so that `exgra-med --help` stays fast and optional dependencies are
+only needed by the commands that use them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Sequence
+
+# command -> ("module:function", one-line help). Add a line here when a command lands.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "make-tiny-model": ("exgra_med.model.tiny:main", "write a tiny random model + tokenizer (offline)"),
+    "prepare": ("exgra_med.data.prepare:main", "turn a raw data set into training / VQA records"),
+    "train": ("exgra_med.train.main:main", "stage-1 / stage-2 pre-training and VQA fine-tuning"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: exgra-med <command> [args]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in sorted(COMMANDS.items())]
+    lines += ["", "Run `exgra-med <command> --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Dispatch to the command named by the first argument; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(_usage())
+        return 0
+    if argv[0] in {"-V", "--version"}:
+        from exgra_med import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"exgra-med: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name = COMMANDS[name][0].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    result = func(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
