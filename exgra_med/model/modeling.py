@@ -1,0 +1,284 @@
+"""`ExGraMedForConditionalGeneration`: vision tower -> connector -> image tokens merged into any HF causal LM.
+
+In stage 2 the same forward also computes the ExGra-Med alignment loss (METHOD section 4) and returns
+`loss = lm_loss + alpha * align_loss`, both parts as tensors for the trainer to log.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from exgra_med.model.config import ExGraMedConfig
+from exgra_med.model.connector import (
+    build_projector,
+    connector_input_dim,
+    num_image_tokens,
+    select_features,
+)
+from exgra_med.model.vision import VisionTower
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ExGraMedOutput(ModelOutput):
+    """Forward output: `loss` is what the optimiser sees; `lm_loss` and `align_loss` are its parts."""
+
+    loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    align_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+def build_alignment(config: ExGraMedConfig) -> nn.Module | None:
+    """The alignment objective named by the config, or None when `contrastive` is off."""
+    if not config.contrastive:
+        return None
+    dim = config.text_config.hidden_size
+    if config.multi_graph:
+        from exgra_med.align import MultiGraphAlignmentLoss
+
+        return MultiGraphAlignmentLoss(
+            dim,
+            k=config.align_k,
+            lambda_val=config.align_lambda,
+            noise_scale=config.align_noise_scale,
+            seed=config.align_seed,
+            global_batch=config.align_global_batch,
+            scale_invariant_grad=config.align_scale_invariant,
+        )
+    from exgra_med.align import ContrastiveAlignmentLoss
+
+    return ContrastiveAlignmentLoss(dim, loss_type=config.contrastive_loss_type, simi_type=config.simi_type)
+
+
+def _mark_initialized(module: nn.Module) -> None:
+    # Weights loaded elsewhere (from_pretrained of a part) must not be re-initialised by post_init().
+    for m in module.modules():
+        m._is_hf_initialized = True
+
+
+class ExGraMedForConditionalGeneration(PreTrainedModel):
+    """LLaVA-style medical VLM with the optional ExGra-Med alignment objective."""
+
+    config_class = ExGraMedConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def __init__(
+        self,
+        config: ExGraMedConfig,
+        language_model: PreTrainedModel | None = None,
+        vision_tower: VisionTower | None = None,
+    ):
+        super().__init__(config)
+        attn = getattr(config, "_attn_implementation", None)
+        if vision_tower is None:
+            vision_tower = VisionTower(config.vision_config, config.vision_tower_type, attn)
+        else:
+            _mark_initialized(vision_tower)
+        self.vision_tower = vision_tower
+        in_dim = connector_input_dim(config.mm_dense_connector_type, vision_tower.hidden_size)
+        self.mm_projector = build_projector(config.mm_projector_type, in_dim, config.text_config.hidden_size)
+        if language_model is None:
+            language_model = AutoModelForCausalLM.from_config(config.text_config)
+        else:
+            _mark_initialized(language_model)
+        self.language_model = language_model
+        self.alignment = build_alignment(config)
+        if config.freeze_vision_tower:
+            self.vision_tower.requires_grad_(False)
+        self.post_init()
+
+    # --- plumbing delegated to the language model -------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, **kwargs) -> nn.Embedding:
+        """Resize the LLM's vocabulary (e.g. after adding the image tokens) and record it in the config."""
+        emb = self.language_model.resize_token_embeddings(new_num_tokens, **kwargs)
+        self.config.text_config.vocab_size = emb.num_embeddings
+        return emb
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens each image occupies in the LLM input."""
+        return num_image_tokens(self.config.mm_dense_connector_type, self.vision_tower.num_patches)
+
+    # --- image features ----------------------------------------------------------------------------------
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images -> (B, N, D) projected image tokens."""
+        tower_dtype = next(self.vision_tower.parameters()).dtype
+        frozen = not any(p.requires_grad for p in self.vision_tower.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            out = self.vision_tower(pixel_values.to(tower_dtype))
+            feats = select_features(
+                out,
+                self.config.mm_vision_select_layer,
+                self.config.mm_dense_connector_type,
+                self.config.num_l,
+                open_clip=self.config.vision_tower_type == "open_clip",
+            )
+        proj_dtype = next(self.mm_projector.parameters(), feats).dtype
+        return self.mm_projector(feats.to(proj_dtype))  # (B, N, D)
+
+    def merge_image_features(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token embeddings with every `<im_patch>` position replaced by an image feature, in order.
+
+        Returns (inputs_embeds (B, T, D), image_features (B_img, N, D) or None). Each sample either holds no image
+        token or exactly N of them; images are matched to the samples that hold tokens, in batch order.
+        """
+        embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
+        image_mask = input_ids == self.config.image_token_id  # (B, T)
+        per_sample = image_mask.sum(dim=1)
+        if pixel_values is None:
+            if bool(image_mask.any()):
+                raise ValueError(
+                    f"input holds {int(per_sample.sum())} image tokens but no pixel_values were given"
+                )
+            if self.training:
+                # Keep the projector in the graph so that DDP/ZeRO see every trainable parameter used.
+                embeds = embeds + 0.0 * sum(p.sum() for p in self.mm_projector.parameters())
+            return embeds, None
+        features = self.get_image_features(pixel_values)  # (B_img, N, D)
+        n = features.shape[1]
+        with_image = per_sample > 0
+        if int(with_image.sum()) != features.shape[0] or bool((per_sample[with_image] != n).any()):
+            raise ValueError(
+                "image tokens and image features disagree: samples hold "
+                f"{per_sample.tolist()} image tokens, but {features.shape[0]} images of {n} features each were given "
+                "(check mm_use_im_start_end, the number of image tokens of the tokenizer/dataset and the tower)"
+            )
+        embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
+        return embeds, features
+
+    # --- forward -----------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        response_ids: torch.LongTensor | None = None,
+        response_mask: torch.Tensor | None = None,
+        extended_ids: torch.LongTensor | None = None,
+        extended_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> ExGraMedOutput:
+        """LM forward on merged image+text embeddings; adds `alpha * align_loss` when alignment inputs are given."""
+        kwargs.pop("num_items_in_batch", None)  # the trainer averages per step; see ExGraMedTrainer
+        kwargs.pop("ids", None)
+        image_features = None
+        if inputs_embeds is None:
+            inputs_embeds, image_features = self.merge_image_features(input_ids, pixel_values)
+        out = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            labels=labels,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        lm_loss = out.loss
+        align_loss = None
+        if self.alignment is not None and response_ids is not None and labels is not None:
+            if image_features is None or image_features.shape[0] != input_ids.shape[0]:
+                raise ValueError("the alignment loss needs exactly one image per sample in the batch")
+            align_loss = self.alignment_loss(image_features, response_ids, response_mask, extended_ids, extended_mask)
+        loss = lm_loss if align_loss is None else lm_loss + self.config.alpha * align_loss
+        return ExGraMedOutput(
+            loss=loss,
+            lm_loss=lm_loss,
+            align_loss=align_loss,
+            logits=out.logits,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            image_hidden_states=image_features,
+        )
+
+    def encode_texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Token features of alignment texts: LLM last hidden states (`after_de`) or input embeddings. (B, T, D)."""
+        if self.config.after_de:
+            return self.language_model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return self.get_input_embeddings()(ids)
+
+    def alignment_loss(
+        self,
+        image_features: torch.Tensor,
+        response_ids: torch.Tensor,
+        response_mask: torch.Tensor,
+        extended_ids: torch.Tensor | None,
+        extended_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The configured alignment objective over image tokens, response text and (multi-graph) extended text."""
+        from exgra_med.align import pool_tokens
+
+        masked = self.config.align_masked_mean
+        if not self.config.multi_graph:
+            text = self.encode_texts(response_ids, response_mask)
+            return self.alignment(image_features, text, response_mask).loss
+        if extended_ids is None:
+            raise ValueError("multi_graph alignment needs extended_ids (records need `conversations_long`)")
+        b, t1, t2 = response_ids.shape[0], response_ids.shape[1], extended_ids.shape[1]
+        # ONE batched pass over the 2B texts. Right padding + causal attention leave positions < T unchanged,
+        # so slicing each half back to its own length reproduces two separate passes exactly.
+        t = max(t1, t2)
+        pad_id = self.config.text_config.pad_token_id or 0
+        ids = torch.cat([_pad_right(response_ids, t, pad_id), _pad_right(extended_ids, t, pad_id)])  # (2B, T)
+        mask = torch.cat([_pad_right(response_mask, t, 0), _pad_right(extended_mask, t, 0)])
+        hidden = self.encode_texts(ids, mask)  # (2B, T, D)
+        response = pool_tokens(hidden[:b, :t1], response_mask, masked=masked)  # (B, D)
+        extended = pool_tokens(hidden[b:, :t2], extended_mask, masked=masked)  # (B, D)
+        image = image_features.mean(dim=1)  # (B, D)
+        return self.alignment(image, response.to(image.dtype), extended.to(image.dtype)).loss
+
+    # --- generation --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.LongTensor:
+        """Greedy/sampled decoding with the LLM's KV cache; returns only the newly generated token ids.
+
+        Batches must be LEFT padded so that every prompt ends at the last position.
+        """
+        embeds, _ = self.merge_image_features(input_ids, pixel_values)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+
+
+def _pad_right(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    if x.shape[1] == length:
+        return x
+    pad = x.new_full((x.shape[0], length - x.shape[1]), value)
+    return torch.cat([x, pad], dim=1)

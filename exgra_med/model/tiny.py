@@ -1,0 +1,198 @@
+"""Offline factory for tiny random models (tests, demo, benchmarks): `exgra-med make-tiny-model`.
+
+Writes three loadable folders, so that tiny runs exercise exactly the paths real checkpoints take:
+  OUT/llm/      a causal LM + its tokenizer (plain, like a Vicuna folder)
+  OUT/vision/   a CLIP vision model + image processor, or an open_clip (BiomedCLIP-style) folder
+  OUT/          the assembled ExGra-Med model (tokenizer with image tokens, image processor)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+from exgra_med.conversation import TEMPLATES
+from exgra_med.model.loading import ConnectorOptions, build_from_parts
+
+logger = logging.getLogger(__name__)
+
+LLM_TYPES = ("llama", "mistral", "qwen2")
+VISION_TYPES = ("clip", "biomedclip")
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def default_corpus() -> list[str]:
+    """Text the tiny tokenizer is trained on: every template's fixed text and the easy-VQA questions/answers."""
+    texts = []
+    for template in TEMPLATES.values():
+        texts.append(template.render([("human", "hello"), ("gpt", "hi")], add_generation_prompt=True))
+    try:
+        import easy_vqa
+
+        for split in ("train", "test"):
+            questions, answers, _ = getattr(easy_vqa, f"get_{split}_questions")()
+            texts += questions + answers
+        texts += easy_vqa.get_answers()
+    except ImportError:  # easy-vqa is a dependency; a missing one only narrows the vocabulary
+        logger.warning("easy-vqa not installed: the tiny tokenizer knows only the templates' words")
+    texts += [
+        "Describe the image concisely.",
+        "What is shown in this picture? Provide a brief description of the image.",
+        'Answer with either "Yes" or "No"',
+        "The image shows a medical scan of the chest, the brain, the abdomen and a pathology slide.",
+        "yes no circle rectangle triangle red green blue black gray yellow teal brown",
+    ]
+    return texts
+
+
+def _llm_config(kind: str, vocab_size: int, hidden: int, layers: int, heads: int, tokenizer) -> object:
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    if kind == "llama":
+        return LlamaConfig(**common)
+    if kind == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    if kind == "qwen2":
+        return Qwen2Config(**common)
+    raise ValueError(f"--llm must be one of {LLM_TYPES}, got {kind!r}")
+
+
+def write_tiny_llm(out: Path, kind: str, texts: Iterable[str], hidden: int, layers: int, heads: int) -> None:
+    """A random causal LM with a word-level tokenizer trained on `texts`."""
+    from exgra_med.model.tokenizer import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer(texts)
+    config = _llm_config(kind, len(tokenizer), hidden, layers, heads, tokenizer)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def write_tiny_clip(out: Path, image_size: int, patch_size: int, hidden: int, layers: int, heads: int) -> None:
+    """A random CLIP vision model and its image processor."""
+    config = CLIPVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=hidden,
+    )
+    CLIPVisionModel(config).save_pretrained(out)
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    ).save_pretrained(out)
+
+
+def write_tiny_biomedclip(out: Path, image_size: int) -> None:
+    """A random BiomedCLIP-shaped open_clip folder (timm `test_vit` trunk), loadable as `local-dir:OUT`."""
+    from safetensors.torch import save_file
+
+    from exgra_med.model.vision import _build_open_clip_trunk
+
+    model_cfg = {
+        "embed_dim": 64,
+        "vision_cfg": {
+            "timm_model_name": "test_vit",
+            "timm_model_pretrained": False,
+            "timm_pool": "",
+            "timm_proj": "linear",
+            "image_size": image_size,
+        },
+        "text_cfg": {"hf_model_name": "none", "hf_tokenizer_name": "none", "hf_proj_type": "mlp", "hf_pooler_type": "cls_last_hidden_state", "context_length": 64},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    trunk = _build_open_clip_trunk(model_cfg)
+    state = {f"visual.trunk.{k}": v.contiguous() for k, v in trunk.state_dict().items()}
+    save_file(state, str(out / "open_clip_model.safetensors"))
+    cfg = {"model_cfg": model_cfg, "preprocess_cfg": {"mean": CLIP_MEAN, "std": CLIP_STD}}
+    (out / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def make_tiny_model(
+    out: str | Path,
+    vision: str = "clip",
+    llm: str = "llama",
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden: int = 128,
+    layers: int = 2,
+    vision_hidden: int = 128,
+    vision_layers: int = 2,
+    heads: int = 4,
+    seed: int = 0,
+    corpus: Sequence[str] | None = None,
+    options: ConnectorOptions | None = None,
+) -> Path:
+    """Write OUT/llm, OUT/vision and the assembled model in OUT; returns OUT."""
+    if vision not in VISION_TYPES:
+        raise ValueError(f"--vision must be one of {VISION_TYPES}, got {vision!r}")
+    out = Path(out)
+    torch.manual_seed(seed)
+    write_tiny_llm(out / "llm", llm, corpus or default_corpus(), hidden, layers, heads)
+    if vision == "clip":
+        write_tiny_clip(out / "vision", image_size, patch_size, vision_hidden, vision_layers, heads)
+        tower_path = str(out / "vision")
+    else:
+        write_tiny_biomedclip(out / "vision", image_size if image_size >= 32 else 64)
+        tower_path = f"local-dir:{out / 'vision'}"
+    model, tokenizer, processor = build_from_parts(str(out / "llm"), tower_path, options)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: exgra-med make-tiny-model --out DIR [--vision clip|biomedclip] [--llm llama|mistral|qwen2]."""
+    p = argparse.ArgumentParser(prog="exgra-med make-tiny-model", description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--vision", choices=VISION_TYPES, default="clip")
+    p.add_argument("--llm", choices=LLM_TYPES, default="llama")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--patch-size", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=128, help="LLM hidden size")
+    p.add_argument("--layers", type=int, default=2, help="LLM layers")
+    p.add_argument("--vision-hidden", type=int, default=128)
+    p.add_argument("--vision-layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--projector", default="mlp2x_gelu", help="mm_projector_type of the assembled model")
+    p.add_argument("--dense-connector", default="none", choices=("none", "sti", "sci", "dci"))
+    p.add_argument("--no-im-start-end", action="store_true", help="plain image placeholder (no <im_start>/<im_end>)")
+    args = p.parse_args(argv)
+    options = ConnectorOptions(
+        mm_projector_type=args.projector,
+        mm_dense_connector_type=args.dense_connector,
+        mm_use_im_start_end=not args.no_im_start_end,
+    )
+    out = make_tiny_model(
+        args.out, args.vision, args.llm, args.image_size, args.patch_size, args.hidden, args.layers,
+        args.vision_hidden, args.vision_layers, args.heads, args.seed, options=options,
+    )
+    print(f"tiny model written to {out} (LLM: {out / 'llm'}, vision tower: {out / 'vision'})")
+    return 0
