@@ -14,7 +14,13 @@ from typing import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny-model": ("exgra_med.model.tiny:main", "write a tiny random model + tokenizer (offline)"),
     "prepare": ("exgra_med.data.prepare:main", "turn a raw data set into training / VQA records"),
+    "subsample": ("exgra_med.data.prepare.subsample:main", "seeded fraction / few-shot subset of a record file"),
+    "score": ("exgra_med.eval.metrics:main", "VQA metrics of an answers file (reference definitions)"),
+    "plot": ("exgra_med.eval.plots:main", "loss curves of a run / data-efficiency figure"),
     "train": ("exgra_med.train.main:main", "stage-1 / stage-2 pre-training and VQA fine-tuning"),
+    "extend-captions": ("exgra_med.data.extend:main", "LLM-written extended captions (resumable, fault tolerant)"),
+    "merge-extended": ("exgra_med.data.prepare.merge_extended:main", "merge extended captions as conversations_long"),
+    "chatbot-review": ("exgra_med.eval.chatbot:main", "LLM-judged medical visual chatbot review"),
 }
 
 

@@ -182,6 +182,7 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        image_mask: torch.BoolTensor | None = None,
         response_ids: torch.LongTensor | None = None,
         response_mask: torch.Tensor | None = None,
         extended_ids: torch.LongTensor | None = None,
@@ -191,9 +192,16 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
         use_cache: bool | None = None,
         **kwargs,
     ) -> ExGraMedOutput:
-        """LM forward on merged image+text embeddings; adds `alpha * align_loss` when alignment inputs are given."""
+        """LM forward on merged image+text embeddings; adds `alpha * align_loss` when alignment inputs are given.
+
+        `pixel_values` holds one image per sample holding image tokens, or one per sample with `image_mask`
+        (B,) marking the real ones (the collator's layout).
+        """
         kwargs.pop("num_items_in_batch", None)  # the trainer averages per step; see ExGraMedTrainer
         kwargs.pop("ids", None)
+        if pixel_values is not None and image_mask is not None:
+            # The collator pads image-less samples with zero images; keep only the real ones.
+            pixel_values = pixel_values[image_mask] if bool(image_mask.any()) else None
         image_features = None
         if inputs_embeds is None:
             inputs_embeds, image_features = self.merge_image_features(input_ids, pixel_values)

@@ -1,0 +1,64 @@
+"""DataCollator: right padding values, masks, stacked images with an image mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exgra_med.constants import IGNORE_INDEX
+from exgra_med.data.collate import DataCollator
+
+
+def _item(n, image=True, text=None, rid="x"):
+    item = {"id": rid, "input_ids": torch.arange(10, 10 + n), "labels": torch.arange(100, 100 + n)}
+    if image:
+        item["pixel_values"] = torch.full((3, 4, 4), float(n))
+    if text is not None:
+        item["response_ids"] = torch.arange(1, 1 + text)
+        item["extended_ids"] = torch.arange(1, 2 + text)
+    return item
+
+
+def test_padding_values_and_masks(word_tokenizer):
+    pad = word_tokenizer.pad_token_id
+    batch = DataCollator(word_tokenizer)([_item(3, text=2, rid="a"), _item(5, text=4, rid="b")])
+    assert batch["input_ids"].tolist() == [[10, 11, 12, pad, pad], [10, 11, 12, 13, 14]]
+    assert batch["labels"].tolist() == [
+        [100, 101, 102, IGNORE_INDEX, IGNORE_INDEX],
+        [100, 101, 102, 103, 104],
+    ]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert batch["ids"] == ["a", "b"]
+    assert batch["pixel_values"].shape == (2, 3, 4, 4) and batch["pixel_values"][1, 0, 0, 0] == 5.0
+    assert batch["image_mask"].tolist() == [True, True]
+    assert batch["response_ids"].tolist() == [[1, 2, pad, pad], [1, 2, 3, 4]]
+    assert batch["response_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert batch["extended_ids"].shape == (2, 5) and batch["extended_mask"].sum().item() == 8
+
+
+def test_mixed_image_and_text_only_items(word_tokenizer):
+    batch = DataCollator(word_tokenizer)([_item(2, image=False), _item(4)])
+    assert batch["image_mask"].tolist() == [False, True]
+    assert batch["pixel_values"].shape == (2, 3, 4, 4)
+    assert (batch["pixel_values"][0] == 0).all() and (batch["pixel_values"][1] == 4.0).all()
+    assert "response_ids" not in batch
+
+
+def test_text_only_batch_has_no_images(word_tokenizer):
+    batch = DataCollator(word_tokenizer)([_item(2, image=False)])
+    assert "pixel_values" not in batch and "image_mask" not in batch
+
+
+def test_pad_to_multiple_of(word_tokenizer):
+    batch = DataCollator(word_tokenizer, pad_to_multiple_of=8)([_item(3, text=2), _item(9, text=1)])
+    assert batch["input_ids"].shape == (2, 16) and batch["labels"][0, 3:].eq(IGNORE_INDEX).all()
+    assert batch["response_ids"].shape == (2, 8)
+
+
+def test_inconsistent_batches_raise(word_tokenizer):
+    odd = _item(3)
+    odd["pixel_values"] = torch.zeros(3, 5, 5)
+    with pytest.raises(ValueError, match="differ in shape"):
+        DataCollator(word_tokenizer)([_item(2), odd])
+    with pytest.raises(ValueError, match="response_ids is present in some items"):
+        DataCollator(word_tokenizer)([_item(2, text=1), _item(2)])
