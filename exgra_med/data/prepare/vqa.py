@@ -136,7 +136,8 @@ def check_images(records: Sequence[dict], image_root: Path, source: str) -> None
     """Raise naming the first record whose image file is missing under `image_root`."""
     for r in records:
         if not (image_root / r["image"]).is_file():
-            raise FileNotFoundError(f"{source}: record {r['id']!r}: image {image_root / r['image']} not found")
+            path = image_root / r["image"]
+            raise FileNotFoundError(f"{source}: record {r['id']!r}: image {path} not found")
 
 
 def link_images(src: Path, out_dir: Path, copy: bool) -> Path:

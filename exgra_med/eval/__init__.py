@@ -1,0 +1,1 @@
+"""Evaluation: VQA metrics with the reference definitions, and figures."""
