@@ -1,0 +1,1 @@
+"""Training: argument groups, the ExGra-Med trainer and the torchrun entry point."""

@@ -1,0 +1,177 @@
+"""Training entry point: `exgra-med train ...` or `torchrun -m exgra_med.train ...`.
+
+Stage 1: `--tune_mm_mlp_adapter True` trains and saves only the projector.
+Stage 2: `--pretrain_mm_mlp_adapter DIR` loads it and trains projector + LLM (+ the alignment GNN with
+`--contrastive True --multi_graph True --after_de True`).
+Fine-tuning: `--model_name_or_path` an ExGra-Med checkpoint (e.g. the stage-2 output).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import transformers
+from transformers import HfArgumentParser, set_seed
+
+from exgra_med.data.collate import DataCollator
+from exgra_med.data.dataset import SupervisedDataset
+from exgra_med.model.loading import (
+    ConnectorOptions,
+    build_from_parts,
+    is_exgra_med_checkpoint,
+    load_pretrained,
+    load_projector,
+    save_projector,
+)
+from exgra_med.train.args import DataArguments, ModelArguments, TrainingArguments
+from exgra_med.train.trainer import ExGraMedTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    """Parse the three argument groups; `--resume_from_checkpoint True|auto` means the newest checkpoint."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    return parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
+
+
+def _dtype(args: TrainingArguments) -> torch.dtype | None:
+    if args.bf16:
+        return torch.bfloat16
+    if args.fp16:
+        return torch.float16
+    return None
+
+
+def build_model(model_args: ModelArguments, training_args: TrainingArguments):
+    """(model, tokenizer, image processor) from parts or from an ExGra-Med checkpoint, trainable parts set."""
+    dtype = _dtype(training_args)
+    if is_exgra_med_checkpoint(model_args.model_name_or_path):
+        model, tokenizer, processor = load_pretrained(
+            model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation,
+            **model_args.alignment_config(),
+        )
+        model.train()
+        if model.alignment is None and model_args.contrastive:
+            from exgra_med.model.modeling import build_alignment
+
+            model.alignment = build_alignment(model.config)
+    else:
+        if model_args.vision_tower is None:
+            raise ValueError(f"--vision_tower is required when {model_args.model_name_or_path} is a plain LLM folder")
+        options = ConnectorOptions(
+            mm_projector_type=model_args.mm_projector_type,
+            mm_dense_connector_type=model_args.mm_dense_connector_type,
+            num_l=model_args.num_l,
+            mm_vision_select_layer=model_args.mm_vision_select_layer,
+            mm_use_im_start_end=model_args.mm_use_im_start_end,
+            alignment=model_args.alignment_config(),
+        )
+        model, tokenizer, processor = build_from_parts(
+            model_args.model_name_or_path, model_args.vision_tower, options, dtype, model_args.attn_implementation
+        )
+    model.config.align_seed = training_args.seed
+    if model_args.pretrain_mm_mlp_adapter:
+        load_projector(model, model_args.pretrain_mm_mlp_adapter)
+    set_trainable(model, model_args)
+    return model, tokenizer, processor
+
+
+def set_trainable(model, model_args: ModelArguments) -> None:
+    """Stage 1: projector only. Otherwise projector + LLM (+ alignment), or LoRA adapters on the LLM."""
+    model.requires_grad_(False)
+    model.mm_projector.requires_grad_(True)
+    if model.alignment is not None:
+        model.alignment.requires_grad_(True)
+    if model_args.tune_mm_mlp_adapter:
+        return
+    if model_args.lora_enable:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
+        model.language_model = get_peft_model(model.language_model, lora)
+    elif not model_args.freeze_backbone:
+        model.language_model.requires_grad_(True)
+    if not model.config.freeze_vision_tower:
+        model.vision_tower.requires_grad_(True)
+
+
+def _resume_arg(value: str | None, output_dir: str) -> str | bool | None:
+    if value is None or value in ("False", "false", ""):
+        return None
+    if value in ("True", "true", "auto"):
+        has_ckpt = any(p.name.startswith("checkpoint-") for p in Path(output_dir).glob("checkpoint-*"))
+        return True if has_ckpt else None
+    return value
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> ExGraMedTrainer:
+    """Run one training stage and save its result in `output_dir`."""
+    set_seed(training_args.seed)
+    model, tokenizer, processor = build_model(model_args, training_args)
+    dataset = SupervisedDataset(
+        data_args.data_path,
+        data_args.image_folder,
+        tokenizer,
+        processor,
+        num_image_tokens=model.num_image_tokens,
+        mm_use_im_start_end=model.config.mm_use_im_start_end,
+        template=data_args.conv_template,
+        image_aspect_ratio=data_args.image_aspect_ratio,
+        max_length=training_args.model_max_length,
+        alignment=model.alignment is not None,
+    )
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("%d training records; %.2fM trainable parameters", len(dataset), n_train / 1e6)
+    trainer = ExGraMedTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=DataCollator(tokenizer),
+        processing_class=tokenizer,
+        projector_only=model_args.tune_mm_mlp_adapter,
+    )
+    resume = _resume_arg(training_args.resume_from_checkpoint, training_args.output_dir)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_state()
+    save_final(trainer, model_args, tokenizer, processor)
+    return trainer
+
+
+def save_final(trainer: ExGraMedTrainer, model_args: ModelArguments, tokenizer, processor) -> None:
+    """Stage 1: `mm_projector.safetensors` only. Otherwise a full checkpoint (LoRA merged) loadable everywhere."""
+    out = trainer.args.output_dir
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if model_args.lora_enable and trainer.is_world_process_zero():
+        model.language_model = model.language_model.merge_and_unload()
+    if model_args.tune_mm_mlp_adapter:
+        if trainer.is_world_process_zero():
+            save_projector(model, out)
+            model.config.save_pretrained(out)
+        return
+    trainer.save_model(out)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(out)
+        processor.save_pretrained(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry: parse flags, train, save."""
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if int(os.environ.get("LOCAL_RANK", "0")) == 0 else logging.WARNING,
+    )
+    transformers.utils.logging.set_verbosity_warning()
+    model_args, data_args, training_args = parse_args(argv)
+    train(model_args, data_args, training_args)
+    return 0

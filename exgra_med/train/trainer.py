@@ -1,0 +1,70 @@
+"""`ExGraMedTrainer`: HF Trainer that logs `lm_loss` / `align_loss` and saves only the projector in stage 1."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import Trainer
+
+from exgra_med.model.loading import PROJECTOR_FILES, load_projector, save_projector
+
+logger = logging.getLogger(__name__)
+
+LOSS_PARTS = ("lm_loss", "align_loss")
+
+
+class ExGraMedTrainer(Trainer):
+    """Trainer for all stages. `projector_only=True` (stage 1) checkpoints and saves just `mm_projector`."""
+
+    def __init__(self, *args, projector_only: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.projector_only = projector_only
+        # The model returns a per-step mean; let the Trainer divide by gradient_accumulation_steps so that the
+        # LM and alignment parts keep their relative weight alpha.
+        self.model_accepts_loss_kwargs = False
+        self._part_sums: dict[str, torch.Tensor] = {}
+        self._part_count = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Forward; remember the detached loss parts for the next log line."""
+        outputs = model(**inputs)
+        for name in LOSS_PARTS:
+            value = getattr(outputs, name, None)
+            if value is not None:
+                value = value.detach().float()
+                self._part_sums[name] = self._part_sums.get(name, torch.zeros_like(value)) + value
+        if model.training:
+            self._part_count += 1
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the means of `lm_loss` / `align_loss` since the previous training log (averaged over ranks)."""
+        if "loss" in logs and self._part_count:
+            for name, total in sorted(self._part_sums.items()):
+                mean = self.accelerator.reduce(total / self._part_count, reduction="mean")
+                logs[name] = round(float(mean), 6)
+            self._part_sums, self._part_count = {}, 0
+        super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.projector_only:
+            super()._save(output_dir, state_dict)
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        if state_dict is not None:  # ZeRO-3 hands over gathered weights
+            projector = {k.split("mm_projector.", 1)[1]: v for k, v in state_dict.items() if "mm_projector." in k}
+            model.mm_projector.load_state_dict(projector)
+        save_projector(model, output_dir)
+        model.config.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if self.projector_only and any((Path(resume_from_checkpoint) / n).is_file() for n in PROJECTOR_FILES):
+            load_projector(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
