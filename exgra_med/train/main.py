@@ -106,12 +106,22 @@ def set_trainable(model, model_args: ModelArguments) -> None:
         model.vision_tower.requires_grad_(True)
 
 
-def _resume_arg(value: str | None, output_dir: str) -> str | bool | None:
+def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest `checkpoint-N` whose `trainer_state.json` exists (the Trainer writes it last, so a run killed while
+    saving leaves an incomplete folder that must not be resumed from)."""
+    done = [p for p in Path(output_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    done = [p for p in done if p.name.split("-")[-1].isdigit()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def _resume_arg(value: str | None, output_dir: str) -> str | None:
     if value is None or value in ("False", "false", ""):
         return None
     if value in ("True", "true", "auto"):
-        has_ckpt = any(p.name.startswith("checkpoint-") for p in Path(output_dir).glob("checkpoint-*"))
-        return True if has_ckpt else None
+        found = latest_complete_checkpoint(output_dir)
+        if found is not None:
+            logger.info("resuming from %s", found)
+        return str(found) if found is not None else None
     return value
 
 
@@ -133,18 +143,34 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     )
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("%d training records; %.2fM trainable parameters", len(dataset), n_train / 1e6)
-    trainer = ExGraMedTrainer(
+    # Fine-tuning: VQA answers generated on val at each evaluation (eval_val_*), on test at the end (eval_test_*).
+    from exgra_med.train.vqa_eval import (
+        VQAGenerationSettings, VQAScoringTrainer, check_eval_schedule, finish_with_test, vqa_splits,
+    )
+
+    val_split, test_split = vqa_splits(data_args, data_args.image_folder)
+    check_eval_schedule(training_args, val_split)
+    trainer = VQAScoringTrainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
+        eval_dataset=val_split,
         data_collator=DataCollator(tokenizer),
         processing_class=tokenizer,
         projector_only=model_args.tune_mm_mlp_adapter,
+        vqa_settings=VQAGenerationSettings(
+            image_processor=processor,
+            batch_size=data_args.eval_batch_size,
+            max_new_tokens=data_args.eval_max_new_tokens,
+            image_aspect_ratio=data_args.image_aspect_ratio,
+        ),
     )
     resume = _resume_arg(training_args.resume_from_checkpoint, training_args.output_dir)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_state()
     save_final(trainer, model_args, tokenizer, processor)
+    if test_split is not None:
+        finish_with_test(trainer, test_split)
     return trainer
 
 

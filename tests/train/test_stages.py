@@ -1,0 +1,118 @@
+"""Stage 1 -> stage 2 training in-process, and resuming a run killed mid-training."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from exgra_med.model.loading import load_pretrained
+from exgra_med.train.main import main
+
+COMMON = [
+    "--per_device_train_batch_size", "4", "--logging_steps", "1", "--report_to", "none",
+    "--dataloader_num_workers", "0", "--seed", "0", "--use_cpu", "True", "--save_strategy", "no",
+]
+
+
+def _stage1(tiny_model_dir: Path, data: Path, out: Path, steps: int = 3, extra=()) -> list[str]:
+    return [
+        "--model_name_or_path", str(tiny_model_dir / "llm"), "--vision_tower", str(tiny_model_dir / "vision"),
+        "--data_path", str(data / "alignment.json"), "--image_folder", str(data / "images"),
+        "--tune_mm_mlp_adapter", "True", "--learning_rate", "2e-3", "--max_steps", str(steps),
+        "--output_dir", str(out), *COMMON, *extra,
+    ]
+
+
+def _log_history(out: Path) -> list[dict]:
+    return json.loads((out / "trainer_state.json").read_text())["log_history"]
+
+
+def test_stage1_saves_only_the_projector_and_stage2_loads_it(tiny_model_dir, easy_vqa_dir, tmp_path):
+    s1 = tmp_path / "stage1"
+    assert main(_stage1(tiny_model_dir, easy_vqa_dir, s1)) == 0
+    weights = load_file(str(s1 / "mm_projector.safetensors"))
+    assert weights and all(k.startswith("mm_projector.") for k in weights)
+    assert not (s1 / "model.safetensors").exists()
+    history = _log_history(s1)
+    assert [h["step"] for h in history if "lm_loss" in h] == [1, 2, 3]
+    assert all(h["lm_loss"] == pytest.approx(h["loss"], rel=1e-4) for h in history if "lm_loss" in h)
+
+    # Stage 2 with lr 0: the saved checkpoint must hold exactly the stage-1 projector and the LLM weights.
+    s2 = tmp_path / "stage2"
+    argv = [
+        "--model_name_or_path", str(tiny_model_dir / "llm"), "--vision_tower", str(tiny_model_dir / "vision"),
+        "--pretrain_mm_mlp_adapter", str(s1), "--data_path", str(easy_vqa_dir / "instruct.json"),
+        "--image_folder", str(easy_vqa_dir / "images"), "--learning_rate", "0", "--max_steps", "2",
+        "--output_dir", str(s2), *COMMON,
+    ]
+    assert main(argv) == 0
+    model, _, _ = load_pretrained(str(s2), dtype=torch.float32)
+    for key, value in weights.items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+    trainable_llm = [p for n, p in model.named_parameters() if n.startswith("language_model.")]
+    assert trainable_llm and all(p.requires_grad for p in trainable_llm)
+    assert [h["step"] for h in _log_history(s2) if "lm_loss" in h] == [1, 2]
+
+
+def test_stage2_llm_weights_change_and_projector_trains(tiny_model_dir, easy_vqa_dir, tmp_path):
+    out = tmp_path / "stage2"
+    argv = [
+        "--model_name_or_path", str(tiny_model_dir / "llm"), "--vision_tower", str(tiny_model_dir / "vision"),
+        "--data_path", str(easy_vqa_dir / "instruct.json"), "--image_folder", str(easy_vqa_dir / "images"),
+        "--learning_rate", "1e-3", "--max_steps", "2", "--output_dir", str(out), *COMMON,
+    ]
+    assert main(argv) == 0
+    before = load_file(str(tiny_model_dir / "llm" / "model.safetensors"))
+    after, _, _ = load_pretrained(str(out), dtype=torch.float32)
+    state = after.state_dict()
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(state[f"language_model.{key}"], before[key])
+    vision_before = load_file(str(tiny_model_dir / "vision" / "model.safetensors"))
+    vkey = next(iter(vision_before))
+    assert torch.equal(state[f"vision_tower.model.{vkey}"], vision_before[vkey])  # frozen tower
+
+
+def _run_stage1_subprocess(argv: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "exgra_med.train", *argv],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, easy_vqa_dir, tmp_path):
+    steps = 24
+    save = ["--save_strategy", "steps", "--save_steps", "3"]
+    reference = tmp_path / "uninterrupted"
+    assert main(_stage1(tiny_model_dir, easy_vqa_dir, reference, steps, save)) == 0
+
+    out = tmp_path / "killed"
+    argv = _stage1(tiny_model_dir, easy_vqa_dir, out, steps, save)
+    proc = _run_stage1_subprocess(argv)
+    deadline = time.time() + 300
+    while not (out / "checkpoint-3" / "trainer_state.json").is_file():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "mm_projector.safetensors").exists(), "the run finished before it could be killed"
+
+    resumed = _run_stage1_subprocess([*argv, "--resume_from_checkpoint", "auto"])
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    final = load_file(str(out / "mm_projector.safetensors"))
+    expected = load_file(str(reference / "mm_projector.safetensors"))
+    for key in expected:
+        torch.testing.assert_close(final[key], expected[key], rtol=1e-5, atol=1e-6)
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == steps
