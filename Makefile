@@ -24,6 +24,7 @@ demo: setup
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
 
 test: setup
+	bash scripts/install_test_deps.sh
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 test-fast: setup

@@ -1,0 +1,131 @@
+"""`exgra-med export-hf`: write a checkpoint in transformers' native LLaVA format (vLLM, SGLang, transformers).
+
+Besides the weights (exgra_med.model.export) the export carries a `LlavaProcessor` (tokenizer + image
+processor + image token + chat template), so `AutoProcessor` and the serving engines take it as is.
+Also home of `staged_output_dir`, the atomic folder write used by every checkpoint-writing command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def llava_med_chat_template(image_text: str) -> str:
+    """The LLaVA-Med '###' training format as a Jinja chat template; an image part becomes "\\n" + `image_text`
+    (the processor then expands its image token to the model's number of image tokens)."""
+    return (
+        "{{ 'A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+        "helpful, detailed, and polite answers to the human\\'s questions.\\n\\n' }}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}{{ '### Human: ' }}{% else %}{{ '### Assistant: ' }}{% endif %}"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}"
+        "{% elif item['type'] == 'image' %}{{ '\\n" + image_text + "' }}{% endif %}{% endfor %}{% endif %}"
+        "{{ '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '### Assistant:' }}{% endif %}"
+    )
+
+
+def check_output_dir(out_dir: str | Path) -> None:
+    """Raise FileExistsError unless `out_dir` is absent or an empty folder (checked before any slow loading)."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out}: output folder exists and is not empty; choose another --out")
+
+
+@contextlib.contextmanager
+def staged_output_dir(out_dir: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder to write into; on success it replaces `out_dir` (which must be absent
+    or empty), on failure it is removed, so a crash never leaves a half-written checkpoint behind."""
+    out = Path(out_dir)
+    check_output_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def padding_image_processor(processor) -> object:
+    """A `LlavaImageProcessor` with `processor`'s settings plus `do_pad`: LLaVA-Med pads images to a square with
+    the mean colour before resizing (exgra_med.data.images.expand2square); plain CLIP would crop them instead."""
+    from transformers import LlavaImageProcessor
+
+    keys = ("size", "crop_size", "image_mean", "image_std", "resample", "do_resize", "do_center_crop",
+            "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb")
+    settings = {k: getattr(processor, k) for k in keys if getattr(processor, k, None) is not None}
+    return LlavaImageProcessor(**settings, do_pad=True)
+
+
+def export_hf(
+    src: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None, vision_tower: str | None = None
+) -> Path:
+    """Load an ExGra-Med checkpoint (or a reference-layout folder + its vision tower) and write it as
+    transformers LLaVA.
+
+    Raises ValueError (before writing anything) when the connector has no LLaVA counterpart.
+    """
+    from transformers import LlavaProcessor
+
+    from exgra_med.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
+    from exgra_med.model.export import check_exportable, to_hf_llava
+    from exgra_med.serve.loading import load_model
+
+    check_output_dir(out_dir)
+    model, tokenizer, processor = load_model(str(src), vision_tower=vision_tower, dtype=dtype)
+    check_exportable(model)
+    llava = to_hf_llava(model)
+    llava.generation_config.pad_token_id = tokenizer.pad_token_id
+    patch = model.vision_tower.patch_size
+    image_text = DEFAULT_IMAGE_PATCH_TOKEN
+    if model.config.mm_use_im_start_end:
+        image_text = f"{DEFAULT_IM_START_TOKEN}{image_text}{DEFAULT_IM_END_TOKEN}"
+    llava_processor = LlavaProcessor(
+        image_processor=padding_image_processor(processor),
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        image_token=DEFAULT_IMAGE_PATCH_TOKEN,
+        num_additional_image_tokens=1 if model.vision_tower.has_cls else 0,
+        chat_template=llava_med_chat_template(image_text),
+    )
+    with staged_output_dir(out_dir) as tmp:
+        llava.save_pretrained(tmp)
+        llava_processor.save_pretrained(tmp)
+    logger.info("exported %s -> %s (transformers LLaVA)", src, out_dir)
+    return Path(out_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: exgra-med export-hf --in DIR --out DIR [--dtype float16|bfloat16|float32]."""
+    p = argparse.ArgumentParser(prog="exgra-med export-hf", description=__doc__.splitlines()[0])
+    p.add_argument("--in", dest="src", required=True, help="ExGra-Med checkpoint (or reference-layout) folder")
+    p.add_argument("--out", required=True, help="output folder (transformers LlavaForConditionalGeneration)")
+    p.add_argument("--vision-tower", default=None, help="vision tower folder (reference-layout input only)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None, help="weights dtype")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    try:
+        export_hf(args.src, args.out, dtype, args.vision_tower)
+    except ValueError as e:
+        print(f"exgra-med export-hf: {e}")
+        return 2
+    print(f"exported {args.src} -> {args.out} (load with transformers.LlavaForConditionalGeneration)")
+    return 0
+

@@ -1,0 +1,214 @@
+"""`exgra-med serve-api --model DIR`: an OpenAI-compatible server (`/v1/chat/completions`, `/v1/models`).
+
+Images travel as `image_url` content parts holding base64 data URLs (at most one per request, as in
+LLaVA-Med). Streaming answers are server-sent events in OpenAI's chunk format. Requests are answered one
+model call at a time (the engine's lock); bad input gets a 4xx with an OpenAI-style error body.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from exgra_med.conversation import GPT, HUMAN
+from exgra_med.serve.engine import GenerationInfo, GenerationSettings, InferenceEngine, Message
+from exgra_med.serve.uploads import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    UploadError,
+    decode_data_url,
+    image_from_bytes,
+)
+
+logger = logging.getLogger(__name__)
+
+ROLES = {"user": HUMAN, "assistant": GPT}
+
+
+class RequestError(ValueError):
+    """A request the server rejects; `status` is the HTTP status (4xx)."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.param = param
+
+
+def _text_and_images(content: Any, where: str) -> tuple[str, list[str]]:
+    """Split an OpenAI message content (string or list of parts) into text and image URLs."""
+    if isinstance(content, str):
+        return content, []
+    if not isinstance(content, list):
+        raise RequestError(f"{where}.content must be a string or a list of content parts", param=where)
+    texts, images = [], []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str):
+                raise RequestError(f"{where}.content[{i}].image_url.url must be a string", param=where)
+            images.append(url)
+        else:
+            raise RequestError(f"{where}.content[{i}]: unsupported content part (text or image_url)", param=where)
+    return "\n".join(texts), images
+
+
+def parse_messages(messages: Any) -> tuple[list[Message], str | None, list[str]]:
+    """OpenAI messages -> (conversation, system prompt or None, image URLs in order)."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages must be a non-empty list", param="messages")
+    conversation: list[Message] = []
+    system, images = None, []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict) or "role" not in message:
+            raise RequestError(f"{where} must be an object with a role", param=where)
+        text, urls = _text_and_images(message.get("content", ""), where)
+        role = message["role"]
+        if role in ("system", "developer"):
+            system = text if system is None else f"{system}\n{text}"
+        elif role in ROLES:
+            conversation.append((ROLES[role], text))
+            images += urls
+        else:
+            raise RequestError(f"{where}.role {role!r} is not supported (system, user, assistant)", param=where)
+    if not conversation or conversation[-1][0] != HUMAN:
+        raise RequestError("the last message must come from the user", param="messages")
+    if len(images) > 1:
+        raise RequestError(f"at most one image per conversation is supported, got {len(images)}", param="messages")
+    return conversation, system, images
+
+
+def _settings(body: dict, default: GenerationSettings, max_tokens_limit: int) -> GenerationSettings:
+    limit = body.get("max_completion_tokens", body.get("max_tokens")) or default.max_new_tokens
+    try:
+        temperature = float(body["temperature"]) if body.get("temperature") is not None else default.temperature
+        top_p = float(body["top_p"]) if body.get("top_p") is not None else default.top_p
+        return GenerationSettings(max_new_tokens=min(int(limit), max_tokens_limit), temperature=temperature,
+                                  top_p=top_p)
+    except (TypeError, ValueError) as e:
+        raise RequestError(f"invalid sampling parameter: {e}") from e
+
+
+def create_app(
+    engine: InferenceEngine,
+    default_settings: GenerationSettings | None = None,
+    max_image_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_tokens_limit: int = 2048,
+):
+    """The FastAPI application serving `engine` under the model id `engine.name`."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    default_settings = default_settings or GenerationSettings()
+    app = FastAPI(title="ExGra-Med API", docs_url=None, redoc_url=None)
+    created = int(time.time())
+
+    def error(status: int, message: str, param: str | None = None) -> JSONResponse:
+        kind = "invalid_request_error" if status != 404 else "not_found_error"
+        body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/v1/models")
+    def list_models() -> dict:
+        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": created,
+                                             "owned_by": "exgra-med"}]}
+
+    @app.post("/v1/chat/completions")
+    def chat_completions(body: dict[str, Any]) -> Any:
+        try:
+            return _complete(body)
+        except (RequestError, UploadError) as e:
+            logger.info("rejected request: %s", e)
+            return error(e.status, str(e), getattr(e, "param", None))
+
+    def _complete(body: dict) -> Any:
+        if body.get("model") not in (engine.name, None):
+            raise RequestError(f"model {body.get('model')!r} not found; this server serves {engine.name!r}",
+                               status=404, param="model")
+        if body.get("n", 1) != 1:
+            raise RequestError("only n=1 is supported", param="n")
+        conversation, system, urls = parse_messages(body.get("messages"))
+        settings = _settings(body, default_settings, max_tokens_limit)
+        image = image_from_bytes(decode_data_url(urls[0], max_image_bytes), max_pixels) if urls else None
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.get("stream"):
+            stream = engine.stream(conversation, image, settings, system)
+            return StreamingResponse(_sse(stream, request_id), media_type="text/event-stream")
+        info = GenerationInfo()
+        text = engine.answer(conversation, image, settings, system, info)
+        usage = {"prompt_tokens": info.prompt_tokens, "completion_tokens": info.completion_tokens,
+                 "total_tokens": info.prompt_tokens + info.completion_tokens}
+        return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": engine.name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": info.finish_reason}], "usage": usage}
+
+    def _sse(pieces: Iterator[str], request_id: str) -> Iterator[str]:
+        def chunk(delta: dict, finish: str | None = None) -> str:
+            body = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                    "model": engine.name, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            return f"data: {json.dumps(body)}\n\n"
+
+        yield chunk({"role": "assistant", "content": ""})
+        try:
+            for piece in pieces:
+                yield chunk({"content": piece})
+        except Exception as e:  # the status line is already sent: report in-band, as OpenAI does
+            logger.exception("generation failed")
+            yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
+            return
+        yield chunk({}, "stop")
+        yield "data: [DONE]\n\n"
+
+    from fastapi.exceptions import RequestValidationError
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_json(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error(400, f"invalid request body: {exc.errors()[:1]}")
+
+    return app
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry: load the model and serve it until interrupted (binds 127.0.0.1 unless told otherwise)."""
+    from exgra_med.serve.loading import QuantizationUnavailableError
+    from exgra_med.serve.options import add_model_arguments, engine_from_args, settings_from_args
+
+    p = argparse.ArgumentParser(prog="exgra-med serve-api", description=__doc__.splitlines()[0])
+    add_model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
+    p.add_argument("--served-model-name", default=None, help="model id clients use (default: folder name)")
+    p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest accepted image upload")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest accepted canvas")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = settings_from_args(args)
+        engine = engine_from_args(args)
+    except (QuantizationUnavailableError, ValueError, FileNotFoundError) as e:
+        print(f"exgra-med serve-api: {e}", file=sys.stderr)
+        return 2
+    if args.served_model_name:
+        engine.name = args.served_model_name
+    import uvicorn
+
+    app = create_app(engine, settings, args.max_image_bytes, args.max_image_pixels,
+                     max(settings.max_new_tokens, 2048))
+    sock = socket.create_server((args.host, args.port))
+    host, port = sock.getsockname()[:2]
+    print(f"serving model {engine.name!r} on http://{host}:{port}/v1", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server.run(sockets=[sock])
+    return 0

@@ -1,0 +1,114 @@
+"""`exgra-med chat --model DIR [--image FILE]`: multi-turn terminal chat about an image, answers streamed.
+
+Commands inside the chat: `/image PATH` (new image, new conversation), `/clear` (forget the conversation),
+`/exit` (or Ctrl-D) to leave. PNG, JPEG and DICOM images are accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from PIL import Image
+
+from exgra_med.constants import RESEARCH_USE_NOTICE
+from exgra_med.conversation import GPT, HUMAN
+from exgra_med.data.images import ImageLoadError, load_image
+from exgra_med.serve.engine import GenerationSettings, InferenceEngine, Message
+from exgra_med.serve.loading import QuantizationUnavailableError
+from exgra_med.serve.options import add_model_arguments, engine_from_args, settings_from_args
+
+logger = logging.getLogger(__name__)
+
+USER_PROMPT = "USER: "
+ASSISTANT_PREFIX = "ASSISTANT: "
+
+
+class ChatSession:
+    """One terminal conversation: history, current image, streamed replies written to `out`."""
+
+    def __init__(self, engine: InferenceEngine, settings: GenerationSettings, out: TextIO = sys.stdout):
+        self.engine = engine
+        self.settings = settings
+        self.out = out
+        self.history: list[Message] = []
+        self.image: Image.Image | None = None
+
+    def set_image(self, path: str) -> None:
+        """Load a new image (PNG/JPEG/DICOM) and start a new conversation about it."""
+        self.image = load_image(path)
+        self.history = []
+
+    def reply(self, question: str) -> str:
+        """Stream the answer to `question` to `out`; returns the full answer and records the turn."""
+        messages = self.history + [(HUMAN, question)]
+        self.out.write(ASSISTANT_PREFIX)
+        self.out.flush()
+        parts = []
+        for piece in self.engine.stream(messages, self.image, self.settings):
+            parts.append(piece)
+            self.out.write(piece)
+            self.out.flush()
+        self.out.write("\n")
+        self.out.flush()
+        answer = "".join(parts)
+        self.history = messages + [(GPT, answer)]
+        return answer
+
+    def handle(self, line: str) -> bool:
+        """Process one input line; returns False when the user asked to leave."""
+        line = line.strip()
+        if not line:
+            return True
+        if line in ("/exit", "/quit"):
+            return False
+        if line == "/clear":
+            self.history = []
+            self.out.write("(conversation cleared)\n")
+        elif line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            try:
+                self.set_image(path)
+                self.out.write(f"(image loaded: {path}; new conversation)\n")
+            except ImageLoadError as e:
+                self.out.write(f"(cannot use that image: {e})\n")
+        else:
+            self.reply(line)
+        self.out.flush()
+        return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry: load the model, then read questions from the terminal until /exit or end of input."""
+    p = argparse.ArgumentParser(prog="exgra-med chat", description=__doc__.splitlines()[0])
+    add_model_arguments(p)
+    p.add_argument("--image", default=None, help="image to talk about (PNG, JPEG or DICOM)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = settings_from_args(args)
+        engine = engine_from_args(args)
+    except (QuantizationUnavailableError, ValueError, FileNotFoundError) as e:
+        print(f"exgra-med chat: {e}", file=sys.stderr)
+        return 2
+    session = ChatSession(engine, settings)
+    print(RESEARCH_USE_NOTICE)
+    if args.image:
+        try:
+            session.set_image(args.image)
+        except ImageLoadError as e:
+            print(f"exgra-med chat: {e}", file=sys.stderr)
+            return 2
+        print(f"(image loaded: {args.image})")
+    print("Type a question; /image PATH, /clear, /exit.")
+    while True:
+        try:
+            line = input(USER_PROMPT)
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not session.handle(line):
+            return 0

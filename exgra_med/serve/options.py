@@ -1,0 +1,45 @@
+"""Command-line options shared by `chat`, `web` and `serve-api`: which model, how to load it, how to decode."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from exgra_med.conversation import TEMPLATES
+from exgra_med.serve.engine import GenerationSettings, InferenceEngine
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model, --vision-tower, --conv-template, --load-4bit/--load-8bit, --device, --dtype and decoding flags."""
+    p.add_argument("--model", required=True, help="ExGra-Med checkpoint, or a released reference-layout folder")
+    p.add_argument("--vision-tower", default=None, help="local vision tower folder (reference-layout checkpoints)")
+    p.add_argument("--conv-template", default="llava_med", choices=sorted(TEMPLATES), help="prompt template")
+    quant = p.add_mutually_exclusive_group()
+    quant.add_argument("--load-4bit", action="store_true", help="4-bit NF4 weights (bitsandbytes, CUDA only)")
+    quant.add_argument("--load-8bit", action="store_true", help="8-bit weights (bitsandbytes, CUDA only)")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float16 on CUDA, float32 on CPU")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with temperature > 0)")
+
+
+def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
+    """Decoding settings from the parsed flags."""
+    return GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+
+
+def engine_from_args(args: argparse.Namespace) -> InferenceEngine:
+    """Load the model named by the parsed flags (raises QuantizationUnavailableError on CPU with --load-4bit)."""
+    return InferenceEngine.from_path(
+        args.model,
+        vision_tower=args.vision_tower,
+        template=args.conv_template,
+        load_4bit=args.load_4bit,
+        load_8bit=args.load_8bit,
+        device=args.device,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+    )

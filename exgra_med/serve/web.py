@@ -1,0 +1,161 @@
+"""`exgra-med web --model DIR`: a Gradio demo. Upload an image (PNG/JPEG/DICOM), ask, read the streamed answer.
+
+The server binds 127.0.0.1 unless `--host` says otherwise and serves no file beyond its own uploads and
+the example images (Gradio's `allowed_paths` names only the examples folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from exgra_med.constants import RESEARCH_USE_NOTICE
+from exgra_med.conversation import GPT, HUMAN
+from exgra_med.data.images import ImageLoadError, load_image
+from exgra_med.serve.engine import GenerationSettings, InferenceEngine, Message
+
+logger = logging.getLogger(__name__)
+
+IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom"]
+EXAMPLE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm"}
+# Questions paired with the example images, by file stem (other examples get the default question).
+EXAMPLE_QUESTIONS = {
+    "red_circle": "What shape is in the image?",
+    "blue_rectangle": "What color is the shape?",
+    "green_triangle": "Is there a triangle in the image?",
+    "ct_slice": "What kind of scan is this?",
+}
+DEFAULT_QUESTION = "Describe the image concisely."
+
+
+def default_examples_dir() -> Path:
+    """The repository's `assets/` folder (present in a source checkout)."""
+    return Path(__file__).resolve().parents[2] / "assets"
+
+
+def find_examples(folder: Path | None) -> list[list[str]]:
+    """[image path, question] pairs for every example image in `folder`, sorted by name."""
+    if folder is None or not folder.is_dir():
+        return []
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in EXAMPLE_SUFFIXES and p.stem != "web_demo")
+    return [[str(p), EXAMPLE_QUESTIONS.get(p.stem, DEFAULT_QUESTION)] for p in files]
+
+
+def _text(content: object) -> str:
+    """The text of a Gradio message content: a string, or (Gradio 6) a list of {"type": "text", "text": ...}."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        content = [content]
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type", "text") == "text")
+    return ""
+
+
+def history_to_messages(history: list[dict]) -> list[Message]:
+    """Gradio chat history (role/content dicts) -> engine messages."""
+    roles = {"user": HUMAN, "assistant": GPT}
+    return [(roles[m["role"]], _text(m.get("content"))) for m in history if m.get("role") in roles]
+
+
+def build_demo(engine: InferenceEngine, settings: GenerationSettings | None = None,
+               examples_dir: Path | None = None):
+    """The Gradio Blocks app around `engine`."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+
+    settings = settings or GenerationSettings()
+
+    def preview(path: str | None):
+        if not path:
+            return None, []
+        try:
+            return load_image(path), []
+        except ImageLoadError as e:
+            gr.Warning(f"Cannot read this image: {e}")
+            return None, []
+
+    def respond(question: str, path: str | None, history: list[dict]) -> Iterator[tuple[str, list[dict]]]:
+        question = (question or "").strip()
+        if not question:
+            yield "", history
+            return
+        history = list(history or [])
+        messages = history_to_messages(history) + [(HUMAN, question)]
+        history += [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
+        yield "", history
+        try:
+            answer = ""
+            for piece in engine.stream(messages, path or None, settings):
+                answer += piece
+                history[-1] = {"role": "assistant", "content": answer}
+                yield "", history
+        except ImageLoadError as e:
+            history[-1] = {"role": "assistant", "content": f"(cannot read the image: {e})"}
+            yield "", history
+
+    with gr.Blocks(title="ExGra-Med demo") as demo:
+        gr.Markdown("# ExGra-Med: medical visual question answering")
+        gr.Markdown(f"**{RESEARCH_USE_NOTICE}**", elem_id="notice")
+        with gr.Row():
+            with gr.Column(scale=1):
+                image_file = gr.File(label="Image (PNG, JPEG or DICOM)", file_types=IMAGE_TYPES,
+                                     type="filepath", elem_id="image-upload")
+                image_view = gr.Image(label="Preview", interactive=False, elem_id="image-preview", height=240)
+            with gr.Column(scale=2):
+                chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", height=360)
+                question = gr.Textbox(label="Question", placeholder="Ask about the image", elem_id="question")
+                with gr.Row():
+                    send = gr.Button("Send", variant="primary", elem_id="send")
+                    clear = gr.Button("Clear history", elem_id="clear")
+        examples = find_examples(examples_dir)
+        if examples:
+            gr.Examples(examples=examples, inputs=[image_file, question], label="Examples")
+        image_file.change(preview, inputs=image_file, outputs=[image_view, chatbot])
+        send.click(respond, inputs=[question, image_file, chatbot], outputs=[question, chatbot])
+        question.submit(respond, inputs=[question, image_file, chatbot], outputs=[question, chatbot])
+        clear.click(list, outputs=chatbot)
+    return demo
+
+
+def launch_demo(engine: InferenceEngine, host: str = "127.0.0.1", port: int = 7860,
+                settings: GenerationSettings | None = None, examples_dir: Path | None = None):
+    """Build and start the demo in a background thread; returns (demo, local URL). `demo.close()` stops it."""
+    examples_dir = examples_dir if examples_dir is not None else default_examples_dir()
+    demo = build_demo(engine, settings, examples_dir)
+    allowed = [str(examples_dir)] if examples_dir.is_dir() else []
+    _, url, _ = demo.queue().launch(
+        server_name=host, server_port=port, share=False, allowed_paths=allowed, ssr_mode=False,
+        prevent_thread_lock=True, quiet=True, footer_links=[],
+    )
+    logger.info("demo serving on %s", url)
+    return demo, url
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry: load the model and serve the demo until interrupted."""
+    from exgra_med.serve.loading import QuantizationUnavailableError
+    from exgra_med.serve.options import add_model_arguments, engine_from_args, settings_from_args
+
+    p = argparse.ArgumentParser(prog="exgra-med web", description=__doc__.splitlines()[0])
+    add_model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--examples-dir", default=None, help="folder of example images (default: the repo's assets/)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = settings_from_args(args)
+        engine = engine_from_args(args)
+    except (QuantizationUnavailableError, ValueError, FileNotFoundError) as e:
+        print(f"exgra-med web: {e}", file=sys.stderr)
+        return 2
+    examples = Path(args.examples_dir) if args.examples_dir else None
+    demo, url = launch_demo(engine, args.host, args.port, settings, examples)
+    print(f"ExGra-Med demo on {url} (Ctrl-C to stop)", flush=True)
+    demo.block_thread()
+    return 0
