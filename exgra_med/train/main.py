@@ -145,7 +145,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     logger.info("%d training records; %.2fM trainable parameters", len(dataset), n_train / 1e6)
     # Fine-tuning: VQA answers generated on val at each evaluation (eval_val_*), on test at the end (eval_test_*).
     from exgra_med.train.vqa_eval import (
-        VQAGenerationSettings, VQAScoringTrainer, check_eval_schedule, finish_with_test, vqa_splits,
+        VQAGenerationSettings,
+        VQAScoringTrainer,
+        check_eval_schedule,
+        finish_with_test,
+        vqa_splits,
     )
 
     val_split, test_split = vqa_splits(data_args, data_args.image_folder)

@@ -1,0 +1,294 @@
+"""Batched VQA answer generation (`exgra-med generate-vqa`), the reference's `model_vqa_med.py`.
+
+A question record (`id`, `image`, `conversations`, as prepared) becomes the `simple` evaluation prompt:
+the first human turn without `<image>`, then (if the record has an image) a new line and the image
+placeholder expanded to the model's number of image tokens. Prompts are LEFT padded and decoded
+greedily in batches with the LLM's KV cache; each row stops at the template's stop string ("###")
+and the answer is cut there. Questions are sorted by prompt length so that a batch holds prompts of
+similar length; the answers file is JSON lines `{question_id, prompt, text, answer_id, model_id,
+metadata}` in that order (`exgra_med.eval.launch` merges chunks back into question order). The file
+is flushed after every batch and a rerun skips the question ids it already holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+from exgra_med.constants import DEFAULT_IMAGE_TOKEN
+from exgra_med.conversation import get_template
+from exgra_med.data.dataset import image_placeholder
+from exgra_med.data.images import load_image, preprocess_image
+from exgra_med.eval.launch import get_chunk, read_answer_lines
+from exgra_med.io import read_json
+
+logger = logging.getLogger(__name__)
+
+# (record, answer text) of the questions answered by one batch.
+BatchCallback = Callable[[list[tuple[dict, str]]], None]
+
+
+def question_text(record: dict) -> str:
+    """The first human turn of a VQA record without the `<image>` token (`conversatons` accepted)."""
+    turns = record.get("conversations", record.get("conversatons"))
+    if not isinstance(turns, list) or not turns or not isinstance(turns[0], dict) or "value" not in turns[0]:
+        raise ValueError(f"record {record.get('id')!r}: needs 'conversations' with a human turn")
+    return str(turns[0]["value"]).replace(DEFAULT_IMAGE_TOKEN, "").strip()
+
+
+def display_prompt(record: dict) -> str:
+    """The `prompt` field of an answer line: the question, plus "\\n<image>" when the record has an image."""
+    text = question_text(record)
+    return f"{text}\n{DEFAULT_IMAGE_TOKEN}" if "image" in record else text
+
+
+def build_prompt(record: dict, conv_mode: str, num_image_tokens: int, mm_use_im_start_end: bool) -> str:
+    """The model prompt of one record: template(question + "\\n" + expanded image placeholder)."""
+    text = question_text(record)
+    if "image" in record:
+        text = f"{text}\n{image_placeholder(num_image_tokens, mm_use_im_start_end)}"
+    return get_template(conv_mode).render([("human", text)], add_generation_prompt=True)
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids padded on the LEFT with `pad_id`, and the (B, T) attention mask."""
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, length - len(s) :] = torch.as_tensor(list(s), dtype=torch.long)
+            mask[i, length - len(s) :] = 1
+    return ids, mask
+
+
+class StopOnString(StoppingCriteria):
+    """Per-row stop once the decoded tail of the generated tokens contains `stop`."""
+
+    def __init__(self, tokenizer, stop: str, tail_tokens: int = 8) -> None:
+        self.tokenizer, self.stop, self.tail = tokenizer, stop, tail_tokens
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        # input_ids holds only the generated tokens: the model generates from inputs_embeds.
+        tails = self.tokenizer.batch_decode(input_ids[:, -self.tail :], skip_special_tokens=True)
+        return torch.tensor([self.stop in t for t in tails], dtype=torch.bool, device=input_ids.device)
+
+
+def _pad_id(tokenizer) -> int:
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
+        if value is not None:
+            return int(value)
+    raise ValueError("the tokenizer has no pad, eos or unk token to pad prompts with")
+
+
+def _pixels(record: dict, image_folder: str | os.PathLike | None, processor, aspect_ratio: str) -> torch.Tensor:
+    if image_folder is None or processor is None:
+        raise ValueError(f"record {record.get('id')!r} has an image but no image folder / processor was given")
+    return preprocess_image(load_image(Path(image_folder) / record["image"]), processor, aspect_ratio)
+
+
+@torch.inference_mode()
+def generate_batch(
+    model, tokenizer, prompt_ids: Sequence[Sequence[int]], pixel_values: torch.Tensor | None,
+    conv_mode: str = "simple", max_new_tokens: int = 64, temperature: float = 0.0, **generate_kwargs,
+) -> list[str]:
+    """Answers of one batch: left pad, generate (KV cache), decode, cut at the template's stop string.
+
+    `pixel_values` (B_img, 3, H, W) holds the images of the prompts that contain image tokens, in order.
+    """
+    template = get_template(conv_mode)
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompt_ids, _pad_id(tokenizer))
+    sampling = temperature > 0
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=sampling, temperature=temperature if sampling else None,
+        top_p=None, top_k=None, num_beams=1, use_cache=True, pad_token_id=_pad_id(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    stops = StoppingCriteriaList([StopOnString(tokenizer, template.stop_str)]) if template.stop_str else None
+    out = model.generate(
+        ids.to(device), None if pixel_values is None else pixel_values.to(device), mask.to(device),
+        generation_config=config, stopping_criteria=stops, **generate_kwargs,
+    )
+    return [template.clean_answer(t) for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def generate_answers(
+    model, tokenizer, image_processor, records: Sequence[dict], batch_size: int = 16, conv_mode: str = "simple",
+    max_new_tokens: int = 64, *, image_folder: str | os.PathLike | None = None, image_aspect_ratio: str = "pad",
+    temperature: float = 0.0, on_batch: BatchCallback | None = None, errors: dict[str, str] | None = None,
+    progress: bool = False, generate_kwargs: dict[str, Any] | None = None,
+) -> dict[str, str]:
+    """`{str(id): answer}` for `records`, generated in batches of prompts sorted by length (longest first).
+
+    `on_batch` is called after each batch. With an `errors` dict, a record whose image cannot be read or
+    whose generation fails is recorded there (`id -> message`) and skipped; without it, errors raise.
+    `generate_kwargs` go to `model.generate` (e.g. `synced_gpus=True` under ZeRO-3 / FSDP2).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    was_training = model.training
+    model.eval()
+    n_img, start_end = model.num_image_tokens, bool(model.config.mm_use_im_start_end)
+    encoded = [
+        tokenizer(build_prompt(r, conv_mode, n_img, start_end), add_special_tokens=True)["input_ids"] for r in records
+    ]
+    order = sorted(range(len(records)), key=lambda i: -len(encoded[i]))  # stable: ties keep question order
+    answers: dict[str, str] = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(order), desc="answers", unit="q")
+    try:
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            done = _run_batch(model, tokenizer, image_processor, records, encoded, batch, conv_mode, max_new_tokens,
+                              image_folder, image_aspect_ratio, temperature, errors, generate_kwargs or {})
+            for record, text in done:
+                answers[str(record["id"])] = text
+            if on_batch is not None and done:
+                on_batch(done)
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    return answers
+
+
+def _run_batch(model, tokenizer, processor, records, encoded, batch, conv_mode, max_new_tokens, image_folder,
+               aspect_ratio, temperature, errors, generate_kwargs) -> list[tuple[dict, str]]:
+    keep, images = [], []
+    for i in batch:
+        record = records[i]
+        try:
+            if "image" in record:
+                images.append(_pixels(record, image_folder, processor, aspect_ratio))
+            keep.append(i)
+        except Exception as e:
+            if errors is None:
+                raise ValueError(f"record {record.get('id')!r}: {e}") from e
+            errors[str(record.get("id"))] = f"image: {type(e).__name__}: {e}"
+    if not keep:
+        return []
+    pixels = torch.stack(images) if images else None  # (B_img, 3, H, W)
+    try:
+        texts = generate_batch(model, tokenizer, [encoded[i] for i in keep], pixels, conv_mode, max_new_tokens,
+                               temperature, **generate_kwargs)
+    except Exception as e:
+        if errors is None:
+            raise
+        if len(keep) == 1:
+            errors[str(records[keep[0]].get("id"))] = f"generation: {type(e).__name__}: {e}"
+            return []
+        logger.warning("batch of %d failed (%s); retrying its questions one by one", len(keep), e)
+        out: list[tuple[dict, str]] = []
+        for i in keep:
+            out += _run_batch(model, tokenizer, processor, records, encoded, [i], conv_mode, max_new_tokens,
+                              image_folder, aspect_ratio, temperature, errors, generate_kwargs)
+        return out
+    return [(records[i], t) for i, t in zip(keep, texts)]
+
+
+def answer_line(record: dict, text: str, model_id: str) -> dict:
+    """One answers-file line in the reference layout."""
+    return {"question_id": record["id"], "prompt": display_prompt(record), "text": text,
+            "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}}
+
+
+def load_questions(path: str | os.PathLike) -> list[dict]:
+    """A VQA question file (JSON list of records with unique `id`s); errors name the file and record."""
+    records = read_json(path)
+    if not isinstance(records, list):
+        raise TypeError(f"{path}: expected a JSON list of question records")
+    seen: set[str] = set()
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or "id" not in r:
+            raise ValueError(f"{path}: record #{i} has no 'id'")
+        if str(r["id"]) in seen:
+            raise ValueError(f"{path}: record #{i} repeats id {r['id']!r}")
+        seen.add(str(r["id"]))
+        question_text(r)
+    return records
+
+
+def _device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype | None]:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        return device, (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    return device, {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by `generate-vqa` and `zero-shot`: the model, its device and the decoding settings."""
+    parser.add_argument("--model", required=True, help="ExGra-Med checkpoint folder")
+    parser.add_argument("--image-folder", default=None, help="folder the records' image paths are relative to")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--conv-mode", default="simple", help="prompt template (reference: simple)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--image-aspect-ratio", default="pad", choices=("pad", "square"))
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    parser.add_argument("--attn-implementation", default="sdpa")
+    parser.add_argument("--seed", type=int, default=0, help="only matters with --temperature > 0")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def load_model(args: argparse.Namespace):
+    """(model, tokenizer, image processor) for the parsed `add_model_args` flags; seeds torch."""
+    from exgra_med.model.loading import load_pretrained
+
+    torch.manual_seed(args.seed)
+    device, dtype = _device_and_dtype(args.device, args.dtype)
+    return load_pretrained(args.model, dtype=dtype, attn_implementation=args.attn_implementation, device=device)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`exgra-med generate-vqa --model DIR --question-file F --image-folder D --answers-file F [...]`."""
+    parser = argparse.ArgumentParser(prog="exgra-med generate-vqa", description=__doc__.splitlines()[0])
+    add_model_args(parser)
+    parser.add_argument("--question-file", required=True, help="VQA records (JSON list), e.g. test.json")
+    parser.add_argument("--answers-file", required=True, help="JSON-lines output; a rerun resumes it")
+    parser.add_argument("--num-chunks", type=int, default=1)
+    parser.add_argument("--chunk-idx", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    questions = get_chunk(load_questions(args.question_file), args.num_chunks, args.chunk_idx)
+    out = Path(args.answers_file)
+    done = {str(r["question_id"]) for r in read_answer_lines(out, repair=True)}
+    todo = [r for r in questions if str(r["id"]) not in done]
+    logger.info("%s chunk %d/%d: %d questions, %d already answered, %d to go", args.question_file,
+                args.chunk_idx, args.num_chunks, len(questions), len(questions) - len(todo), len(todo))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not todo:
+        out.touch()
+        return 0
+    model, tokenizer, processor = load_model(args)
+    model_id = Path(args.model).name
+    with out.open("a", encoding="utf-8") as f:
+
+        def write(batch: list[tuple[dict, str]]) -> None:
+            f.write("".join(json.dumps(answer_line(r, t, model_id), ensure_ascii=False) + "\n" for r, t in batch))
+            f.flush()
+            os.fsync(f.fileno())
+
+        generate_answers(
+            model, tokenizer, processor, todo, args.batch_size, args.conv_mode, args.max_new_tokens,
+            image_folder=args.image_folder, image_aspect_ratio=args.image_aspect_ratio,
+            temperature=args.temperature, on_batch=write, progress=not args.quiet,
+        )
+    print(f"{len(todo)} answers written to {out}")
+    return 0

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Demo, last part (called by scripts/demo.sh): fine-tune the demo's stage-2 checkpoint on easy-VQA with
+# scripts/finetune.sh (CPU settings), answer test questions with `exgra-med generate-vqa` (batch 16),
+# and print the scores beside two answer-prior baselines (majority answer, question prior).
+#
+#   DEMO_DIR=runs/demo bash scripts/demo_finetune.sh
+# Needs DEMO_DIR/stage2 (stage-2 checkpoint) and DEMO_DIR/data (prepared easy-VQA).
+# Variables: DEMO_DIR, FINETUNE_STEPS (default 150), BATCH (32), FINETUNE_LR (2e-3), TEST_QUESTIONS
+# (seeded subset of test.json, default 600; 0 = all), EVAL_BATCH (16), MAX_NEW_TOKENS (8), SEED.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+DEMO_DIR=${DEMO_DIR:-runs/demo}
+FINETUNE_STEPS=${FINETUNE_STEPS:-150}
+BATCH=${BATCH:-32}
+TEST_QUESTIONS=${TEST_QUESTIONS:-600}
+EVAL_BATCH=${EVAL_BATCH:-16}
+SEED=${SEED:-0}
+DATA="$DEMO_DIR/data"
+OUT="$DEMO_DIR/finetune"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+export NPROC_PER_NODE=${NPROC_PER_NODE:-1} MASTER_PORT=${MASTER_PORT:-29512}
+[ -f "$DEMO_DIR/stage2/config.json" ] || { echo "demo_finetune.sh: no stage-2 checkpoint in $DEMO_DIR/stage2" >&2; exit 2; }
+[ -f "$DATA/test.json" ] || { echo "demo_finetune.sh: no prepared easy-VQA in $DATA" >&2; exit 2; }
+
+# The GPU recipe, made small: no per-epoch val scoring or checkpoints, a fixed number of steps.
+CPU_ARGS=(--bf16 False --gradient_checkpointing False --dataloader_num_workers 0 --seed "$SEED"
+          --per_device_train_batch_size "$BATCH" --max_steps "$FINETUNE_STEPS" --logging_steps 20
+          --warmup_steps 10 --lr_scheduler_type cosine_with_min_lr --lr_scheduler_kwargs '{"min_lr_rate": 0.1}'
+          --eval_strategy no --save_strategy no --load_best_model_at_end False
+          --evaluate_on_val False --evaluate_on_test False)
+
+echo "== fine-tune: $DEMO_DIR/stage2 on easy-VQA ($FINETUNE_STEPS steps of $BATCH) -> $OUT"
+start=$SECONDS
+if [ ! -f "$OUT/model.safetensors" ]; then
+  MODEL_PATH="$DEMO_DIR/stage2" DATA_DIR="$DATA" OUTPUT_DIR="$OUT" LR="${FINETUNE_LR:-2e-3}" \
+    bash scripts/finetune.sh easy-vqa "${CPU_ARGS[@]}"
+fi
+echo "   fine-tuning took $((SECONDS - start)) s"
+
+QUESTIONS="$OUT/test_questions.json"
+if [ "$TEST_QUESTIONS" -gt 0 ]; then
+  FRACTION=$(python -c "import json,sys; n=len(json.load(open(sys.argv[1]))); print(min(1.0, $TEST_QUESTIONS / n))" "$DATA/test.json")
+  exgra-med subsample --in "$DATA/test.json" --out "$QUESTIONS" --fraction "$FRACTION" --seed "$SEED"
+else
+  cp "$DATA/test.json" "$QUESTIONS"
+fi
+
+echo "== answers on the test questions (batch $EVAL_BATCH) -> $OUT/test_answers_$TEST_QUESTIONS.jsonl"
+start=$SECONDS
+exgra-med generate-vqa --model "$OUT" --question-file "$QUESTIONS" --image-folder "$DATA/images" \
+  --answers-file "$OUT/test_answers_$TEST_QUESTIONS.jsonl" --batch-size "$EVAL_BATCH" --max-new-tokens "${MAX_NEW_TOKENS:-8}" --quiet
+echo "   generation took $((SECONDS - start)) s"
+
+echo "== scores (reference metrics)"
+exgra-med score --gt "$QUESTIONS" --pred "$OUT/test_answers_$TEST_QUESTIONS.jsonl" --candidate "$DATA/candidate.json" \
+  --json "$OUT/test_scores.json"
+echo
+echo "== fine-tuned model vs answer-prior baselines"
+exgra-med vqa-baselines --train "$DATA/train.json" --test "$QUESTIONS" --candidate "$DATA/candidate.json" \
+  --pred "$OUT/test_answers_$TEST_QUESTIONS.jsonl"

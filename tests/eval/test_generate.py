@@ -1,0 +1,165 @@
+"""Answer generation: prompt layout, batched == one-by-one greedy answers, answers files, resume, chunks + merge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from exgra_med.eval.generate import (
+    StopOnString,
+    build_prompt,
+    display_prompt,
+    generate_answers,
+    get_chunk,
+    left_pad,
+    main,
+    read_answer_lines,
+)
+from exgra_med.eval.launch import chunk_commands, chunk_path, merge_answers
+from exgra_med.model.loading import load_pretrained
+
+LINE_KEYS = {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    torch.manual_seed(0)
+    return load_pretrained(str(tiny_model_dir), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def questions(easy_vqa_dir) -> list[dict]:
+    return json.loads((easy_vqa_dir / "test.json").read_text())[:10]
+
+
+def _question_file(tmp_path: Path, records: list[dict]) -> Path:
+    path = tmp_path / "questions.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def _cli(tiny_model_dir, easy_vqa_dir, qfile, answers, *extra) -> int:
+    return main([
+        "--model", str(tiny_model_dir), "--question-file", str(qfile), "--image-folder", str(easy_vqa_dir / "images"),
+        "--answers-file", str(answers), "--max-new-tokens", "3", "--batch-size", "4", "--quiet", *extra,
+    ])
+
+
+def test_prompt_is_the_reference_simple_eval_prompt():
+    record = {"id": 1, "image": "a.png", "conversations": [{"from": "human", "value": "What color?\n<image>"}]}
+    expected = (
+        "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the human's questions.###Human: Hi!###Assistant: Hi there!  How can I "
+        "help you today?\n###Human: What color?\n<im_start><im_patch><im_patch><im_end>###"
+    )
+    assert build_prompt(record, "simple", 2, True) == expected
+    assert build_prompt(record, "simple", 2, False).endswith("What color?\n<im_patch><im_patch>###")
+    assert display_prompt(record) == "What color?\n<image>"
+    text_only = {"id": 2, "conversations": [{"from": "human", "value": "<image>Why?"}]}
+    assert build_prompt(text_only, "simple", 2, True).endswith("###Human: Why?###")
+
+
+def test_left_pad_and_stop_criterion(tiny):
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    tokenizer = tiny[1]
+    rows = [tokenizer("yes###", add_special_tokens=False)["input_ids"], tokenizer("a red one", add_special_tokens=False)["input_ids"]]
+    ids, _ = left_pad(rows, tokenizer.pad_token_id)
+    assert StopOnString(tokenizer, "###")(ids, None).tolist() == [True, False]
+
+
+def test_batched_generation_matches_one_by_one(tiny, questions, easy_vqa_dir):
+    model, tokenizer, processor = tiny
+    kwargs = {"conv_mode": "simple", "max_new_tokens": 6, "image_folder": easy_vqa_dir / "images"}
+    single = generate_answers(model, tokenizer, processor, questions, 1, **kwargs)
+    assert sorted(single) == sorted(str(q["id"]) for q in questions)
+    assert any(single.values()), "the tiny model should generate some text"
+    for batch_size in (4, 16):
+        assert generate_answers(model, tokenizer, processor, questions, batch_size, **kwargs) == single
+
+
+def test_generate_vqa_writes_reference_answer_lines(tiny_model_dir, easy_vqa_dir, questions, tmp_path):
+    answers = tmp_path / "answers.jsonl"
+    assert _cli(tiny_model_dir, easy_vqa_dir, _question_file(tmp_path, questions), answers) == 0
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [set(r) for r in rows] == [LINE_KEYS] * len(questions)
+    assert sorted(r["question_id"] for r in rows) == sorted(q["id"] for q in questions)
+    by_id = {q["id"]: q for q in questions}
+    assert all(r["prompt"] == display_prompt(by_id[r["question_id"]]) for r in rows)
+    assert all(r["model_id"] == tiny_model_dir.name and r["metadata"] == {} for r in rows)
+    assert len({r["answer_id"] for r in rows}) == len(rows)
+
+
+def test_resume_skips_answered_ids_and_drops_a_torn_line(tiny_model_dir, easy_vqa_dir, questions, tmp_path):
+    answers = tmp_path / "answers.jsonl"
+    kept = [{"question_id": q["id"], "prompt": "p", "text": "PREVIOUS", "answer_id": "x", "model_id": "m", "metadata": {}}
+            for q in questions[:3]]
+    torn = json.dumps({"question_id": questions[3]["id"], "text": "half"})[:25]
+    answers.write_text("".join(json.dumps(r) + "\n" for r in kept) + torn)
+    assert [r["question_id"] for r in read_answer_lines(answers)] == [q["id"] for q in questions[:3]]
+
+    assert _cli(tiny_model_dir, easy_vqa_dir, _question_file(tmp_path, questions), answers) == 0
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]  # every line is valid JSON again
+    ids = [r["question_id"] for r in rows]
+    assert sorted(ids) == sorted(q["id"] for q in questions) and len(ids) == len(set(ids))
+    assert rows[:3] == kept
+    assert all(r["text"] != "PREVIOUS" for r in rows[3:])
+    size = answers.stat().st_size
+    assert _cli(tiny_model_dir, easy_vqa_dir, _question_file(tmp_path, questions), answers) == 0  # nothing left to do
+    assert answers.stat().st_size == size
+
+
+def test_read_answer_lines_rejects_a_bad_line_in_the_middle(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"question_id": 1}\nnot json\n{"question_id": 2}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_answer_lines(path)
+
+
+def test_chunks_merge_back_into_question_order(tiny_model_dir, easy_vqa_dir, questions, tmp_path):
+    assert [len(get_chunk(list(range(10)), 3, i)) for i in range(3)] == [4, 4, 2]
+    assert get_chunk(list(range(10)), 3, 2) == [8, 9]
+    qfile = _question_file(tmp_path, questions)
+    final = tmp_path / "answers.jsonl"
+    files = [chunk_path(final, 3, i) for i in range(3)]
+    for i in range(3):
+        assert _cli(tiny_model_dir, easy_vqa_dir, qfile, files[i], "--num-chunks", "3", "--chunk-idx", str(i)) == 0
+    assert merge_answers(qfile, files, final) == len(questions)
+    assert [json.loads(line)["question_id"] for line in final.read_text().splitlines()] == [q["id"] for q in questions]
+
+    lines = files[1].read_text().splitlines()
+    files[1].write_text("\n".join(lines[1:]) + "\n")  # one answer lost
+    with pytest.raises(ValueError, match="1 questions without an answer"):
+        merge_answers(qfile, files, tmp_path / "other.jsonl")
+    files[1].write_text("\n".join(lines + lines[:1]) + "\n")  # one answer twice
+    with pytest.raises(ValueError, match="1 answered twice"):
+        merge_answers(qfile, files, tmp_path / "other.jsonl")
+
+
+def test_chunk_commands_spread_chunks_over_gpus_round_robin(tmp_path):
+    workers = chunk_commands(5, tmp_path / "a.jsonl", ["--model", "m"], ["3", "7"])
+    assert [env for env, _ in workers] == [{"CUDA_VISIBLE_DEVICES": "3"}, {"CUDA_VISIBLE_DEVICES": "7"}]
+    chunk_ids = [[cmd[cmd.index("--chunk-idx") + 1] for cmd in cmds] for _, cmds in workers]
+    assert chunk_ids == [["0", "2", "4"], ["1", "3"]]
+    assert workers[0][1][1][-1] == str(chunk_path(tmp_path / "a.jsonl", 5, 2))
+    cpu = chunk_commands(2, tmp_path / "a.jsonl", [], [])
+    assert len(cpu) == 2 and all(env["CUDA_VISIBLE_DEVICES"] == "" for env, _ in cpu)
+
+
+@pytest.mark.slow  # two subprocesses that each import torch and load the model
+def test_launcher_runs_chunks_as_processes_and_merges(tiny_model_dir, easy_vqa_dir, questions, tmp_path, monkeypatch):
+    from exgra_med.eval import launch
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the CPU path: one process per chunk
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    qfile, final = _question_file(tmp_path, questions[:5]), tmp_path / "merged.jsonl"
+    argv = ["--num-chunks", "2", "--question-file", str(qfile), "--answers-file", str(final), "--model",
+            str(tiny_model_dir), "--image-folder", str(easy_vqa_dir / "images"), "--max-new-tokens", "2"]
+    assert launch.main(argv) == 0
+    rows = [json.loads(line) for line in final.read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == [q["id"] for q in questions[:5]]
+    assert [len(read_answer_lines(chunk_path(final, 2, i))) for i in range(2)] == [3, 2]

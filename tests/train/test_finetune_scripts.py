@@ -1,0 +1,135 @@
+"""scripts/finetune.sh (reference recipes, flag pass-through, a real CPU run) and scripts/demo_finetune.sh."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _env(**extra) -> dict:
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1", **extra}
+
+
+def _flags(argv: list[str]) -> dict[str, str]:
+    """The last value of every `--flag value` pair (later flags override earlier ones, as HfArgumentParser does)."""
+    out = {}
+    for i, token in enumerate(argv):
+        if token.startswith("--") and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            out[token[2:]] = argv[i + 1]
+    return out
+
+
+def _dry_run(tmp_path: Path, *args: str, **env) -> dict[str, str]:
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    for split in ("train", "val", "test"):
+        (data / f"{split}.json").write_text("[]")
+    # TORCHRUN=echo prints the command instead of launching it.
+    result = subprocess.run(["bash", str(REPO / "scripts" / "finetune.sh"), *args], env=_env(
+        TORCHRUN="echo", DATA_DIR=str(data), NPROC_PER_NODE="2", **env), capture_output=True, text=True, check=True)
+    return _flags(result.stdout.split())
+
+
+@pytest.mark.parametrize("dataset, dci, lr, epochs, batch", [
+    ("vqa-rad", False, "4e-5", "15", "32"), ("vqa-rad", True, "2e-5", "15", "32"),
+    ("slake", False, "4e-5", "15", "64"), ("slake", True, "4e-5", "18", "64"),
+    ("pathvqa", False, "3e-5", "15", "32"), ("pathvqa", True, "2e-5", "15", "32"),
+])
+def test_reference_recipes(tmp_path, dataset, dci, lr, epochs, batch):
+    flags = _dry_run(tmp_path, dataset, *(["--dci"] if dci else []))
+    assert (flags["learning_rate"], flags["num_train_epochs"], flags["per_device_train_batch_size"]) == (lr, epochs, batch)
+    assert flags["model_name_or_path"] == "pretrained/exgra-med" + ("-dci" if dci else "")
+    assert flags["metric_for_best_model"] == "eval_val_average" and flags["load_best_model_at_end"] == "True"
+    assert flags["eval_strategy"] == flags["save_strategy"] == "epoch"
+    assert flags["val_data_path"].endswith("data/val.json") and flags["nproc_per_node"] == "2"
+
+
+def test_extra_flags_and_variables_override(tmp_path):
+    flags = _dry_run(tmp_path, "slake", "--learning_rate", "1e-4", "--max_steps", "3", EPOCHS="2", OUTPUT_DIR="o")
+    assert flags["learning_rate"] == "1e-4" and flags["max_steps"] == "3"
+    assert flags["num_train_epochs"] == "2" and flags["output_dir"] == "o"
+    unknown = subprocess.run(["bash", str(REPO / "scripts" / "finetune.sh"), "mydata"], env=_env(TORCHRUN="echo"),
+                             capture_output=True, text=True, check=False)
+    assert unknown.returncode != 0 and "set LR" in unknown.stderr
+
+
+def _small_data(src: Path, dst: Path, n: dict[str, int]) -> Path:
+    dst.mkdir()
+    for split, count in n.items():
+        (dst / f"{split}.json").write_text(json.dumps(json.loads((src / f"{split}.json").read_text())[:count]))
+    (dst / "candidate.json").write_text((src / "candidate.json").read_text())
+    (dst / "images").symlink_to(src / "images")
+    return dst
+
+
+@pytest.mark.slow
+def test_finetune_script_runs_on_cpu(tiny_model_dir, easy_vqa_dir, tmp_path):
+    data = _small_data(easy_vqa_dir, tmp_path / "data", {"train": 16, "val": 4, "test": 4})
+    out = tmp_path / "ft"
+    cpu = ["--use_cpu", "True", "--bf16", "False", "--gradient_checkpointing", "False", "--dataloader_num_workers", "0",
+           "--max_steps", "2", "--per_device_train_batch_size", "4", "--eval_strategy", "steps", "--eval_steps", "1",
+           "--save_strategy", "steps", "--save_steps", "1", "--eval_batch_size", "4", "--eval_max_new_tokens", "2"]
+    subprocess.run(["bash", str(REPO / "scripts" / "finetune.sh"), "easy-vqa", *cpu], check=True, env=_env(
+        MODEL_PATH=str(tiny_model_dir), DATA_DIR=str(data), OUTPUT_DIR=str(out), LR="1e-4", NPROC_PER_NODE="1",
+        MASTER_PORT="29561"))
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "eval_val_average" in h] == [1, 2]
+    assert "eval_test_average" in json.loads((out / "test_results.json").read_text())
+    assert len((out / "test_answers.jsonl").read_text().splitlines()) == 4
+
+
+@pytest.mark.slow
+def test_demo_finetune_prints_model_and_baselines(tiny_model_dir, easy_vqa_dir, tmp_path):
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "stage2").symlink_to(tiny_model_dir)
+    _small_data(easy_vqa_dir, demo / "data", {"train": 64, "val": 4, "test": 40})
+    result = subprocess.run(["bash", str(REPO / "scripts" / "demo_finetune.sh")], capture_output=True, text=True, check=False,
+                            env=_env(DEMO_DIR=str(demo), FINETUNE_STEPS="2", BATCH="4", TEST_QUESTIONS="12",
+                                     MASTER_PORT="29562"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| system | overall | closed | open |" in result.stdout
+    for row in ("| model |", "| majority answer |", "| question prior |"):
+        assert row in result.stdout
+    answers = (demo / "finetune" / "test_answers_12.jsonl").read_text().splitlines()
+    assert len(answers) == len(json.loads((demo / "finetune" / "test_questions.json").read_text())) == 12
+
+
+@pytest.mark.slow
+def test_two_ranks_shard_and_gather_val_and_test_answers(tiny_model_dir, easy_vqa_dir, tmp_path):
+    data = _small_data(easy_vqa_dir, tmp_path / "data", {"train": 16, "val": 5, "test": 5})
+    out = tmp_path / "ft"
+    cpu = ["--use_cpu", "True", "--bf16", "False", "--gradient_checkpointing", "False", "--dataloader_num_workers", "0",
+           "--max_steps", "2", "--per_device_train_batch_size", "2", "--eval_strategy", "steps", "--eval_steps", "2",
+           "--save_strategy", "steps", "--save_steps", "2", "--eval_batch_size", "2", "--eval_max_new_tokens", "3"]
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "finetune.sh"), "easy-vqa", *cpu], capture_output=True,
+                          text=True, check=False, env=_env(MODEL_PATH=str(tiny_model_dir), DATA_DIR=str(data),
+                                                            OUTPUT_DIR=str(out), LR="1e-4", NPROC_PER_NODE="2",
+                                                            MASTER_PORT="29563"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    test = json.loads((data / "test.json").read_text())
+    lines = [json.loads(x) for x in (out / "test_answers.jsonl").read_text().splitlines()]
+    assert [x["question_id"] for x in lines] == [r["id"] for r in test]  # 3 + 2 answers gathered, in order
+
+    from exgra_med.eval.generate import generate_answers
+    from exgra_med.eval.metrics import load_predictions, vqa_train_metrics
+    from exgra_med.model.loading import load_pretrained
+
+    model, tokenizer, processor = load_pretrained(str(out))
+    alone = generate_answers(model, tokenizer, processor, test, 1, "simple", 3, image_folder=data / "images")
+    assert [x["text"] for x in lines] == [alone[str(r["id"])] for r in test]  # each answer from its own question
+
+    results = json.loads((out / "test_results.json").read_text())
+    expected = vqa_train_metrics(test, load_predictions(str(out / "test_answers.jsonl")))
+    assert results["eval_test_average"] == pytest.approx(expected["average"], abs=1e-3)
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "eval_val_average" in h] == [2]
