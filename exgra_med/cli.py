@@ -16,11 +16,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("exgra_med.data.prepare:main", "turn a raw data set into training / VQA records"),
     "subsample": ("exgra_med.data.prepare.subsample:main", "seeded fraction / few-shot subset of a record file"),
     "score": ("exgra_med.eval.metrics:main", "VQA metrics of an answers file (reference definitions)"),
+    "generate-vqa": ("exgra_med.eval.generate:main", "batched, resumable VQA answer generation (one chunk)"),
+    "generate-vqa-multi": ("exgra_med.eval.launch:main", "VQA answers: chunks over the visible GPUs, then merged"),
+    "zero-shot": ("exgra_med.eval.zero_shot:main", "OmniMedVQA zero-shot multiple-choice accuracy"),
+    "vqa-baselines": ("exgra_med.eval.baselines:main", "model vs majority / question-prior baselines on a VQA test set"),
     "plot": ("exgra_med.eval.plots:main", "loss curves of a run / data-efficiency figure"),
     "train": ("exgra_med.train.main:main", "stage-1 / stage-2 pre-training and VQA fine-tuning"),
     "extend-captions": ("exgra_med.data.extend:main", "LLM-written extended captions (resumable, fault tolerant)"),
     "merge-extended": ("exgra_med.data.prepare.merge_extended:main", "merge extended captions as conversations_long"),
     "chatbot-review": ("exgra_med.eval.chatbot:main", "LLM-judged medical visual chatbot review"),
+    "convert": ("exgra_med.model.reference:main", "convert a released (reference-layout) checkpoint to this format"),
+    "export-hf": ("exgra_med.model.export_cli:main", "export to transformers' LLaVA format (vLLM, SGLang)"),
+    "merge-lora": ("exgra_med.model.lora:main", "merge a LoRA run's checkpoint into a plain checkpoint"),
+    "chat": ("exgra_med.serve.chat:main", "terminal chat with an image (streamed answers)"),
+    "web": ("exgra_med.serve.web:main", "Gradio web demo"),
+    "serve-api": ("exgra_med.serve.api:main", "OpenAI-compatible /v1/chat/completions server"),
 }
 
 

@@ -233,7 +233,7 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
     def encode_texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Token features of alignment texts: LLM last hidden states (`after_de`) or input embeddings. (B, T, D)."""
         if self.config.after_de:
-            return self.language_model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            return self.language_model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
         return self.get_input_embeddings()(ids)
 
     def alignment_loss(
