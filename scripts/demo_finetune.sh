@@ -48,8 +48,10 @@ fi
 
 echo "== answers on the test questions (batch $EVAL_BATCH) -> $OUT/test_answers_$TEST_QUESTIONS.jsonl"
 start=$SECONDS
+# The tiny model has only ever seen the training template, so it answers in that format (GPU checkpoints
+# use the reference's `simple` evaluation prompt, the default of generate-vqa).
 exgra-med generate-vqa --model "$OUT" --question-file "$QUESTIONS" --image-folder "$DATA/images" \
-  --answers-file "$OUT/test_answers_$TEST_QUESTIONS.jsonl" --batch-size "$EVAL_BATCH" --max-new-tokens "${MAX_NEW_TOKENS:-8}" --quiet
+  --conv-mode "${CONV_MODE:-llava_med}" --answers-file "$OUT/test_answers_$TEST_QUESTIONS.jsonl" --batch-size "$EVAL_BATCH" --max-new-tokens "${MAX_NEW_TOKENS:-8}" --quiet
 echo "   generation took $((SECONDS - start)) s"
 
 echo "== scores (reference metrics)"

@@ -29,6 +29,13 @@ from exgra_med.model.loading import (
 )
 from exgra_med.train.args import DataArguments, ModelArguments, TrainingArguments
 from exgra_med.train.trainer import ExGraMedTrainer
+from exgra_med.train.vqa_eval import (
+    VQAGenerationSettings,
+    VQAScoringTrainer,
+    check_eval_schedule,
+    finish_with_test,
+    vqa_splits,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -144,14 +151,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("%d training records; %.2fM trainable parameters", len(dataset), n_train / 1e6)
     # Fine-tuning: VQA answers generated on val at each evaluation (eval_val_*), on test at the end (eval_test_*).
-    from exgra_med.train.vqa_eval import (
-        VQAGenerationSettings,
-        VQAScoringTrainer,
-        check_eval_schedule,
-        finish_with_test,
-        vqa_splits,
-    )
-
     val_split, test_split = vqa_splits(data_args, data_args.image_folder)
     check_eval_schedule(training_args, val_split)
     trainer = VQAScoringTrainer(
