@@ -3,21 +3,24 @@
 # (shipped on PyPI) through stage 1 and stage 2 (ExGra-Med alignment on), using the same scripts as GPU runs.
 #
 #   bash scripts/demo.sh            (make demo runs this inside .venv)
-# Variables: DEMO_DIR (default runs/demo), STAGE1_STEPS, STAGE2_STEPS, BATCH, DEMO_IMAGES, SEED.
+# Variables: DEMO_DIR (default runs/demo), STAGE1_STEPS, STAGE2_STEPS, FINETUNE_STEPS, BATCH, STAGE2_BATCH,
+# DEMO_IMAGES, SEED. Finished stages are skipped on a rerun (and a killed stage resumes from its checkpoint).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 DEMO_DIR=${DEMO_DIR:-runs/demo}
 STAGE1_STEPS=${STAGE1_STEPS:-300}
 STAGE2_STEPS=${STAGE2_STEPS:-600}
-BATCH=${BATCH:-32}
+BATCH=${BATCH:-32}                 # stage 1 and fine-tuning
+STAGE2_BATCH=${STAGE2_BATCH:-16}   # the alignment's graph matching grows with the batch; 16 keeps the demo short
+FINETUNE_STEPS=${FINETUNE_STEPS:-600}
 DEMO_IMAGES=${DEMO_IMAGES:-2000}
 SEED=${SEED:-0}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 export NPROC_PER_NODE=${NPROC_PER_NODE:-1} MASTER_PORT=${MASTER_PORT:-29511}
 
 CPU_ARGS=(--bf16 False --gradient_checkpointing False --dataloader_num_workers 0 --seed "$SEED"
-          --per_device_train_batch_size "$BATCH" --gradient_accumulation_steps 1 --logging_steps 25
+          --gradient_accumulation_steps 1 --logging_steps 25
           --save_steps 200 --warmup_steps 20 --lr_scheduler_type cosine_with_min_lr
           --lr_scheduler_kwargs '{"min_lr_rate": 0.1}' --max_grad_norm 1.0 --resume_from_checkpoint auto)
 
@@ -30,15 +33,36 @@ echo "== 2/5 easy-VQA data -> $DEMO_DIR/data"
 export MODEL_PATH="$DEMO_DIR/tiny/llm" VISION_TOWER="$DEMO_DIR/tiny/vision" IMAGE_FOLDER="$DEMO_DIR/data/images"
 
 echo "== 3/5 stage 1: projector only ($STAGE1_STEPS steps)"
-DATA_PATH="$DEMO_DIR/data/alignment.json" OUTPUT_DIR="$DEMO_DIR/stage1" \
-  bash scripts/stage1.sh "${CPU_ARGS[@]}" --max_steps "$STAGE1_STEPS" --learning_rate 3e-3
+[ -f "$DEMO_DIR/stage1/mm_projector.safetensors" ] || DATA_PATH="$DEMO_DIR/data/alignment.json" OUTPUT_DIR="$DEMO_DIR/stage1" \
+  bash scripts/stage1.sh "${CPU_ARGS[@]}" --per_device_train_batch_size "$BATCH" --max_steps "$STAGE1_STEPS" \
+  --learning_rate 3e-3
 
 echo "== 4/5 stage 2: projector + LLM with the ExGra-Med alignment ($STAGE2_STEPS steps)"
-DATA_PATH="$DEMO_DIR/data/instruct.json" PROJECTOR="$DEMO_DIR/stage1" OUTPUT_DIR="$DEMO_DIR/stage2" \
-  bash scripts/stage2.sh ${DEMO_STAGE2_FLAGS:-} "${CPU_ARGS[@]}" --max_steps "$STAGE2_STEPS" --learning_rate 3e-3
+[ -f "$DEMO_DIR/stage2/model.safetensors" ] || \
+  DATA_PATH="$DEMO_DIR/data/instruct.json" PROJECTOR="$DEMO_DIR/stage1" OUTPUT_DIR="$DEMO_DIR/stage2" \
+  bash scripts/stage2.sh ${DEMO_STAGE2_FLAGS:-} "${CPU_ARGS[@]}" --per_device_train_batch_size "$STAGE2_BATCH" \
+  --max_steps "$STAGE2_STEPS" --learning_rate 3e-3
+
+echo "   reload the stage-2 checkpoint and answer three test questions:"
+python - "$DEMO_DIR/data/test.json" "$DEMO_DIR/stage2/sample_questions.json" <<'PY'
+import json, sys
+json.dump(json.load(open(sys.argv[1]))[:3], open(sys.argv[2], "w"))
+PY
+exgra-med generate-vqa --model "$DEMO_DIR/stage2" --question-file "$DEMO_DIR/stage2/sample_questions.json" \
+  --image-folder "$DEMO_DIR/data/images" --answers-file "$DEMO_DIR/stage2/sample_answers.jsonl" \
+  --conv-mode llava_med --max-new-tokens 8 --quiet
+python - "$DEMO_DIR/stage2/sample_questions.json" "$DEMO_DIR/stage2/sample_answers.jsonl" <<'PY'
+import json, sys
+questions = {str(r["id"]): r for r in json.load(open(sys.argv[1]))}
+for line in open(sys.argv[2]):
+    a = json.loads(line)
+    q = questions[str(a["question_id"])]
+    print(f"   {q['image']}: {q['conversations'][0]['value'].splitlines()[0]!r} -> {a['text']!r} "
+          f"(truth {q['conversations'][1]['value']!r})")
+PY
 
 echo "== 5/5 fine-tune on easy-VQA, answer the test questions, score against baselines"
-DEMO_DIR="$DEMO_DIR" BATCH="$BATCH" SEED="$SEED" bash scripts/demo_finetune.sh
+DEMO_DIR="$DEMO_DIR" BATCH="$BATCH" SEED="$SEED" FINETUNE_STEPS="$FINETUNE_STEPS" bash scripts/demo_finetune.sh
 
 echo
 echo "stage-1 projector   : $DEMO_DIR/stage1/mm_projector.safetensors"

@@ -79,6 +79,8 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # A checkpoint trained with the alignment loss also loads into a model without it (e.g. for fine-tuning).
+    _keys_to_ignore_on_load_unexpected = [r"^alignment\."]
 
     def __init__(
         self,

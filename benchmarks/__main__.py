@@ -1,0 +1,100 @@
+"""Run every benchmark and rewrite benchmarks/RESULTS.md: `python -m benchmarks [--quick] [--out FILE]`.
+
+Each benchmark measures a ratio against a baseline in the same run (threads pinned, medians of repeats),
+so figures from different machines are compared through their ratios, not their seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import bench_align, bench_generate, bench_step
+from exgra_med.io import write_text_atomic
+
+ALIGN_TARGET_MS = 50.0
+STEP_TARGET_RATIO = 1.3
+GENERATE_TARGET_SPEEDUP = 5.0
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (f"{cpu}, {os.cpu_count()} cores, GPU: {gpu}; Python {platform.python_version()}, "
+            f"torch {torch.__version__}")
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def report(quick: bool) -> str:
+    """Run the benchmarks and return RESULTS.md's text."""
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    align_rows = bench_align.run(quick=quick, threads=1)
+    step_rows = bench_step.run(quick=quick, threads=2)
+    gen_rows = bench_generate.run(quick=quick, threads=2)
+    b16 = next(r for r in align_rows if r["kind"] == "speed" and r["B"] == 16)
+    step = step_rows[0]
+    speedup = gen_rows[-1]["speedup"]
+    cmd = "python -m benchmarks" + (" --quick" if quick else "")
+    return "\n".join([
+        "# Benchmark results",
+        "",
+        f"Written by `{cmd}` (or `make bench`) on {started}.",
+        f"Machine: {_machine()}.",
+        "Every figure is a median over repeats with `torch.set_num_threads` pinned; compare ratios across machines.",
+        "",
+        "## Targets",
+        "",
+        "| benchmark | target | measured | verdict |",
+        "|---|---|---|---|",
+        f"| alignment forward+backward, B = 16 (1 thread) | <= {ALIGN_TARGET_MS:.0f} ms | {b16['ms_median']:.1f} ms | "
+        f"{_verdict(b16['ms_median'] <= ALIGN_TARGET_MS)} |",
+        f"| stage-2 step with / without alignment ({step['config']} config) | <= {STEP_TARGET_RATIO} | "
+        f"{step['ratio']:.2f} | {_verdict(step['ratio'] <= STEP_TARGET_RATIO)} |",
+        f"| answer generation, batch 16 over batch 1 | >= {GENERATE_TARGET_SPEEDUP:.0f}x | {speedup:.1f}x | "
+        f"{_verdict(speedup >= GENERATE_TARGET_SPEEDUP)} |",
+        "",
+        "## Alignment loss and solver (`python -m benchmarks.bench_align`)",
+        "",
+        bench_align._table(align_rows),
+        "",
+        "## Stage-2 training step (`python -m benchmarks.bench_step`)",
+        "",
+        bench_step.to_markdown(step_rows),
+        "",
+        "## Answer generation (`python -m benchmarks.bench_generate`)",
+        "",
+        bench_generate.markdown(gen_rows),
+        "",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: run all benchmarks, print the report and write it to --out."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (about a minute)")
+    parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")), help="report file")
+    args = parser.parse_args(argv)
+    text = report(args.quick)
+    write_text_atomic(args.out, text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

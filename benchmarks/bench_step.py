@@ -1,0 +1,131 @@
+"""Stage-2 training step with the full ExGra-Med loss (after_de on) over the same step without it.
+
+Same model, same batch, same optimizer; only `model.alignment` differs. Reported: median step time of each
+and their ratio (target <= 1.3), plus the reference's arrangement (two separate extra LLM passes instead of
+one batched pass) so that the gain of batching is visible.
+
+    python -m benchmarks.bench_step [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from exgra_med.align import pool_tokens
+from exgra_med.model.loading import ConnectorOptions, load_pretrained
+from exgra_med.model.modeling import build_alignment
+from exgra_med.model.tiny import make_tiny_model
+
+SMALL = dict(hidden=256, layers=4, image_size=224, patch_size=16, vision_hidden=256, vision_layers=4, heads=4)
+QUICK = dict(hidden=128, layers=2, image_size=64, patch_size=16, vision_hidden=64, vision_layers=2, heads=4)
+
+
+def _batch(model, batch_size: int, text_len: int, response_len: int, extended_len: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    vocab = cfg.text_config.vocab_size
+    n_img = model.num_image_tokens
+    low = 10  # ids below 10 are special tokens in the tiny tokenizer
+    text = torch.randint(low, vocab, (batch_size, text_len), generator=g)
+    image = torch.full((batch_size, n_img), cfg.image_token_id)
+    start = torch.full((batch_size, 1), cfg.im_start_token_id)
+    end = torch.full((batch_size, 1), cfg.im_end_token_id)
+    input_ids = torch.cat([text[:, :8], start, image, end, text[:, 8:]], dim=1)
+    labels = input_ids.clone()
+    labels[:, : 10 + n_img] = -100
+    size = model.vision_tower.image_size
+    return dict(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        labels=labels,
+        pixel_values=torch.randn(batch_size, 3, size, size, generator=g),
+        response_ids=torch.randint(low, vocab, (batch_size, response_len), generator=g),
+        response_mask=torch.ones(batch_size, response_len, dtype=torch.long),
+        extended_ids=torch.randint(low, vocab, (batch_size, extended_len), generator=g),
+        extended_mask=torch.ones(batch_size, extended_len, dtype=torch.long),
+    )
+
+
+def _reference_arrangement(model, batch: dict) -> torch.Tensor:
+    """The reference's order of work: LM pass, then one LLM pass per alignment text."""
+    out = model.language_model(inputs_embeds=model.merge_image_features(batch["input_ids"], batch["pixel_values"])[0],
+                               attention_mask=batch["attention_mask"], labels=batch["labels"])
+    image = model.get_image_features(batch["pixel_values"]).mean(1)
+    response = pool_tokens(model.encode_texts(batch["response_ids"], batch["response_mask"]))
+    extended = pool_tokens(model.encode_texts(batch["extended_ids"], batch["extended_mask"]))
+    return out.loss + model.config.alpha * model.alignment(image, response, extended).loss
+
+
+def _time_steps(model, batch: dict, step, repeats: int, warmup: int = 1) -> float:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    times = []
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        loss = step(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(quick: bool = False, threads: int = 2) -> list[dict]:
+    """Median step times without / with alignment (batched and reference arrangement), batch 16."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    shape = QUICK if quick else SMALL
+    repeats = 2 if quick else 5
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ConnectorOptions(alignment=dict(contrastive=True, multi_graph=True, after_de=True))
+        out = make_tiny_model(Path(tmp) / "m", options=options, **shape)
+        model, _, _ = load_pretrained(str(out), dtype=torch.float32)
+    model.train()
+    model.requires_grad_(True)
+    model.vision_tower.requires_grad_(False)
+    alignment = model.alignment or build_alignment(model.config)
+    batch = _batch(model, 16, text_len=64, response_len=32, extended_len=64)
+
+    def full_step(m, b):
+        return m(**b).loss
+
+    model.alignment = None
+    base = _time_steps(model, batch, full_step, repeats)
+    model.alignment = alignment
+    aligned = _time_steps(model, batch, full_step, repeats)
+    reference = _time_steps(model, batch, _reference_arrangement, repeats)
+    tokens = batch["input_ids"].shape[1]
+    return [
+        {"config": "quick" if quick else "small", "batch": 16, "seq_len": tokens,
+         "image_tokens": model.num_image_tokens, "threads": threads,
+         "step_s_lm_only": base, "step_s_exgra_med": aligned, "step_s_reference_arrangement": reference,
+         "ratio": aligned / base, "ratio_reference_arrangement": reference / base},
+    ]
+
+
+def to_markdown(rows: list[dict]) -> str:
+    """A markdown table of `run()`'s rows."""
+    lines = ["| config | batch | seq len | image tokens | LM only (s) | ExGra-Med (s) | ratio | reference arrangement (s) | ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['config']} | {r['batch']} | {r['seq_len']} | {r['image_tokens']} | {r['step_s_lm_only']:.3f} | "
+            f"{r['step_s_exgra_med']:.3f} | {r['ratio']:.2f} | {r['step_s_reference_arrangement']:.3f} | "
+            f"{r['ratio_reference_arrangement']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    print(to_markdown(run(args.quick, args.threads)))
