@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import bench_align, bench_generate, bench_step
+from benchmarks import bench_align, bench_data, bench_generate, bench_step
 from exgra_med.io import write_text_atomic
 
 ALIGN_TARGET_MS = 50.0
@@ -47,6 +47,8 @@ def report(quick: bool) -> str:
     align_rows = bench_align.run(quick=quick, threads=1)
     step_rows = bench_step.run(quick=quick, threads=2)
     gen_rows = bench_generate.run(quick=quick, threads=2)
+    memory = bench_step.peak_memory(quick=quick)
+    data_rows = bench_data.run(quick=quick)
     b16 = next(r for r in align_rows if r["kind"] == "speed" and r["B"] == 16)
     step = step_rows[0]
     speedup = gen_rows[-1]["speedup"]
@@ -80,6 +82,16 @@ def report(quick: bool) -> str:
         "## Answer generation (`python -m benchmarks.bench_generate`)",
         "",
         bench_generate.markdown(gen_rows),
+        "",
+        "## Memory: peak RSS increase during two stage-2 steps, model already loaded (CPU)",
+        "",
+        "| LM only (MiB) | ExGra-Med (MiB) | ratio |",
+        "|---:|---:|---:|",
+        f"| {memory['rss_mib_lm_only']:.0f} | {memory['rss_mib_exgra_med']:.0f} | {memory['rss_ratio']:.2f} |",
+        "",
+        "## Data loading (`python -m benchmarks.bench_data`)",
+        "",
+        bench_data.markdown(data_rows),
         "",
     ])
 

@@ -77,12 +77,8 @@ def _time_steps(model, batch: dict, step, repeats: int, warmup: int = 1) -> floa
     return statistics.median(times)
 
 
-def run(quick: bool = False, threads: int = 2) -> list[dict]:
-    """Median step times without / with alignment (batched and reference arrangement), batch 16."""
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
+def _prepared(quick: bool):
     shape = QUICK if quick else SMALL
-    repeats = 2 if quick else 5
     with tempfile.TemporaryDirectory() as tmp:
         options = ConnectorOptions(alignment=dict(contrastive=True, multi_graph=True, after_de=True))
         out = make_tiny_model(Path(tmp) / "m", options=options, **shape)
@@ -92,6 +88,57 @@ def run(quick: bool = False, threads: int = 2) -> list[dict]:
     model.vision_tower.requires_grad_(False)
     alignment = model.alignment or build_alignment(model.config)
     batch = _batch(model, 16, text_len=64, response_len=32, extended_len=64)
+    return model, alignment, batch
+
+
+def _peak_rss_child(quick: bool, aligned: bool) -> None:
+    """Run in a fresh process: print the peak RSS increase (MiB) over two training steps, sampled every 2 ms."""
+    import threading
+
+    import psutil
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model, alignment, batch = _prepared(quick)
+    model.alignment = alignment if aligned else None
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak, done = [base], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _time_steps(model, batch, lambda m, b: m(**b).loss, repeats=1)
+    done.set()
+    sampler.join()
+    print((peak[0] - base) / 2**20)
+
+
+def peak_memory(quick: bool = False) -> dict:
+    """Peak RSS increase (MiB) during stage-2 steps without / with alignment (CPU; a fresh process each)."""
+    import subprocess
+    import sys
+
+    result = {}
+    for aligned in (False, True):
+        cmd = [sys.executable, "-m", "benchmarks.bench_step", "--child-memory", "1" if aligned else "0"]
+        cmd += ["--quick"] if quick else []
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        result["rss_mib_exgra_med" if aligned else "rss_mib_lm_only"] = float(proc.stdout.strip().splitlines()[-1])
+    result["rss_ratio"] = result["rss_mib_exgra_med"] / result["rss_mib_lm_only"]
+    return result
+
+
+def run(quick: bool = False, threads: int = 2) -> list[dict]:
+    """Median step times without / with alignment (batched and reference arrangement), batch 16."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    repeats = 2 if quick else 5
+    model, alignment, batch = _prepared(quick)
 
     def full_step(m, b):
         return m(**b).loss
@@ -127,5 +174,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child-memory", choices=("0", "1"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    print(to_markdown(run(args.quick, args.threads)))
+    if args.child_memory is not None:
+        _peak_rss_child(args.quick, args.child_memory == "1")
+    else:
+        print(to_markdown(run(args.quick, args.threads)))
+        print(peak_memory(args.quick))

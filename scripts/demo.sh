@@ -10,7 +10,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 DEMO_DIR=${DEMO_DIR:-runs/demo}
 STAGE1_STEPS=${STAGE1_STEPS:-300}
-STAGE2_STEPS=${STAGE2_STEPS:-600}
+STAGE2_STEPS=${STAGE2_STEPS:-400}
 BATCH=${BATCH:-32}                 # stage 1 and fine-tuning
 STAGE2_BATCH=${STAGE2_BATCH:-16}   # the alignment's graph matching grows with the batch; 16 keeps the demo short
 FINETUNE_STEPS=${FINETUNE_STEPS:-600}
