@@ -23,6 +23,21 @@ STEP_TARGET_RATIO = 1.3
 GENERATE_TARGET_SPEEDUP = 5.0
 
 
+NOTES = """## Reading these figures
+
+- This CPU (2 shared cores of a VM) is noisy: two full runs on the same machine gave 48.5 and 53.9 ms for the
+  B = 16 alignment step and 1.40 and 1.12 for the stage-2 step ratio. Both targets sit inside that spread, so a
+  verdict here can flip between runs; compare medians over several runs before concluding.
+- Most of the step-ratio overhead is the `after_de` LLM pass over the 2B alignment texts, which the method itself
+  requires (here 2 x 16 texts of up to 64 tokens against 16 sequences of 262 tokens); the loss and solver are
+  about 0.05 s of it. Longer conversations (real data, ~2k tokens) make the ratio smaller.
+- The batched alignment grows faster than linearly in B (the graph matching is a QAP: B = 64 takes ~15x B = 16).
+- DataLoader workers do not help on 2 cores: they compete with the training threads for the same cores.
+- GPU figures (7B-shaped model in bf16, tokens/s, MFU, SDPA vs flash attention) need a lent GPU; none was
+  available for the run that wrote this file.
+"""
+
+
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -93,6 +108,7 @@ def report(quick: bool) -> str:
         "",
         bench_data.markdown(data_rows),
         "",
+        NOTES,
     ])
 
 
