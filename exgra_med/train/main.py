@@ -161,6 +161,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         data_collator=DataCollator(tokenizer),
         processing_class=tokenizer,
         projector_only=model_args.tune_mm_mlp_adapter,
+        image_processor=processor,
         vqa_settings=VQAGenerationSettings(
             image_processor=processor,
             batch_size=data_args.eval_batch_size,
@@ -171,13 +172,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     resume = _resume_arg(training_args.resume_from_checkpoint, training_args.output_dir)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_state()
-    save_final(trainer, model_args, tokenizer, processor)
+    save_final(trainer, model_args)
     if test_split is not None:
         finish_with_test(trainer, test_split)
     return trainer
 
 
-def save_final(trainer: ExGraMedTrainer, model_args: ModelArguments, tokenizer, processor) -> None:
+def save_final(trainer: ExGraMedTrainer, model_args: ModelArguments) -> None:
     """Stage 1: `mm_projector.safetensors` only. Otherwise a full checkpoint (LoRA merged) loadable everywhere."""
     out = trainer.args.output_dir
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -188,10 +189,7 @@ def save_final(trainer: ExGraMedTrainer, model_args: ModelArguments, tokenizer, 
             save_projector(model, out)
             model.config.save_pretrained(out)
         return
-    trainer.save_model(out)
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(out)
-        processor.save_pretrained(out)
+    trainer.save_model(out)  # with the tokenizer and image processor (ExGraMedTrainer._save)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,9 +19,11 @@ LOSS_PARTS = ("lm_loss", "align_loss")
 class ExGraMedTrainer(Trainer):
     """Trainer for all stages. `projector_only=True` (stage 1) checkpoints and saves just `mm_projector`."""
 
-    def __init__(self, *args, projector_only: bool = False, **kwargs):
+    def __init__(self, *args, projector_only: bool = False, image_processor=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.projector_only = projector_only
+        # Saved beside the weights, so that every checkpoint-N is a complete model for evaluation and serving.
+        self.image_processor = image_processor
         # The model returns a per-step mean; let the Trainer divide by gradient_accumulation_steps so that the
         # LM and alignment parts keep their relative weight alpha.
         self.model_accepts_loss_kwargs = False
@@ -52,7 +54,9 @@ class ExGraMedTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
         if not self.projector_only:
-            super()._save(output_dir, state_dict)
+            super()._save(output_dir, state_dict)  # weights, config and the tokenizer (processing_class)
+            if self.image_processor is not None:
+                self.image_processor.save_pretrained(output_dir)
             return
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)

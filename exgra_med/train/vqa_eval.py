@@ -81,13 +81,6 @@ class VQAScoringTrainer(ExGraMedTrainer):
         super().__init__(*args, **kwargs)
         self.vqa_settings = vqa_settings
 
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        super()._save(output_dir, state_dict)
-        # The Trainer stores the tokenizer; with the image processor a checkpoint-N folder is a complete
-        # model that `exgra-med generate-vqa` can load.
-        if not self.projector_only and self.vqa_settings is not None and self.vqa_settings.image_processor is not None:
-            self.vqa_settings.image_processor.save_pretrained(output_dir or self.args.output_dir)
-
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """VQA metrics (`{prefix}_{split}_average`, ...) for a `VQASplit`, else the Trainer's evaluation."""
         target = eval_dataset if eval_dataset is not None else self.eval_dataset
