@@ -32,6 +32,8 @@ def _batch(model, batch_size: int, text_len: int, response_len: int, extended_le
     vocab = cfg.text_config.vocab_size
     n_img = model.num_image_tokens
     low = 10  # ids below 10 are special tokens in the tiny tokenizer
+    # Random text must not hold the image tokens (added at the end of the vocabulary).
+    vocab = min([vocab] + [i for i in (cfg.image_token_id, cfg.im_start_token_id, cfg.im_end_token_id) if i is not None])
     text = torch.randint(low, vocab, (batch_size, text_len), generator=g)
     image = torch.full((batch_size, n_img), cfg.image_token_id)
     start = torch.full((batch_size, 1), cfg.im_start_token_id)

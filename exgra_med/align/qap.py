@@ -26,6 +26,8 @@ __all__ = ["BACKENDS", "paid_edge_pairs", "qap_objective", "solve_partial_qap"]
 BACKENDS = ("ipfp", "exhaustive", "lpmp")
 _LPMP_PARAMS = {"maxIter": 100, "primalComputationInterval": 10, "timeout": 1000}
 _EXHAUSTIVE_MAX_N = 8
+# On an accelerator the local search reads its convergence flag on the host only every few rounds.
+_DEVICE_CHECK_EVERY = 8
 
 
 def _check(unary: torch.Tensor, quadratic: torch.Tensor, edges1: torch.Tensor, edges2: torch.Tensor) -> None:
@@ -158,11 +160,13 @@ def _frank_wolfe(c: torch.Tensor, tab: _PairTable, prob: torch.Tensor, x: torch.
     stall = torch.zeros(num, dtype=torch.long, device=dev)
     for _ in range(max_iter):
         grad = c + gq
-        host_active = active.cpu().numpy()  # the host sync of this step (with the gradient below)
+        # The one host transfer of this step: the gradient and the active flags travel together.
+        packed = torch.cat([grad.flatten(1), active[:, None].to(grad.dtype)], 1).cpu().numpy()
+        host_active = packed[:, -1] > 0
         if not host_active.any():
             break
         maps_host = np.full((num, n1), n2, dtype=np.int64)
-        maps_host[host_active] = _assign(grad[torch.from_numpy(host_active).to(dev)].cpu().numpy())
+        maps_host[host_active] = _assign(packed[host_active, :-1].reshape(-1, n1, n2))
         maps = torch.from_numpy(maps_host).to(dev)
         y = _one_hot(maps, n2)
         gqy = tab.gradient(maps, prob)[:, :, :n2]
@@ -184,8 +188,11 @@ def _frank_wolfe(c: torch.Tensor, tab: _PairTable, prob: torch.Tensor, x: torch.
 
 
 def _local_search(c: torch.Tensor, tab: _PairTable, prob: torch.Tensor, maps: torch.Tensor,
-                  max_rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  max_rounds: int, check_every: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Best-improvement descent from maps (N, n1); returns (maps, objective values).
+
+    Convergence is read on the host every `check_every` rounds (a host sync on an accelerator); a round
+    after convergence changes nothing, so the result does not depend on `check_every`.
 
     Move (i, j, mode): row i takes column j (or j = n2, unmatched); the row r holding j takes i's old
     column (mode 0) or becomes unmatched (mode 1). Moves are scored exactly from the per-row costs with
@@ -201,7 +208,7 @@ def _local_search(c: torch.Tensor, tab: _PairTable, prob: torch.Tensor, maps: to
     i, j = rows[None, None, :, None].expand(shape), cols[None, None, None, :].expand(shape)
     mode0 = (torch.arange(2, device=dev) == 0)[None, :, None, None].expand(shape)
     i1 = i[:, :1]
-    for _ in range(max_rounds):
+    for rnd in range(max_rounds):
         lin = (c_ext + tab.gradient(maps, prob)).view(num, -1)  # cost of row i at column u, others fixed
         owner = torch.full((num, m), n1, device=dev, dtype=torch.long).scatter_(1, maps, rows.expand(num, -1))
         owner[:, n2] = n1
@@ -224,7 +231,7 @@ def _local_search(c: torch.Tensor, tab: _PairTable, prob: torch.Tensor, maps: to
         delta = torch.where(noop, torch.full_like(delta, torch.inf), delta).flatten(1)
         best_delta, move = delta.min(1)
         improve = best_delta < -1e-6
-        if not bool(improve.any()):
+        if (rnd + 1) % check_every == 0 and not bool(improve.any()):
             break
         chosen = [t.flatten(1)[bidx, move] for t in (i, j, r, valid_r, new_r)]
         upd = maps.clone()
@@ -262,7 +269,8 @@ def _ipfp(unary: torch.Tensor, quadratic: torch.Tensor, edges1: torch.Tensor, ed
     keep_start = f0 <= value
     maps, value = torch.where(keep_start[:, None], maps0, maps), torch.where(keep_start, f0, value)
     if local_search_rounds > 0:
-        maps, value = _local_search(cost, tab, prob, maps, local_search_rounds)
+        check_every = 1 if dev.type == "cpu" else _DEVICE_CHECK_EVERY
+        maps, value = _local_search(cost, tab, prob, maps, local_search_rounds, check_every)
     best = value.view(-1, nprob).argmin(0)  # (P,)
     return _one_hot(maps.view(-1, nprob, n1)[best, torch.arange(nprob, device=dev)], n2)
 
@@ -320,18 +328,25 @@ def _lpmp(unary: torch.Tensor, quadratic: torch.Tensor, edges1: torch.Tensor,
 def solve_partial_qap(unary: torch.Tensor, quadratic: torch.Tensor, edges1: torch.Tensor,
                       edges2: torch.Tensor, backend: str = "ipfp", num_starts: int = 4, max_iter: int = 30,
                       seed: int = 0, tol: float = 1e-6, local_search_rounds: int = 50,
-                      patience: int = 3) -> torch.Tensor:
+                      patience: int = 3, solve_on: str | None = None) -> torch.Tensor:
     """Solve B partial graph-matching problems at once; returns 0/1 matchings (B, n1, n2).
 
     unary (B, n1, n2), quadratic (B, E1, E2), edges1 (B, 2, E1), edges2 (B, 2, E2) long (row 0 sources,
     row 1 targets; edges1 loop-free). The result has unary's dtype and device. The other arguments tune
     ipfp: starts, Frank-Wolfe steps, seed of the random starts, descent tolerance, local-search rounds,
-    and Frank-Wolfe steps without a better vertex before a start stops.
+    and Frank-Wolfe steps without a better vertex before a start stops. `solve_on` ("cpu", "cuda", ...) runs
+    the solver on another device than the inputs' (one transfer each way; None: the inputs' device).
     """
     edges1, edges2 = edges1.long(), edges2.long()
     _check(unary, quadratic, edges1, edges2)
     if unary.numel() == 0:
         return torch.zeros_like(unary)
+    target = torch.device(solve_on) if solve_on is not None else unary.device
+    if target.type != unary.device.type or target.index not in (None, unary.device.index):
+        x = solve_partial_qap(unary.detach().to(target), quadratic.detach().to(target), edges1.to(target),
+                              edges2.to(target), backend, num_starts, max_iter, seed, tol, local_search_rounds,
+                              patience)
+        return x.to(dtype=unary.dtype, device=unary.device)
     with torch.no_grad():
         if backend == "ipfp":
             if num_starts < 1 or max_iter < 1 or patience < 1 or local_search_rounds < 0:

@@ -238,6 +238,50 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
             return self.language_model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
         return self.get_input_embeddings()(ids)
 
+    def encode_text_pairs(
+        self, ids1: torch.Tensor, mask1: torch.Tensor, ids2: torch.Tensor, mask2: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token features of two texts per sample, (B, T1, D) and (B, T2, D), from ONE extra LLM pass.
+
+        Equal (up to rounding) to `encode_texts` on each text separately, the reference's two passes:
+        - packed (sdpa / eager attention): sample i's two texts side by side in one row of length T1 + T2, with
+          positions restarting at the second text and a block-causal mask (each token sees the non-padding tokens
+          of its own text up to itself, as in a separate pass), so no row is padded to the longer text;
+        - otherwise (e.g. flash-attention, which takes no custom mask): the 2B texts right-padded to max(T1, T2);
+          causal attention leaves the positions < T of each text unchanged.
+        """
+        t1, t2 = ids1.shape[1], ids2.shape[1]
+        if not self.config.after_de:
+            return self.encode_texts(ids1, mask1), self.encode_texts(ids2, mask2)
+        text_cfg = self.language_model.config
+        impl = getattr(text_cfg, "_attn_implementation", None)
+        window = getattr(text_cfg, "sliding_window", None)
+        if impl in ("sdpa", "eager") and (window is None or window >= max(t1, t2)):
+            ids = torch.cat([ids1, ids2], dim=1)  # (B, T1 + T2)
+            dev = ids.device
+            positions = torch.cat([torch.arange(t1, device=dev), torch.arange(t2, device=dev)])
+            segment = torch.cat([torch.zeros(t1, device=dev, dtype=torch.long), torch.ones(t2, device=dev, dtype=torch.long)])
+            causal = (segment[:, None] == segment[None, :]) & (positions[None, :] <= positions[:, None])  # (L, L)
+            keys = torch.cat([mask1, mask2], dim=1).bool()  # (B, L)
+            allowed = causal[None] & keys[:, None, :]  # (B, L queries, L keys)
+            # A query with no visible key (a text that starts with padding) attends to itself: finite, unused.
+            allowed = allowed | (torch.eye(ids.shape[1], device=dev, dtype=torch.bool)[None]
+                                 & ~allowed.any(dim=2, keepdim=True))
+            mask = allowed[:, None]  # (B, 1, L, L): True = attend (sdpa)
+            if impl == "eager":
+                dtype = self.get_input_embeddings().weight.dtype
+                mask = torch.zeros(mask.shape, device=dev, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
+            hidden = self.language_model.get_decoder()(
+                input_ids=ids, attention_mask=mask, position_ids=positions.expand(ids.shape[0], -1)
+            ).last_hidden_state
+            return hidden[:, :t1], hidden[:, t1:]
+        b, t = ids1.shape[0], max(t1, t2)
+        pad_id = self.config.text_config.pad_token_id or 0
+        ids = torch.cat([_pad_right(ids1, t, pad_id), _pad_right(ids2, t, pad_id)])  # (2B, T)
+        mask = torch.cat([_pad_right(mask1, t, 0), _pad_right(mask2, t, 0)])
+        hidden = self.encode_texts(ids, mask)  # (2B, T, D)
+        return hidden[:b, :t1], hidden[b:, :t2]
+
     def alignment_loss(
         self,
         image_features: torch.Tensor,
@@ -255,16 +299,10 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
             return self.alignment(image_features, text, response_mask).loss
         if extended_ids is None:
             raise ValueError("multi_graph alignment needs extended_ids (records need `conversations_long`)")
-        b, t1, t2 = response_ids.shape[0], response_ids.shape[1], extended_ids.shape[1]
-        # ONE batched pass over the 2B texts. Right padding + causal attention leave positions < T unchanged,
-        # so slicing each half back to its own length reproduces two separate passes exactly.
-        t = max(t1, t2)
-        pad_id = self.config.text_config.pad_token_id or 0
-        ids = torch.cat([_pad_right(response_ids, t, pad_id), _pad_right(extended_ids, t, pad_id)])  # (2B, T)
-        mask = torch.cat([_pad_right(response_mask, t, 0), _pad_right(extended_mask, t, 0)])
-        hidden = self.encode_texts(ids, mask)  # (2B, T, D)
-        response = pool_tokens(hidden[:b, :t1], response_mask, masked=masked)  # (B, D)
-        extended = pool_tokens(hidden[b:, :t2], extended_mask, masked=masked)  # (B, D)
+        response_hidden, extended_hidden = self.encode_text_pairs(response_ids, response_mask, extended_ids,
+                                                                  extended_mask)
+        response = pool_tokens(response_hidden, response_mask, masked=masked)  # (B, D)
+        extended = pool_tokens(extended_hidden, extended_mask, masked=masked)  # (B, D)
         image = image_features.mean(dim=1)  # (B, D)
         return self.alignment(image, response.to(image.dtype), extended.to(image.dtype)).loss
 

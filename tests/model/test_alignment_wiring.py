@@ -31,15 +31,17 @@ def test_after_de_runs_one_batched_pass_equal_to_separate_passes(tiny_model_dir,
     calls, seen = [], {}
     decoder = model.language_model.get_decoder()
     hook = decoder.register_forward_hook(
-        lambda mod, args, kwargs, out: calls.append(out.last_hidden_state.shape[0]), with_kwargs=True
+        lambda mod, args, kwargs, out: calls.append(tuple(out.last_hidden_state.shape[:2])), with_kwargs=True
     )
     pre = model.alignment.register_forward_pre_hook(lambda mod, args: seen.update(nodes=args))
     with torch.no_grad():
         out = model(**batch)
     hook.remove()
     pre.remove()
-    b = batch["input_ids"].shape[0]
-    assert calls == [b, 2 * b]  # the LM pass, then ONE pass over response + extended texts
+    b, t = batch["input_ids"].shape
+    t1, t2 = batch["response_ids"].shape[1], batch["extended_ids"].shape[1]
+    # The LM pass, then ONE pass over both texts of each sample, packed side by side (no padding to the longer).
+    assert calls == [(b, t), (b, t1 + t2)]
     image, response, extended = seen["nodes"]
     with torch.no_grad():
         expected_image = model.get_image_features(batch["pixel_values"]).mean(1)
@@ -50,6 +52,33 @@ def test_after_de_runs_one_batched_pass_equal_to_separate_passes(tiny_model_dir,
     torch.testing.assert_close(extended, expected_extended, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.loss, out.lm_loss + model.config.alpha * out.align_loss)
     assert 0.0 <= float(out.align_loss) <= 2.0
+
+
+@pytest.mark.parametrize("impl,packed", [("sdpa", True), ("eager", True), ("flex_attention", False)])
+def test_text_pair_pass_equals_separate_passes_at_every_position(tiny_model_dir, easy_vqa_dir, impl, packed):
+    """Packed (block-causal mask, restarted positions) or padded 2B pass == two separate passes, padding included
+    (the reference's mean pools over padding positions too)."""
+    model, _ = _model_and_batch(tiny_model_dir, easy_vqa_dir, contrastive=True, multi_graph=True, after_de=True)
+    model.language_model.set_attn_implementation(impl)
+    g = torch.Generator().manual_seed(0)
+    b, t1, t2 = 4, 7, 12
+    ids1, ids2 = torch.randint(10, 60, (b, t1), generator=g), torch.randint(10, 60, (b, t2), generator=g)
+    mask1, mask2 = torch.ones(b, t1, dtype=torch.long), torch.ones(b, t2, dtype=torch.long)
+    mask1[1, 4:], mask2[2, 5:], mask2[0, 11:] = 0, 0, 0
+    ids1[mask1 == 0], ids2[mask2 == 0] = 0, 0
+    rows = []
+    hook = model.language_model.get_decoder().register_forward_hook(
+        lambda mod, args, kwargs, out: rows.append(out.last_hidden_state.shape[0]), with_kwargs=True
+    )
+    with torch.no_grad():
+        h1, h2 = model.encode_text_pairs(ids1, mask1, ids2, mask2)
+    hook.remove()
+    assert rows == [b if packed else 2 * b]
+    with torch.no_grad():
+        r1, r2 = model.encode_texts(ids1, mask1), model.encode_texts(ids2, mask2)
+    assert h1.shape == r1.shape and h2.shape == r2.shape
+    torch.testing.assert_close(h1, r1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h2, r2, rtol=1e-5, atol=1e-5)
 
 
 def test_alpha_and_embedding_texts_without_after_de(tiny_model_dir, easy_vqa_dir):

@@ -57,11 +57,21 @@ def projector(tiny_model_dir, easy_vqa_dir, tmp_path_factory):
     return _stage1_projector(tiny_model_dir, easy_vqa_dir, tmp_path_factory.mktemp("s1") / "stage1")
 
 
-@pytest.mark.slow
-def test_stage2_script_two_process_torchrun(tiny_model_dir, easy_vqa_dir, projector, tmp_path):
-    out = tmp_path / "stage2_ddp"
+STAGE2_ARGS = [*CPU_ARGS, "--max_steps", "3", "--learning_rate", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def ddp_stage2(tiny_model_dir, easy_vqa_dir, projector, tmp_path_factory):
+    """Stage 2 with alignment through scripts/stage2.sh under a real 2-process torchrun (DDP, gloo)."""
+    out = tmp_path_factory.mktemp("s2") / "stage2_ddp"
     env = _env(tiny_model_dir, easy_vqa_dir, projector, out, 29531, NPROC_PER_NODE="2")
-    _run_script("stage2.sh", env, [*CPU_ARGS, "--max_steps", "3", "--learning_rate", "1e-3"])
+    _run_script("stage2.sh", env, STAGE2_ARGS)
+    return out
+
+
+@pytest.mark.slow
+def test_stage2_script_two_process_torchrun(ddp_stage2):
+    out = ddp_stage2
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     # Each step consumed 2 processes x 2 records.
@@ -70,6 +80,25 @@ def test_stage2_script_two_process_torchrun(tiny_model_dir, easy_vqa_dir, projec
     assert [h["step"] for h in steps] == [1, 2, 3]
     assert all("align_loss" in h for h in steps)
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_stage2_script_fsdp_matches_ddp(tiny_model_dir, easy_vqa_dir, projector, ddp_stage2, tmp_path):
+    """FSDP full_shard through scripts/fsdp.json (layers to wrap taken from the model) trains the same weights as DDP."""
+    out = tmp_path / "stage2_fsdp"
+    env = _env(tiny_model_dir, easy_vqa_dir, projector, out, 29535, NPROC_PER_NODE="2", FSDP="full_shard auto_wrap")
+    _run_script("stage2.sh", env, STAGE2_ARGS)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    assert all("align_loss" in h for h in state["log_history"] if "lm_loss" in h)
+    fsdp, ddp = load_file(str(out / "model.safetensors")), load_file(str(ddp_stage2 / "model.safetensors"))
+    assert set(fsdp) == set(ddp)  # a full (gathered) state dict, not one rank's shard
+    for name, value in ddp.items():
+        assert fsdp[name].shape == value.shape, name
+        torch.testing.assert_close(fsdp[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    initial = load_file(str(tiny_model_dir / "llm" / "model.safetensors"))
+    key = next(k for k in initial if "layers.0.mlp.up_proj" in k)
+    assert not torch.equal(fsdp[f"language_model.{key}"], initial[key])  # the LLM was trained
 
 
 @pytest.mark.slow
