@@ -144,8 +144,10 @@ def step_flops(model, batch: dict, aligned: bool) -> float:
     total += 6 * count_params(model.mm_projector) * bsz * model.num_image_tokens
     if aligned:
         t1, t2 = batch["response_ids"].shape[1], batch["extended_ids"].shape[1]
-        pad = max(t1, t2)
-        total += llm(2 * bsz * pad, pad, False)
+        if model.language_model.config._attn_implementation in ("sdpa", "eager"):  # packed: B rows of T1 + T2
+            total += 6 * (llm_linear - head) * bsz * (t1 + t2) + 6 * layers * hidden * bsz * (t1 * t1 + t2 * t2)
+        else:  # 2B rows padded to the longer text
+            total += llm(2 * bsz * max(t1, t2), max(t1, t2), False)
     return float(total)
 
 
@@ -192,13 +194,15 @@ def time_step(model, batch: dict, step, repeats: int, warmup: int = 2) -> dict:
             "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")}
 
 
-def run_steps(quick: bool, repeats: int) -> list[dict]:
+def run_steps(quick: bool, repeats: int, parts: set[str]) -> list[dict]:
     shape, vision = (SMALL, CLIP_SMALL) if quick else (SEVEN_B, CLIP_L14)
     t0 = time.perf_counter()
     model = build_model(shape, vision)
     build_s = time.perf_counter() - t0
     bsz, text_len, response_len, extended_len = (16, 32, 16, 24) if quick else (16, 256, 128, 256)
     batch = _cuda_batch(model, bsz, text_len, response_len, extended_len)
+    if "steps" not in parts:
+        return run_sweep(model, quick, repeats, text_len) if "sweep" in parts else []
     peak, peak_name = peak_flops()
     rows = []
     model_name = "7B-shaped LLaMA + CLIP ViT-L/14-224" if not quick else "small LLaMA + small CLIP"
@@ -248,10 +252,42 @@ def run_steps(quick: bool, repeats: int) -> list[dict]:
                          "error": f"{type(err).__name__}: {str(err)[:200]}"})
             print(json.dumps(rows[-1]), flush=True)
     set_attention(model, "sdpa")
+    # Without gradient checkpointing (the reference recipe turns it on): no recomputation, more memory.
+    model.gradient_checkpointing_disable()
+    for name in ("lm_only", "exgra_med"):
+        try:
+            record(name, "sdpa, no checkpointing", time_step(model, batch, STEPS[name], repeats))
+        except torch.OutOfMemoryError as err:
+            rows.append({"benchmark": "gpu_step", "arrangement": name, "attention": "sdpa, no checkpointing",
+                         "error": f"out of memory: {str(err)[:120]}"})
+            print(json.dumps(rows[-1]), flush=True)
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if "sweep" in parts:
+        rows += run_sweep(model, quick, repeats, text_len)
     rows += run_generate(model, quick)
     del model
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
+    return rows
+
+
+def run_sweep(model, quick: bool, repeats: int, text_len: int) -> list[dict]:
+    """The step ratio against the length of the alignment texts (same main sequence, sdpa, checkpointing)."""
+    rows = []
+    lengths = ((8, 16), (16, 32)) if quick else ((32, 64), (64, 128), (128, 256))
+    base = time_step(model, _cuda_batch(model, 16, text_len, 8, 8), _lm_only, repeats)
+    for response_len, extended_len in lengths:
+        batch = _cuda_batch(model, 16, text_len, response_len, extended_len)
+        row = {"benchmark": "gpu_sweep", "seq_len": batch["input_ids"].shape[1], "response_len": response_len,
+               "extended_len": extended_len, "lm_only_s": base["seconds"],
+               "flops_ratio": step_flops(model, batch, True) / step_flops(model, batch, False)}
+        for name in ("exgra_med", "reference_arrangement"):
+            row[f"{name}_s"] = time_step(model, batch, STEPS[name], repeats)["seconds"]
+            row[f"{name}_ratio"] = row[f"{name}_s"] / base["seconds"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -355,11 +391,18 @@ def to_markdown(rows: list[dict]) -> str:
                        f"{r['tokens_per_s']:.0f} | {r['model_tflops']:.0f} | {100 * r['mfu']:.1f}% | "
                        f"{r['peak_alloc_gib']:.1f} |")
         base = {r["attention"]: r["seconds"] for r in steps if r.get("arrangement") == "lm_only" and "error" not in r}
+        # ratios pair each arrangement with the LM-only step of the same attention and checkpointing
         ratios = [(r["arrangement"], r["attention"], r["seconds"] / base[r["attention"]]) for r in steps
                   if r.get("arrangement") != "lm_only" and "error" not in r and r["attention"] in base]
         if ratios:
             out += ["", "| arrangement | attention | step time over LM only |", "|---|---|---:|"]
             out += [f"| {a} | {b} | {c:.2f} |" for a, b, c in ratios]
+    sweep = [r for r in rows if r["benchmark"] == "gpu_sweep"]
+    if sweep:
+        out += ["", "| seq len | response + extended tokens | model FLOPs ratio | ExGra-Med ratio | reference arrangement ratio |",
+                "|---:|---:|---:|---:|---:|"]
+        out += [f"| {r['seq_len']} | {r['response_len']} + {r['extended_len']} | {r['flops_ratio']:.2f} | "
+                f"{r['exgra_med_ratio']:.2f} | {r['reference_arrangement_ratio']:.2f} |" for r in sweep]
     gen = [r for r in rows if r["benchmark"] == "gpu_generate"]
     if gen:
         out += ["", "| batch | prompts | new tokens | seconds | tokens/s | speedup | same tokens |",
@@ -379,7 +422,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model, few repeats (checks the script)")
     parser.add_argument("--out", help="write all rows as JSON here")
-    parser.add_argument("--only", choices=("steps", "align"), help="run one part")
+    parser.add_argument("--only", default="align,steps,sweep",
+                        help="comma-separated parts: align, steps (with generation), sweep (default: all)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: run the code paths with --quick to check the script (no figures)")
     args = parser.parse_args(argv)
@@ -400,10 +444,13 @@ def main(argv=None) -> int:
     env["peak_tflops"], env["peak_name"] = peak_flops()[0] / 1e12, peak_flops()[1]
     print(json.dumps(env), flush=True)
     rows = [env]
-    if args.only in (None, "align"):
+    parts = set(args.only.split(","))
+    if parts - {"align", "steps", "sweep"}:
+        parser.error(f"--only: unknown parts {sorted(parts - {'align', 'steps', 'sweep'})}")
+    if "align" in parts:
         rows += run_alignment(args.quick, repeats)
-    if args.only in (None, "steps"):
-        rows += run_steps(args.quick, repeats)
+    if parts & {"steps", "sweep"}:
+        rows += run_steps(args.quick, repeats, parts)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     print(f"\n{env['device']}, torch {env['torch']}, transformers {env['transformers']}; "

@@ -141,7 +141,8 @@ class MultiGraphAlignmentLoss(nn.Module):
         first = torch.stack([t for m in nodes for t in (m, bary)])  # (6, B, D)
         second = torch.stack([t for m in nodes for t in (bary, m)])
         topo = knn_graph(torch.stack([*nodes, bary]), self.k)  # (4, 2, E): kNN on each graph-1 node set
-        edges = topo[[0, 3, 1, 3, 2, 3]]  # (6, 2, E); graph 2 reuses graph 1's topology
+        # (6, 2, E); graph 2 reuses graph 1's topology (stacked views: no index tensor to copy to a device)
+        edges = torch.stack([topo[0], topo[3], topo[1], topo[3], topo[2], topo[3]])
         enc = self.gnn(first, second, edges, generator=gen)
         unary = -(enc.nodes1 @ enc.nodes2.transpose(1, 2) + node_noise - 0.5)  # (6, B, B)
         num_e = edges.shape[2]

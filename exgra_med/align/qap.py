@@ -141,6 +141,14 @@ class _PairTable:
         return torch.take(self.flat, (row + u) * self.m + v)
 
 
+def _to_device(array: np.ndarray, dev: torch.device) -> torch.Tensor:
+    """Host array -> tensor on dev; to a CUDA device through pinned memory, without blocking the host."""
+    tensor = torch.from_numpy(array)
+    if dev.type != "cuda":
+        return tensor.to(dev)
+    return tensor.pin_memory().to(dev, non_blocking=True)
+
+
 def _one_hot(maps: torch.Tensor, n2: int) -> torch.Tensor:
     out = torch.zeros(*maps.shape, n2 + 1, device=maps.device)
     return out.scatter_(2, maps[:, :, None], 1.0)[:, :, :n2]
@@ -167,7 +175,7 @@ def _frank_wolfe(c: torch.Tensor, tab: _PairTable, prob: torch.Tensor, x: torch.
             break
         maps_host = np.full((num, n1), n2, dtype=np.int64)
         maps_host[host_active] = _assign(packed[host_active, :-1].reshape(-1, n1, n2))
-        maps = torch.from_numpy(maps_host).to(dev)
+        maps = _to_device(maps_host, dev)
         y = _one_hot(maps, n2)
         gqy = tab.gradient(maps, prob)[:, :, :n2]
         half_yky = 0.5 * (y * gqy).sum((1, 2))  # y^T K y
@@ -253,7 +261,7 @@ def _ipfp(unary: torch.Tensor, quadratic: torch.Tensor, edges1: torch.Tensor, ed
     gen = torch.Generator().manual_seed(seed)
     start_maps = [_assign(c.cpu().numpy())]
     start_maps += [_assign(-torch.rand(c.shape, generator=gen).numpy()) for _ in range(num_starts - 2)]
-    maps0 = torch.from_numpy(np.concatenate(start_maps)).to(dev)  # (S_d * P, n1), start-major
+    maps0 = _to_device(np.concatenate(start_maps), dev)  # (S_d * P, n1), start-major
     prob = torch.arange(nprob, device=dev).repeat(len(start_maps))
     x, gq = _one_hot(maps0, n2), tab.gradient(maps0, prob)[:, :, :n2]
     f0 = (c[prob] * x).sum((1, 2)) + 0.5 * (x * gq).sum((1, 2))

@@ -96,7 +96,7 @@ def build_from_parts(
     config._attn_implementation = attn_implementation
     model = ExGraMedForConditionalGeneration(config, language_model=llm, vision_tower=tower)
     if dtype is not None:
-        model.mm_projector.to(dtype)
+        model.to(dtype)  # the fresh projector and alignment GNN too
     return model, tokenizer, load_image_processor(vision_tower_path)
 
 
@@ -113,6 +113,9 @@ def load_pretrained(
     model = ExGraMedForConditionalGeneration.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation, **config_overrides
     )
+    if dtype is not None:
+        # from_pretrained builds the vision tower from its own sub-config, whose saved dtype would win.
+        model.to(dtype)
     if device is not None:
         model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)

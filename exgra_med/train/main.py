@@ -82,6 +82,9 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments):
             model_args.model_name_or_path, model_args.vision_tower, options, dtype, model_args.attn_implementation
         )
     model.config.align_seed = training_args.seed
+    if dtype is not None and model.alignment is not None:
+        # One dtype for every parameter: DeepSpeed ZeRO-3 flattens each parameter group into one buffer.
+        model.alignment.to(dtype)
     if model_args.pretrain_mm_mlp_adapter:
         load_projector(model, model_args.pretrain_mm_mlp_adapter)
     set_trainable(model, model_args)

@@ -116,3 +116,20 @@ def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, easy_vqa_dir, tm
     for key in expected:
         torch.testing.assert_close(final[key], expected[key], rtol=1e-5, atol=1e-6)
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == steps
+
+
+@pytest.mark.parametrize("from_checkpoint", [False, True])
+def test_half_precision_model_has_one_dtype(tiny_model_dir, tmp_path, from_checkpoint):
+    """With --bf16 every parameter, the alignment GNN included, is bf16: ZeRO-3 flattens a group into one buffer
+    and refuses mixed dtypes (seen on a GPU before this was fixed)."""
+    from exgra_med.train.main import build_model, parse_args
+
+    source = [str(tiny_model_dir)] if from_checkpoint else [str(tiny_model_dir / "llm"), "--vision_tower",
+                                                             str(tiny_model_dir / "vision")]
+    model_args, _, training_args = parse_args([
+        "--model_name_or_path", *source, "--data_path", "unused.json", "--output_dir", str(tmp_path),
+        "--bf16", "True", "--use_cpu", "True", "--contrastive", "True", "--multi_graph", "True", "--after_de", "True",
+    ])
+    model, _, _ = build_model(model_args, training_args)
+    assert model.alignment is not None
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
