@@ -259,7 +259,7 @@ def run_steps(quick: bool, repeats: int, parts: set[str]) -> list[dict]:
             record(name, "sdpa, no checkpointing", time_step(model, batch, STEPS[name], repeats))
         except torch.OutOfMemoryError as err:
             rows.append({"benchmark": "gpu_step", "arrangement": name, "attention": "sdpa, no checkpointing",
-                         "error": f"out of memory: {str(err)[:120]}"})
+                         "error": "out of memory on this GPU"})
             print(json.dumps(rows[-1]), flush=True)
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()

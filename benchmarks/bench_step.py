@@ -32,9 +32,11 @@ def _batch(model, batch_size: int, text_len: int, response_len: int, extended_le
     vocab = cfg.text_config.vocab_size
     n_img = model.num_image_tokens
     low = 10  # ids below 10 are special tokens in the tiny tokenizer
-    # Random text must not hold the image tokens (added at the end of the vocabulary).
-    vocab = min([vocab] + [i for i in (cfg.image_token_id, cfg.im_start_token_id, cfg.im_end_token_id) if i is not None])
     text = torch.randint(low, vocab, (batch_size, text_len), generator=g)
+    # Random text must not hold the image tokens.
+    special = torch.tensor([i for i in (cfg.image_token_id, cfg.im_start_token_id, cfg.im_end_token_id) if i is not None])
+    plain = next(i for i in range(low, vocab) if i not in special.tolist())
+    text[torch.isin(text, special)] = plain
     image = torch.full((batch_size, n_img), cfg.image_token_id)
     start = torch.full((batch_size, 1), cfg.im_start_token_id)
     end = torch.full((batch_size, 1), cfg.im_end_token_id)
@@ -135,39 +137,75 @@ def peak_memory(quick: bool = False) -> dict:
     return result
 
 
+def _interleaved(model, batch: dict, arrangements: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Step times per arrangement, measured in rounds that run one step of each arrangement in turn.
+
+    Interleaving keeps a slow drift of the machine's speed (other tenants of a shared CPU) out of the ratios: each
+    round's ratio compares steps taken seconds apart. arrangements: name -> (alignment module or None, step).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    times: dict[str, list[float]] = {name: [] for name in arrangements}
+    for i in range(warmup + repeats):
+        for name, (alignment, step) in arrangements.items():
+            model.alignment = alignment
+            t0 = time.perf_counter()
+            loss = step(model, batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def run(quick: bool = False, threads: int = 2) -> list[dict]:
-    """Median step times without / with alignment (batched and reference arrangement), batch 16."""
+    """Step times without / with alignment (batched and reference arrangement), batch 16, interleaved rounds.
+
+    Times are medians over rounds; ratios are medians of the per-round ratios.
+    """
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    repeats = 2 if quick else 5
+    repeats = 3 if quick else 7
     model, alignment, batch = _prepared(quick)
 
     def full_step(m, b):
         return m(**b).loss
 
-    model.alignment = None
-    base = _time_steps(model, batch, full_step, repeats)
+    times = _interleaved(model, batch, {"lm_only": (None, full_step), "exgra_med": (alignment, full_step),
+                                        "reference": (alignment, _reference_arrangement)}, repeats)
     model.alignment = alignment
-    aligned = _time_steps(model, batch, full_step, repeats)
-    reference = _time_steps(model, batch, _reference_arrangement, repeats)
+
+    def ratio(name: str) -> float:
+        return statistics.median(t / b for t, b in zip(times[name], times["lm_only"]))
+
+    from benchmarks.bench_gpu import step_flops
+
+    flops_ratio = step_flops(model, batch, True) / step_flops(model, batch, False)
     tokens = batch["input_ids"].shape[1]
     return [
-        {"config": "quick" if quick else "small", "batch": 16, "seq_len": tokens,
-         "image_tokens": model.num_image_tokens, "threads": threads,
-         "step_s_lm_only": base, "step_s_exgra_med": aligned, "step_s_reference_arrangement": reference,
-         "ratio": aligned / base, "ratio_reference_arrangement": reference / base},
+        {"config": "quick" if quick else "small", "batch": 16, "seq_len": tokens, "flops_ratio": flops_ratio,
+         "image_tokens": model.num_image_tokens, "threads": threads, "rounds": repeats,
+         "step_s_lm_only": statistics.median(times["lm_only"]),
+         "step_s_exgra_med": statistics.median(times["exgra_med"]),
+         "step_s_reference_arrangement": statistics.median(times["reference"]),
+         "ratio": ratio("exgra_med"), "ratio_reference_arrangement": ratio("reference"),
+         "ratio_min_max": (min(t / b for t, b in zip(times["exgra_med"], times["lm_only"])),
+                           max(t / b for t, b in zip(times["exgra_med"], times["lm_only"])))},
     ]
 
 
 def to_markdown(rows: list[dict]) -> str:
     """A markdown table of `run()`'s rows."""
-    lines = ["| config | batch | seq len | image tokens | LM only (s) | ExGra-Med (s) | ratio | reference arrangement (s) | ratio |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | batch | seq len | image tokens | LM only (s) | ExGra-Med (s) | ratio (range over rounds) | "
+             "model FLOPs ratio | reference arrangement (s) | ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        lo, hi = r["ratio_min_max"]
         lines.append(
             f"| {r['config']} | {r['batch']} | {r['seq_len']} | {r['image_tokens']} | {r['step_s_lm_only']:.3f} | "
-            f"{r['step_s_exgra_med']:.3f} | {r['ratio']:.2f} | {r['step_s_reference_arrangement']:.3f} | "
-            f"{r['ratio_reference_arrangement']:.2f} |"
+            f"{r['step_s_exgra_med']:.3f} | {r['ratio']:.2f} ({lo:.2f}-{hi:.2f}) | {r['flops_ratio']:.2f} | "
+            f"{r['step_s_reference_arrangement']:.3f} | {r['ratio_reference_arrangement']:.2f} |"
         )
     return "\n".join(lines)
 

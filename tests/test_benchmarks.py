@@ -28,3 +28,36 @@ def test_quick_benchmarks_write_a_report(tmp_path):
     ms = float(re.search(r"B = 16 \(1 thread\) \| <= 50 ms \| ([0-9.]+) ms", text).group(1))
     assert ms > 0
     assert "| True |" in text  # batched generation gave the batch-1 answers
+    assert "## GPU: 7B-shaped model, bf16" in text  # the recorded GPU runs are carried into every report
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_code_paths_run_on_cpu(tmp_path):
+    """`bench_gpu --quick --device cpu` runs the GPU script's step, sweep, generation and solver code on a tiny model
+    (no figures): a broken GPU benchmark is caught here, not on a lent GPU."""
+    out = tmp_path / "gpu.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_gpu", "--quick", "--device", "cpu", "--only",
+                           "align,sweep", "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    rows = json.loads(out.read_text())
+    kinds = [r["benchmark"] for r in rows]
+    assert kinds.count("gpu_align") == 2 and kinds.count("gpu_sweep") == 2
+    for r in rows:
+        if r["benchmark"] == "gpu_sweep":
+            # extra LLM tokens make the aligned step cost more model FLOPs, growing with the text length
+            assert r["flops_ratio"] > 1 and r["exgra_med_s"] > 0
+    sweep = [r["flops_ratio"] for r in rows if r["benchmark"] == "gpu_sweep"]
+    assert sweep[1] > sweep[0]
+    assert "| 16 | 4096 | cpu |" in proc.stdout
+
+
+def test_recorded_gpu_runs_render():
+    from benchmarks.__main__ import gpu_section
+
+    text = gpu_section()
+    assert "MFU" in text and "| lm_only | sdpa | 16 x 514 |" in text
+    assert "| 514 | 32 + 64 |" in text  # the sweep over alignment text lengths
