@@ -66,21 +66,6 @@ def _reference_arrangement(model, batch: dict) -> torch.Tensor:
     return out.loss + model.config.alpha * model.alignment(image, response, extended).loss
 
 
-def _time_steps(model, batch: dict, step, repeats: int, warmup: int = 1) -> float:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    times = []
-    for i in range(warmup + repeats):
-        t0 = time.perf_counter()
-        loss = step(model, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _prepared(quick: bool):
     shape = QUICK if quick else SMALL
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,7 +101,7 @@ def _peak_rss_child(quick: bool, aligned: bool) -> None:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    _time_steps(model, batch, lambda m, b: m(**b).loss, repeats=1)
+    _interleaved(model, batch, {"step": (model.alignment, lambda m, b: m(**b).loss)}, repeats=1)
     done.set()
     sampler.join()
     print((peak[0] - base) / 2**20)
