@@ -62,6 +62,9 @@ class ExGraMedConfig(PreTrainedConfig):
     align_masked_mean: bool = False
     align_global_batch: bool = False
     align_scale_invariant: bool = False
+    # Set while the LLM carries LoRA adapters (a `--lora_enable` run's checkpoints), so that `merge-lora` knows the
+    # scaling; None in plain (merged) checkpoints.
+    lora_alpha: float | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):

@@ -4,7 +4,8 @@ With `--lora_enable` the trainer wraps `model.language_model` with PEFT, so `che
 PEFT names: `language_model.base_model.model.<llm key>` with `<module>.base_layer.weight` and the
 adapter pair `<module>.lora_A.default.weight` (r, in) / `<module>.lora_B.default.weight` (out, r).
 Merging computes W = W_base + (lora_alpha / r) * B @ A (PEFT's scaling; `--rslora` for alpha / sqrt(r)).
-The checkpoint does not record lora_alpha: pass the value the run used (`exgra-med train` defaults to 16).
+Checkpoints of this project's LoRA runs record lora_alpha in config.json; for others pass `--lora-alpha` (the value
+the run used; `exgra-med train` defaults to 16).
 """
 
 from __future__ import annotations
@@ -108,10 +109,13 @@ def _find_files(folder: Path, names: Sequence[str]) -> Path | None:
 
 
 def merge_lora_checkpoint(
-    src: str | Path, out_dir: str | Path, lora_alpha: float, use_rslora: bool = False,
+    src: str | Path, out_dir: str | Path, lora_alpha: float | None = None, use_rslora: bool = False,
     image_processor: str | None = None,
 ) -> Path:
-    """Write `src` (a LoRA-run checkpoint folder) as a plain ExGra-Med checkpoint in `out_dir`."""
+    """Write `src` (a LoRA-run checkpoint folder) as a plain ExGra-Med checkpoint in `out_dir`.
+
+    lora_alpha None: the value recorded in src's config.json, else 16 (the trainer's default) with a warning.
+    """
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
@@ -120,7 +124,12 @@ def merge_lora_checkpoint(
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src}: config.json not found")
     config = json.loads((src / "config.json").read_text())
-    merged, n = merge_lora_state_dict(read_state_dict(src), lora_alpha, use_rslora)
+    if lora_alpha is None:
+        lora_alpha = config.get("lora_alpha")
+        if lora_alpha is None:
+            lora_alpha = 16.0
+            logger.warning("%s records no lora_alpha; using 16 (pass --lora-alpha if the run used another)", src)
+    merged, n = merge_lora_state_dict(read_state_dict(src), float(lora_alpha), use_rslora)
     tok_dir = _find_files(src, ("tokenizer_config.json",))
     if tok_dir is None:
         raise FileNotFoundError(f"{src}: no tokenizer files here or in {src.parent}")
@@ -139,7 +148,8 @@ def merge_lora_checkpoint(
         if split.is_sharded:
             index = {"metadata": {}, "weight_map": split.tensor_to_filename}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        shutil.copy2(src / "config.json", tmp / "config.json")
+        config["lora_alpha"] = None  # merged: no adapters left
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name in TOKENIZER_FILES:
             if (tok_dir / name).is_file():
                 shutil.copy2(tok_dir / name, tmp / name)
@@ -160,7 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="exgra-med merge-lora", description=__doc__.splitlines()[0])
     p.add_argument("--in", dest="src", required=True, help="checkpoint-N folder of a --lora_enable run")
     p.add_argument("--out", required=True, help="output folder (plain ExGra-Med checkpoint)")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="--lora_alpha of the run (train default 16)")
+    p.add_argument("--lora-alpha", type=float, default=None,
+                   help="--lora_alpha of the run (default: recorded in config.json, else 16)")
     p.add_argument("--rslora", action="store_true", help="the run used rank-stabilised LoRA (alpha / sqrt(r))")
     p.add_argument("--image-processor", default=None, help="folder with preprocessor_config.json, if not found")
     args = p.parse_args(argv)

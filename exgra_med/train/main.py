@@ -110,6 +110,7 @@ def set_trainable(model, model_args: ModelArguments) -> None:
             task_type="CAUSAL_LM",
         )
         model.language_model = get_peft_model(model.language_model, lora)
+        model.config.lora_alpha = model_args.lora_alpha  # recorded in every checkpoint for `merge-lora`
     elif not model_args.freeze_backbone:
         model.language_model.requires_grad_(True)
     if not model.config.freeze_vision_tower:
@@ -185,14 +186,38 @@ def save_final(trainer: ExGraMedTrainer, model_args: ModelArguments) -> None:
     """Stage 1: `mm_projector.safetensors` only. Otherwise a full checkpoint (LoRA merged) loadable everywhere."""
     out = trainer.args.output_dir
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if model_args.lora_enable and trainer.is_world_process_zero():
-        model.language_model = model.language_model.merge_and_unload()
+    if model_args.lora_enable:
+        save_merged_lora(trainer, Path(out), model_args.lora_alpha)
+        return
     if model_args.tune_mm_mlp_adapter:
         if trainer.is_world_process_zero():
             save_projector(model, out)
             model.config.save_pretrained(out)
         return
     trainer.save_model(out)  # with the tokenizer and image processor (ExGraMedTrainer._save)
+
+
+def save_merged_lora(trainer: ExGraMedTrainer, out: Path, lora_alpha: float) -> None:
+    """Save a LoRA run as a plain checkpoint with the adapters folded in, under any back end.
+
+    Every rank takes part in saving the adapter-carrying model (ZeRO-3 and FSDP gather their shards collectively);
+    rank 0 then merges the saved weights file by file (`merge-lora`'s code) and moves the result into `out`.
+    """
+    import shutil
+
+    from exgra_med.model.lora import merge_lora_checkpoint
+
+    unmerged, merged = out / "lora-unmerged", out / ".lora-merged"
+    trainer.save_model(str(unmerged))
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        shutil.rmtree(merged, ignore_errors=True)
+        merge_lora_checkpoint(unmerged, merged, float(lora_alpha))
+        for item in merged.iterdir():
+            os.replace(item, out / item.name)
+        merged.rmdir()
+        shutil.rmtree(unmerged)
+    trainer.accelerator.wait_for_everyone()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

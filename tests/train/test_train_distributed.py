@@ -120,3 +120,34 @@ def test_stage1_script_deepspeed_zero2(tiny_model_dir, easy_vqa_dir, tmp_path):
     fresh, _, _ = build_from_parts(str(tiny_model_dir / "llm"), str(tiny_model_dir / "vision"))
     assert set(projector) == {f"mm_projector.{k}" for k in fresh.mm_projector.state_dict()}
     assert all(torch.isfinite(v).all() for v in projector.values())
+
+
+@pytest.mark.slow
+def test_lora_run_saves_a_merged_checkpoint_equal_to_merging_its_last_checkpoint(
+        tiny_model_dir, easy_vqa_dir, projector, tmp_path):
+    """2-process LoRA stage 2: every rank saves the adapter model, rank 0 folds the adapters in. The result equals
+    `merge-lora` of the run's last checkpoint with the lora_alpha the checkpoint records (no flag needed)."""
+    from exgra_med.cli import main as cli_main
+    from exgra_med.model.loading import load_pretrained
+
+    out = tmp_path / "stage2_lora"
+    env = _env(tiny_model_dir, easy_vqa_dir, projector, out, 29537, NPROC_PER_NODE="2")
+    _run_script("stage2.sh", env, [*STAGE2_ARGS, "--lora_enable", "True", "--lora_r", "4", "--lora_alpha", "8",
+                                   "--save_strategy", "steps", "--save_steps", "3"])
+    assert not (out / "lora-unmerged").exists() and not (out / ".lora-merged").exists()
+    final = load_file(str(out / "model.safetensors"))
+    assert not any("lora_" in k or "base_layer" in k for k in final)
+    assert json.loads((out / "config.json").read_text())["lora_alpha"] is None
+    ckpt_config = json.loads((out / "checkpoint-3" / "config.json").read_text())
+    assert ckpt_config["lora_alpha"] == 8
+    merged_dir = tmp_path / "merged_from_checkpoint"
+    assert cli_main(["merge-lora", "--in", str(out / "checkpoint-3"), "--out", str(merged_dir)]) == 0
+    merged = load_file(str(merged_dir / "model.safetensors"))
+    assert set(merged) == set(final)
+    for name, value in final.items():
+        torch.testing.assert_close(merged[name], value, msg=name)
+    base = load_file(str(tiny_model_dir / "llm" / "model.safetensors"))
+    key = next(k for k in base if "layers.0.self_attn.q_proj" in k)
+    assert not torch.equal(final[f"language_model.{key}"], base[key])  # trained adapters were folded in
+    model, _, _ = load_pretrained(str(out))
+    assert model.config.lora_alpha is None
