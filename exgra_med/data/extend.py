@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -207,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise FileExistsError(f"{output} exists; pass --resume_from {output} to continue it")
         runtime = runtime_from_args(args)
     except (OSError, ValueError, RuntimeError) as e:
-        print(f"extend-captions: {e}")
+        print(f"extend-captions: {e}", file=sys.stderr)
         return 2
     create_kwargs: dict[str, Any] = {}
     if args.temperature is not None:
@@ -244,10 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             show_progress=runtime.show_progress,
         )
     except FileExistsError as e:
-        print(f"extend-captions: {e}")
+        print(f"extend-captions: {e}", file=sys.stderr)
         return 2
     except FatalApiError as e:
-        print(f"extend-captions: stopped: {e}; finished items are kept, rerun with --resume_from {output}")
+        print(f"extend-captions: stopped: {e}; finished items are kept, rerun with --resume_from {output}", file=sys.stderr)
         return 1
     extended, failures, unfinished = assemble(records, result.entries)
     write_json_atomic(output, extended)

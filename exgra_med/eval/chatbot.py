@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import re
 from collections import defaultdict
 from collections.abc import Sequence
@@ -199,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         samples = build_samples(question_file, Path(args.answers), Path(args.reference or question_file))
         runtime = runtime_from_args(args)
     except (OSError, ValueError, RuntimeError) as e:
-        print(f"chatbot-review: {e}")
+        print(f"chatbot-review: {e}", file=sys.stderr)
         return 2
 
     def work(sample: dict, ctx: ItemContext) -> dict[str, Any]:
@@ -227,10 +228,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             show_progress=runtime.show_progress,
         )
     except FileExistsError as e:
-        print(f"chatbot-review: {e}")
+        print(f"chatbot-review: {e}", file=sys.stderr)
         return 2
     except FatalApiError as e:
-        print(f"chatbot-review: stopped: {e}; finished reviews are kept, rerun with --resume")
+        print(f"chatbot-review: stopped: {e}; finished reviews are kept, rerun with --resume", file=sys.stderr)
         return 1
     reviews, failures = [], []
     for qid, sample in samples.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import sys
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -124,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         export_hf(args.src, args.out, dtype, args.vision_tower)
     except ValueError as e:
-        print(f"exgra-med export-hf: {e}")
+        print(f"exgra-med export-hf: {e}", file=sys.stderr)
         return 2
     print(f"exported {args.src} -> {args.out} (load with transformers.LlavaForConditionalGeneration)")
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import math
 import re
 import shutil
@@ -179,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         out = merge_lora_checkpoint(args.src, args.out, args.lora_alpha, args.rslora, args.image_processor)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"exgra-med merge-lora: {e}")
+        print(f"exgra-med merge-lora: {e}", file=sys.stderr)
         return 2
     print(f"merged LoRA checkpoint written to {out}")
     return 0

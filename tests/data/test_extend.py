@@ -253,12 +253,12 @@ def test_bad_inputs_and_missing_key_are_reported(tmp_path, monkeypatch, capsys) 
     src.write_text(json.dumps(bad))
     assert main(["--original_instruction_fpath", str(src)]) == 2
     assert (
-        "instruct.json: record r1: conversations[1].from must be 'human' or 'gpt'" in capsys.readouterr().out
+        "instruct.json: record r1: conversations[1].from must be 'human' or 'gpt'" in capsys.readouterr().err
     )
     src.write_text(json.dumps(make_records(2, multi_turn=False) * 2))
     assert main(["--original_instruction_fpath", str(src)]) == 2
-    assert "record id 'r0' appears more than once" in capsys.readouterr().out
+    assert "record id 'r0' appears more than once" in capsys.readouterr().err
     src.write_text(json.dumps(make_records(2, multi_turn=False)))
     assert main(["--original_instruction_fpath", str(src)]) == 2
-    assert "no API key found" in capsys.readouterr().out
+    assert "no API key found" in capsys.readouterr().err
     assert not (tmp_path / "instruct.extended.json").exists()

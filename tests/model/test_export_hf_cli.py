@@ -53,7 +53,7 @@ def test_unexportable_connector_fails_clearly(tmp_path, capsys):
     src = make_tiny_model(tmp_path / "dci", options=ConnectorOptions(mm_dense_connector_type="dci"))
     out = tmp_path / "hf"
     assert cli_main(["export-hf", "--in", str(src), "--out", str(out)]) == 2
-    message = capsys.readouterr().out
+    message = capsys.readouterr().err
     assert "cannot express this model in transformers' LLaVA format" in message
     assert "mm_dense_connector_type='dci'" in message
     assert not out.exists()

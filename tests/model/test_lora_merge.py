@@ -79,4 +79,4 @@ def test_merge_formula_and_errors(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(ValueError, match="has lora_A but not its pair"):
         merge_lora_state_dict(state, lora_alpha=6)
     assert cli_main(["merge-lora", "--in", str(tiny_model_dir), "--out", str(tmp_path / "x")]) == 2
-    assert "no LoRA weights" in capsys.readouterr().out
+    assert "no LoRA weights" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         merged, missing = merge_extended(original, extended, Path(args.extended), args.allow_missing)
     except ValueError as e:
-        print(f"merge-extended: {e}")
+        print(f"merge-extended: {e}", file=sys.stderr)
         return 1
     if missing:
         logger.warning("dropped %d records without an extended version", len(missing))
