@@ -53,6 +53,18 @@ if want deepspeed && python -c "import deepspeed" 2>/dev/null; then
     DEEPSPEED=scripts/deepspeed/zero3.json bash scripts/stage2.sh "${COMMON[@]}" --learning_rate 1e-4
   test -f "$RUNS/stage2_zero3/model.safetensors"
   grep -q align_loss "$RUNS/stage2_zero3/trainer_state.json"
+  echo "== stage 2 with alignment + LoRA under ZeRO-3 (bf16): adapters merged into a plain checkpoint"
+  DATA_PATH="$WORK/data/instruct.json" PROJECTOR="$RUNS/stage1_zero2" OUTPUT_DIR="$RUNS/stage2_lora_zero3" \
+    MASTER_PORT=29606 DEEPSPEED=scripts/deepspeed/zero3.json bash scripts/stage2.sh "${COMMON[@]}" \
+    --learning_rate 1e-4 --lora_enable True --lora_r 8 --lora_alpha 16
+  python - "$RUNS/stage2_lora_zero3" <<'PY'
+import json, sys
+from safetensors import safe_open
+with safe_open(f"{sys.argv[1]}/model.safetensors", "pt") as f:
+    assert not [k for k in f.keys() if "lora_" in k or "base_layer" in k], "adapters left unmerged"
+assert json.load(open(f"{sys.argv[1]}/config.json"))["lora_alpha"] is None
+print("   LoRA adapters merged")
+PY
 else
   echo "== DeepSpeed not installed: ZeRO runs skipped"
 fi

@@ -109,7 +109,9 @@ def set_trainable(model, model_args: ModelArguments) -> None:
             target_modules="all-linear",
             task_type="CAUSAL_LM",
         )
-        model.language_model = get_peft_model(model.language_model, lora)
+        # Adapters in the base weights' dtype (PEFT would upcast them to float32 under bf16): ZeRO-3 flattens each
+        # parameter group into one buffer and refuses mixed dtypes.
+        model.language_model = get_peft_model(model.language_model, lora, autocast_adapter_dtype=False)
         model.config.lora_alpha = model_args.lora_alpha  # recorded in every checkpoint for `merge-lora`
     elif not model_args.freeze_backbone:
         model.language_model.requires_grad_(True)

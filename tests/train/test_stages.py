@@ -118,8 +118,8 @@ def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, easy_vqa_dir, tm
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == steps
 
 
-@pytest.mark.parametrize("from_checkpoint", [False, True])
-def test_half_precision_model_has_one_dtype(tiny_model_dir, tmp_path, from_checkpoint):
+@pytest.mark.parametrize("from_checkpoint,lora", [(False, False), (True, False), (True, True)])
+def test_half_precision_model_has_one_dtype(tiny_model_dir, tmp_path, from_checkpoint, lora):
     """With --bf16 every parameter, the alignment GNN included, is bf16: ZeRO-3 flattens a group into one buffer
     and refuses mixed dtypes (seen on a GPU before this was fixed)."""
     from exgra_med.train.main import build_model, parse_args
@@ -129,7 +129,10 @@ def test_half_precision_model_has_one_dtype(tiny_model_dir, tmp_path, from_check
     model_args, _, training_args = parse_args([
         "--model_name_or_path", *source, "--data_path", "unused.json", "--output_dir", str(tmp_path),
         "--bf16", "True", "--use_cpu", "True", "--contrastive", "True", "--multi_graph", "True", "--after_de", "True",
+        "--lora_enable", str(lora), "--lora_r", "4",
     ])
     model, _, _ = build_model(model_args, training_args)
     assert model.alignment is not None
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    if lora:  # PEFT's adapters too (it upcasts them to float32 unless told not to)
+        assert any("lora_A" in n and p.requires_grad for n, p in model.named_parameters())
