@@ -5,13 +5,13 @@
 #
 #   DEMO_DIR=runs/demo bash scripts/demo_finetune.sh
 # Needs DEMO_DIR/stage2 (stage-2 checkpoint) and DEMO_DIR/data (prepared easy-VQA).
-# Variables: DEMO_DIR, FINETUNE_STEPS (default 150), BATCH (32), FINETUNE_LR (2e-3), TEST_QUESTIONS
+# Variables: DEMO_DIR, FINETUNE_STEPS (default 1500), BATCH (32), FINETUNE_LR (3e-3), TEST_QUESTIONS
 # (seeded subset of test.json, default 600; 0 = all), EVAL_BATCH (16), MAX_NEW_TOKENS (8), SEED.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 DEMO_DIR=${DEMO_DIR:-runs/demo}
-FINETUNE_STEPS=${FINETUNE_STEPS:-150}
+FINETUNE_STEPS=${FINETUNE_STEPS:-1500}
 BATCH=${BATCH:-32}
 TEST_QUESTIONS=${TEST_QUESTIONS:-600}
 EVAL_BATCH=${EVAL_BATCH:-16}
@@ -33,7 +33,7 @@ CPU_ARGS=(--bf16 False --gradient_checkpointing False --dataloader_num_workers 0
 echo "== fine-tune: $DEMO_DIR/stage2 on easy-VQA ($FINETUNE_STEPS steps of $BATCH) -> $OUT"
 start=$SECONDS
 if [ ! -f "$OUT/model.safetensors" ]; then
-  MODEL_PATH="$DEMO_DIR/stage2" DATA_DIR="$DATA" OUTPUT_DIR="$OUT" LR="${FINETUNE_LR:-2e-3}" \
+  MODEL_PATH="$DEMO_DIR/stage2" DATA_DIR="$DATA" OUTPUT_DIR="$OUT" LR="${FINETUNE_LR:-3e-3}" \
     bash scripts/finetune.sh easy-vqa "${CPU_ARGS[@]}"
 fi
 echo "   fine-tuning took $((SECONDS - start)) s"
