@@ -257,7 +257,7 @@ def run_steps(quick: bool, repeats: int, parts: set[str]) -> list[dict]:
     for name in ("lm_only", "exgra_med"):
         try:
             record(name, "sdpa, no checkpointing", time_step(model, batch, STEPS[name], repeats))
-        except torch.OutOfMemoryError as err:
+        except torch.OutOfMemoryError:
             rows.append({"benchmark": "gpu_step", "arrangement": name, "attention": "sdpa, no checkpointing",
                          "error": "out of memory on this GPU"})
             print(json.dumps(rows[-1]), flush=True)
@@ -267,9 +267,6 @@ def run_steps(quick: bool, repeats: int, parts: set[str]) -> list[dict]:
     if "sweep" in parts:
         rows += run_sweep(model, quick, repeats, text_len)
     rows += run_generate(model, quick)
-    del model
-    if DEVICE == "cuda":
-        torch.cuda.empty_cache()
     return rows
 
 
@@ -376,6 +373,12 @@ def run_alignment(quick: bool, repeats: int) -> list[dict]:
     return rows
 
 
+def _table(rows: list[dict], kind: str, header: str, rule: str, line) -> list[str]:
+    """A blank line, header, rule and one line per row of benchmark `kind` (nothing when there is none)."""
+    picked = [r for r in rows if r["benchmark"] == kind]
+    return ["", header, rule, *(line(r) for r in picked)] if picked else []
+
+
 def to_markdown(rows: list[dict]) -> str:
     """Tables of the rows of one run."""
     out = []
@@ -397,24 +400,21 @@ def to_markdown(rows: list[dict]) -> str:
         if ratios:
             out += ["", "| arrangement | attention | step time over LM only |", "|---|---|---:|"]
             out += [f"| {a} | {b} | {c:.2f} |" for a, b, c in ratios]
-    sweep = [r for r in rows if r["benchmark"] == "gpu_sweep"]
-    if sweep:
-        out += ["", "| seq len | response + extended tokens | model FLOPs ratio | ExGra-Med ratio | reference arrangement ratio |",
-                "|---:|---:|---:|---:|---:|"]
-        out += [f"| {r['seq_len']} | {r['response_len']} + {r['extended_len']} | {r['flops_ratio']:.2f} | "
-                f"{r['exgra_med_ratio']:.2f} | {r['reference_arrangement_ratio']:.2f} |" for r in sweep]
-    gen = [r for r in rows if r["benchmark"] == "gpu_generate"]
-    if gen:
-        out += ["", "| batch | prompts | new tokens | seconds | tokens/s | speedup | same tokens |",
-                "|---:|---:|---:|---:|---:|---:|---:|"]
-        out += [f"| {r['batch_size']} | {r['prompts']} | {r['new_tokens']} | {r['seconds']:.2f} | "
-                f"{r['tokens_per_s']:.0f} | {r['speedup']:.1f}x | {100 * r['same_tokens_fraction']:.0f}% |" for r in gen]
-    align = [r for r in rows if r["benchmark"] == "gpu_align"]
-    if align:
-        out += ["", "| B | D | solver on | median ms | min ms | host syncs per step | of which in the solver |",
-                "|---:|---:|---|---:|---:|---:|---:|"]
-        out += [f"| {r['B']} | {r['D']} | {r['solver_on']} | {r['ms_median']:.1f} | {r['ms_min']:.1f} | "
-                f"{r['syncs_total']} | {r['syncs_in_solver']} |" for r in align]
+    out += _table(rows, "gpu_sweep",
+                  "| seq len | response + extended tokens | model FLOPs ratio | ExGra-Med ratio | reference arrangement ratio |",
+                  "|---:|---:|---:|---:|---:|",
+                  lambda r: f"| {r['seq_len']} | {r['response_len']} + {r['extended_len']} | {r['flops_ratio']:.2f} | "
+                            f"{r['exgra_med_ratio']:.2f} | {r['reference_arrangement_ratio']:.2f} |")
+    out += _table(rows, "gpu_generate",
+                  "| batch | prompts | new tokens | seconds | tokens/s | speedup | same tokens |",
+                  "|---:|---:|---:|---:|---:|---:|---:|",
+                  lambda r: f"| {r['batch_size']} | {r['prompts']} | {r['new_tokens']} | {r['seconds']:.2f} | "
+                            f"{r['tokens_per_s']:.0f} | {r['speedup']:.1f}x | {100 * r['same_tokens_fraction']:.0f}% |")
+    out += _table(rows, "gpu_align",
+                  "| B | D | solver on | median ms | min ms | host syncs per step | of which in the solver |",
+                  "|---:|---:|---|---:|---:|---:|---:|",
+                  lambda r: f"| {r['B']} | {r['D']} | {r['solver_on']} | {r['ms_median']:.1f} | {r['ms_min']:.1f} | "
+                            f"{r['syncs_total']} | {r['syncs_in_solver']} |")
     return "\n".join(out)
 
 

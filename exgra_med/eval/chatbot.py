@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import re
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path

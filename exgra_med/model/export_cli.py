@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import sys
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path

@@ -113,11 +113,8 @@ def load_pretrained(
     model = ExGraMedForConditionalGeneration.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation, **config_overrides
     )
-    if dtype is not None:
-        # from_pretrained builds the vision tower from its own sub-config, whose saved dtype would win.
-        model.to(dtype)
-    if device is not None:
-        model.to(device)
+    # dtype again: from_pretrained builds the vision tower from its own sub-config, whose saved dtype would win.
+    model.to(device=device, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
     processor = load_image_processor(path)
     return model.eval(), tokenizer, processor

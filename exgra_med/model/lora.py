@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import math
 import re
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 

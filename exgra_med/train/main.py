@@ -66,7 +66,8 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments):
         if model.alignment is None and model_args.contrastive:
             from exgra_med.model.modeling import build_alignment
 
-            model.alignment = build_alignment(model.config)
+            # In the loaded weights' dtype: DeepSpeed ZeRO-3 flattens each parameter group into one buffer.
+            model.alignment = build_alignment(model.config).to(model.dtype)
     else:
         if model_args.vision_tower is None:
             raise ValueError(f"--vision_tower is required when {model_args.model_name_or_path} is a plain LLM folder")
@@ -82,9 +83,6 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments):
             model_args.model_name_or_path, model_args.vision_tower, options, dtype, model_args.attn_implementation
         )
     model.config.align_seed = training_args.seed
-    if dtype is not None and model.alignment is not None:
-        # One dtype for every parameter: DeepSpeed ZeRO-3 flattens each parameter group into one buffer.
-        model.alignment.to(dtype)
     if model_args.pretrain_mm_mlp_adapter:
         load_projector(model, model_args.pretrain_mm_mlp_adapter)
     set_trainable(model, model_args)
@@ -169,7 +167,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         projector_only=model_args.tune_mm_mlp_adapter,
         image_processor=processor,
         vqa_settings=VQAGenerationSettings(
-            image_processor=processor,
             batch_size=data_args.eval_batch_size,
             max_new_tokens=data_args.eval_max_new_tokens,
             image_aspect_ratio=data_args.image_aspect_ratio,
@@ -187,12 +184,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
 def save_final(trainer: ExGraMedTrainer, model_args: ModelArguments) -> None:
     """Stage 1: `mm_projector.safetensors` only. Otherwise a full checkpoint (LoRA merged) loadable everywhere."""
     out = trainer.args.output_dir
-    model = trainer.accelerator.unwrap_model(trainer.model)
     if model_args.lora_enable:
         save_merged_lora(trainer, Path(out), model_args.lora_alpha)
         return
     if model_args.tune_mm_mlp_adapter:
         if trainer.is_world_process_zero():
+            model = trainer.accelerator.unwrap_model(trainer.model)
             save_projector(model, out)
             model.config.save_pretrained(out)
         return

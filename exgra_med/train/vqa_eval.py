@@ -19,7 +19,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from exgra_med.eval.generate import answer_line, generate_answers, load_questions
 from exgra_med.eval.metrics import vqa_train_metrics
@@ -52,9 +51,8 @@ class VQASplit:
 
 @dataclass
 class VQAGenerationSettings:
-    """How answers are generated during training."""
+    """How answers are generated during training (the image processor is the trainer's)."""
 
-    image_processor: Any
     batch_size: int = 16
     max_new_tokens: int = 32
     conv_mode: str = "simple"
@@ -119,7 +117,7 @@ class VQAScoringTrainer(ExGraMedTrainer):
         model = self.accelerator.unwrap_model(self.model)
         with self._full_parameters(), self.autocast_smart_context_manager():
             answers = generate_answers(
-                model, self.processing_class, s.image_processor, shard, s.batch_size, s.conv_mode, s.max_new_tokens,
+                model, self.processing_class, self.image_processor, shard, s.batch_size, s.conv_mode, s.max_new_tokens,
                 image_folder=split.image_folder, image_aspect_ratio=s.image_aspect_ratio,
                 generate_kwargs={"synced_gpus": True} if synced else None,
             )
