@@ -60,9 +60,16 @@ class ContrastiveAlignmentLoss(nn.Module):
             raise ValueError(f"simi_type must be one of {SIMI_TYPES}, got {simi_type!r}")
         self.dim, self.loss_type, self.simi_type = dim, loss_type, simi_type
         self.ot_eps, self.ot_max_iter = ot_eps, ot_max_iter
-        init_scale = math.log(1 / 0.07) if loss_type == "infonce" else math.log(10.0)
-        self.logit_scale = nn.Parameter(torch.tensor(init_scale))
-        self.bias = nn.Parameter(torch.tensor(-10.0)) if loss_type == "siglip" else None
+        self.logit_scale = nn.Parameter(torch.empty(()))
+        self.bias = nn.Parameter(torch.empty(())) if loss_type == "siglip" else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The initial temperature (and SigLIP bias) named in the class docstring."""
+        with torch.no_grad():
+            self.logit_scale.fill_(math.log(1 / 0.07) if self.loss_type == "infonce" else math.log(10.0))
+            if self.bias is not None:
+                self.bias.fill_(-10.0)
 
     def similarity(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor,
                    text_mask: torch.Tensor | None = None) -> torch.Tensor:

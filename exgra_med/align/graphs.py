@@ -83,6 +83,11 @@ class GraphEncoder(nn.Module):
         self.conv2 = GraphConv(dim, dim, aggr=aggr)
         self.dropout = dropout
 
+    def reset_parameters(self) -> None:
+        """Fresh weights, as at construction (torch_geometric's own initialisation of both convolutions)."""
+        self.conv1.reset_parameters()
+        self.conv2.reset_parameters()
+
     def _dropout(self, h: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         if not self.training or self.dropout == 0.0:
             return h

@@ -102,6 +102,10 @@ class MultiGraphAlignmentLoss(nn.Module):
         self._generators: dict[str, torch.Generator] = {}
         self._warned_single = False
 
+    def reset_parameters(self) -> None:
+        """Fresh GNN weights, as at construction."""
+        self.gnn.reset_parameters()
+
     def generator_for(self, device: torch.device) -> torch.Generator:
         """The module's generator on device, created on first use (seed, + rank in local distributed mode)."""
         key = str(device)

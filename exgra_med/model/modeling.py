@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, Cache, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from exgra_med.model.config import ExGraMedConfig
@@ -34,7 +34,7 @@ class ExGraMedOutput(ModelOutput):
     lm_loss: torch.FloatTensor | None = None
     align_loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: object | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
 
@@ -106,6 +106,20 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
         if config.freeze_vision_tower:
             self.vision_tower.requires_grad_(False)
         self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # transformers initialises missing weights leaf by leaf through this method (fresh builds, and checkpoints
+        # saved without the alignment head). Its generic rule knows torch's layers only; the alignment head holds
+        # torch_geometric layers and plain parameters, so each of its modules with parameters of its own
+        # re-initialises itself exactly as at construction.
+        super()._init_weights(module)
+        if (
+            self.alignment is not None
+            and hasattr(module, "reset_parameters")
+            and next(module.parameters(recurse=False), None) is not None
+            and any(module is m for m in self.alignment.modules())
+        ):
+            module.reset_parameters()
 
     # --- plumbing delegated to the language model -------------------------------------------------------
     def get_input_embeddings(self) -> nn.Module:
@@ -190,7 +204,7 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
         extended_ids: torch.LongTensor | None = None,
         extended_mask: torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        past_key_values=None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> ExGraMedOutput:
@@ -211,7 +225,7 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             labels=labels,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             **kwargs,
         )
@@ -227,7 +241,7 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
             lm_loss=lm_loss,
             align_loss=align_loss,
             logits=out.logits,
-            past_key_values=out.past_key_values,
+            cache=out.cache,
             hidden_states=out.hidden_states,
             image_hidden_states=image_features,
         )

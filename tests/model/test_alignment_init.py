@@ -1,0 +1,95 @@
+"""The alignment head is initialised on every load path: from parts, from a checkpoint without its weights, from one
+with them (loaded, not re-initialised), in bf16 and under DeepSpeed ZeRO-3; stage 2 then trains with finite losses."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from exgra_med.align import ContrastiveAlignmentLoss, MultiGraphAlignmentLoss
+from exgra_med.model.loading import build_from_parts, ConnectorOptions, load_pretrained
+
+MULTI_GRAPH = dict(contrastive=True, multi_graph=True, after_de=True)
+HERE = Path(__file__).parent
+
+
+def assert_like_fresh_gnn(alignment: torch.nn.Module) -> None:
+    """Every GNN parameter finite and distributed as torch_geometric's init of a fresh module: U(-b, b), with
+    b = 1/sqrt(fan_in), so max |w| <= b and std ~ b/sqrt(3) (bias likewise)."""
+    assert isinstance(alignment, MultiGraphAlignmentLoss)
+    fresh = dict(MultiGraphAlignmentLoss(alignment.dim).named_parameters())
+    params = dict(alignment.named_parameters())
+    assert params.keys() == fresh.keys() and params
+    bound = 1 / math.sqrt(alignment.dim)
+    for name, p in params.items():
+        p = p.detach().float()
+        assert torch.isfinite(p).all(), name
+        assert p.abs().max() <= bound * 1.01, (name, float(p.abs().max()), bound)
+        # A U(-b, b) sample of >= 128 values: std within 25% of b/sqrt(3) (garbage memory is far outside this).
+        assert float(p.std()) == pytest.approx(bound / math.sqrt(3), rel=0.25), name
+        assert p.shape == fresh[name].shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_from_parts_alignment_like_fresh(tiny_model_dir, dtype):
+    model, _, _ = build_from_parts(str(tiny_model_dir / "llm"), str(tiny_model_dir / "vision"),
+                                   ConnectorOptions(alignment=MULTI_GRAPH), dtype=dtype)
+    assert_like_fresh_gnn(model.alignment)
+    assert {p.dtype for p in model.alignment.parameters()} == {dtype}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_checkpoint_without_alignment_weights_initialises_the_head(tiny_model_dir, dtype):
+    # make_tiny_model saves no alignment head: transformers creates it while loading, with its weights missing.
+    model, _, _ = load_pretrained(str(tiny_model_dir), dtype=dtype, **MULTI_GRAPH)
+    assert_like_fresh_gnn(model.alignment)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+
+
+def test_checkpoint_without_contrastive_weights_initialises_the_temperature(tiny_model_dir):
+    model, _, _ = load_pretrained(str(tiny_model_dir), contrastive=True, multi_graph=False,
+                                  contrastive_loss_type="siglip")
+    assert isinstance(model.alignment, ContrastiveAlignmentLoss)
+    assert float(model.alignment.logit_scale) == pytest.approx(math.log(10.0))
+    assert float(model.alignment.bias) == -10.0
+
+
+def test_checkpoint_with_alignment_weights_loads_them(tiny_model_dir, tmp_path):
+    model, tokenizer, processor = load_pretrained(str(tiny_model_dir), **MULTI_GRAPH)
+    with torch.no_grad():  # values no initialisation would produce
+        for i, p in enumerate(model.alignment.parameters()):
+            p.copy_(torch.linspace(-3, 3, p.numel()).view_as(p) + i)
+    saved = {n: p.detach().clone() for n, p in model.alignment.named_parameters()}
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    for dtype in (torch.float32, torch.bfloat16):
+        loaded, _, _ = load_pretrained(str(tmp_path), dtype=dtype)  # the config saved contrastive=True
+        got = dict(loaded.alignment.named_parameters())
+        for name, value in saved.items():
+            torch.testing.assert_close(got[name], value.to(dtype), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_zero3_initialises_the_head(tiny_model_dir, tmp_path):
+    """Under ZeRO-3 the parameters are partitioned while loading; the missing head is initialised gathered."""
+    out = tmp_path / "stats.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(29500 + os.getpid() % 1000), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    proc = subprocess.run([sys.executable, str(HERE / "zero3_load_worker.py"), str(tiny_model_dir), str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    stats = json.loads(out.read_text())
+    bound = 1 / math.sqrt(stats["dim"])
+    assert stats["params"], stats
+    for name, s in stats["params"].items():
+        assert s["finite"], name
+        assert s["max_abs"] <= bound * 1.01, (name, s)
+        assert s["std"] == pytest.approx(bound / math.sqrt(3), rel=0.25), (name, s)
