@@ -58,6 +58,13 @@ def _dtype(args: TrainingArguments) -> torch.dtype | None:
 def build_model(model_args: ModelArguments, training_args: TrainingArguments):
     """(model, tokenizer, image processor) from parts or from an ExGra-Med checkpoint, trainable parts set."""
     dtype = _dtype(training_args)
+    if training_args.deepspeed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        import deepspeed
+
+        # ZeRO-3 partitions the weights while loading, with a DeepSpeed config that reads the world size from
+        # DeepSpeed's own communicator: register the process group accelerate already started (on GPUs accelerate
+        # does this itself; on CPU it does not, and ZeRO-3 then sees one rank).
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     if is_exgra_med_checkpoint(model_args.model_name_or_path):
         model, tokenizer, processor = load_pretrained(
             model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation,
