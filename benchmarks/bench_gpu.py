@@ -105,7 +105,7 @@ def build_model(shape: dict, vision: dict, attn: str = "sdpa"):
     model.to(device=DEVICE, dtype=torch.bfloat16)
     model.train()
     model.vision_tower.requires_grad_(False)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -253,7 +253,7 @@ def run_steps(quick: bool, repeats: int, parts: set[str]) -> list[dict]:
             print(json.dumps(rows[-1]), flush=True)
     set_attention(model, "sdpa")
     # Without gradient checkpointing (the reference recipe turns it on): no recomputation, more memory.
-    model.gradient_checkpointing_disable()
+    model.activation_checkpointing_disable()
     for name in ("lm_only", "exgra_med"):
         try:
             record(name, "sdpa, no checkpointing", time_step(model, batch, STEPS[name], repeats))
@@ -263,7 +263,7 @@ def run_steps(quick: bool, repeats: int, parts: set[str]) -> list[dict]:
             print(json.dumps(rows[-1]), flush=True)
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if "sweep" in parts:
         rows += run_sweep(model, quick, repeats, text_len)
     rows += run_generate(model, quick)

@@ -19,7 +19,7 @@ SEED=${SEED:-0}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 export NPROC_PER_NODE=${NPROC_PER_NODE:-1} MASTER_PORT=${MASTER_PORT:-29511}
 
-CPU_ARGS=(--bf16 False --gradient_checkpointing False --dataloader_num_workers 0 --seed "$SEED"
+CPU_ARGS=(--bf16 False --activation_checkpointing False --dataloader_num_workers 0 --seed "$SEED"
           --gradient_accumulation_steps 1 --logging_steps 25
           --save_steps 200 --warmup_steps 20 --lr_scheduler_type cosine_with_min_lr
           --lr_scheduler_kwargs '{"min_lr_rate": 0.1}' --max_grad_norm 1.0 --resume_from_checkpoint auto)

@@ -24,7 +24,7 @@ export NPROC_PER_NODE=${NPROC_PER_NODE:-1} MASTER_PORT=${MASTER_PORT:-29512}
 [ -f "$DATA/test.json" ] || { echo "demo_finetune.sh: no prepared easy-VQA in $DATA" >&2; exit 2; }
 
 # The GPU recipe, made small: no per-epoch val scoring or checkpoints, a fixed number of steps.
-CPU_ARGS=(--bf16 False --gradient_checkpointing False --dataloader_num_workers 0 --seed "$SEED"
+CPU_ARGS=(--bf16 False --activation_checkpointing False --dataloader_num_workers 0 --seed "$SEED"
           --per_device_train_batch_size "$BATCH" --max_steps "$FINETUNE_STEPS" --logging_steps 20
           --warmup_steps 10 --lr_scheduler_type cosine_with_min_lr --lr_scheduler_kwargs '{"min_lr_rate": 0.1}'
           --eval_strategy no --save_strategy no --load_best_model_at_end False

@@ -69,7 +69,7 @@ done
   --lr_scheduler_type cosine \
   --model_max_length 2048 \
   --logging_steps 10 \
-  --gradient_checkpointing True \
+  --activation_checkpointing True \
   --dataloader_num_workers 4 \
   --report_to none \
   "${BACKEND_ARGS[@]}" \

@@ -46,7 +46,7 @@ OUTPUT_DIR=${OUTPUT_DIR:-runs/stage2}
   --model_max_length 2048 \
   --save_strategy steps --save_steps 1000 --save_total_limit 2 \
   --logging_steps 10 \
-  --gradient_checkpointing True \
+  --activation_checkpointing True \
   --dataloader_num_workers 4 \
   --report_to none \
   "${BACKEND_ARGS[@]}" \

@@ -51,8 +51,8 @@ def test_checkpoint_without_contrastive_weights_initialises_the_temperature(tiny
     model, _, _ = load_pretrained(str(tiny_model_dir), contrastive=True, multi_graph=False,
                                   contrastive_loss_type="siglip")
     assert isinstance(model.alignment, ContrastiveAlignmentLoss)
-    assert float(model.alignment.logit_scale) == pytest.approx(math.log(10.0))
-    assert float(model.alignment.bias) == -10.0
+    assert model.alignment.logit_scale.item() == pytest.approx(math.log(10.0))
+    assert model.alignment.bias.item() == -10.0
 
 
 def test_checkpoint_with_alignment_weights_loads_them(tiny_model_dir, tmp_path):

@@ -100,11 +100,11 @@ def test_gradient_checkpointing_gives_same_gradients(tiny):
     for enable in (False, True):
         model.train()
         if enable:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         model.zero_grad()
         model(input_ids=ids, pixel_values=pixels, labels=ids).loss.backward()
         grads.append(model.mm_projector[0].weight.grad.clone())
-        model.gradient_checkpointing_disable()
+        model.activation_checkpointing_disable()
     model.eval()
     model.zero_grad()
     torch.testing.assert_close(grads[0], grads[1])

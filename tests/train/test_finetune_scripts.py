@@ -75,7 +75,7 @@ def _small_data(src: Path, dst: Path, n: dict[str, int]) -> Path:
 def test_finetune_script_runs_on_cpu(tiny_model_dir, easy_vqa_dir, tmp_path):
     data = _small_data(easy_vqa_dir, tmp_path / "data", {"train": 16, "val": 4, "test": 4})
     out = tmp_path / "ft"
-    cpu = ["--use_cpu", "True", "--bf16", "False", "--gradient_checkpointing", "False", "--dataloader_num_workers", "0",
+    cpu = ["--use_cpu", "True", "--bf16", "False", "--activation_checkpointing", "False", "--dataloader_num_workers", "0",
            "--max_steps", "2", "--per_device_train_batch_size", "4", "--eval_strategy", "steps", "--eval_steps", "1",
            "--save_strategy", "steps", "--save_steps", "1", "--eval_batch_size", "4", "--eval_max_new_tokens", "2"]
     subprocess.run(["bash", str(REPO / "scripts" / "finetune.sh"), "easy-vqa", *cpu], check=True, env=_env(
@@ -108,7 +108,7 @@ def test_demo_finetune_prints_model_and_baselines(tiny_model_dir, easy_vqa_dir, 
 def test_two_ranks_shard_and_gather_val_and_test_answers(tiny_model_dir, easy_vqa_dir, tmp_path):
     data = _small_data(easy_vqa_dir, tmp_path / "data", {"train": 16, "val": 5, "test": 5})
     out = tmp_path / "ft"
-    cpu = ["--use_cpu", "True", "--bf16", "False", "--gradient_checkpointing", "False", "--dataloader_num_workers", "0",
+    cpu = ["--use_cpu", "True", "--bf16", "False", "--activation_checkpointing", "False", "--dataloader_num_workers", "0",
            "--max_steps", "2", "--per_device_train_batch_size", "2", "--eval_strategy", "steps", "--eval_steps", "2",
            "--save_strategy", "steps", "--save_steps", "2", "--eval_batch_size", "2", "--eval_max_new_tokens", "3"]
     proc = subprocess.run(["bash", str(REPO / "scripts" / "finetune.sh"), "easy-vqa", *cpu], capture_output=True,

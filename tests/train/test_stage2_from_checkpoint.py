@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from exgra_med.train.main import main
 
 ALIGN = ["--contrastive", "True", "--multi_graph", "True", "--after_de", "True"]
-CPU = ["--bf16", "False", "--gradient_checkpointing", "False", "--dataloader_num_workers", "0", "--logging_steps", "1",
+CPU = ["--bf16", "False", "--activation_checkpointing", "False", "--dataloader_num_workers", "0", "--logging_steps", "1",
        "--save_strategy", "no", "--use_cpu", "True", "--report_to", "none", "--seed", "0"]
 
 

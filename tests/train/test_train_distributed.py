@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 CPU_ARGS = [
-    "--bf16", "False", "--gradient_checkpointing", "False", "--dataloader_num_workers", "0",
+    "--bf16", "False", "--activation_checkpointing", "False", "--dataloader_num_workers", "0",
     "--per_device_train_batch_size", "2", "--logging_steps", "1", "--save_strategy", "no", "--use_cpu", "True",
 ]
 
