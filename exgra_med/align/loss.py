@@ -115,6 +115,15 @@ class MultiGraphAlignmentLoss(nn.Module):
             self._generators[key] = torch.Generator(device=device).manual_seed(self.seed + offset)
         return self._generators[key]
 
+    def get_rng_state(self) -> dict[str, torch.Tensor]:
+        """The state of each generator used so far, by device (saved with training checkpoints)."""
+        return {key: gen.get_state() for key, gen in self._generators.items()}
+
+    def set_rng_state(self, states: dict[str, torch.Tensor]) -> None:
+        """Continue the noise and dropout draws of a checkpointed run exactly (inverse of `get_rng_state`)."""
+        for key, state in states.items():
+            self.generator_for(torch.device(key)).set_state(state)
+
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         is_dist, _, world = _dist_info()
         if not self.global_batch or not is_dist or world == 1:

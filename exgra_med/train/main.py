@@ -58,6 +58,8 @@ def _dtype(args: TrainingArguments) -> torch.dtype | None:
 def build_model(model_args: ModelArguments, training_args: TrainingArguments):
     """(model, tokenizer, image processor) from parts or from an ExGra-Med checkpoint, trainable parts set."""
     dtype = _dtype(training_args)
+    # The run's seed seeds the alignment's generator when the module is built (the checkpoint records it).
+    alignment = {**model_args.alignment_config(), "align_seed": training_args.seed}
     if training_args.deepspeed and torch.distributed.is_available() and torch.distributed.is_initialized():
         import deepspeed
 
@@ -68,7 +70,7 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments):
     if is_exgra_med_checkpoint(model_args.model_name_or_path):
         model, tokenizer, processor = load_pretrained(
             model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation,
-            **model_args.alignment_config(),
+            **alignment,
         )
         model.train()
         if model.alignment is None and model_args.contrastive:
@@ -85,12 +87,11 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments):
             num_l=model_args.num_l,
             mm_vision_select_layer=model_args.mm_vision_select_layer,
             mm_use_im_start_end=model_args.mm_use_im_start_end,
-            alignment=model_args.alignment_config(),
+            alignment=alignment,
         )
         model, tokenizer, processor = build_from_parts(
             model_args.model_name_or_path, model_args.vision_tower, options, dtype, model_args.attn_implementation
         )
-    model.config.align_seed = training_args.seed
     if model_args.pretrain_mm_mlp_adapter:
         load_projector(model, model_args.pretrain_mm_mlp_adapter)
     set_trainable(model, model_args)

@@ -14,6 +14,7 @@ from exgra_med.model.loading import PROJECTOR_FILES, load_projector, save_projec
 logger = logging.getLogger(__name__)
 
 LOSS_PARTS = ("lm_loss", "align_loss")
+ALIGN_RNG_PREFIX = "align_rng_state_"  # + process index + .pth, in every checkpoint-N of a run with the alignment
 
 
 class ExGraMedTrainer(Trainer):
@@ -33,7 +34,7 @@ class ExGraMedTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Forward; remember the detached loss parts for the next log line."""
         outputs = model(**inputs)
-        for name in LOSS_PARTS:
+        for name in LOSS_PARTS if model.training else ():  # evaluation losses are not training log values
             value = getattr(outputs, name, None)
             if value is not None:
                 value = value.detach().float()
@@ -66,6 +67,31 @@ class ExGraMedTrainer(Trainer):
         save_projector(model, output_dir)
         model.config.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _alignment(self):
+        return getattr(self.accelerator.unwrap_model(self.model), "alignment", None)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """The Trainer's RNG states, plus the alignment's own generators (its edge noise and GNN dropout), so that a
+        resumed run draws what the uninterrupted run would have drawn."""
+        super()._save_rng_state(output_dir)
+        alignment = self._alignment()
+        if alignment is not None and hasattr(alignment, "get_rng_state"):
+            path = os.path.join(output_dir, f"{ALIGN_RNG_PREFIX}{self.args.process_index}.pth")
+            torch.save(alignment.get_rng_state(), path + ".tmp")
+            os.replace(path + ".tmp", path)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        alignment = self._alignment()
+        if checkpoint is None or alignment is None or not hasattr(alignment, "set_rng_state"):
+            return
+        path = Path(checkpoint) / f"{ALIGN_RNG_PREFIX}{self.args.process_index}.pth"
+        if path.is_file():
+            alignment.set_rng_state(torch.load(path, weights_only=True))
+        else:
+            logger.warning("%s: no alignment generator state; the resumed run draws other noise than the "
+                           "uninterrupted one", checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if self.projector_only and any((Path(resume_from_checkpoint) / n).is_file() for n in PROJECTOR_FILES):
