@@ -6,6 +6,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 LATEST_VENV ?= .venv-latest
+LOWEST_VENV ?= .venv-lowest
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 EXTRAS ?= dev,deepspeed,api,serve
 LOCK := requirements.lock
@@ -19,7 +20,7 @@ PYTEST := HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 LOCK_FLAGS := $(foreach e,$(subst $(comma), ,$(EXTRAS)),--extra $(e)) -c constraints.txt --universal --upgrade \
 	--custom-compile-command "make lock"
 
-.PHONY: setup demo test test-fast test-latest lock bench clean-demo
+.PHONY: setup demo test test-fast test-latest test-lowest lock bench clean-demo
 
 setup: $(STAMP)
 
@@ -58,6 +59,16 @@ test-latest:
 	$(LATEST_VENV)/bin/uv pip freeze --python $(LATEST_VENV)/bin/python > $(LATEST_VENV)/versions.txt
 	grep -iE '^(torch|transformers|accelerate|peft|deepspeed|torch.geometric|open.clip.torch|gradio)==' $(LATEST_VENV)/versions.txt
 	HF_HUB_OFFLINE=1 $(LATEST_VENV)/bin/python -m pytest -q -m "not slow"
+
+# The lower bounds of pyproject.toml, kept honest: the oldest release each direct dependency allows (what the
+# others then need on top), in .venv-lowest, with the whole suite.
+test-lowest:
+	test -x $(LOWEST_VENV)/bin/python || $(PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/python -m pip install -q --upgrade uv
+	if [ -n "$(TORCH_SPEC)" ]; then $(LOWEST_VENV)/bin/python -m pip install -q -c constraints.txt $(TORCH_SPEC); fi
+	$(LOWEST_VENV)/bin/uv pip install -q --python $(LOWEST_VENV)/bin/python --resolution lowest-direct \
+	  -c constraints.txt -e ".[$(EXTRAS)]"
+	HF_HUB_OFFLINE=1 $(LOWEST_VENV)/bin/python -m pytest -q
 
 lock:
 	test -x $(UV) || { test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); $(BIN)/python -m pip install -q uv; }
