@@ -3,27 +3,35 @@
 Each (instruction, answer) pair of an instruct record is one request. The reply must be a JSON object
 with a non-empty `revision` no longer than the limit; the revision replaces the answer. The output is
 the input records with their gpt values replaced, ready for `exgra-med merge-extended`. Requests run
-through `exgra_med.api.run_jobs`, so a killed run resumes without paying twice (`--resume_from`).
+through `exgra_med.llm_client.run_jobs`, so a killed run resumes without paying twice (`--resume_from`).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from exgra_med.api import InvalidReply, ItemContext, failures_path_for, load_progress, progress_path_for
-from exgra_med.api.chat import chat_request, parse_json_object
 from exgra_med.constants import DEFAULT_IMAGE_TOKEN
 from exgra_med.io import read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
+from exgra_med.llm_client import (
+    InvalidReply,
+    ItemContext,
+    RunResult,
+    failures_path_for,
+    load_progress,
+    progress_path_for,
+)
+from exgra_med.llm_client.chat import chat_request, parse_json_object
+from exgra_med.llm_client.job_cli import JobPlan, run_job_command
 
 logger = logging.getLogger(__name__)
 
+COMMAND = "extend-captions"
 DEFAULT_MODEL = "openai/gpt-4o-mini"
 
 
@@ -165,9 +173,8 @@ def _resume_seeds(previous: Path, output: Path, jobs: dict[str, TurnJob]) -> lis
 
 
 def _parser() -> argparse.ArgumentParser:
-    from exgra_med.api.cli_args import add_api_arguments
-
-    p = argparse.ArgumentParser(prog="exgra-med extend-captions", description=__doc__.split("\n")[0])
+    """The command's own flags; `run_job_command` adds the API ones."""
+    p = argparse.ArgumentParser(prog=f"exgra-med {COMMAND}", description=__doc__.split("\n")[0])
     p.add_argument("--original_instruction_fpath", required=True, help="instruct records (.json or .jsonl)")
     p.add_argument("--system_prompt_fpath", default=None, help="system prompt (default: the shipped one)")
     p.add_argument("--model_name", default=DEFAULT_MODEL, help="model id at the endpoint")
@@ -184,79 +191,62 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-length-limit", type=int, default=200, help="length limit floor for short answers")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--max-tokens", type=int, default=None, help="completion token cap per request")
-    add_api_arguments(p)
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`exgra-med extend-captions`: 0 when every record was extended, 1 when some failed, 2 on bad usage."""
-    from exgra_med.api import FatalApiError, run_jobs
-    from exgra_med.api.cli_args import runtime_from_args
-
-    args = _parser().parse_args(argv)
+def _plan(args: argparse.Namespace) -> JobPlan[TurnJob]:
+    """Read and check the inputs and describe the run; bad inputs raise (reported by `run_job_command`)."""
     source = Path(args.original_instruction_fpath)
     output = Path(args.output) if args.output else source.with_name(source.stem + ".extended.json")
-    try:
-        records = load_instruction_records(source)
-        jobs = build_jobs(records, source)
-        prompt_path = (
-            Path(args.system_prompt_fpath) if args.system_prompt_fpath else default_system_prompt_path()
-        )
-        system_prompt = prompt_path.read_text(encoding="utf-8").strip()
-        seeds = _resume_seeds(Path(args.resume_from), output, jobs) if args.resume_from else []
-        if args.resume_from is None and output.exists():
-            raise FileExistsError(f"{output} exists; pass --resume_from {output} to continue it")
-        runtime = runtime_from_args(args)
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"extend-captions: {e}", file=sys.stderr)
-        return 2
+    records = load_instruction_records(source)
+    jobs = build_jobs(records, source)
+    prompt_path = Path(args.system_prompt_fpath) if args.system_prompt_fpath else default_system_prompt_path()
+    system_prompt = prompt_path.read_text(encoding="utf-8").strip()
+    seeds = _resume_seeds(Path(args.resume_from), output, jobs) if args.resume_from else []
+    if args.resume_from is None and output.exists():
+        raise FileExistsError(f"{output} exists; pass --resume_from {output} to continue it")
     create_kwargs: dict[str, Any] = {}
     if args.temperature is not None:
         create_kwargs["temperature"] = args.temperature
     if args.max_tokens is not None:
         create_kwargs["max_tokens"] = args.max_tokens
 
-    def work(job: TurnJob, ctx: ItemContext) -> dict:
+    def work(job: TurnJob, ctx: ItemContext, client: Any) -> dict:
         messages = [
             {"role": "system", "content": system_prompt},
             {"role": "user", "content": user_message(job)},
         ]
         limit = revision_limit(job.answer, args.max_length_ratio, args.min_length_limit)
         return chat_request(
-            ctx,
-            runtime.client,
-            args.model_name,
-            messages,
-            lambda text: parse_revision(text, limit),
-            **create_kwargs,
+            ctx, client, args.model_name, messages, lambda text: parse_revision(text, limit), **create_kwargs
         )
 
-    try:
-        result = run_jobs(
-            jobs,
-            work,
-            progress_path_for(output),
-            policy=runtime.policy,
-            concurrency=runtime.concurrency,
-            resume=args.resume_from is not None,
-            seed_entries=seeds,
-            retry_failed=not args.keep_failed,
-            desc="extend-captions",
-            show_progress=runtime.show_progress,
-        )
-    except FileExistsError as e:
-        print(f"extend-captions: {e}", file=sys.stderr)
-        return 2
-    except FatalApiError as e:
-        print(f"extend-captions: stopped: {e}; finished items are kept, rerun with --resume_from {output}", file=sys.stderr)
-        return 1
+    return JobPlan(
+        jobs=jobs,
+        progress_path=progress_path_for(output),
+        work=work,
+        finish=lambda result: _write_outputs(records, output, result),
+        resume=args.resume_from is not None,
+        retry_failed=not args.keep_failed,
+        rerun_hint=f"finished items are kept, rerun with --resume_from {output}",
+        seed_entries=seeds,
+    )
+
+
+def _write_outputs(records: Sequence[dict], output: Path, result: RunResult) -> int:
+    """Write the extended records and the failures, print the counts; 0 when every record was extended."""
     extended, failures, unfinished = assemble(records, result.entries)
     write_json_atomic(output, extended)
     write_jsonl_atomic(failures_path_for(output), failures)
     s = result.stats
     print(
-        f"extend-captions: {len(extended)}/{len(records)} records extended -> {output}; "
+        f"{COMMAND}: {len(extended)}/{len(records)} records extended -> {output}; "
         f"{len(failures)} failed -> {failures_path_for(output)}; {unfinished} unfinished; "
         f"{s.done} requests done now, {s.skipped} earlier, {s.retried} retries, {s.tokens} tokens"
     )
     return 0 if not failures and not unfinished else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`exgra-med extend-captions`: 0 when every record was extended, 1 when some failed, 2 on bad usage."""
+    return run_job_command(COMMAND, _parser(), argv, _plan)

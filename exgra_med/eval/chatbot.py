@@ -13,19 +13,21 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from exgra_med.api import InvalidReply, ItemContext, failures_path_for, progress_path_for
-from exgra_med.api.chat import chat_request
 from exgra_med.constants import DEFAULT_IMAGE_TOKEN
 from exgra_med.io import read_jsonl, write_json_atomic, write_jsonl_atomic
+from exgra_med.llm_client import InvalidReply, ItemContext, RunResult, failures_path_for, progress_path_for
+from exgra_med.llm_client.chat import chat_request
+from exgra_med.llm_client.job_cli import JobPlan, run_job_command
 
 logger = logging.getLogger(__name__)
 
+COMMAND = "chatbot-review"
+REVIEWS_FILE = "reviews.jsonl"
 DEFAULT_JUDGE = "openai/gpt-4o"
 JUDGE_SYSTEM = "You are a careful, impartial assistant who judges the quality of answers."
 JUDGE_INSTRUCTION = (
@@ -171,12 +173,9 @@ def format_summary(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`exgra-med chatbot-review`: 0 when every question was reviewed, 1 when some failed, 2 on bad usage."""
-    from exgra_med.api import FatalApiError, run_jobs
-    from exgra_med.api.cli_args import add_api_arguments, runtime_from_args
-
-    p = argparse.ArgumentParser(prog="exgra-med chatbot-review", description=__doc__.split("\n")[0])
+def _parser() -> argparse.ArgumentParser:
+    """The command's own flags; `run_job_command` adds the API ones."""
+    p = argparse.ArgumentParser(prog=f"exgra-med {COMMAND}", description=__doc__.split("\n")[0])
     p.add_argument("--question-file", required=True, help="questions (JSON lines, LLaVA-Med qa50 format)")
     p.add_argument("--answers", required=True, help="model answers (JSON lines: question_id, text)")
     p.add_argument(
@@ -190,24 +189,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--keep-failed", action="store_true", help="on resume, do not retry failed questions")
     p.add_argument("--temperature", type=float, default=0.2)
     p.add_argument("--max-tokens", type=int, default=1024)
-    add_api_arguments(p, default_concurrency=4)
-    args = p.parse_args(argv)
+    return p
 
+
+def _plan(args: argparse.Namespace) -> JobPlan[dict]:
+    """Read and join the inputs and describe the run; bad inputs raise (reported by `run_job_command`)."""
     question_file = Path(args.question_file)
     out = Path(args.out)
-    reviews_path = out / "reviews.jsonl"
-    try:
-        samples = build_samples(question_file, Path(args.answers), Path(args.reference or question_file))
-        runtime = runtime_from_args(args)
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"chatbot-review: {e}", file=sys.stderr)
-        return 2
+    samples = build_samples(question_file, Path(args.answers), Path(args.reference or question_file))
 
-    def work(sample: dict, ctx: ItemContext) -> dict[str, Any]:
+    def work(sample: dict, ctx: ItemContext, client: Any) -> dict[str, Any]:
         kwargs = {"temperature": args.temperature, "max_tokens": args.max_tokens}
         content_and_scores = chat_request(
             ctx,
-            runtime.client,
+            client,
             args.judge_model,
             judge_messages(sample),
             lambda text: (text, parse_scores(text)),
@@ -215,24 +210,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return {"content": content_and_scores[0], "tuple": content_and_scores[1]}
 
-    try:
-        result = run_jobs(
-            samples,
-            work,
-            progress_path_for(reviews_path),
-            policy=runtime.policy,
-            concurrency=runtime.concurrency,
-            resume=args.resume,
-            retry_failed=not args.keep_failed,
-            desc="chatbot-review",
-            show_progress=runtime.show_progress,
-        )
-    except FileExistsError as e:
-        print(f"chatbot-review: {e}", file=sys.stderr)
-        return 2
-    except FatalApiError as e:
-        print(f"chatbot-review: stopped: {e}; finished reviews are kept, rerun with --resume", file=sys.stderr)
-        return 1
+    return JobPlan(
+        jobs=samples,
+        progress_path=progress_path_for(out / REVIEWS_FILE),
+        work=work,
+        finish=lambda result: _write_outputs(samples, out, args.judge_model, result),
+        resume=args.resume,
+        retry_failed=not args.keep_failed,
+        rerun_hint="finished reviews are kept, rerun with --resume",
+    )
+
+
+def _write_outputs(samples: dict[str, dict], out: Path, judge_model: str, result: RunResult) -> int:
+    """Write the reviews, failures and summary, print the table; 0 when every question was reviewed."""
+    reviews_path = out / REVIEWS_FILE
     reviews, failures = [], []
     for qid, sample in samples.items():
         entry = result.entries.get(qid)
@@ -244,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "question_id": sample["question_id"],
                     "category": sample["category"],
                     "domain": sample["domain"],
-                    "judge_model": args.judge_model,
+                    "judge_model": judge_model,
                     **entry["value"],
                 }
             )
@@ -258,15 +249,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_json_atomic(
         out / "summary.json",
         {
-            "judge_model": args.judge_model,
+            "judge_model": judge_model,
             "reviewed": len(reviews),
             "failed": len(failures),
             "scores": summary,
         },
     )
-    print(format_summary(summary) if reviews else "chatbot-review: no reviews")
+    print(format_summary(summary) if reviews else f"{COMMAND}: no reviews")
     print(
-        f"chatbot-review: {len(reviews)}/{len(samples)} reviewed -> {reviews_path}; {len(failures)} failed; "
+        f"{COMMAND}: {len(reviews)}/{len(samples)} reviewed -> {reviews_path}; {len(failures)} failed; "
         f"{result.stats.retried} retries, {result.stats.tokens} tokens"
     )
     return 0 if len(reviews) == len(samples) else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`exgra-med chatbot-review`: 0 when every question was reviewed, 1 when some failed, 2 on bad usage."""
+    return run_job_command(COMMAND, _parser(), argv, _plan, default_concurrency=4)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 _spec = importlib.util.spec_from_file_location(
-    "fake_openai", Path(__file__).parents[1] / "api" / "fake_openai.py"
+    "fake_openai", Path(__file__).parents[1] / "llm_client" / "fake_openai.py"
 )
 fake_openai = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fake_openai)

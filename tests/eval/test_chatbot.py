@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from exgra_med.api import InvalidReply
+from exgra_med.llm_client import InvalidReply
 from exgra_med.eval.chatbot import judge_messages, main, parse_scores, summarize
 
 _spec = importlib.util.spec_from_file_location(
-    "fake_openai", Path(__file__).parents[1] / "api" / "fake_openai.py"
+    "fake_openai", Path(__file__).parents[1] / "llm_client" / "fake_openai.py"
 )
 fake_openai = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fake_openai)

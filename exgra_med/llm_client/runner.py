@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from exgra_med.api.progress import ProgressLog
-from exgra_med.api.retry import (
+from exgra_med.llm_client.progress import ProgressLog
+from exgra_med.llm_client.retry import (
     ErrorKind,
     FatalApiError,
     RetryPolicy,

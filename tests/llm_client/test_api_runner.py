@@ -7,7 +7,7 @@ import threading
 import pytest
 from fake_openai import FakeOpenAI
 
-from exgra_med.api import (
+from exgra_med.llm_client import (
     ApiConfig,
     FatalApiError,
     InvalidReply,
@@ -17,7 +17,7 @@ from exgra_med.api import (
     make_client,
     run_jobs,
 )
-from exgra_med.api.chat import chat_request, parse_json_object
+from exgra_med.llm_client.chat import chat_request, parse_json_object
 
 FAST = RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.01)
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from exgra_med.api.progress import ProgressLog, failures_path_for, load_progress, progress_path_for
+from exgra_med.llm_client.progress import ProgressLog, failures_path_for, load_progress, progress_path_for
 
 
 def _entry(key: str, ok: bool = True) -> dict:

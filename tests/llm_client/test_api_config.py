@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from exgra_med.api.config import (
+from exgra_med.llm_client.config import (
     OPENAI_DEFAULT_ENDPOINT,
     OPENROUTER_DEFAULT_ENDPOINT,
     load_api_config,

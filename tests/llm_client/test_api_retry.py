@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from exgra_med.api.retry import ErrorKind, InvalidReply, RetryPolicy, classify, retry_after_seconds
+from exgra_med.llm_client.retry import ErrorKind, InvalidReply, RetryPolicy, classify, retry_after_seconds
 
 
 def test_backoff_doubles_with_jitter_and_is_capped() -> None:

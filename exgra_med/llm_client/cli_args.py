@@ -8,8 +8,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from exgra_med.api.config import load_api_config, make_client
-from exgra_med.api.retry import RetryPolicy
+from exgra_med.llm_client.config import load_api_config, make_client
+from exgra_med.llm_client.retry import RetryPolicy
 
 
 def add_api_arguments(parser: argparse.ArgumentParser, default_concurrency: int = 8) -> None:

@@ -7,8 +7,8 @@ import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from exgra_med.api.retry import InvalidReply
-from exgra_med.api.runner import ItemContext
+from exgra_med.llm_client.retry import InvalidReply
+from exgra_med.llm_client.runner import ItemContext
 
 T = TypeVar("T")
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```$", re.DOTALL)
