@@ -20,7 +20,7 @@ PYTEST := HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 LOCK_FLAGS := $(foreach e,$(subst $(comma), ,$(EXTRAS)),--extra $(e)) -c constraints.txt --universal --upgrade \
 	--custom-compile-command "make lock"
 
-.PHONY: setup demo test test-fast test-latest test-lowest lock bench clean-demo
+.PHONY: setup lint demo test test-fast test-latest test-lowest lock bench clean-demo
 
 setup: $(STAMP)
 
@@ -41,7 +41,10 @@ $(STAMP): pyproject.toml constraints.txt $(LOCK)
 demo: setup
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
 
-test: setup
+lint: setup
+	$(BIN)/ruff check exgra_med tests benchmarks
+
+test: setup lint
 	bash scripts/install_test_deps.sh
 	$(PYTEST)
 

@@ -45,10 +45,10 @@ NOTES = """## Reading these figures
 - DataLoader workers do not help on 2 cores: they compete with the training threads for the same cores.
 """
 
-GPU_NOTES = """- Model FLOPs count forward + backward of the LLM (6 N per token + causal attention), the frozen vision tower's
-  forward and the projector; gradient checkpointing's recomputation is not counted (MFU, not hardware utilisation).
-  Forward + backward only: a 7B model's AdamW states do not fit one 80 GB GPU (real runs shard them with ZeRO-3 /
-  FSDP), and the optimizer step is the same with and without alignment.
+GPU_NOTES = """- Model FLOPs count forward + backward of the LLM (6 N per token + causal attention), the frozen vision
+  tower's forward and the projector; gradient checkpointing's recomputation is not counted (MFU, not hardware
+  utilisation). Forward + backward only: a 7B model's AdamW states do not fit one 80 GB GPU (real runs shard them
+  with ZeRO-3 / FSDP), and the optimizer step is the same with and without alignment.
 - MFU target (>= 40%): met without gradient checkpointing (LM-only step); with checkpointing, which the reference
   recipe uses and which the ExGra-Med step needs on one 80 GB GPU (it runs out of memory without), the
   recomputation costs a quarter of the step and MFU stays near 35%.
@@ -69,7 +69,10 @@ GPU_NOTES = """- Model FLOPs count forward + backward of the LLM (6 N per token 
 """
 
 
-def gpu_section(folder: Path = Path(__file__).with_name("gpu")) -> str:
+GPU_RESULTS = Path(__file__).with_name("gpu")
+
+
+def gpu_section(folder: Path = GPU_RESULTS) -> str:
     """The GPU figures recorded by `python -m benchmarks.bench_gpu --out benchmarks/gpu/NAME.json` (newest runs)."""
     import json
 
@@ -81,21 +84,30 @@ def gpu_section(folder: Path = Path(__file__).with_name("gpu")) -> str:
     rows: list[dict] = []
     for f in files:
         rows += json.loads(f.read_text())
-    envs = {(r["device"], r["torch"], r["transformers"], round(r["matmul_bf16_tflops"])) for r in rows
-            if r["benchmark"] == "env"}
-    machines = "; ".join(f"{d}, torch {t}, transformers {v}, measured bf16 matmul {m} TFLOP/s" for d, t, v, m in sorted(envs))
-    return "\n".join([
-        "## GPU: 7B-shaped model, bf16 (`python -m benchmarks.bench_gpu`)",
-        "",
-        f"Recorded in {', '.join(f'`benchmarks/gpu/{f.name}`' for f in files)} ({machines}); MFU against the "
-        "989 TFLOP/s dense bf16 datasheet peak. LLaMA-7B text config (32 layers, hidden 4096) + CLIP ViT-L/14 at 224 px "
-        "(256 image tokens), random weights, batch 16, gradient checkpointing unless said otherwise; alignment texts "
-        "128 (response) + 256 (extended) tokens.",
-        "",
-        bench_gpu.to_markdown(rows),
-        "",
-        GPU_NOTES,
-    ])
+    envs = {
+        (r["device"], r["torch"], r["transformers"], round(r["matmul_bf16_tflops"]))
+        for r in rows
+        if r["benchmark"] == "env"
+    }
+    machines = "; ".join(
+        f"{d}, torch {t}, transformers {v}, measured bf16 matmul {m} TFLOP/s" for d, t, v, m in sorted(envs)
+    )
+    return "\n".join(
+        [
+            "## GPU: 7B-shaped model, bf16 (`python -m benchmarks.bench_gpu`)",
+            "",
+            f"Recorded in {', '.join(f'`benchmarks/gpu/{f.name}`' for f in files)} ({machines}); MFU against the "
+            "989 TFLOP/s dense bf16 datasheet peak. LLaMA-7B text config (32 layers, hidden 4096) + CLIP "
+            "ViT-L/14 at 224 px "
+            "(256 image tokens), random weights, batch 16, gradient checkpointing unless said otherwise; "
+            "alignment texts "
+            "128 (response) + 256 (extended) tokens.",
+            "",
+            bench_gpu.to_markdown(rows),
+            "",
+            GPU_NOTES,
+        ]
+    )
 
 
 def _machine() -> str:
@@ -108,8 +120,7 @@ def _machine() -> str:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return (f"{cpu}, {os.cpu_count()} cores, GPU: {gpu}; Python {platform.python_version()}, "
-            f"torch {torch.__version__}")
+    return f"{cpu}, {os.cpu_count()} cores, GPU: {gpu}; Python {platform.python_version()}, torch {torch.__version__}"
 
 
 def _verdict(ok: bool) -> str:
@@ -128,50 +139,54 @@ def report(quick: bool) -> str:
     step = step_rows[0]
     speedup = gen_rows[-1]["speedup"]
     cmd = "python -m benchmarks" + (" --quick" if quick else "")
-    return "\n".join([
-        "# Benchmark results",
-        "",
-        f"Written by `{cmd}` (or `make bench`) on {started}.",
-        f"Machine: {_machine()}.",
-        "Every figure is a median over repeats with `torch.set_num_threads` pinned; compare ratios across machines.",
-        "",
-        "## Targets",
-        "",
-        "| benchmark | target | measured | verdict |",
-        "|---|---|---|---|",
-        f"| alignment forward+backward, B = 16 (1 thread) | <= {ALIGN_TARGET_MS:.0f} ms | {b16['ms_median']:.1f} ms | "
-        f"{_verdict(b16['ms_median'] <= ALIGN_TARGET_MS)} |",
-        f"| stage-2 step with / without alignment ({step['config']} config; model FLOPs ratio "
-        f"{step['flops_ratio']:.2f}) | <= {STEP_TARGET_RATIO} | {step['ratio']:.2f} | "
-        f"{_verdict(step['ratio'] <= STEP_TARGET_RATIO)} |",
-        f"| answer generation, batch 16 over batch 1 | >= {GENERATE_TARGET_SPEEDUP:.0f}x | {speedup:.1f}x | "
-        f"{_verdict(speedup >= GENERATE_TARGET_SPEEDUP)} |",
-        "",
-        "## Alignment loss and solver (`python -m benchmarks.bench_align`)",
-        "",
-        bench_align._table(align_rows),
-        "",
-        "## Stage-2 training step (`python -m benchmarks.bench_step`)",
-        "",
-        bench_step.to_markdown(step_rows),
-        "",
-        "## Answer generation (`python -m benchmarks.bench_generate`)",
-        "",
-        bench_generate.markdown(gen_rows),
-        "",
-        "## Memory: peak RSS increase during two stage-2 steps, model already loaded (CPU)",
-        "",
-        "| LM only (MiB) | ExGra-Med (MiB) | ratio |",
-        "|---:|---:|---:|",
-        f"| {memory['rss_mib_lm_only']:.0f} | {memory['rss_mib_exgra_med']:.0f} | {memory['rss_ratio']:.2f} |",
-        "",
-        "## Data loading (`python -m benchmarks.bench_data`)",
-        "",
-        bench_data.markdown(data_rows),
-        "",
-        NOTES,
-        gpu_section(),
-    ])
+    return "\n".join(
+        [
+            "# Benchmark results",
+            "",
+            f"Written by `{cmd}` (or `make bench`) on {started}.",
+            f"Machine: {_machine()}.",
+            "Every figure is a median over repeats with `torch.set_num_threads` pinned; compare ratios "
+            "across machines.",
+            "",
+            "## Targets",
+            "",
+            "| benchmark | target | measured | verdict |",
+            "|---|---|---|---|",
+            f"| alignment forward+backward, B = 16 (1 thread) | <= {ALIGN_TARGET_MS:.0f} ms | "
+            f"{b16['ms_median']:.1f} ms | "
+            f"{_verdict(b16['ms_median'] <= ALIGN_TARGET_MS)} |",
+            f"| stage-2 step with / without alignment ({step['config']} config; model FLOPs ratio "
+            f"{step['flops_ratio']:.2f}) | <= {STEP_TARGET_RATIO} | {step['ratio']:.2f} | "
+            f"{_verdict(step['ratio'] <= STEP_TARGET_RATIO)} |",
+            f"| answer generation, batch 16 over batch 1 | >= {GENERATE_TARGET_SPEEDUP:.0f}x | {speedup:.1f}x | "
+            f"{_verdict(speedup >= GENERATE_TARGET_SPEEDUP)} |",
+            "",
+            "## Alignment loss and solver (`python -m benchmarks.bench_align`)",
+            "",
+            bench_align._table(align_rows),
+            "",
+            "## Stage-2 training step (`python -m benchmarks.bench_step`)",
+            "",
+            bench_step.to_markdown(step_rows),
+            "",
+            "## Answer generation (`python -m benchmarks.bench_generate`)",
+            "",
+            bench_generate.markdown(gen_rows),
+            "",
+            "## Memory: peak RSS increase during two stage-2 steps, model already loaded (CPU)",
+            "",
+            "| LM only (MiB) | ExGra-Med (MiB) | ratio |",
+            "|---:|---:|---:|",
+            f"| {memory['rss_mib_lm_only']:.0f} | {memory['rss_mib_exgra_med']:.0f} | {memory['rss_ratio']:.2f} |",
+            "",
+            "## Data loading (`python -m benchmarks.bench_data`)",
+            "",
+            bench_data.markdown(data_rows),
+            "",
+            NOTES,
+            gpu_section(),
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

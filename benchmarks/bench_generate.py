@@ -68,8 +68,10 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| batch | questions | new tokens | threads | median s | questions/s | speedup | same answers |",
              "|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['batch_size']} | {r['questions']} | {r['max_new_tokens']} | {r['threads']} | "
-                     f"{r['seconds']:.2f} | {r['questions_per_s']:.1f} | {r['speedup']:.1f}x | {r['same_answers_as_batch_1']} |")
+        lines.append(
+            f"| {r['batch_size']} | {r['questions']} | {r['max_new_tokens']} | {r['threads']} | "
+            f"{r['seconds']:.2f} | {r['questions_per_s']:.1f} | {r['speedup']:.1f}x | {r['same_answers_as_batch_1']} |"
+        )
     return "\n".join(lines)
 
 
@@ -80,5 +82,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     result = run(quick=args.quick, threads=args.threads)
     print(markdown(result))
-    print(f"\ntarget: batch 16 >= {TARGET_SPEEDUP:.0f}x batch 1 -> "
-          f"{'met' if result[-1]['speedup'] >= TARGET_SPEEDUP else 'NOT met'}")
+    print(
+        f"\ntarget: batch 16 >= {TARGET_SPEEDUP:.0f}x batch 1 -> "
+        f"{'met' if result[-1]['speedup'] >= TARGET_SPEEDUP else 'NOT met'}"
+    )

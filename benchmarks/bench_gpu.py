@@ -390,31 +390,51 @@ def to_markdown(rows: list[dict]) -> str:
             if "error" in r:
                 out.append(f"| {r['arrangement']} | {r['attention']} | - | - | - | - | - | {r['error']} |")
                 continue
-            out.append(f"| {r['arrangement']} | {r['attention']} | {r['batch']} x {r['seq_len']} | {r['seconds']:.3f} | "
-                       f"{r['tokens_per_s']:.0f} | {r['model_tflops']:.0f} | {100 * r['mfu']:.1f}% | "
-                       f"{r['peak_alloc_gib']:.1f} |")
+            out.append(
+                f"| {r['arrangement']} | {r['attention']} | {r['batch']} x {r['seq_len']} | {r['seconds']:.3f} | "
+                f"{r['tokens_per_s']:.0f} | {r['model_tflops']:.0f} | {100 * r['mfu']:.1f}% | "
+                f"{r['peak_alloc_gib']:.1f} |"
+            )
         base = {r["attention"]: r["seconds"] for r in steps if r.get("arrangement") == "lm_only" and "error" not in r}
         # ratios pair each arrangement with the LM-only step of the same attention and checkpointing
-        ratios = [(r["arrangement"], r["attention"], r["seconds"] / base[r["attention"]]) for r in steps
-                  if r.get("arrangement") != "lm_only" and "error" not in r and r["attention"] in base]
+        ratios = [
+            (r["arrangement"], r["attention"], r["seconds"] / base[r["attention"]])
+            for r in steps
+            if r.get("arrangement") != "lm_only" and "error" not in r and r["attention"] in base
+        ]
         if ratios:
             out += ["", "| arrangement | attention | step time over LM only |", "|---|---|---:|"]
             out += [f"| {a} | {b} | {c:.2f} |" for a, b, c in ratios]
-    out += _table(rows, "gpu_sweep",
-                  "| seq len | response + extended tokens | model FLOPs ratio | ExGra-Med ratio | reference arrangement ratio |",
-                  "|---:|---:|---:|---:|---:|",
-                  lambda r: f"| {r['seq_len']} | {r['response_len']} + {r['extended_len']} | {r['flops_ratio']:.2f} | "
-                            f"{r['exgra_med_ratio']:.2f} | {r['reference_arrangement_ratio']:.2f} |")
-    out += _table(rows, "gpu_generate",
-                  "| batch | prompts | new tokens | seconds | tokens/s | speedup | same tokens |",
-                  "|---:|---:|---:|---:|---:|---:|---:|",
-                  lambda r: f"| {r['batch_size']} | {r['prompts']} | {r['new_tokens']} | {r['seconds']:.2f} | "
-                            f"{r['tokens_per_s']:.0f} | {r['speedup']:.1f}x | {100 * r['same_tokens_fraction']:.0f}% |")
-    out += _table(rows, "gpu_align",
-                  "| B | D | solver on | median ms | min ms | host syncs per step | of which in the solver |",
-                  "|---:|---:|---|---:|---:|---:|---:|",
-                  lambda r: f"| {r['B']} | {r['D']} | {r['solver_on']} | {r['ms_median']:.1f} | {r['ms_min']:.1f} | "
-                            f"{r['syncs_total']} | {r['syncs_in_solver']} |")
+    out += _table(
+        rows,
+        "gpu_sweep",
+        "| seq len | response + extended tokens | model FLOPs ratio | ExGra-Med ratio | reference arrangement ratio |",
+        "|---:|---:|---:|---:|---:|",
+        lambda r: (
+            f"| {r['seq_len']} | {r['response_len']} + {r['extended_len']} | {r['flops_ratio']:.2f} | "
+            f"{r['exgra_med_ratio']:.2f} | {r['reference_arrangement_ratio']:.2f} |"
+        ),
+    )
+    out += _table(
+        rows,
+        "gpu_generate",
+        "| batch | prompts | new tokens | seconds | tokens/s | speedup | same tokens |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        lambda r: (
+            f"| {r['batch_size']} | {r['prompts']} | {r['new_tokens']} | {r['seconds']:.2f} | "
+            f"{r['tokens_per_s']:.0f} | {r['speedup']:.1f}x | {100 * r['same_tokens_fraction']:.0f}% |"
+        ),
+    )
+    out += _table(
+        rows,
+        "gpu_align",
+        "| B | D | solver on | median ms | min ms | host syncs per step | of which in the solver |",
+        "|---:|---:|---|---:|---:|---:|---:|",
+        lambda r: (
+            f"| {r['B']} | {r['D']} | {r['solver_on']} | {r['ms_median']:.1f} | {r['ms_min']:.1f} | "
+            f"{r['syncs_total']} | {r['syncs_in_solver']} |"
+        ),
+    )
     return "\n".join(out)
 
 
@@ -422,10 +442,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model, few repeats (checks the script)")
     parser.add_argument("--out", help="write all rows as JSON here")
-    parser.add_argument("--only", default="align,steps,sweep",
-                        help="comma-separated parts: align, steps (with generation), sweep (default: all)")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                        help="cpu: run the code paths with --quick to check the script (no figures)")
+    parser.add_argument(
+        "--only",
+        default="align,steps,sweep",
+        help="comma-separated parts: align, steps (with generation), sweep (default: all)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="cpu: run the code paths with --quick to check the script (no figures)",
+    )
     args = parser.parse_args(argv)
     global DEVICE
     DEVICE = args.device
@@ -435,9 +462,13 @@ def main(argv=None) -> int:
         parser.error("no CUDA device: these benchmarks need a GPU (the CPU ones are `python -m benchmarks`)")
     torch.backends.cuda.matmul.allow_tf32 = True
     repeats = 2 if args.quick else 5
-    env = {"benchmark": "env", "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
-           "torch": torch.__version__, "cuda": torch.version.cuda,
-           "matmul_bf16_tflops": matmul_ceiling() / 1e12 if DEVICE == "cuda" else float("nan")}
+    env = {
+        "benchmark": "env",
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "matmul_bf16_tflops": matmul_ceiling() / 1e12 if DEVICE == "cuda" else float("nan"),
+    }
     import transformers
 
     env["transformers"] = transformers.__version__
@@ -453,8 +484,10 @@ def main(argv=None) -> int:
         rows += run_steps(args.quick, repeats, parts)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
-    print(f"\n{env['device']}, torch {env['torch']}, transformers {env['transformers']}; "
-          f"bf16 matmul {env['matmul_bf16_tflops']:.0f} TFLOP/s measured, MFU against {env['peak_tflops']:.0f}")
+    print(
+        f"\n{env['device']}, torch {env['torch']}, transformers {env['transformers']}; "
+        f"bf16 matmul {env['matmul_bf16_tflops']:.0f} TFLOP/s measured, MFU against {env['peak_tflops']:.0f}"
+    )
     print(to_markdown(rows))
     return 0
 

@@ -34,7 +34,9 @@ def _batch(model, batch_size: int, text_len: int, response_len: int, extended_le
     low = 10  # ids below 10 are special tokens in the tiny tokenizer
     text = torch.randint(low, vocab, (batch_size, text_len), generator=g)
     # Random text must not hold the image tokens.
-    special = torch.tensor([i for i in (cfg.image_token_id, cfg.im_start_token_id, cfg.im_end_token_id) if i is not None])
+    special = torch.tensor(
+        [i for i in (cfg.image_token_id, cfg.im_start_token_id, cfg.im_end_token_id) if i is not None]
+    )
     plain = next(i for i in range(low, vocab) if i not in special.tolist())
     text[torch.isin(text, special)] = plain
     image = torch.full((batch_size, n_img), cfg.image_token_id)
@@ -58,8 +60,11 @@ def _batch(model, batch_size: int, text_len: int, response_len: int, extended_le
 
 def _reference_arrangement(model, batch: dict) -> torch.Tensor:
     """The reference's order of work: LM pass, then one LLM pass per alignment text."""
-    out = model.language_model(inputs_embeds=model.merge_image_features(batch["input_ids"], batch["pixel_values"])[0],
-                               attention_mask=batch["attention_mask"], labels=batch["labels"])
+    out = model.language_model(
+        inputs_embeds=model.merge_image_features(batch["input_ids"], batch["pixel_values"])[0],
+        attention_mask=batch["attention_mask"],
+        labels=batch["labels"],
+    )
     image = model.get_image_features(batch["pixel_values"]).mean(1)
     response = pool_tokens(model.encode_texts(batch["response_ids"], batch["response_mask"]))
     extended = pool_tokens(model.encode_texts(batch["extended_ids"], batch["extended_mask"]))
@@ -157,8 +162,16 @@ def run(quick: bool = False, threads: int = 2) -> list[dict]:
     def full_step(m, b):
         return m(**b).loss
 
-    times = _interleaved(model, batch, {"lm_only": (None, full_step), "exgra_med": (alignment, full_step),
-                                        "reference": (alignment, _reference_arrangement)}, repeats)
+    times = _interleaved(
+        model,
+        batch,
+        {
+            "lm_only": (None, full_step),
+            "exgra_med": (alignment, full_step),
+            "reference": (alignment, _reference_arrangement),
+        },
+        repeats,
+    )
     model.alignment = alignment
 
     def ratio(name: str) -> float:
@@ -169,22 +182,34 @@ def run(quick: bool = False, threads: int = 2) -> list[dict]:
     flops_ratio = step_flops(model, batch, True) / step_flops(model, batch, False)
     tokens = batch["input_ids"].shape[1]
     return [
-        {"config": "quick" if quick else "small", "batch": 16, "seq_len": tokens, "flops_ratio": flops_ratio,
-         "image_tokens": model.num_image_tokens, "threads": threads, "rounds": repeats,
-         "step_s_lm_only": statistics.median(times["lm_only"]),
-         "step_s_exgra_med": statistics.median(times["exgra_med"]),
-         "step_s_reference_arrangement": statistics.median(times["reference"]),
-         "ratio": ratio("exgra_med"), "ratio_reference_arrangement": ratio("reference"),
-         "ratio_min_max": (min(t / b for t, b in zip(times["exgra_med"], times["lm_only"])),
-                           max(t / b for t, b in zip(times["exgra_med"], times["lm_only"])))},
+        {
+            "config": "quick" if quick else "small",
+            "batch": 16,
+            "seq_len": tokens,
+            "flops_ratio": flops_ratio,
+            "image_tokens": model.num_image_tokens,
+            "threads": threads,
+            "rounds": repeats,
+            "step_s_lm_only": statistics.median(times["lm_only"]),
+            "step_s_exgra_med": statistics.median(times["exgra_med"]),
+            "step_s_reference_arrangement": statistics.median(times["reference"]),
+            "ratio": ratio("exgra_med"),
+            "ratio_reference_arrangement": ratio("reference"),
+            "ratio_min_max": (
+                min(t / b for t, b in zip(times["exgra_med"], times["lm_only"])),
+                max(t / b for t, b in zip(times["exgra_med"], times["lm_only"])),
+            ),
+        },
     ]
 
 
 def to_markdown(rows: list[dict]) -> str:
     """A markdown table of `run()`'s rows."""
-    lines = ["| config | batch | seq len | image tokens | LM only (s) | ExGra-Med (s) | ratio (range over rounds) | "
-             "model FLOPs ratio | reference arrangement (s) | ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| config | batch | seq len | image tokens | LM only (s) | ExGra-Med (s) | ratio (range over rounds) | "
+        "model FLOPs ratio | reference arrangement (s) | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lo, hi = r["ratio_min_max"]
         lines.append(

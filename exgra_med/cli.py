@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 # command -> ("module:function", one-line help). Add a line here when a command lands.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -19,7 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate-vqa": ("exgra_med.eval.generate:main", "batched, resumable VQA answer generation (one chunk)"),
     "generate-vqa-multi": ("exgra_med.eval.launch:main", "VQA answers: chunks over the visible GPUs, then merged"),
     "zero-shot": ("exgra_med.eval.zero_shot:main", "OmniMedVQA zero-shot multiple-choice accuracy"),
-    "vqa-baselines": ("exgra_med.eval.baselines:main", "model vs majority / question-prior baselines on a VQA test set"),
+    "vqa-baselines": (
+        "exgra_med.eval.baselines:main",
+        "model vs majority / question-prior baselines on a VQA test set",
+    ),
     "plot": ("exgra_med.eval.plots:main", "loss curves of a run / data-efficiency figure"),
     "train": ("exgra_med.train.main:main", "stage-1 / stage-2 pre-training and VQA fine-tuning"),
     "extend-captions": ("exgra_med.data.extend:main", "LLM-written extended captions (resumable, fault tolerant)"),

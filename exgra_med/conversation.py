@@ -17,8 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-HUMAN = "human"
-GPT = "gpt"
+from exgra_med.constants import GPT, HUMAN
 
 LLAVA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -74,10 +73,6 @@ class ConversationTemplate:
         if self.roles[1] and text.startswith(prefix):
             text = text[len(prefix) :].strip()
         return text
-
-    def role_name(self, role: str) -> str:
-        """Display name of a "human"/"gpt" role in this template."""
-        return self.roles[0] if _check_role(role) == HUMAN else self.roles[1]
 
 
 def _check_role(role: str) -> str:

@@ -1,22 +1,34 @@
-"""The ExGra-Med alignment objective, independent of LLaVA: graphs, QAP solver, black-box gradient, losses."""
+"""The ExGra-Med alignment objective, independent of LLaVA: graphs, QAP solver, black-box gradient, losses.
 
-from exgra_med.align.blackbox import BlackBoxQAP, blackbox_qap
-from exgra_med.align.contrastive import ContrastiveAlignmentLoss
-from exgra_med.align.graphs import GraphEncoder, edge_features, knn_graph
-from exgra_med.align.loss import AlignmentOutput, MultiGraphAlignmentLoss, pool_tokens
-from exgra_med.align.qap import paid_edge_pairs, qap_objective, solve_partial_qap
+Names are imported on first use, so that reading the options (`exgra_med.align.config`) does not load
+torch_geometric and the solver.
+"""
 
-__all__ = [
-    "AlignmentOutput",
-    "BlackBoxQAP",
-    "ContrastiveAlignmentLoss",
-    "GraphEncoder",
-    "MultiGraphAlignmentLoss",
-    "blackbox_qap",
-    "edge_features",
-    "knn_graph",
-    "paid_edge_pairs",
-    "pool_tokens",
-    "qap_objective",
-    "solve_partial_qap",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "AlignmentConfig": "config",
+    "build_alignment_loss": "config",
+    "AlignmentOutput": "loss",
+    "MultiGraphAlignmentLoss": "loss",
+    "pool_tokens": "loss",
+    "BlackBoxQAP": "blackbox",
+    "blackbox_qap": "blackbox",
+    "ContrastiveAlignmentLoss": "contrastive",
+    "GraphEncoder": "graphs",
+    "edge_features": "graphs",
+    "knn_graph": "graphs",
+    "paid_edge_pairs": "qap",
+    "qap_objective": "qap",
+    "solve_partial_qap": "qap",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

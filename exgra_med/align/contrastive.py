@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from exgra_med.align.config import CONTRASTIVE_LOSS_TYPES, SIMILARITY_TYPES, AlignmentConfig
 from exgra_med.align.loss import AlignmentOutput
 
 __all__ = ["ContrastiveAlignmentLoss", "sinkhorn_plan"]
 
-LOSS_TYPES = ("infonce", "siglip")
-SIMI_TYPES = ("average", "OT")
+_DEFAULTS = AlignmentConfig()  # the one declaration of every option's default
 
 
 def sinkhorn_plan(kernel: torch.Tensor, row_mass: torch.Tensor, col_mass: torch.Tensor, max_iter: int = 500,
@@ -51,13 +51,14 @@ class ContrastiveAlignmentLoss(nn.Module):
     (SigLIP paper); both are learnable.
     """
 
-    def __init__(self, dim: int, loss_type: str = "infonce", simi_type: str = "average", ot_eps: float = 0.1,
-                 ot_max_iter: int = 500) -> None:
+    def __init__(self, dim: int, loss_type: str = _DEFAULTS.contrastive_loss_type,
+                 simi_type: str = _DEFAULTS.simi_type, ot_eps: float = _DEFAULTS.ot_eps,
+                 ot_max_iter: int = _DEFAULTS.ot_max_iter) -> None:
         super().__init__()
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-        if simi_type not in SIMI_TYPES:
-            raise ValueError(f"simi_type must be one of {SIMI_TYPES}, got {simi_type!r}")
+        if loss_type not in CONTRASTIVE_LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {CONTRASTIVE_LOSS_TYPES}, got {loss_type!r}")
+        if simi_type not in SIMILARITY_TYPES:
+            raise ValueError(f"simi_type must be one of {SIMILARITY_TYPES}, got {simi_type!r}")
         self.dim, self.loss_type, self.simi_type = dim, loss_type, simi_type
         self.ot_eps, self.ot_max_iter = ot_eps, ot_max_iter
         self.logit_scale = nn.Parameter(torch.empty(()))
@@ -106,4 +107,5 @@ class ContrastiveAlignmentLoss(nn.Module):
         else:
             labels = 2 * torch.eye(bsz, device=logits.device) - 1
             loss = -F.logsigmoid(labels * (logits + self.bias)).sum() / bsz
-        return AlignmentOutput(loss=loss, parts={"contrastive": loss, "logit_scale": self.logit_scale.exp()})
+        # One part: the loss between the image and the response-text modality (the only pair it aligns).
+        return AlignmentOutput(loss=loss, parts={"image_response": loss})

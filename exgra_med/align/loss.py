@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from exgra_med.align.blackbox import blackbox_qap
+from exgra_med.align.config import AlignmentConfig
 from exgra_med.align.graphs import GraphEncoder, knn_graph
 
 __all__ = ["MODALITIES", "AlignmentOutput", "MultiGraphAlignmentLoss", "gumbel", "pool_tokens"]
@@ -32,6 +33,7 @@ __all__ = ["MODALITIES", "AlignmentOutput", "MultiGraphAlignmentLoss", "gumbel",
 logger = logging.getLogger(__name__)
 
 MODALITIES = ("image", "response", "extended")
+_DEFAULTS = AlignmentConfig()  # the one declaration of every option's default
 
 
 @dataclass
@@ -82,12 +84,19 @@ class MultiGraphAlignmentLoss(nn.Module):
     scale_invariant_grad: choose lambda per problem as ``relative_lambda * (cost range) / max|upstream
     grad|`` (see ``exgra_med.align.blackbox``) so the gradient no longer saturates at lambda = 80 and scales
     with alpha; relative_lambda: that fraction; solver_kwargs: passed to ``solve_partial_qap``.
+    The options are declared, with their defaults, in ``exgra_med.align.config.AlignmentConfig``.
+
+    Batches of fewer than 2 samples (after the global gather, when on) have no graph to match: the loss and every
+    part are then an exact zero that stays in the autograd graph (connected to the inputs and the GNN, so DDP and
+    ZeRO see every parameter used; all gradients are zeros). The decision reads the batch shape only, a Python int,
+    so it never waits on the device; a warning is logged the first time it happens.
     """
 
-    def __init__(self, dim: int, k: int = 5, lambda_val: float = 80.0, noise_scale: float = 0.05,
-                 dropout: float = 0.1, seed: int = 0, global_batch: bool = False,
-                 scale_invariant_grad: bool = False, relative_lambda: float = 0.5,
-                 solver_kwargs: dict | None = None) -> None:
+    def __init__(self, dim: int, k: int = _DEFAULTS.k, lambda_val: float = _DEFAULTS.lambda_val,
+                 noise_scale: float = _DEFAULTS.noise_scale, dropout: float = _DEFAULTS.dropout,
+                 seed: int = _DEFAULTS.seed, global_batch: bool = _DEFAULTS.global_batch,
+                 scale_invariant_grad: bool = _DEFAULTS.scale_invariant,
+                 relative_lambda: float = _DEFAULTS.relative_lambda, solver_kwargs: dict | None = None) -> None:
         super().__init__()
         if dim <= 0 or k <= 0:
             raise ValueError(f"dim and k must be positive, got dim={dim}, k={k}")
@@ -132,8 +141,9 @@ class MultiGraphAlignmentLoss(nn.Module):
 
         return torch.cat(all_gather(x.contiguous()), dim=0)  # (world * B, D), differentiable
 
-    def _zero(self, inputs: tuple[torch.Tensor, ...]) -> AlignmentOutput:
-        # Connected to every input and GNN parameter so DDP sees all parameters used.
+    def _connected_zero(self, inputs: tuple[torch.Tensor, ...]) -> AlignmentOutput:
+        """The loss of a batch too small to align: 0, connected to every input and GNN parameter (zero gradients)
+        so that DDP / ZeRO see all parameters used; built without reading any tensor value on the host."""
         total = sum(t.float().sum() for t in inputs) + sum(p.float().sum() for p in self.parameters())
         zero = 0.0 * total
         return AlignmentOutput(loss=zero, parts={m: zero for m in MODALITIES})
@@ -164,18 +174,22 @@ class MultiGraphAlignmentLoss(nn.Module):
         return unary, quadratic, edges
 
     def forward(self, image: torch.Tensor, response: torch.Tensor, extended: torch.Tensor) -> AlignmentOutput:
-        """Alignment loss of pooled nodes image, response, extended (B, D) each."""
+        """Alignment loss of pooled nodes image, response, extended (B, D) each; parts: per modality.
+
+        B < 2: an exact, graph-connected zero (see the class docstring), decided from the shape alone.
+        """
         for name, t in zip(MODALITIES, (image, response, extended)):
             if t.dim() != 2 or t.shape != image.shape or t.shape[1] != self.dim:
                 raise ValueError(f"{name} nodes must be (B, {self.dim}) like image {tuple(image.shape)}; "
                                  f"got {tuple(t.shape)}")
         nodes = [self._gather(t) for t in (image, response, extended)]
-        bsz = nodes[0].shape[0]
+        bsz = int(nodes[0].shape[0])  # from the shape: no device sync
         if bsz < 2:
             if not self._warned_single:
-                logger.warning("alignment loss needs at least 2 samples per batch; got %d, returning 0", bsz)
+                logger.warning("alignment loss needs at least 2 samples per batch; got %d, the alignment loss is 0 "
+                               "for such batches (gradients are zeros)", bsz)
                 self._warned_single = True
-            return self._zero((image, response, extended))
+            return self._connected_zero((image, response, extended))
         unary, quadratic, edges = self.build_problems(*nodes)
         x, _ = blackbox_qap(unary, quadratic, edges, edges, lambda_val=self.lambda_val,
                             scale_invariant=self.scale_invariant_grad, relative_lambda=self.relative_lambda,

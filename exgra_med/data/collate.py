@@ -41,7 +41,7 @@ class DataCollator:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None) -> None:
         if tokenizer.pad_token_id is None:
             raise ValueError(
-                "the tokenizer has no pad token; call exgra_med.model.tokenizer.ensure_pad_token first"
+                "the tokenizer has no pad token; call exgra_med.model.tokenizer.prepare_tokenizer first (training does)"
             )
         self.pad_token_id = int(tokenizer.pad_token_id)
         self.pad_to_multiple_of = pad_to_multiple_of

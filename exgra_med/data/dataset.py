@@ -27,6 +27,7 @@ from exgra_med.constants import (
     DEFAULT_IM_START_TOKEN,
     DEFAULT_IMAGE_PATCH_TOKEN,
     DEFAULT_IMAGE_TOKEN,
+    GPT,
     IGNORE_INDEX,
 )
 from exgra_med.conversation import Segment, get_template
@@ -53,7 +54,7 @@ def alignment_text(turns: Sequence[dict]) -> str:
     """METHOD section 3: all gpt values, newlines and image tokens removed, joined by ". "."""
     answers = []
     for turn in turns:
-        if turn["from"] != "gpt":
+        if turn["from"] != GPT:
             continue
         value = turn["value"].replace("\n", "")
         for token in _IMAGE_TOKENS:
@@ -124,7 +125,7 @@ class SupervisedDataset(Dataset):
         if patch_id is None or patch_id == tokenizer.unk_token_id:
             raise ValueError(
                 f"the tokenizer has no {DEFAULT_IMAGE_PATCH_TOKEN} token; call "
-                "exgra_med.model.tokenizer.add_image_tokens(tokenizer, mm_use_im_start_end) first"
+                "exgra_med.model.tokenizer.prepare_tokenizer(tokenizer, mm_use_im_start_end) first (training does)"
             )
         if num_image_tokens < 1:
             raise ValueError(f"num_image_tokens must be positive, got {num_image_tokens}")

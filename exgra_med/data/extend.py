@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from exgra_med.constants import DEFAULT_IMAGE_TOKEN
+from exgra_med.constants import DEFAULT_IMAGE_TOKEN, GPT, HUMAN
 from exgra_med.io import read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
 from exgra_med.llm_client import (
     InvalidReply,
@@ -47,7 +47,7 @@ def conversation_of(record: dict, source: str | Path) -> list[dict]:
     if not isinstance(conv, list) or not conv:
         raise ValueError(f"{source}: record {rid}: field 'conversations' must be a non-empty list")
     for i, turn in enumerate(conv):
-        if not isinstance(turn, dict) or turn.get("from") not in ("human", "gpt"):
+        if not isinstance(turn, dict) or turn.get("from") not in (HUMAN, GPT):
             raise ValueError(f"{source}: record {rid}: conversations[{i}].from must be 'human' or 'gpt'")
         if not isinstance(turn.get("value"), str):
             raise ValueError(f"{source}: record {rid}: conversations[{i}].value must be a string")

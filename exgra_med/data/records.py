@@ -13,10 +13,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from exgra_med.constants import DEFAULT_IMAGE_TOKEN
+from exgra_med.constants import DEFAULT_IMAGE_TOKEN, GPT, HUMAN
 from exgra_med.io import read_json, read_jsonl
 
-HUMAN, GPT = "human", "gpt"
 _MISSPELLED = {"conversatons": "conversations", "conversatons_long": "conversations_long"}
 
 

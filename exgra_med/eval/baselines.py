@@ -106,7 +106,8 @@ def format_comparison(rows: Mapping[str, Mapping[str, float]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`exgra-med vqa-baselines --train train.json --test test.json --candidate candidate.json [--pred answers.jsonl]`."""
+    """`exgra-med vqa-baselines --train train.json --test test.json --candidate candidate.json
+    [--pred answers.jsonl]`."""
     parser = argparse.ArgumentParser(prog="exgra-med vqa-baselines", description=__doc__.splitlines()[0])
     parser.add_argument("--train", required=True, help="training records (the answer statistics)")
     parser.add_argument("--test", required=True, help="test records (the questions scored)")
@@ -117,7 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     predictions = load_predictions(args.pred) if args.pred else None
     rows = compare(train, test, predictions, read_json(args.candidate))
     n_closed = sum(r.get("answer_type") == "CLOSED" for r in test)
-    print(f"{len(test)} test questions ({n_closed} closed, {len(test) - n_closed} open); "
-          "overall = mean of closed accuracy and open recall, in %")
+    print(
+        f"{len(test)} test questions ({n_closed} closed, {len(test) - n_closed} open); "
+        "overall = mean of closed accuracy and open recall, in %"
+    )
     print(format_comparison(rows))
     return 0

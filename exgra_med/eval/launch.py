@@ -78,7 +78,9 @@ def chunk_path(answers_file: str | os.PathLike, num_chunks: int, chunk_idx: int)
     return answers_file.parent / f"{answers_file.name}.chunks" / f"{num_chunks}_{chunk_idx}.jsonl"
 
 
-def merge_answers(question_file: str | os.PathLike, chunk_files: Sequence[str | os.PathLike], out: str | os.PathLike) -> int:
+def merge_answers(
+    question_file: str | os.PathLike, chunk_files: Sequence[str | os.PathLike], out: str | os.PathLike
+) -> int:
     """Write the answers of `chunk_files` to `out` in question order; returns the number of lines.
 
     Raises when a question has no answer, when a question id is answered twice, or when an answer
@@ -125,9 +127,20 @@ def chunk_commands(
     """One (extra environment, commands run one after the other) per worker: a GPU, or a chunk on CPU."""
 
     def command(i: int) -> list[str]:
-        return [sys.executable, "-m", "exgra_med.cli", "generate-vqa", *generate_args, "--quiet",
-                "--num-chunks", str(num_chunks), "--chunk-idx", str(i),
-                "--answers-file", str(chunk_path(answers_file, num_chunks, i))]
+        return [
+            sys.executable,
+            "-m",
+            "exgra_med.cli",
+            "generate-vqa",
+            *generate_args,
+            "--quiet",
+            "--num-chunks",
+            str(num_chunks),
+            "--chunk-idx",
+            str(i),
+            "--answers-file",
+            str(chunk_path(answers_file, num_chunks, i)),
+        ]
 
     if not gpus:
         threads = str(max(1, (os.cpu_count() or 1) // num_chunks))
@@ -159,7 +172,9 @@ def run_chunks(
 def main(argv: Sequence[str] | None = None) -> int:
     """`exgra-med generate-vqa-multi --num-chunks K --question-file F --answers-file F [generate-vqa flags]`."""
     parser = argparse.ArgumentParser(
-        prog="exgra-med generate-vqa-multi", description=__doc__.splitlines()[0], allow_abbrev=False,
+        prog="exgra-med generate-vqa-multi",
+        description=__doc__.splitlines()[0],
+        allow_abbrev=False,
         epilog="Every other flag is passed to `exgra-med generate-vqa` (--model, --image-folder, --batch-size, ...).",
     )
     parser.add_argument("--question-file", required=True)

@@ -14,7 +14,8 @@ import argparse
 import logging
 import warnings
 from collections import Counter
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from exgra_med.eval.glossary import normalize_word
 from exgra_med.io import read_json, read_jsonl, write_json_atomic

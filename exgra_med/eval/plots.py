@@ -16,8 +16,8 @@ import os
 import re
 import tempfile
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from exgra_med.io import read_json
 

@@ -84,7 +84,11 @@ def score_item(record: Mapping[str, Any], text: str | None) -> dict:
     options = options_of(record)
     index = map_to_option(text, options)
     option = None if index is None else options[index]
-    return {"model_pred": text, "pred_option": option, "is_correct": option is not None and option == record["gt_answer"]}
+    return {
+        "model_pred": text,
+        "pred_option": option,
+        "is_correct": option is not None and option == record["gt_answer"],
+    }
 
 
 def question_files(path: str | os.PathLike) -> tuple[Path, list[Path]]:
@@ -125,12 +129,26 @@ def evaluate_file(model, tokenizer, processor, path: Path, out_file: Path, args:
                 write([{**by_id[r["id"]], "question_id": r["id"], **score_item(by_id[r["id"]], t)} for r, t in batch])
 
             generate_answers(
-                model, tokenizer, processor, [to_vqa_record(r, qid) for qid, r in todo], args.batch_size,
-                args.conv_mode, args.max_new_tokens, image_folder=args.image_folder,
-                image_aspect_ratio=args.image_aspect_ratio, temperature=args.temperature, on_batch=on_batch,
-                errors=errors, progress=not args.quiet,
+                model,
+                tokenizer,
+                processor,
+                [to_vqa_record(r, qid) for qid, r in todo],
+                args.batch_size,
+                args.conv_mode,
+                args.max_new_tokens,
+                image_folder=args.image_folder,
+                image_aspect_ratio=args.image_aspect_ratio,
+                temperature=args.temperature,
+                on_batch=on_batch,
+                errors=errors,
+                progress=not args.quiet,
             )
-            write([{**by_id[q], "question_id": q, **score_item(by_id[q], None), "error": msg} for q, msg in errors.items()])
+            write(
+                [
+                    {**by_id[q], "question_id": q, **score_item(by_id[q], None), "error": msg}
+                    for q, msg in errors.items()
+                ]
+            )
     return summarize_file([done[q] for q in ids if q in done], len(ids))
 
 
@@ -138,8 +156,7 @@ def summarize_file(lines: Sequence[Mapping[str, Any]], total: int) -> dict:
     """Accuracy (percent of all `total` items; failed and missing items count as wrong) and the failures."""
     correct = sum(bool(line.get("is_correct")) for line in lines)
     failed = [{"question_id": line["question_id"], "error": line["error"]} for line in lines if line.get("error")]
-    return {"accuracy": 100.0 * correct / total if total else 0.0, "correct": correct, "total": total,
-            "failed": failed}
+    return {"accuracy": 100.0 * correct / total if total else 0.0, "correct": correct, "total": total, "failed": failed}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -156,7 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in files:
         rel = path.relative_to(root).as_posix()
         per_file[rel] = evaluate_file(model, tokenizer, processor, path, args.out / "predictions" / f"{rel}l", args)
-        logger.info("%s: %.2f%% (%d/%d)", rel, per_file[rel]["accuracy"], per_file[rel]["correct"], per_file[rel]["total"])
+        logger.info(
+            "%s: %.2f%% (%d/%d)", rel, per_file[rel]["accuracy"], per_file[rel]["correct"], per_file[rel]["total"]
+        )
     total = sum(s["total"] for s in per_file.values())
     correct = sum(s["correct"] for s in per_file.values())
     results = {
@@ -165,7 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "overall": {
             "accuracy": 100.0 * correct / total if total else 0.0,
             "macro_accuracy": sum(s["accuracy"] for s in per_file.values()) / len(per_file),
-            "correct": correct, "total": total, "failed": sum(len(s["failed"]) for s in per_file.values()),
+            "correct": correct,
+            "total": total,
+            "failed": sum(len(s["failed"]) for s in per_file.values()),
         },
     }
     write_json_atomic(args.out / "results.json", results)
@@ -173,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for rel, s in per_file.items():
         print(f"{rel.ljust(width)}  {s['accuracy']:6.2f}%  ({s['correct']}/{s['total']}, {len(s['failed'])} failed)")
     o = results["overall"]
-    print(f"{'overall'.ljust(width)}  {o['accuracy']:6.2f}%  ({correct}/{total}, {o['failed']} failed); "
-          f"macro {o['macro_accuracy']:.2f}%  -> {args.out / 'results.json'}")
+    print(
+        f"{'overall'.ljust(width)}  {o['accuracy']:6.2f}%  ({correct}/{total}, {o['failed']} failed); "
+        f"macro {o['macro_accuracy']:.2f}%  -> {args.out / 'results.json'}"
+    )
     return 0

@@ -68,7 +68,7 @@ class RetryPolicy:
             raise ValueError(f"delays must be >= 0, got base {self.base_delay}, max {self.max_delay}")
 
     @classmethod
-    def from_env(cls, **overrides: Any) -> "RetryPolicy":
+    def from_env(cls, **overrides: Any) -> RetryPolicy:
         """Defaults overridden by `EXGRA_MED_API_*` variables, then by non-None keyword overrides."""
         values: dict[str, Any] = {
             "max_attempts": int(_env_float("EXGRA_MED_API_MAX_ATTEMPTS", cls.max_attempts)),

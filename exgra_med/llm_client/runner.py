@@ -70,7 +70,7 @@ def _describe(exc: BaseException) -> str:
 class ItemContext:
     """Per-job handle given to `work`: makes requests with retries and accounts tokens."""
 
-    def __init__(self, key: str, shared: "_Shared") -> None:
+    def __init__(self, key: str, shared: _Shared) -> None:
         self.key = key
         self.attempts = 0
         self.retries = 0

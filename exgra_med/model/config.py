@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import re
+from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from exgra_med.align.config import LEGACY_KEYS, AlignmentConfig
+
+logger = logging.getLogger(__name__)
+
 PROJECTOR_TYPES = ("linear", "identity", "mlpNx_gelu")
 DENSE_CONNECTOR_TYPES = ("none", "sti", "sci", "dci")
 VISION_TOWER_TYPES = ("hf", "open_clip")
-CONTRASTIVE_LOSS_TYPES = ("infonce", "siglip")
-SIMILARITY_TYPES = ("average", "OT")
 
 
 def check_projector_type(name: str) -> None:
@@ -27,7 +31,9 @@ class ExGraMedConfig(PreTrainedConfig):
     `text_config` is any causal-LM config (LLaMA, Mistral, Qwen2, ...). `vision_config` is a plain dict: the
     `to_dict()` of an HF vision config (CLIP / SigLIP vision model) when `vision_tower_type="hf"`, or an open_clip
     `model_cfg` (with `vision_cfg`) when `vision_tower_type="open_clip"` (BiomedCLIP).
-    The `mm_*` names and the alignment flags keep the reference implementation's spelling.
+    The `mm_*` names keep the reference implementation's spelling. `alignment_config` holds every alignment option
+    (`exgra_med.align.AlignmentConfig`, a nested dict in config.json); config.json files written before it held the
+    options as flat keys (`contrastive`, `align_k`, ...), which are migrated into it on load.
     """
 
     model_type = "exgra_med"
@@ -48,26 +54,21 @@ class ExGraMedConfig(PreTrainedConfig):
     im_start_token_id: int | None = None
     im_end_token_id: int | None = None
     freeze_vision_tower: bool = True
-    # ExGra-Med alignment (METHOD section 4); all off means plain LLaVA-Med training.
-    contrastive: bool = False
-    multi_graph: bool = False
-    after_de: bool = False
-    alpha: float = 1.0
-    contrastive_loss_type: str = "infonce"
-    simi_type: str = "average"
-    align_k: int = 5
-    align_lambda: float = 80.0
-    align_noise_scale: float = 0.05
-    align_seed: int = 0
-    align_masked_mean: bool = False
-    align_global_batch: bool = False
-    align_scale_invariant: bool = False
+    # ExGra-Med alignment (METHOD section 4): an AlignmentConfig (a dict or None are converted on construction).
+    alignment_config: AlignmentConfig | dict | None = None
     # Set while the LLM carries LoRA adapters (a `--lora_enable` run's checkpoints), so that `merge-lora` knows the
     # scaling; None in plain (merged) checkpoints.
     lora_alpha: float | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        # Flat alignment keys: config.json files written before `alignment_config` existed, or old-style kwargs.
+        legacy = {key: kwargs.pop(key) for key in list(kwargs) if key in LEGACY_KEYS}
+        alignment = AlignmentConfig.coerce(self.alignment_config)
+        if legacy:
+            logger.info("migrating flat alignment keys %s into alignment_config", sorted(legacy))
+            alignment = alignment.replace(**legacy)
+        self.alignment_config = alignment
         super().__post_init__(**kwargs)
         if self.vision_config is None:
             self.vision_config = {"model_type": "clip_vision_model"}
@@ -80,12 +81,6 @@ class ExGraMedConfig(PreTrainedConfig):
             )
         if self.vision_tower_type not in VISION_TOWER_TYPES:
             raise ValueError(f"vision_tower_type must be one of {VISION_TOWER_TYPES}, got {self.vision_tower_type!r}")
-        if self.contrastive_loss_type not in CONTRASTIVE_LOSS_TYPES:
-            raise ValueError(
-                f"contrastive_loss_type must be one of {CONTRASTIVE_LOSS_TYPES}, got {self.contrastive_loss_type!r}"
-            )
-        if self.simi_type not in SIMILARITY_TYPES:
-            raise ValueError(f"simi_type must be one of {SIMILARITY_TYPES}, got {self.simi_type!r}")
         if self.num_l < 1:
             raise ValueError(f"num_l must be >= 1, got {self.num_l}")
 
@@ -94,7 +89,40 @@ class ExGraMedConfig(PreTrainedConfig):
         """The language model's hidden size (what DeepSpeed's `auto` bucket sizes read)."""
         return self.text_config.hidden_size
 
-    @property
-    def alignment_enabled(self) -> bool:
-        """True when stage-2 training adds an alignment loss to the LM loss."""
-        return bool(self.contrastive)
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs):
+        """Also takes alignment overrides (`load_pretrained(path, **overrides)` lands here): `alignment_config=` an
+        AlignmentConfig, which replaces the saved one, or a dict of changes to it; and flat keys (`contrastive=True`,
+        `align_k=3`, ...), changed one by one."""
+        replacement = kwargs.pop("alignment_config", None)
+        changes = {key: kwargs.pop(key) for key in list(kwargs) if key in LEGACY_KEYS}
+        result = super().from_dict(config_dict, **kwargs)
+        config = result[0] if isinstance(result, tuple) else result
+        if isinstance(replacement, AlignmentConfig):
+            config.alignment_config = replacement
+        elif replacement is not None:
+            changes = {**dict(replacement), **changes}
+        if changes:
+            config.alignment_config = config.alignment_config.replace(**changes)
+        return result
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serialisable dict; `alignment_config` as a nested dict (always written in full)."""
+        output = super().to_dict()
+        if isinstance(output.get("alignment_config"), AlignmentConfig):
+            output["alignment_config"] = output["alignment_config"].to_dict()
+        return output
+
+    # Compatibility with code written against the flat fields (`config.alpha`, `config.contrastive = True`): those
+    # names read and write `alignment_config`. New code uses `config.alignment_config.<field>`.
+    def __getattr__(self, name: str):
+        alignment = self.__dict__.get("alignment_config")
+        if name in LEGACY_KEYS and isinstance(alignment, AlignmentConfig):
+            return getattr(alignment, LEGACY_KEYS[name])
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, key, value):
+        alignment = self.__dict__.get("alignment_config")
+        if key in LEGACY_KEYS and isinstance(alignment, AlignmentConfig):
+            key, value = "alignment_config", alignment.replace(**{key: value})
+        super().__setattr__(key, value)

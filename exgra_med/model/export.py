@@ -1,8 +1,9 @@
-"""Export to transformers' native LLaVA format (served as-is by transformers, vLLM and SGLang)."""
+"""Export to transformers' native LLaVA format (served as-is by transformers, vLLM and SGLang).
+
+The weight mapping lives here; `exgra-med export-hf` (exgra_med.model.export_cli) writes the folder.
+"""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
@@ -69,12 +70,3 @@ def to_hf_llava(model: ExGraMedForConditionalGeneration) -> LlavaForConditionalG
     llava.load_state_dict(source, strict=True)
     return llava.eval()
 
-
-def export_hf_llava(model: ExGraMedForConditionalGeneration, tokenizer, image_processor, out_dir: str | Path) -> Path:
-    """Write `model` as a transformers LLaVA checkpoint (safetensors, tokenizer, image processor)."""
-    out = Path(out_dir)
-    llava = to_hf_llava(model)
-    llava.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    image_processor.save_pretrained(out)
-    return out

@@ -2,21 +2,20 @@
 
 Besides the weights (exgra_med.model.export) the export carries a `LlavaProcessor` (tokenizer + image
 processor + image token + chat template), so `AutoProcessor` and the serving engines take it as is.
-Also home of `staged_output_dir`, the atomic folder write used by every checkpoint-writing command.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from exgra_med.conversation import LLAVA_SYSTEM
+from exgra_med.model.checkpoint import check_output_dir, load_model, staged_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +24,7 @@ def llava_med_chat_template(image_text: str) -> str:
     """The LLaVA-Med '###' training format as a Jinja chat template; an image part becomes "\\n" + `image_text`
     (the processor then expands its image token to the model's number of image tokens)."""
     return (
-        "{{ 'A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-        "helpful, detailed, and polite answers to the human\\'s questions.\\n\\n' }}"
+        "{{ '" + LLAVA_SYSTEM.replace("'", "\\'") + "\\n\\n' }}"
         "{% for message in messages %}"
         "{% if message['role'] == 'user' %}{{ '### Human: ' }}{% else %}{{ '### Assistant: ' }}{% endif %}"
         "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
@@ -35,31 +33,6 @@ def llava_med_chat_template(image_text: str) -> str:
         "{{ '\\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '### Assistant:' }}{% endif %}"
     )
-
-
-def check_output_dir(out_dir: str | Path) -> None:
-    """Raise FileExistsError unless `out_dir` is absent or an empty folder (checked before any slow loading)."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out}: output folder exists and is not empty; choose another --out")
-
-
-@contextlib.contextmanager
-def staged_output_dir(out_dir: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder to write into; on success it replaces `out_dir` (which must be absent
-    or empty), on failure it is removed, so a crash never leaves a half-written checkpoint behind."""
-    out = Path(out_dir)
-    check_output_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def padding_image_processor(processor) -> object:
@@ -77,7 +50,7 @@ def export_hf(
     src: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None, vision_tower: str | None = None
 ) -> Path:
     """Load an ExGra-Med checkpoint (or a reference-layout folder + its vision tower) and write it as
-    transformers LLaVA.
+    transformers LLaVA, in `dtype` (default: the checkpoint's own).
 
     Raises ValueError (before writing anything) when the connector has no LLaVA counterpart.
     """
@@ -85,10 +58,9 @@ def export_hf(
 
     from exgra_med.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
     from exgra_med.model.export import check_exportable, to_hf_llava
-    from exgra_med.serve.loading import load_model
 
     check_output_dir(out_dir)
-    model, tokenizer, processor = load_model(str(src), vision_tower=vision_tower, dtype=dtype)
+    model, tokenizer, processor = load_model(src, vision_tower=vision_tower, dtype=dtype)
     check_exportable(model)
     llava = to_hf_llava(model)
     llava.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -118,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--in", dest="src", required=True, help="ExGra-Med checkpoint (or reference-layout) folder")
     p.add_argument("--out", required=True, help="output folder (transformers LlavaForConditionalGeneration)")
     p.add_argument("--vision-tower", default=None, help="vision tower folder (reference-layout input only)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None, help="weights dtype")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                   help="weights dtype (default: the checkpoint's own)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     dtype = getattr(torch, args.dtype) if args.dtype else None

@@ -1,8 +1,11 @@
-"""Building and loading models: from parts (LLM + vision tower folders), from ExGra-Med checkpoints, projectors."""
+"""Building models from parts (LLM + vision tower folders) and loading / saving stage-1 projectors.
+
+Loading a whole checkpoint (either layout) is `exgra_med.model.checkpoint.load_model`; `load_pretrained` is that
+function under the name training and evaluation import.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,9 +13,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from exgra_med.align.config import AlignmentConfig
 from exgra_med.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
+from exgra_med.model.checkpoint import is_exgra_med_checkpoint, read_weights, write_safetensors  # noqa: F401
+from exgra_med.model.checkpoint import load_model as load_pretrained  # noqa: F401 - the name train/eval import
 from exgra_med.model.config import ExGraMedConfig
 from exgra_med.model.modeling import ExGraMedForConditionalGeneration
+from exgra_med.model.tokenizer import prepare_tokenizer
 from exgra_med.model.vision import load_image_processor, load_vision_tower
 
 logger = logging.getLogger(__name__)
@@ -30,30 +37,8 @@ class ConnectorOptions:
     mm_vision_select_layer: int = -2
     mm_use_im_start_end: bool = True
     freeze_vision_tower: bool = True
-    alignment: dict = field(default_factory=dict)  # ExGraMedConfig alignment fields (contrastive, multi_graph, ...)
-
-
-def is_exgra_med_checkpoint(path: str | Path) -> bool:
-    """True when `path` holds a config.json of this project's model type."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return json.loads(cfg.read_text()).get("model_type") == ExGraMedConfig.model_type
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg}: invalid JSON: {e}") from e
-
-
-def add_special_tokens(tokenizer: PreTrainedTokenizerBase, mm_use_im_start_end: bool) -> int:
-    """Add the pad token (if missing) and the image tokens, as the reference does; returns how many were added."""
-    added = 0
-    if tokenizer.pad_token is None:
-        added += tokenizer.add_special_tokens({"pad_token": "[PAD]"})
-    tokens = [DEFAULT_IMAGE_PATCH_TOKEN]
-    if mm_use_im_start_end:
-        tokens += [DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN]
-    added += tokenizer.add_tokens(tokens, special_tokens=True)
-    return added
+    # The alignment objective: an AlignmentConfig, or a dict of its fields / legacy flat keys (contrastive, ...).
+    alignment: AlignmentConfig | dict = field(default_factory=AlignmentConfig)
 
 
 def build_from_parts(
@@ -73,7 +58,7 @@ def build_from_parts(
     tower, vision_config, tower_type = load_vision_tower(vision_tower_path, attn_implementation)
     if dtype is not None:
         tower.to(dtype)
-    if add_special_tokens(tokenizer, options.mm_use_im_start_end):
+    if prepare_tokenizer(tokenizer, options.mm_use_im_start_end):
         llm.resize_token_embeddings(len(tokenizer))
     if llm.config.pad_token_id is None:
         llm.config.pad_token_id = tokenizer.pad_token_id
@@ -88,36 +73,18 @@ def build_from_parts(
         num_l=options.num_l,
         mm_use_im_start_end=options.mm_use_im_start_end,
         image_token_id=tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_PATCH_TOKEN),
-        im_start_token_id=tokenizer.convert_tokens_to_ids(DEFAULT_IM_START_TOKEN) if options.mm_use_im_start_end else None,
+        im_start_token_id=tokenizer.convert_tokens_to_ids(DEFAULT_IM_START_TOKEN)
+        if options.mm_use_im_start_end
+        else None,
         im_end_token_id=tokenizer.convert_tokens_to_ids(DEFAULT_IM_END_TOKEN) if options.mm_use_im_start_end else None,
         freeze_vision_tower=options.freeze_vision_tower,
-        **options.alignment,
+        alignment_config=AlignmentConfig.coerce(options.alignment),
     )
     config._attn_implementation = attn_implementation
     model = ExGraMedForConditionalGeneration(config, language_model=llm, vision_tower=tower)
     if dtype is not None:
         model.to(dtype)  # the fresh projector and alignment GNN too
     return model, tokenizer, load_image_processor(vision_tower_path)
-
-
-def load_pretrained(
-    path: str,
-    dtype: torch.dtype | None = None,
-    attn_implementation: str = "sdpa",
-    device: str | torch.device | None = None,
-    **config_overrides,
-) -> tuple[ExGraMedForConditionalGeneration, PreTrainedTokenizerBase, object]:
-    """Load an ExGra-Med checkpoint folder: (model, tokenizer, image processor), model in eval mode."""
-    if not is_exgra_med_checkpoint(path):
-        raise ValueError(f"{path}: not an ExGra-Med checkpoint (config.json with model_type 'exgra_med' expected)")
-    model = ExGraMedForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation, **config_overrides
-    )
-    # dtype again: from_pretrained builds the vision tower from its own sub-config, whose saved dtype would win.
-    model.to(device=device, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
-    processor = load_image_processor(path)
-    return model.eval(), tokenizer, processor
 
 
 def load_projector(model: ExGraMedForConditionalGeneration, path: str | Path) -> None:
@@ -131,14 +98,9 @@ def load_projector(model: ExGraMedForConditionalGeneration, path: str | Path) ->
         if not found:
             raise FileNotFoundError(f"{path}: none of {PROJECTOR_FILES} found")
         path = found[0]
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_weights(path)
     marker = "mm_projector."
-    cleaned = {k[k.index(marker) + len(marker):]: v for k, v in state.items() if marker in k}
+    cleaned = {k[k.index(marker) + len(marker) :]: v for k, v in state.items() if marker in k}
     if not cleaned:
         raise ValueError(f"{path}: no 'mm_projector.*' weights found (keys: {list(state)[:5]})")
     try:
@@ -149,13 +111,6 @@ def load_projector(model: ExGraMedForConditionalGeneration, path: str | Path) ->
 
 
 def save_projector(model: ExGraMedForConditionalGeneration, out_dir: str | Path) -> Path:
-    """Write only the projector (stage 1) as `mm_projector.safetensors`, keys `mm_projector.*`."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir) / PROJECTOR_FILES[0]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    state = {f"mm_projector.{k}": v.detach().cpu().contiguous() for k, v in model.mm_projector.state_dict().items()}
-    tmp = out.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out)
-    return out
+    """Write only the projector (stage 1) as `mm_projector.safetensors`, keys `mm_projector.*` (atomically)."""
+    state = {f"mm_projector.{k}": v for k, v in model.mm_projector.state_dict().items()}
+    return write_safetensors(state, Path(out_dir) / PROJECTOR_FILES[0])

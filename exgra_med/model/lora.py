@@ -11,7 +11,6 @@ the run used; `exgra-med train` defaults to 16).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import re
@@ -22,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from exgra_med.model.export_cli import check_output_dir, staged_output_dir
+from exgra_med.io import read_json
+from exgra_med.model.checkpoint import check_output_dir, read_weights, staged_output_dir, write_json, write_weights
 
 logger = logging.getLogger(__name__)
 
@@ -31,28 +31,6 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)\.(?P<adapter>[^.]+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "chat_template.jinja")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
-
-
-def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
-    """All weights of a checkpoint folder (single file or sharded, safetensors or .bin)."""
-    folder = Path(folder)
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (folder / index).is_file():
-            files = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
-            break
-    else:
-        files = [n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()][:1]
-    if not files:
-        raise FileNotFoundError(f"{folder}: no model.safetensors / pytorch_model.bin (or sharded index) found")
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        if name.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state.update(load_file(str(folder / name)))
-        else:
-            state.update(torch.load(folder / name, map_location="cpu", weights_only=True))
-    return state
 
 
 def merge_lora_state_dict(
@@ -117,20 +95,17 @@ def merge_lora_checkpoint(
 
     lora_alpha None: the value recorded in src's config.json, else 16 (the trainer's default) with a warning.
     """
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
     src = Path(src)
     check_output_dir(out_dir)
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src}: config.json not found")
-    config = json.loads((src / "config.json").read_text())
+    config = read_json(src / "config.json")
     if lora_alpha is None:
         lora_alpha = config.get("lora_alpha")
         if lora_alpha is None:
             lora_alpha = 16.0
             logger.warning("%s records no lora_alpha; using 16 (pass --lora-alpha if the run used another)", src)
-    merged, n = merge_lora_state_dict(read_state_dict(src), float(lora_alpha), use_rslora)
+    merged, n = merge_lora_state_dict(read_weights(src), float(lora_alpha), use_rslora)
     tok_dir = _find_files(src, ("tokenizer_config.json",))
     if tok_dir is None:
         raise FileNotFoundError(f"{src}: no tokenizer files here or in {src.parent}")
@@ -143,14 +118,9 @@ def merge_lora_checkpoint(
             "folder; pass --image-processor DIR (e.g. the vision tower folder)"
         )
     with staged_output_dir(out_dir) as tmp:
-        split = split_torch_state_dict_into_shards(merged, max_shard_size="5GB")
-        for filename, keys in split.filename_to_tensors.items():
-            save_file({k: merged[k] for k in keys}, str(tmp / filename), metadata={"format": "pt"})
-        if split.is_sharded:
-            index = {"metadata": {}, "weight_map": split.tensor_to_filename}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        write_weights(merged, tmp)
         config["lora_alpha"] = None  # merged: no adapters left
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_json(config, tmp / "config.json")
         for name in TOKENIZER_FILES:
             if (tok_dir / name).is_file():
                 shutil.copy2(tok_dir / name, tmp / name)

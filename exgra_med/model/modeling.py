@@ -1,19 +1,22 @@
 """`ExGraMedForConditionalGeneration`: vision tower -> connector -> image tokens merged into any HF causal LM.
 
 In stage 2 the same forward also computes the ExGra-Med alignment loss (METHOD section 4) and returns
-`loss = lm_loss + alpha * align_loss`, both parts as tensors for the trainer to log.
+`loss = lm_loss + alpha * align_loss`, both parts (and the alignment's own parts) as tensors for the trainer to log.
+The alignment options are `config.alignment_config` (`exgra_med.align.AlignmentConfig`).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, Cache, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from exgra_med.align.config import build_alignment_loss
 from exgra_med.model.config import ExGraMedConfig
 from exgra_med.model.connector import (
     build_projector,
@@ -23,16 +26,24 @@ from exgra_med.model.connector import (
 )
 from exgra_med.model.vision import VisionTower
 
+if TYPE_CHECKING:
+    from exgra_med.align.loss import AlignmentOutput
+
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class ExGraMedOutput(ModelOutput):
-    """Forward output: `loss` is what the optimiser sees; `lm_loss` and `align_loss` are its parts."""
+    """Forward output: `loss` is what the optimiser sees; `lm_loss` and `align_loss` are its parts.
+
+    `align_parts` holds the alignment loss's own parts by name (multi-graph: one per modality, `image`, `response`,
+    `extended`, each the mean over both matching directions; contrastive: `image_response`).
+    """
 
     loss: torch.FloatTensor | None = None
     lm_loss: torch.FloatTensor | None = None
     align_loss: torch.FloatTensor | None = None
+    align_parts: dict[str, torch.FloatTensor] | None = None
     logits: torch.FloatTensor | None = None
     cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
@@ -40,25 +51,8 @@ class ExGraMedOutput(ModelOutput):
 
 
 def build_alignment(config: ExGraMedConfig) -> nn.Module | None:
-    """The alignment objective named by the config, or None when `contrastive` is off."""
-    if not config.contrastive:
-        return None
-    dim = config.text_config.hidden_size
-    if config.multi_graph:
-        from exgra_med.align import MultiGraphAlignmentLoss
-
-        return MultiGraphAlignmentLoss(
-            dim,
-            k=config.align_k,
-            lambda_val=config.align_lambda,
-            noise_scale=config.align_noise_scale,
-            seed=config.align_seed,
-            global_batch=config.align_global_batch,
-            scale_invariant_grad=config.align_scale_invariant,
-        )
-    from exgra_med.align import ContrastiveAlignmentLoss
-
-    return ContrastiveAlignmentLoss(dim, loss_type=config.contrastive_loss_type, simi_type=config.simi_type)
+    """The alignment objective `config.alignment_config` names, over LLM-sized features; None when it is off."""
+    return build_alignment_loss(config.alignment_config, config.text_config.hidden_size)
 
 
 def _mark_initialized(module: nn.Module) -> None:
@@ -103,6 +97,11 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
             _mark_initialized(language_model)
         self.language_model = language_model
         self.alignment = build_alignment(config)
+        if self.alignment is not None and not any(p.is_meta for p in self.alignment.parameters()):
+            # Built with real weights here (from parts, or partitioned under ZeRO-3): keep the construction's
+            # initialisation instead of drawing it again in post_init(). When transformers builds the model on
+            # the meta device to load a checkpoint, the head stays unmarked and `_init_weights` initialises it.
+            _mark_initialized(self.alignment)
         if config.freeze_vision_tower:
             self.vision_tower.requires_grad_(False)
         self.post_init()
@@ -230,16 +229,17 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
             **kwargs,
         )
         lm_loss = out.loss
-        align_loss = None
+        align = None
         if self.alignment is not None and response_ids is not None and labels is not None:
             if image_features is None or image_features.shape[0] != input_ids.shape[0]:
                 raise ValueError("the alignment loss needs exactly one image per sample in the batch")
-            align_loss = self.alignment_loss(image_features, response_ids, response_mask, extended_ids, extended_mask)
-        loss = lm_loss if align_loss is None else lm_loss + self.config.alpha * align_loss
+            align = self.alignment_loss(image_features, response_ids, response_mask, extended_ids, extended_mask)
+        loss = lm_loss if align is None else lm_loss + self.config.alignment_config.alpha * align.loss
         return ExGraMedOutput(
             loss=loss,
             lm_loss=lm_loss,
-            align_loss=align_loss,
+            align_loss=None if align is None else align.loss,
+            align_parts=None if align is None else dict(align.parts),
             logits=out.logits,
             cache=out.cache,
             hidden_states=out.hidden_states,
@@ -248,7 +248,7 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
 
     def encode_texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Token features of alignment texts: LLM last hidden states (`after_de`) or input embeddings. (B, T, D)."""
-        if self.config.after_de:
+        if self.config.alignment_config.after_de:
             return self.language_model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
         return self.get_input_embeddings()(ids)
 
@@ -265,7 +265,7 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
           causal attention leaves the positions < T of each text unchanged.
         """
         t1, t2 = ids1.shape[1], ids2.shape[1]
-        if not self.config.after_de:
+        if not self.config.alignment_config.after_de:
             return self.encode_texts(ids1, mask1), self.encode_texts(ids2, mask2)
         text_cfg = self.language_model.config
         impl = getattr(text_cfg, "_attn_implementation", None)
@@ -274,13 +274,16 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
             ids = torch.cat([ids1, ids2], dim=1)  # (B, T1 + T2)
             dev = ids.device
             positions = torch.cat([torch.arange(t1, device=dev), torch.arange(t2, device=dev)])
-            segment = torch.cat([torch.zeros(t1, device=dev, dtype=torch.long), torch.ones(t2, device=dev, dtype=torch.long)])
+            segment = torch.cat(
+                [torch.zeros(t1, device=dev, dtype=torch.long), torch.ones(t2, device=dev, dtype=torch.long)]
+            )
             causal = (segment[:, None] == segment[None, :]) & (positions[None, :] <= positions[:, None])  # (L, L)
             keys = torch.cat([mask1, mask2], dim=1).bool()  # (B, L)
             allowed = causal[None] & keys[:, None, :]  # (B, L queries, L keys)
             # A query with no visible key (a text that starts with padding) attends to itself: finite, unused.
-            allowed = allowed | (torch.eye(ids.shape[1], device=dev, dtype=torch.bool)[None]
-                                 & ~allowed.any(dim=2, keepdim=True))
+            allowed = allowed | (
+                torch.eye(ids.shape[1], device=dev, dtype=torch.bool)[None] & ~allowed.any(dim=2, keepdim=True)
+            )
             mask = allowed[:, None]  # (B, 1, L, L): True = attend (sdpa)
             if impl == "eager":
                 dtype = self.get_input_embeddings().weight.dtype
@@ -303,22 +306,23 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
         response_mask: torch.Tensor,
         extended_ids: torch.Tensor | None,
         extended_mask: torch.Tensor | None,
-    ) -> torch.Tensor:
+    ) -> AlignmentOutput:
         """The configured alignment objective over image tokens, response text and (multi-graph) extended text."""
         from exgra_med.align import pool_tokens
 
-        masked = self.config.align_masked_mean
-        if not self.config.multi_graph:
+        options = self.config.alignment_config
+        if not options.multi_graph:
             text = self.encode_texts(response_ids, response_mask)
-            return self.alignment(image_features, text, response_mask).loss
+            return self.alignment(image_features, text, response_mask)
         if extended_ids is None:
             raise ValueError("multi_graph alignment needs extended_ids (records need `conversations_long`)")
-        response_hidden, extended_hidden = self.encode_text_pairs(response_ids, response_mask, extended_ids,
-                                                                  extended_mask)
-        response = pool_tokens(response_hidden, response_mask, masked=masked)  # (B, D)
-        extended = pool_tokens(extended_hidden, extended_mask, masked=masked)  # (B, D)
+        response_hidden, extended_hidden = self.encode_text_pairs(
+            response_ids, response_mask, extended_ids, extended_mask
+        )
+        response = pool_tokens(response_hidden, response_mask, masked=options.masked_mean)  # (B, D)
+        extended = pool_tokens(extended_hidden, extended_mask, masked=options.masked_mean)  # (B, D)
         image = image_features.mean(dim=1)  # (B, D)
-        return self.alignment(image, response.to(image.dtype), extended.to(image.dtype)).loss
+        return self.alignment(image, response.to(image.dtype), extended.to(image.dtype))
 
     # --- generation --------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,9 +1,10 @@
-"""Released checkpoints in the reference layout (METHOD section 8): load them directly, or convert them.
+"""Released checkpoints in the reference layout (METHOD section 8): what the format holds, and `convert`.
 
 The reference (LLaVA-Med v0) saves `LlavaLlamaForCausalLM`: a LLaMA checkpoint whose weights are
 `model.*` + `lm_head.*` plus `model.mm_projector.*`, whose config.json adds `mm_*` keys (and says
 `model_type: "llava"`, which is not transformers' LLaVA), and whose tokenizer holds the added image
 tokens. The vision tower is not stored; it comes from a separate local CLIP (or BiomedCLIP) folder.
+Loading such a folder directly is `exgra_med.model.checkpoint.load_model`, which uses the translation here.
 
 `exgra-med convert --from reference --in DIR --vision-tower DIR --out DIR` writes this project's format.
 """
@@ -17,13 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import LlamaConfig, PreTrainedConfig, PreTrainedTokenizerBase
 
 from exgra_med.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
+from exgra_med.model.checkpoint import check_output_dir, load_model, staged_output_dir
 from exgra_med.model.config import ExGraMedConfig
 from exgra_med.model.connector import connector_input_dim
-from exgra_med.model.modeling import ExGraMedForConditionalGeneration
-from exgra_med.model.vision import load_image_processor, load_vision_tower
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +31,6 @@ REFERENCE_ARCHITECTURES = ("LlavaLlamaForCausalLM",)
 # config.json keys of the reference that are not LLaMA's.
 _MM_KEYS = ("use_mm_proj", "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter", "sep_image_conv_front", "num_l")
 PROJECTOR_MARKER = "mm_projector."
-WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def read_reference_config(path: str | Path) -> dict:
@@ -91,44 +89,16 @@ def llama_config_from_reference(cfg: dict, tokenizer: PreTrainedTokenizerBase | 
     return config
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    for index in WEIGHT_INDEXES:
-        if (folder / index).is_file():
-            weight_map = json.loads((folder / index).read_text())["weight_map"]
-            return [folder / name for name in sorted(set(weight_map.values()))]
-    files = [folder / n for n in WEIGHT_FILES if (folder / n).is_file()]
-    if not files:
-        raise FileNotFoundError(f"{folder}: no weights ({WEIGHT_FILES[0]}, {WEIGHT_FILES[1]} or a sharded index)")
-    return files[:1]
-
-
-def _projector_files(folder: Path) -> list[Path]:
-    """The weight files that hold `mm_projector` keys (from the shard index when there is one)."""
-    for index in WEIGHT_INDEXES:
-        if (folder / index).is_file():
-            weight_map = json.loads((folder / index).read_text())["weight_map"]
-            return [folder / n for n in sorted({f for k, f in weight_map.items() if PROJECTOR_MARKER in k})]
-    return _weight_files(folder)
-
-
-def read_projector_state(folder: str | Path) -> dict[str, torch.Tensor]:
-    """`model.mm_projector.*` weights of a reference checkpoint, keyed as `mm_projector`'s own state dict."""
-    folder = Path(folder)
-    state: dict[str, torch.Tensor] = {}
-    for file in _projector_files(folder):
-        if file.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
-                    if PROJECTOR_MARKER in key:
-                        state[key] = f.get_tensor(key)
-        else:
-            shard = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            state.update({k: v.clone() for k, v in shard.items() if PROJECTOR_MARKER in k})
-    if not state:
-        raise ValueError(f"{folder}: no '{PROJECTOR_MARKER}*' weights in the checkpoint (is this a LLaVA checkpoint?)")
-    return {k[k.index(PROJECTOR_MARKER) + len(PROJECTOR_MARKER):]: v for k, v in state.items()}
+def vision_tower_path(cfg: dict, folder: str | Path, vision_tower: str | None = None) -> str:
+    """The local vision tower of a reference checkpoint: `vision_tower` (a CLIP folder or `local-dir:BIOMEDCLIP_DIR`),
+    else the config's `mm_vision_tower` when that names an existing local folder."""
+    tower_path = vision_tower or cfg.get("mm_vision_tower")
+    if not tower_path or not (Path(str(tower_path).removeprefix("local-dir:")).is_dir()):
+        raise ValueError(
+            f"{Path(folder) / 'config.json'}: mm_vision_tower={cfg.get('mm_vision_tower')!r} is not a local folder; "
+            "download the vision tower (e.g. openai/clip-vit-large-patch14) and pass --vision-tower DIR"
+        )
+    return str(tower_path)
 
 
 def _token_id(tokenizer: PreTrainedTokenizerBase, token: str, folder: Path) -> int:
@@ -138,48 +108,30 @@ def _token_id(tokenizer: PreTrainedTokenizerBase, token: str, folder: Path) -> i
     return token_id
 
 
-def load_reference(
-    path: str | Path,
-    vision_tower: str | None = None,
-    dtype: torch.dtype | None = None,
-    attn_implementation: str = "sdpa",
-    device: str | torch.device | None = None,
-    quantization_config: object | None = None,
-) -> tuple[ExGraMedForConditionalGeneration, PreTrainedTokenizerBase, object]:
-    """Load a reference-layout folder as (model, tokenizer, image processor), model in eval mode.
-
-    `vision_tower` is a local CLIP folder or `local-dir:BIOMEDCLIP_DIR`; without it the config's
-    `mm_vision_tower` is used when that names an existing local folder.
-    """
-    folder = Path(path)
-    cfg = read_reference_config(folder)
-    tower_path = vision_tower or cfg.get("mm_vision_tower")
-    if not tower_path or not (Path(str(tower_path).removeprefix("local-dir:")).is_dir()):
-        raise ValueError(
-            f"{folder / 'config.json'}: mm_vision_tower={cfg.get('mm_vision_tower')!r} is not a local folder; "
-            "download the vision tower (e.g. openai/clip-vit-large-patch14) and pass --vision-tower DIR"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
-    if tokenizer.pad_token is None:  # no resize: the embedding matrix of a release is fixed
-        tokenizer.pad_token = tokenizer.unk_token
-    use_start_end = bool(cfg.get("mm_use_im_start_end", False))
-    text_config = llama_config_from_reference(cfg, tokenizer)
-    kwargs = {"quantization_config": quantization_config} if quantization_config is not None else {}
-    # The folder is a valid LlamaForCausalLM checkpoint apart from its config; from_pretrained handles the
-    # shards, meta-device init and dtype. The projector keys are read separately below.
-    llm = LlamaForCausalLM.from_pretrained(
-        str(folder), config=text_config, dtype=dtype, attn_implementation=attn_implementation, **kwargs
-    )
-    tower, vision_config, tower_type = load_vision_tower(str(tower_path), attn_implementation)
+def exgra_med_config(
+    cfg: dict,
+    folder: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    text_config: PreTrainedConfig,
+    vision_config: dict,
+    tower_type: str,
+    tower_hidden_size: int,
+    tower_path: str,
+    **overrides,
+) -> ExGraMedConfig:
+    """The `ExGraMedConfig` equivalent to a reference config, with the reference's defaults for missing keys;
+    raises ValueError when `mm_hidden_size` does not fit the vision tower."""
+    folder = Path(folder)
     dense = cfg.get("mm_dense_connector_type") or "none"
-    expected = connector_input_dim(dense, tower.hidden_size)
+    expected = connector_input_dim(dense, tower_hidden_size)
     if cfg.get("mm_hidden_size") not in (None, expected):
         raise ValueError(
             f"{folder / 'config.json'}: mm_hidden_size={cfg['mm_hidden_size']} but the vision tower {tower_path} "
             f"with mm_dense_connector_type={dense!r} gives {expected}: wrong --vision-tower?"
         )
-    config = ExGraMedConfig(
-        text_config=llm.config,
+    use_start_end = bool(cfg.get("mm_use_im_start_end", False))
+    return ExGraMedConfig(
+        text_config=text_config,
         vision_config=vision_config,
         vision_tower_type=tower_type,
         mm_vision_tower=str(cfg.get("mm_vision_tower") or tower_path),
@@ -192,31 +144,24 @@ def load_reference(
         image_token_id=_token_id(tokenizer, DEFAULT_IMAGE_PATCH_TOKEN, folder),
         im_start_token_id=_token_id(tokenizer, DEFAULT_IM_START_TOKEN, folder) if use_start_end else None,
         im_end_token_id=_token_id(tokenizer, DEFAULT_IM_END_TOKEN, folder) if use_start_end else None,
+        **overrides,
     )
-    config._attn_implementation = attn_implementation
-    model = ExGraMedForConditionalGeneration(config, language_model=llm, vision_tower=tower)
-    try:
-        model.mm_projector.load_state_dict(read_projector_state(folder), strict=True)
-    except RuntimeError as e:
-        raise ValueError(
-            f"{folder}: projector weights do not fit mm_projector_type={config.mm_projector_type!r}: {e}"
-        ) from e
-    dtype = dtype or next(llm.parameters()).dtype
-    if dtype.is_floating_point:
-        model.mm_projector.to(dtype)
-        model.vision_tower.to(dtype)
-    if device is not None and quantization_config is None:
-        model.to(device)
-    logger.info("loaded reference checkpoint %s with vision tower %s", folder, tower_path)
-    return model.eval(), tokenizer, load_image_processor(str(tower_path))
+
+
+def projector_state(weights: dict[str, torch.Tensor], folder: str | Path) -> dict[str, torch.Tensor]:
+    """`model.mm_projector.*` weights of a reference checkpoint, keyed as `mm_projector`'s own state dict."""
+    state = {k[k.index(PROJECTOR_MARKER) + len(PROJECTOR_MARKER):]: v for k, v in weights.items()
+             if PROJECTOR_MARKER in k}
+    if not state:
+        raise ValueError(f"{folder}: no '{PROJECTOR_MARKER}*' weights in the checkpoint (is this a LLaVA checkpoint?)")
+    return state
 
 
 def convert_reference(path: str | Path, vision_tower: str | None, out_dir: str | Path) -> Path:
-    """Write a reference-layout checkpoint in this project's format (loadable by `load_pretrained`)."""
-    from exgra_med.model.export_cli import check_output_dir, staged_output_dir
-
+    """Write a reference-layout checkpoint in this project's format (loadable by `checkpoint.load_model`)."""
+    read_reference_config(path)  # a reference folder, not just any loadable one
     check_output_dir(out_dir)
-    model, tokenizer, processor = load_reference(path, vision_tower)
+    model, tokenizer, processor = load_model(path, vision_tower=vision_tower)
     with staged_output_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

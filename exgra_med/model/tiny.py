@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from exgra_med.conversation import TEMPLATES
 from exgra_med.model.loading import ConnectorOptions, build_from_parts
@@ -24,8 +25,6 @@ logger = logging.getLogger(__name__)
 
 LLM_TYPES = ("llama", "mistral", "qwen2")
 VISION_TYPES = ("clip", "biomedclip")
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def default_corpus() -> list[str]:
@@ -103,8 +102,8 @@ def write_tiny_clip(out: Path, image_size: int, patch_size: int, hidden: int, la
     CLIPImageProcessor(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
     ).save_pretrained(out)
 
 
@@ -123,13 +122,19 @@ def write_tiny_biomedclip(out: Path, image_size: int) -> None:
             "timm_proj": "linear",
             "image_size": image_size,
         },
-        "text_cfg": {"hf_model_name": "none", "hf_tokenizer_name": "none", "hf_proj_type": "mlp", "hf_pooler_type": "cls_last_hidden_state", "context_length": 64},
+        "text_cfg": {
+            "hf_model_name": "none",
+            "hf_tokenizer_name": "none",
+            "hf_proj_type": "mlp",
+            "hf_pooler_type": "cls_last_hidden_state",
+            "context_length": 64,
+        },
     }
     out.mkdir(parents=True, exist_ok=True)
     trunk = _build_open_clip_trunk(model_cfg)
     state = {f"visual.trunk.{k}": v.contiguous() for k, v in trunk.state_dict().items()}
     save_file(state, str(out / "open_clip_model.safetensors"))
-    cfg = {"model_cfg": model_cfg, "preprocess_cfg": {"mean": CLIP_MEAN, "std": CLIP_STD}}
+    cfg = {"model_cfg": model_cfg, "preprocess_cfg": {"mean": list(OPENAI_CLIP_MEAN), "std": list(OPENAI_CLIP_STD)}}
     (out / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
 
 
@@ -191,8 +196,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         mm_use_im_start_end=not args.no_im_start_end,
     )
     out = make_tiny_model(
-        args.out, args.vision, args.llm, args.image_size, args.patch_size, args.hidden, args.layers,
-        args.vision_hidden, args.vision_layers, args.heads, args.seed, options=options,
+        args.out,
+        args.vision,
+        args.llm,
+        args.image_size,
+        args.patch_size,
+        args.hidden,
+        args.layers,
+        args.vision_hidden,
+        args.vision_layers,
+        args.heads,
+        args.seed,
+        options=options,
     )
     print(f"tiny model written to {out} (LLM: {out / 'llm'}, vision tower: {out / 'vision'})")
     return 0

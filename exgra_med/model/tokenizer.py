@@ -105,3 +105,9 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> int:
     if tokenizer.pad_token is not None:
         return 0
     return tokenizer.add_special_tokens({"pad_token": DEFAULT_PAD_TOKEN})
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, mm_use_im_start_end: bool) -> int:
+    """What training does to an LLM's tokenizer, as the reference: a pad token if it has none, then the image
+    tokens. Returns how many tokens were added (the caller resizes the embeddings by that much)."""
+    return ensure_pad_token(tokenizer) + add_image_tokens(tokenizer, mm_use_im_start_end)

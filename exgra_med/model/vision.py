@@ -14,6 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, CLIPImageProcessor
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from exgra_med.model.checkpoint import read_weights
 
 logger = logging.getLogger(__name__)
 
@@ -129,20 +132,15 @@ def load_vision_tower(path: str, attn_implementation: str | None = None) -> tupl
 
 
 def _load_open_clip_visual_state(folder: Path) -> dict[str, torch.Tensor]:
+    """The `visual.trunk.*` weights of an open_clip folder, keyed as the trunk's own state dict."""
+    prefix = "visual.trunk."
     for name in OPEN_CLIP_WEIGHTS:
         file = folder / name
         if file.is_file():
-            if file.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                state = load_file(str(file))
-            else:
-                state = torch.load(file, map_location="cpu", weights_only=True)
-            prefix = "visual.trunk."
-            trunk = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            if not trunk:
+            state = read_weights(file, keep=lambda key: key.startswith(prefix))
+            if not state:
                 raise ValueError(f"{file}: no '{prefix}*' weights found")
-            return trunk
+            return {k[len(prefix):]: v for k, v in state.items()}
     raise FileNotFoundError(f"{folder}: none of {OPEN_CLIP_WEIGHTS} found")
 
 
@@ -157,8 +155,8 @@ def load_image_processor(path: str) -> CLIPImageProcessor:
         return CLIPImageProcessor(
             size={"shortest_edge": size},
             crop_size={"height": size, "width": size},
-            image_mean=pre.get("mean", [0.48145466, 0.4578275, 0.40821073]),
-            image_std=pre.get("std", [0.26862954, 0.26130258, 0.27577711]),
+            image_mean=pre.get("mean", list(OPENAI_CLIP_MEAN)),
+            image_std=pre.get("std", list(OPENAI_CLIP_STD)),
         )
     from transformers import AutoImageProcessor
 

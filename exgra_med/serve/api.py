@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import socket
-import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -182,8 +181,8 @@ def create_app(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: load the model and serve it until interrupted (binds 127.0.0.1 unless told otherwise)."""
-    from exgra_med.serve.loading import QuantizationUnavailableError
-    from exgra_med.serve.options import add_model_arguments, engine_from_args, settings_from_args
+    from exgra_med.serve.loading import load_engine_or_exit_code
+    from exgra_med.serve.options import add_model_arguments
 
     p = argparse.ArgumentParser(prog="exgra-med serve-api", description=__doc__.splitlines()[0])
     add_model_arguments(p)
@@ -194,12 +193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest accepted canvas")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        settings = settings_from_args(args)
-        engine = engine_from_args(args)
-    except (QuantizationUnavailableError, ValueError, FileNotFoundError) as e:
-        print(f"exgra-med serve-api: {e}", file=sys.stderr)
-        return 2
+    loaded = load_engine_or_exit_code(args, "exgra-med serve-api")
+    if isinstance(loaded, int):
+        return loaded
+    engine, settings = loaded
     if args.served_model_name:
         engine.name = args.served_model_name
     import uvicorn

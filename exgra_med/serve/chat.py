@@ -18,8 +18,8 @@ from exgra_med.constants import RESEARCH_USE_NOTICE
 from exgra_med.conversation import GPT, HUMAN
 from exgra_med.data.images import ImageLoadError, load_image
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine, Message
-from exgra_med.serve.loading import QuantizationUnavailableError
-from exgra_med.serve.options import add_model_arguments, engine_from_args, settings_from_args
+from exgra_med.serve.loading import load_engine_or_exit_code
+from exgra_med.serve.options import add_model_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -88,12 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--image", default=None, help="image to talk about (PNG, JPEG or DICOM)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        settings = settings_from_args(args)
-        engine = engine_from_args(args)
-    except (QuantizationUnavailableError, ValueError, FileNotFoundError) as e:
-        print(f"exgra-med chat: {e}", file=sys.stderr)
-        return 2
+    loaded = load_engine_or_exit_code(args, "exgra-med chat")
+    if isinstance(loaded, int):
+        return loaded
+    engine, settings = loaded
     session = ChatSession(engine, settings)
     print(RESEARCH_USE_NOTICE)
     if args.image:

@@ -232,7 +232,3 @@ class InferenceEngine:
     ) -> str:
         """The whole answer at once (the concatenation of `stream`)."""
         return "".join(self.stream(messages, image, settings, system, info))
-
-    def count_tokens(self, text: str) -> int:
-        """Number of tokens of `text` without special tokens (usage accounting)."""
-        return len(self.tokenizer(text, add_special_tokens=False).input_ids)

@@ -1,23 +1,37 @@
-"""Loading a model for serving: either checkpoint layout, optional 4-/8-bit quantisation (bitsandbytes, CUDA)."""
+"""Loading a model for serving: device default, optional 4-/8-bit quantisation (bitsandbytes, CUDA), and the
+load-or-exit step shared by the `chat`, `web` and `serve-api` commands.
+
+The loading itself (either checkpoint layout, dtype policy) is `exgra_med.model.checkpoint.load_model`.
+"""
 
 from __future__ import annotations
 
+import argparse
 import logging
-from pathlib import Path
+import sys
 
 import torch
+
+from exgra_med.model.checkpoint import load_model as load_checkpoint
+from exgra_med.model.checkpoint import resolve_dtype
+from exgra_med.serve.engine import GenerationSettings, InferenceEngine
+from exgra_med.serve.options import engine_from_args, settings_from_args
 
 logger = logging.getLogger(__name__)
 
 # Kept in full precision when quantising: the frozen tower, the small projector and the output head.
 QUANT_SKIP_MODULES = ["vision_tower", "mm_projector", "lm_head", "alignment"]
+# Exit status of a serving command whose model cannot be loaded as asked (bad folder, flags, missing extra).
+LOAD_ERROR_EXIT_CODE = 2
 
 
 class QuantizationUnavailableError(RuntimeError):
     """4-/8-bit loading was asked for where it cannot run (no CUDA device or no bitsandbytes)."""
 
 
-def quantization_config(load_4bit: bool = False, load_8bit: bool = False) -> object | None:
+def quantization_config(
+    load_4bit: bool = False, load_8bit: bool = False, compute_dtype: torch.dtype = torch.float16
+) -> object | None:
     """A `BitsAndBytesConfig` for `--load-4bit` / `--load-8bit`, or None when neither is set.
 
     Raises QuantizationUnavailableError with what to do when CUDA or bitsandbytes is missing.
@@ -43,7 +57,7 @@ def quantization_config(load_4bit: bool = False, load_8bit: bool = False) -> obj
     if load_4bit:
         return BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_compute_dtype=torch.float16,
+            bnb_4bit_compute_dtype=compute_dtype,
             bnb_4bit_use_double_quant=True,
             bnb_4bit_quant_type="nf4",
             llm_int8_skip_modules=QUANT_SKIP_MODULES,
@@ -65,38 +79,26 @@ def load_model(
     load_8bit: bool = False,
     attn_implementation: str = "sdpa",
 ) -> tuple[object, object, object]:
-    """(model, tokenizer, image processor) from an ExGra-Med checkpoint or a reference-layout folder.
-
-    Reference-layout folders need their vision tower (`vision_tower`, or a local `mm_vision_tower` in config).
-    On CUDA the default dtype is float16; on CPU float32.
-    """
-    from exgra_med.model.loading import is_exgra_med_checkpoint, load_pretrained
-    from exgra_med.model.reference import is_reference_checkpoint, load_reference
-
-    quant = quantization_config(load_4bit, load_8bit)
+    """(model, tokenizer, image processor) from an ExGra-Med checkpoint or a reference-layout folder, placed on
+    `device` (default: `default_device()`), quantised when asked; dtype as `checkpoint.resolve_dtype` says."""
     device = device or default_device()
-    if dtype is None:
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"{path}: model folder not found")
-    if is_exgra_med_checkpoint(path):
-        overrides = {"quantization_config": quant, "device_map": {"": device}} if quant is not None else {}
-        model, tokenizer, processor = load_pretrained(
-            path, dtype=dtype, attn_implementation=attn_implementation,
-            device=None if quant is not None else device, **overrides,
-        )
-    elif is_reference_checkpoint(path):
-        model, tokenizer, processor = load_reference(
-            path, vision_tower, dtype=dtype, attn_implementation=attn_implementation,
-            device=device, quantization_config=quant,
-        )
-        if quant is not None:
-            model.vision_tower.to(device)
-            model.mm_projector.to(device)
-    else:
-        raise ValueError(
-            f"{path}: neither an ExGra-Med checkpoint (config.json model_type 'exgra_med') nor a reference "
-            "LLaVA-Med checkpoint (architectures ['LlavaLlamaForCausalLM'])"
-        )
-    logger.info("model %s loaded on %s (%s%s)", path, device, dtype, ", quantised" if quant is not None else "")
-    return model.eval(), tokenizer, processor
+    dtype = resolve_dtype(dtype, device)
+    quant = quantization_config(load_4bit, load_8bit, compute_dtype=dtype)
+    return load_checkpoint(
+        path, vision_tower=vision_tower, dtype=dtype, device=device, attn_implementation=attn_implementation,
+        quantization_config=quant,
+    )
+
+
+def load_engine_or_exit_code(
+    args: argparse.Namespace, prog: str
+) -> tuple[InferenceEngine, GenerationSettings] | int:
+    """(engine, decoding settings) for the flags of `options.add_model_arguments`; on a user error (bad folder or
+    flags, quantisation unavailable) prints `prog: message` as one line to stderr and returns LOAD_ERROR_EXIT_CODE."""
+    try:
+        settings = settings_from_args(args)
+        engine = engine_from_args(args)
+    except (QuantizationUnavailableError, ValueError, FileNotFoundError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return LOAD_ERROR_EXIT_CODE
+    return engine, settings

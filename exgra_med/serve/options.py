@@ -21,7 +21,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     quant.add_argument("--load-4bit", action="store_true", help="4-bit NF4 weights (bitsandbytes, CUDA only)")
     quant.add_argument("--load-8bit", action="store_true", help="8-bit weights (bitsandbytes, CUDA only)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float16 on CUDA, float32 on CPU")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with temperature > 0)")

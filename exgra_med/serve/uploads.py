@@ -34,11 +34,13 @@ class UploadError(ValueError):
 def decode_data_url(url: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     """The bytes of a base64 `data:` URL; remote http(s) URLs are refused (the server fetches nothing)."""
     if url.startswith(("http://", "https://")):
-        raise UploadError("image_url must be a base64 data URL (data:image/png;base64,...); remote URLs are not fetched")
+        raise UploadError(
+            "image_url must be a base64 data URL (data:image/png;base64,...); remote URLs are not fetched"
+        )
     match = _DATA_URL.match(url)
     if match is None or not match["b64"]:
         raise UploadError("image_url must be a base64 data URL of the form data:<mime>;base64,<data>")
-    payload = url[match.end():]
+    payload = url[match.end() :]
     # base64 inflates by 4/3: refuse before decoding what cannot fit.
     if len(payload) * 3 // 4 > max_bytes + 3:
         raise UploadError(f"image too large: more than {max_bytes} bytes (limit --max-image-bytes)", status=413)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -138,8 +137,8 @@ def launch_demo(engine: InferenceEngine, host: str = "127.0.0.1", port: int = 78
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: load the model and serve the demo until interrupted."""
-    from exgra_med.serve.loading import QuantizationUnavailableError
-    from exgra_med.serve.options import add_model_arguments, engine_from_args, settings_from_args
+    from exgra_med.serve.loading import load_engine_or_exit_code
+    from exgra_med.serve.options import add_model_arguments
 
     p = argparse.ArgumentParser(prog="exgra-med web", description=__doc__.splitlines()[0])
     add_model_arguments(p)
@@ -148,12 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--examples-dir", default=None, help="folder of example images (default: the repo's assets/)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        settings = settings_from_args(args)
-        engine = engine_from_args(args)
-    except (QuantizationUnavailableError, ValueError, FileNotFoundError) as e:
-        print(f"exgra-med web: {e}", file=sys.stderr)
-        return 2
+    loaded = load_engine_or_exit_code(args, "exgra-med web")
+    if isinstance(loaded, int):
+        return loaded
+    engine, settings = loaded
     examples = Path(args.examples_dir) if args.examples_dir else None
     demo, url = launch_demo(engine, args.host, args.port, settings, examples)
     print(f"ExGra-Med demo on {url} (Ctrl-C to stop)", flush=True)

@@ -2,19 +2,55 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 
 import transformers
 
-from exgra_med.model.config import CONTRASTIVE_LOSS_TYPES, DENSE_CONNECTOR_TYPES, SIMILARITY_TYPES, check_projector_type
+from exgra_med.align.config import AlignmentConfig
+from exgra_med.model.config import DENSE_CONNECTOR_TYPES, check_projector_type
+
+
+def _alignment_arguments() -> type:
+    """`AlignmentArguments`: one flag per `AlignmentConfig` field (its `flag` name, type, default and help), except
+    the seed, which is the run's `--seed`."""
+    types = typing.get_type_hints(AlignmentConfig)
+    specs = [
+        (f.metadata["flag"] or f.name, types[f.name], field(default=f.default, metadata={"help": f.metadata["help"]}))
+        for f in dataclasses.fields(AlignmentConfig)
+        if f.metadata["cli"]
+    ]
+
+    def alignment_config(self, seed: int) -> AlignmentConfig:
+        """The AlignmentConfig these flags set, its generator seeded with `seed` (the run's --seed)."""
+        values = {f.metadata["flag"] or f.name: getattr(self, f.metadata["flag"] or f.name)
+                  for f in dataclasses.fields(AlignmentConfig) if f.metadata["cli"]}
+        return AlignmentConfig.from_dict({**values, "seed": seed})
+
+    def __post_init__(self):
+        self.alignment_config(seed=0)  # invalid values and combinations fail at parse time, naming the flag
+
+    return dataclasses.make_dataclass(
+        "AlignmentArguments", specs, kw_only=True,
+        namespace={"__module__": __name__, "__doc__": "Alignment flags, generated from `AlignmentConfig`.",
+                   "alignment_config": alignment_config, "__post_init__": __post_init__},
+    )
+
+
+AlignmentArguments = _alignment_arguments()
 
 
 @dataclass
-class ModelArguments:
-    """What model to build or load, and how it is connected and aligned."""
+class ModelArguments(AlignmentArguments):
+    """What model to build or load, and how it is connected and aligned (the alignment flags: `AlignmentArguments`)."""
 
-    model_name_or_path: str = field(metadata={"help": "local causal-LM folder (Vicuna/LLaVA weights) or an ExGra-Med checkpoint"})
-    vision_tower: str | None = field(default=None, metadata={"help": "local CLIP/SigLIP folder, or local-dir:BIOMEDCLIP_DIR"})
+    model_name_or_path: str = field(
+        metadata={"help": "local causal-LM folder (Vicuna/LLaVA weights) or an ExGra-Med checkpoint"}
+    )
+    vision_tower: str | None = field(
+        default=None, metadata={"help": "local CLIP/SigLIP folder, or local-dir:BIOMEDCLIP_DIR"}
+    )
     mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "linear | identity | mlp{N}x_gelu"})
     mm_dense_connector_type: str = field(default="none", metadata={"help": "none | sti | sci | dci"})
     num_l: int = field(default=6, metadata={"help": "DCI group size on BiomedCLIP"})
@@ -23,16 +59,6 @@ class ModelArguments:
     tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "stage 1: train and save only the projector"})
     pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": "stage-1 projector file or folder"})
     freeze_backbone: bool = field(default=False, metadata={"help": "freeze the LLM (train projector + alignment)"})
-    contrastive: bool = field(default=False, metadata={"help": "add an alignment loss to the LM loss"})
-    multi_graph: bool = field(default=False, metadata={"help": "ExGra-Med multi-graph alignment (needs contrastive)"})
-    after_de: bool = field(default=False, metadata={"help": "align LLM hidden states of the texts, not embeddings"})
-    alpha: float = field(default=1.0, metadata={"help": "weight of the alignment loss"})
-    contrastive_loss_type: str = field(default="infonce", metadata={"help": "ablation without multi_graph: infonce | siglip"})
-    simi_type: str = field(default="average", metadata={"help": "ablation similarity: average | OT"})
-    align_lambda: float = field(default=80.0, metadata={"help": "black-box gradient interpolation strength"})
-    align_masked_mean: bool = field(default=False, metadata={"help": "exclude padding from text means (reference: off)"})
-    align_global_batch: bool = field(default=False, metadata={"help": "align over the batch gathered across ranks"})
-    align_scale_invariant: bool = field(default=False, metadata={"help": "scale-invariant black-box gradient"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | flash_attention_2 | eager"})
     lora_enable: bool = field(default=False, metadata={"help": "train LoRA adapters on the LLM (PEFT)"})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank"})
@@ -40,34 +66,12 @@ class ModelArguments:
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
 
     def __post_init__(self):
+        super().__post_init__()
         check_projector_type(self.mm_projector_type)
         if self.mm_dense_connector_type not in DENSE_CONNECTOR_TYPES:
             raise ValueError(f"--mm_dense_connector_type must be one of {DENSE_CONNECTOR_TYPES}")
-        if self.multi_graph and not self.contrastive:
-            raise ValueError("--multi_graph True needs --contrastive True")
-        if self.after_de and not self.contrastive:
-            raise ValueError("--after_de True needs --contrastive True")
-        if self.contrastive_loss_type not in CONTRASTIVE_LOSS_TYPES:
-            raise ValueError(f"--contrastive_loss_type must be one of {CONTRASTIVE_LOSS_TYPES}")
-        if self.simi_type not in SIMILARITY_TYPES:
-            raise ValueError(f"--simi_type must be one of {SIMILARITY_TYPES}")
         if self.tune_mm_mlp_adapter and self.lora_enable:
             raise ValueError("--tune_mm_mlp_adapter (stage 1) trains only the projector; drop --lora_enable")
-
-    def alignment_config(self) -> dict:
-        """The ExGraMedConfig alignment fields these flags set."""
-        return dict(
-            contrastive=self.contrastive,
-            multi_graph=self.multi_graph,
-            after_de=self.after_de,
-            alpha=self.alpha,
-            contrastive_loss_type=self.contrastive_loss_type,
-            simi_type=self.simi_type,
-            align_lambda=self.align_lambda,
-            align_masked_mean=self.align_masked_mean,
-            align_global_batch=self.align_global_batch,
-            align_scale_invariant=self.align_scale_invariant,
-        )
 
 
 @dataclass
@@ -75,10 +79,14 @@ class DataArguments:
     """Where the records and images are, and how conversations are rendered."""
 
     data_path: str = field(metadata={"help": "training records (JSON list)"})
-    image_folder: str | None = field(default=None, metadata={"help": "folder the records' `image` paths are relative to"})
+    image_folder: str | None = field(
+        default=None, metadata={"help": "folder the records' `image` paths are relative to"}
+    )
     conv_template: str = field(default="llava_med", metadata={"help": "prompt template (llava_med = reference '###')"})
     image_aspect_ratio: str = field(default="pad", metadata={"help": "pad (to square) | square (resize as is)"})
-    lazy_preprocess: bool = field(default=True, metadata={"help": "accepted for reference scripts; data is always lazy"})
+    lazy_preprocess: bool = field(
+        default=True, metadata={"help": "accepted for reference scripts; data is always lazy"}
+    )
     val_data_path: str | None = field(default=None, metadata={"help": "VQA records scored during fine-tuning"})
     test_data_path: str | None = field(default=None, metadata={"help": "VQA records scored at the end"})
     evaluate_on_val: bool = field(default=False, metadata={"help": "generate answers on --val_data_path at each eval"})

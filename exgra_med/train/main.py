@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import transformers
@@ -59,7 +59,7 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments):
     """(model, tokenizer, image processor) from parts or from an ExGra-Med checkpoint, trainable parts set."""
     dtype = _dtype(training_args)
     # The run's seed seeds the alignment's generator when the module is built (the checkpoint records it).
-    alignment = {**model_args.alignment_config(), "align_seed": training_args.seed}
+    alignment = model_args.alignment_config(seed=training_args.seed)
     if training_args.deepspeed and torch.distributed.is_available() and torch.distributed.is_initialized():
         import deepspeed
 
@@ -70,10 +70,10 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments):
     if is_exgra_med_checkpoint(model_args.model_name_or_path):
         model, tokenizer, processor = load_pretrained(
             model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation,
-            **alignment,
+            alignment_config=alignment,  # the flags replace the checkpoint's alignment options
         )
         model.train()
-        if model.alignment is None and model_args.contrastive:
+        if model.alignment is None and alignment.enabled:
             from exgra_med.model.modeling import build_alignment
 
             # In the loaded weights' dtype: DeepSpeed ZeRO-3 flattens each parameter group into one buffer.

@@ -1,4 +1,5 @@
-"""`ExGraMedTrainer`: HF Trainer that logs `lm_loss` / `align_loss` and saves only the projector in stage 1."""
+"""`ExGraMedTrainer`: HF Trainer that logs `lm_loss` / `align_loss` (and the alignment's parts, `align_loss/<part>`)
+and saves only the projector in stage 1."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from exgra_med.model.loading import PROJECTOR_FILES, load_projector, save_projec
 logger = logging.getLogger(__name__)
 
 LOSS_PARTS = ("lm_loss", "align_loss")
+ALIGN_PART_PREFIX = "align_loss/"  # + the part's name: image, response, extended (multi-graph); image_response
 ALIGN_RNG_PREFIX = "align_rng_state_"  # + process index + .pth, in every checkpoint-N of a run with the alignment
 
 
@@ -32,19 +34,22 @@ class ExGraMedTrainer(Trainer):
         self._part_count = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Forward; remember the detached loss parts for the next log line."""
+        """Forward; remember the detached loss parts for the next log line (no host sync: summed on the device)."""
         outputs = model(**inputs)
-        for name in LOSS_PARTS if model.training else ():  # evaluation losses are not training log values
-            value = getattr(outputs, name, None)
-            if value is not None:
-                value = value.detach().float()
-                self._part_sums[name] = self._part_sums.get(name, torch.zeros_like(value)) + value
-        if model.training:
+        if model.training:  # evaluation losses are not training log values
+            values = {name: getattr(outputs, name, None) for name in LOSS_PARTS}
+            for part, value in (getattr(outputs, "align_parts", None) or {}).items():
+                values[ALIGN_PART_PREFIX + part] = value
+            for name, value in values.items():
+                if value is not None:
+                    value = value.detach().float()
+                    self._part_sums[name] = self._part_sums.get(name, torch.zeros_like(value)) + value
             self._part_count += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the means of `lm_loss` / `align_loss` since the previous training log (averaged over ranks)."""
+        """Add the means of `lm_loss` / `align_loss` / `align_loss/<part>` since the previous training log (averaged
+        over ranks; every rank holds the same names, as the model and its alignment are the same on every rank)."""
         if "loss" in logs and self._part_count:
             for name, total in sorted(self._part_sums.items()):
                 mean = self.accelerator.reduce(total / self._part_count, reduction="mean")

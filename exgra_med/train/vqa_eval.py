@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +66,10 @@ def split_path(data_path: str, given: str | None, split: str) -> str:
     folder, name = os.path.split(data_path)
     candidate = os.path.join(folder, split + name[len("train") :]) if name.startswith("train") else None
     if candidate is None or not os.path.isfile(candidate):
-        raise ValueError(f"--evaluate_on_{split} True needs --{split}_data_path (no {candidate or split + '*.json'} next to {data_path})")
+        raise ValueError(
+            f"--evaluate_on_{split} True needs --{split}_data_path "
+            f"(no {candidate or split + '*.json'} next to {data_path})"
+        )
     return candidate
 
 
@@ -117,8 +119,15 @@ class VQAScoringTrainer(ExGraMedTrainer):
         model = self.accelerator.unwrap_model(self.model)
         with self._full_parameters(), self.autocast_smart_context_manager():
             answers = generate_answers(
-                model, self.processing_class, self.image_processor, shard, s.batch_size, s.conv_mode, s.max_new_tokens,
-                image_folder=split.image_folder, image_aspect_ratio=s.image_aspect_ratio,
+                model,
+                self.processing_class,
+                self.image_processor,
+                shard,
+                s.batch_size,
+                s.conv_mode,
+                s.max_new_tokens,
+                image_folder=split.image_folder,
+                image_aspect_ratio=s.image_aspect_ratio,
                 generate_kwargs={"synced_gpus": True} if synced else None,
             )
         if world > 1:
@@ -177,9 +186,3 @@ def finish_with_test(trainer: VQAScoringTrainer, test: VQASplit) -> dict[str, fl
     trainer.save_metrics("test", {k: v for k, v in metrics.items() if k != "epoch"}, combined=False)
     trainer.save_state()  # trainer_state.json's log history now ends with the test scores
     return metrics
-
-
-def logged_metric(trainer: VQAScoringTrainer, key: str) -> Sequence[float]:
-    """Every value of `key` in the trainer's log history, in order (e.g. `eval_val_average`)."""
-    return [entry[key] for entry in trainer.state.log_history if key in entry]
-

@@ -125,10 +125,50 @@ def test_batch_of_one_returns_connected_zero_and_warns_once(caplog):
         out = module(*nodes)
         module(*_inputs(1, seed=1))
     assert float(out.loss.detach()) == 0.0 and out.loss.requires_grad
+    assert set(out.parts) == {"image", "response", "extended"}
+    assert all(float(v.detach()) == 0.0 and v.requires_grad for v in out.parts.values())
     out.loss.backward()
+    # Every parameter and input takes part in the graph (DDP / ZeRO see them used), with zero gradients.
     assert all(p.grad is not None and float(p.grad.abs().sum()) == 0 for p in module.parameters())
-    assert all(n.grad is not None for n in nodes)
+    assert all(n.grad is not None and float(n.grad.abs().sum()) == 0 for n in nodes)
     assert sum("at least 2 samples" in r.message for r in caplog.records) == 1
+
+
+class _Reached(Exception):
+    pass
+
+
+def _no_host_reads(monkeypatch):
+    """Make every host read of a tensor value (.item(), bool(), int(), float(), .tolist()) raise."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("host sync: a tensor value was read on the host")
+
+    for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+
+
+@pytest.mark.parametrize("bsz", [1, 2])
+def test_small_batch_decision_reads_no_tensor_value(monkeypatch, bsz):
+    """B < 2 is decided from the shape: no .item()/bool() on a tensor, neither for B = 1 (the zero is built
+    without one either) nor for B = 2 up to the point where the matching problems are built."""
+    module = MultiGraphAlignmentLoss(DIM).train()
+    nodes = _inputs(bsz)
+
+    def reached(*args, **kwargs):
+        raise _Reached
+
+    monkeypatch.setattr(module, "build_problems", reached)
+    with monkeypatch.context() as m:
+        _no_host_reads(m)
+        if bsz == 1:
+            out = module(*nodes)
+            out.loss.backward()
+        else:
+            with pytest.raises(_Reached):
+                module(*nodes)
+    if bsz == 1:
+        assert torch.equal(out.loss.detach(), torch.tensor(0.0))
+        assert all(p.grad is not None and not p.grad.any() for p in module.parameters())
 
 
 @pytest.mark.parametrize("bsz", [2, 4])

@@ -51,7 +51,10 @@ def test_ipfp_reaches_the_optimum_on_method_instances():
         assert _is_partial_matching(x) and x.dtype == unary.dtype
         ref = solve_partial_qap(unary, quadratic, edges, edges, backend="exhaustive")
         assert _is_partial_matching(ref)
-        value, best = qap_objective(x, unary, quadratic, edges, edges), qap_objective(ref, unary, quadratic, edges, edges)
+        value, best = (
+            qap_objective(x, unary, quadratic, edges, edges),
+            qap_objective(ref, unary, quadratic, edges, edges),
+        )
         assert float(value) >= float(best) - 1e-5  # nothing beats enumeration
         hits += int(float(value) <= float(best) + 1e-5)
         total += 1
@@ -67,7 +70,8 @@ def test_batched_solve_equals_single_solves_and_allows_unmatched_nodes():
     for b, (u, q, e) in enumerate(problems):
         single = solve_partial_qap(u, q, e, e)
         assert float(qap_objective(single, u, q, e, e)) == pytest.approx(
-            float(qap_objective(batched[b:b + 1], u, q, e, e)), abs=1e-5)
+            float(qap_objective(batched[b : b + 1], u, q, e, e)), abs=1e-5
+        )
     # All unary costs positive and no quadratic terms: the empty matching (cost 0) is optimal.
     x = solve_partial_qap(unary.abs() + 0.1, torch.zeros_like(quadratic), edges, edges)
     assert float(x.sum()) == 0.0

@@ -168,7 +168,7 @@ def test_tokenization_mismatch_raises(tmp_path):
 def test_tokenizer_without_image_tokens_is_rejected(tmp_path):
     backend = Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
-    with pytest.raises(ValueError, match="add_image_tokens"):
+    with pytest.raises(ValueError, match="prepare_tokenizer"):
         _dataset(tmp_path, [TEXT_ONLY], tok)
 
 

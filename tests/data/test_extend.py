@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from exgra_med.llm_client import InvalidReply, load_progress
 from exgra_med.data.extend import build_jobs, default_system_prompt_path, main, parse_revision, user_message
+from exgra_med.llm_client import InvalidReply, load_progress
 
 _spec = importlib.util.spec_from_file_location(
     "fake_openai", Path(__file__).parents[1] / "llm_client" / "fake_openai.py"

@@ -10,7 +10,10 @@ from PIL import Image
 
 from exgra_med.data.prepare import slake, vqa_rad
 from exgra_med.data.prepare.vqa import (
-    CLOSED_YES_NO_SUFFIX, candidate_file, make_vqa_record, split_train_val,
+    CLOSED_YES_NO_SUFFIX,
+    candidate_file,
+    make_vqa_record,
+    split_train_val,
 )
 
 

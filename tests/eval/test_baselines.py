@@ -47,11 +47,22 @@ def test_majority_and_question_prior_predictions():
     assert majority_answers(TRAIN) == {"CLOSED": "yes", "OPEN": "red"}  # "Yes"/"yes" count together
     assert majority_predictions(TRAIN, TEST) == {"t1": "yes", "t2": "yes", "t3": "red", "t4": "red", "t5": "red"}
     # t3: red (2) beats blue (1); t5: unseen question -> majority of OPEN.
-    assert question_prior_predictions(TRAIN, TEST) == {"t1": "yes", "t2": "no", "t3": "red", "t4": "circle", "t5": "red"}
+    assert question_prior_predictions(TRAIN, TEST) == {
+        "t1": "yes",
+        "t2": "no",
+        "t3": "red",
+        "t4": "circle",
+        "t5": "red",
+    }
 
 
 def test_ties_go_to_the_answer_seen_first():
-    train = [_rec(1, "Q?", "b", "OPEN"), _rec(2, "Q?", "a", "OPEN"), _rec(3, "Q?", "a", "OPEN"), _rec(4, "Q?", "b", "OPEN")]
+    train = [
+        _rec(1, "Q?", "b", "OPEN"),
+        _rec(2, "Q?", "a", "OPEN"),
+        _rec(3, "Q?", "a", "OPEN"),
+        _rec(4, "Q?", "b", "OPEN"),
+    ]
     assert majority_answers(train) == {"OPEN": "b"}
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from exgra_med.llm_client import InvalidReply
 from exgra_med.eval.chatbot import judge_messages, main, parse_scores, summarize
+from exgra_med.llm_client import InvalidReply
 
 _spec = importlib.util.spec_from_file_location(
     "fake_openai", Path(__file__).parents[1] / "llm_client" / "fake_openai.py"

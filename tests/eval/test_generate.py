@@ -67,7 +67,10 @@ def test_left_pad_and_stop_criterion(tiny):
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     tokenizer = tiny[1]
-    rows = [tokenizer("yes###", add_special_tokens=False)["input_ids"], tokenizer("a red one", add_special_tokens=False)["input_ids"]]
+    rows = [
+        tokenizer("yes###", add_special_tokens=False)["input_ids"],
+        tokenizer("a red one", add_special_tokens=False)["input_ids"],
+    ]
     ids, _ = left_pad(rows, tokenizer.pad_token_id)
     assert StopOnString(tokenizer, "###")(ids, None).tolist() == [True, False]
 
@@ -96,8 +99,10 @@ def test_generate_vqa_writes_reference_answer_lines(tiny_model_dir, easy_vqa_dir
 
 def test_resume_skips_answered_ids_and_drops_a_torn_line(tiny_model_dir, easy_vqa_dir, questions, tmp_path):
     answers = tmp_path / "answers.jsonl"
-    kept = [{"question_id": q["id"], "prompt": "p", "text": "PREVIOUS", "answer_id": "x", "model_id": "m", "metadata": {}}
-            for q in questions[:3]]
+    kept = [
+        {"question_id": q["id"], "prompt": "p", "text": "PREVIOUS", "answer_id": "x", "model_id": "m", "metadata": {}}
+        for q in questions[:3]
+    ]
     torn = json.dumps({"question_id": questions[3]["id"], "text": "half"})[:25]
     answers.write_text("".join(json.dumps(r) + "\n" for r in kept) + torn)
     assert [r["question_id"] for r in read_answer_lines(answers)] == [q["id"] for q in questions[:3]]
@@ -157,8 +162,20 @@ def test_launcher_runs_chunks_as_processes_and_merges(tiny_model_dir, easy_vqa_d
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the CPU path: one process per chunk
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     qfile, final = _question_file(tmp_path, questions[:5]), tmp_path / "merged.jsonl"
-    argv = ["--num-chunks", "2", "--question-file", str(qfile), "--answers-file", str(final), "--model",
-            str(tiny_model_dir), "--image-folder", str(easy_vqa_dir / "images"), "--max-new-tokens", "2"]
+    argv = [
+        "--num-chunks",
+        "2",
+        "--question-file",
+        str(qfile),
+        "--answers-file",
+        str(final),
+        "--model",
+        str(tiny_model_dir),
+        "--image-folder",
+        str(easy_vqa_dir / "images"),
+        "--max-new-tokens",
+        "2",
+    ]
     assert launch.main(argv) == 0
     rows = [json.loads(line) for line in final.read_text().splitlines()]
     assert [r["question_id"] for r in rows] == [q["id"] for q in questions[:5]]

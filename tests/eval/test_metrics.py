@@ -9,7 +9,13 @@ import pytest
 
 from exgra_med.eval.glossary import normalize_word
 from exgra_med.eval.metrics import (
-    exact_match, f1_precision_recall, format_table, main, open_hit, score_vqa, vqa_train_metrics,
+    exact_match,
+    f1_precision_recall,
+    format_table,
+    main,
+    open_hit,
+    score_vqa,
+    vqa_train_metrics,
 )
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "vqa_scoring"

@@ -116,7 +116,9 @@ def test_zero_shot_with_the_tiny_model(tiny_model_dir, omnimed, tmp_path):
     results = json.loads((out / "results.json").read_text())
     summary = results["files"]["second.json"]
     assert summary["total"] == 3 and [f["question_id"] for f in summary["failed"]] == ["b1"]
-    lines = {x["question_id"]: x for x in map(json.loads, (out / "predictions" / "second.jsonl").read_text().splitlines())}
+    lines = {
+        x["question_id"]: x for x in map(json.loads, (out / "predictions" / "second.jsonl").read_text().splitlines())
+    }
     for qid in ("b2", "b3"):
         line = lines[qid]
         index = map_to_option(line["model_pred"], options_of(line))

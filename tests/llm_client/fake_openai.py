@@ -69,7 +69,7 @@ class FakeOpenAI:
         """Arrival times of the requests for `key`."""
         return [r["t"] for r in self.requests if r["key"] == key]
 
-    def __enter__(self) -> "FakeOpenAI":
+    def __enter__(self) -> FakeOpenAI:
         self.thread.start()
         return self
 

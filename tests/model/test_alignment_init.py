@@ -1,5 +1,6 @@
 """The alignment head is initialised on every load path: from parts, from a checkpoint without its weights, from one
-with them (loaded, not re-initialised), in bf16. ZeRO-3 and training from a checkpoint: tests/train/test_stage2_from_checkpoint.py."""
+with them (loaded, not re-initialised), in bf16. ZeRO-3 and training from a checkpoint:
+tests/train/test_stage2_from_checkpoint.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from exgra_med.align import ContrastiveAlignmentLoss, MultiGraphAlignmentLoss
-from exgra_med.model.loading import build_from_parts, ConnectorOptions, load_pretrained
+from exgra_med.model.loading import ConnectorOptions, build_from_parts, load_pretrained
 
 MULTI_GRAPH = dict(contrastive=True, multi_graph=True, after_de=True)
 
@@ -33,8 +34,12 @@ def assert_like_fresh_gnn(alignment: torch.nn.Module) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_from_parts_alignment_like_fresh(tiny_model_dir, dtype):
-    model, _, _ = build_from_parts(str(tiny_model_dir / "llm"), str(tiny_model_dir / "vision"),
-                                   ConnectorOptions(alignment=MULTI_GRAPH), dtype=dtype)
+    model, _, _ = build_from_parts(
+        str(tiny_model_dir / "llm"),
+        str(tiny_model_dir / "vision"),
+        ConnectorOptions(alignment=MULTI_GRAPH),
+        dtype=dtype,
+    )
     assert_like_fresh_gnn(model.alignment)
     assert {p.dtype for p in model.alignment.parameters()} == {dtype}
 
@@ -48,8 +53,9 @@ def test_checkpoint_without_alignment_weights_initialises_the_head(tiny_model_di
 
 
 def test_checkpoint_without_contrastive_weights_initialises_the_temperature(tiny_model_dir):
-    model, _, _ = load_pretrained(str(tiny_model_dir), contrastive=True, multi_graph=False,
-                                  contrastive_loss_type="siglip")
+    model, _, _ = load_pretrained(
+        str(tiny_model_dir), contrastive=True, multi_graph=False, contrastive_loss_type="siglip"
+    )
     assert isinstance(model.alignment, ContrastiveAlignmentLoss)
     assert model.alignment.logit_scale.item() == pytest.approx(math.log(10.0))
     assert model.alignment.bias.item() == -10.0
@@ -69,3 +75,14 @@ def test_checkpoint_with_alignment_weights_loads_them(tiny_model_dir, tmp_path):
         got = dict(loaded.alignment.named_parameters())
         for name, value in saved.items():
             torch.testing.assert_close(got[name], value.to(dtype), rtol=0, atol=0)
+
+
+def test_typed_alignment_override_replaces_the_saved_options(tiny_model_dir):
+    from exgra_med.align import AlignmentConfig
+
+    options = AlignmentConfig(contrastive=True, multi_graph=True, k=3, noise_scale=0.1, dropout=0.2, seed=5)
+    model, _, _ = load_pretrained(str(tiny_model_dir), alignment_config=options)
+    assert model.config.alignment_config == options
+    assert isinstance(model.alignment, MultiGraphAlignmentLoss)
+    assert (model.alignment.k, model.alignment.noise_scale, model.alignment.seed) == (3, 0.1, 5)
+    assert model.alignment.gnn.dropout == 0.2

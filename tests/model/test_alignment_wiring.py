@@ -50,8 +50,11 @@ def test_after_de_runs_one_batched_pass_equal_to_separate_passes(tiny_model_dir,
     torch.testing.assert_close(image, expected_image)
     torch.testing.assert_close(response, expected_response, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(extended, expected_extended, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.loss, out.lm_loss + model.config.alpha * out.align_loss)
+    torch.testing.assert_close(out.loss, out.lm_loss + model.config.alignment_config.alpha * out.align_loss)
     assert 0.0 <= float(out.align_loss) <= 2.0
+    # The per-modality parts come back on the output; the loss is their mean.
+    assert set(out.align_parts) == {"image", "response", "extended"}
+    torch.testing.assert_close(sum(out.align_parts.values()) / 3, out.align_loss)
 
 
 @pytest.mark.parametrize("impl,packed", [("sdpa", True), ("eager", True), ("flex_attention", False)])
@@ -115,5 +118,6 @@ def test_contrastive_ablations_train(tiny_model_dir, easy_vqa_dir, loss_type, si
     model.train()
     out = model(**batch)
     assert torch.isfinite(out.align_loss) and out.align_loss > 0
+    assert set(out.align_parts) == {"image_response"}
     out.loss.backward()
     assert any(p.grad is not None for p in model.alignment.parameters())

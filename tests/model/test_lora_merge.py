@@ -8,7 +8,7 @@ import torch
 
 from exgra_med.cli import main as cli_main
 from exgra_med.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
-from exgra_med.model.loading import load_pretrained
+from exgra_med.model.checkpoint import load_model
 from exgra_med.model.lora import merge_lora_state_dict
 from exgra_med.train.args import ModelArguments
 from exgra_med.train.main import set_trainable
@@ -19,7 +19,7 @@ LORA_ALPHA = 8
 @pytest.fixture(scope="module")
 def lora_run(tiny_model_dir, tmp_path_factory):
     """A LoRA-wrapped tiny model with non-zero adapters, saved as the trainer saves checkpoint-N."""
-    model, tokenizer, processor = load_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    model, tokenizer, processor = load_model(tiny_model_dir, dtype=torch.float32)
     args = ModelArguments(model_name_or_path=str(tiny_model_dir), lora_enable=True, lora_r=4, lora_alpha=LORA_ALPHA)
     set_trainable(model, args)
     gen = torch.Generator().manual_seed(11)
@@ -51,7 +51,7 @@ def test_merged_checkpoint_equals_peft_model(lora_run, tmp_path):
     assert "language_model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight" in names
     out = tmp_path / "merged"
     assert cli_main(["merge-lora", "--in", str(ckpt), "--out", str(out), "--lora-alpha", str(LORA_ALPHA)]) == 0
-    merged, tok2, processor = load_pretrained(str(out), dtype=torch.float32)
+    merged, tok2, processor = load_model(out, dtype=torch.float32)
     assert not any("lora" in k or "base_layer" in k for k in merged.state_dict())
     assert processor.crop_size["height"] == 32 and len(tok2) == len(tokenizer)
     ids, pixels = _inputs(tokenizer, merged.num_image_tokens)
@@ -62,7 +62,7 @@ def test_merged_checkpoint_equals_peft_model(lora_run, tmp_path):
     # The adapters matter: merging with another alpha gives other logits.
     out2 = tmp_path / "merged_wrong_alpha"
     assert cli_main(["merge-lora", "--in", str(ckpt), "--out", str(out2), "--lora-alpha", "1"]) == 0
-    wrong, _, _ = load_pretrained(str(out2), dtype=torch.float32)
+    wrong, _, _ = load_model(out2, dtype=torch.float32)
     with torch.no_grad():
         assert (wrong(input_ids=ids, pixel_values=pixels).logits - expected).abs().max() > 1e-3
 

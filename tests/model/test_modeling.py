@@ -64,7 +64,9 @@ def test_generate_matches_step_by_step_greedy(tiny):
     model, tokenizer, _ = tiny
     ids = _prompt_ids(tokenizer, model.num_image_tokens)
     pixels = torch.randn(1, 3, 32, 32)
-    out = model.generate(ids, pixels, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    out = model.generate(
+        ids, pixels, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=tokenizer.pad_token_id
+    )
     assert out.shape == (1, 6)
     # Recompute without a cache: append the argmax token and run the full forward again.
     seq = ids
@@ -77,14 +79,16 @@ def test_generate_matches_step_by_step_greedy(tiny):
 
 def test_batched_left_padded_generation_equals_single(tiny):
     model, tokenizer, _ = tiny
-    prompts = [_prompt_ids(tokenizer, model.num_image_tokens, q)[0] for q in ("Is it red?", "What shape is in the image now?")]
+    prompts = [
+        _prompt_ids(tokenizer, model.num_image_tokens, q)[0] for q in ("Is it red?", "What shape is in the image now?")
+    ]
     pixels = torch.randn(2, 3, 32, 32)
     width = max(len(p) for p in prompts)
     ids = torch.full((2, width), tokenizer.pad_token_id)
     mask = torch.zeros((2, width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = p
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = p
+        mask[i, width - len(p) :] = 1
     kwargs = dict(max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
     batched = model.generate(ids, pixels, attention_mask=mask, **kwargs)
     for i, p in enumerate(prompts):
@@ -125,7 +129,11 @@ def test_other_llms_build_train_and_generate(tmp_path, llm):
 
 def test_plain_placeholder_and_biomedclip_tower(tmp_path):
     out = make_tiny_model(
-        tmp_path / "bm", vision="biomedclip", image_size=64, hidden=64, layers=1,
+        tmp_path / "bm",
+        vision="biomedclip",
+        image_size=64,
+        hidden=64,
+        layers=1,
         options=ConnectorOptions(mm_use_im_start_end=False, mm_dense_connector_type="dci", num_l=3),
     )
     model, tokenizer, _ = load_pretrained(str(out), dtype=torch.float32)

@@ -40,7 +40,7 @@ class Terminal:
             try:
                 data = os.read(self.master, 4096).decode("utf-8", errors="replace")
             except OSError:  # the child closed the terminal
-                raise AssertionError(f"process ended before {text!r}; terminal shows:\n{self.buffer[-2000:]}")
+                raise AssertionError(f"process ended before {text!r}; terminal shows:\n{self.buffer[-2000:]}") from None
             self.buffer += data.replace("\r\n", "\n")
         before, self.buffer = self.buffer.split(text, 1)
         return before

@@ -64,7 +64,9 @@ def test_prompt_places_image_tokens_and_history(engine):
     n = engine.model.num_image_tokens
     image = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_PATCH_TOKEN * n + DEFAULT_IM_END_TOKEN
     prompt = engine.build_prompt([("human", "What is it?"), ("gpt", "A circle."), ("human", "Colour?")], True)
-    assert prompt.endswith(f"### Human: What is it?\n{image}\n### Assistant: A circle.\n### Human: Colour?\n### Assistant:")
+    assert prompt.endswith(
+        f"### Human: What is it?\n{image}\n### Assistant: A circle.\n### Human: Colour?\n### Assistant:"
+    )
     assert engine.build_prompt([("human", "<image>\nWhat is it?")], True).count(image) == 1
     assert DEFAULT_IMAGE_PATCH_TOKEN not in engine.build_prompt([("human", "What is <image>?")], False)
     assert engine.build_prompt([("human", "Hi")], False, system="Be brief.").startswith("Be brief.\n\n### Human: Hi")
@@ -77,8 +79,9 @@ def test_stream_equals_answer_equals_direct_generation(engine):
     info = GenerationInfo()
     pieces = list(engine.stream(messages, _image(), SETTINGS, info=info))
     ids = engine.encode(messages, has_image=True)
-    raw = engine.model.generate(ids, engine.preprocess(_image()), max_new_tokens=6, do_sample=False,
-                                pad_token_id=engine.tokenizer.pad_token_id)
+    raw = engine.model.generate(
+        ids, engine.preprocess(_image()), max_new_tokens=6, do_sample=False, pad_token_id=engine.tokenizer.pad_token_id
+    )
     expected = engine.template.clean_answer(engine.tokenizer.decode(raw[0], skip_special_tokens=True))
     assert expected and "".join(pieces) == expected
     assert len(pieces) >= 2  # it really streams

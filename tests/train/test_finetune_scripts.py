@@ -46,7 +46,11 @@ def _dry_run(tmp_path: Path, *args: str, **env) -> dict[str, str]:
 ])
 def test_reference_recipes(tmp_path, dataset, dci, lr, epochs, batch):
     flags = _dry_run(tmp_path, dataset, *(["--dci"] if dci else []))
-    assert (flags["learning_rate"], flags["num_train_epochs"], flags["per_device_train_batch_size"]) == (lr, epochs, batch)
+    assert (flags["learning_rate"], flags["num_train_epochs"], flags["per_device_train_batch_size"]) == (
+        lr,
+        epochs,
+        batch,
+    )
     assert flags["model_name_or_path"] == "pretrained/exgra-med" + ("-dci" if dci else "")
     assert flags["metric_for_best_model"] == "eval_val_average" and flags["load_best_model_at_end"] == "True"
     assert flags["eval_strategy"] == flags["save_strategy"] == "epoch"
@@ -57,8 +61,13 @@ def test_extra_flags_and_variables_override(tmp_path):
     flags = _dry_run(tmp_path, "slake", "--learning_rate", "1e-4", "--max_steps", "3", EPOCHS="2", OUTPUT_DIR="o")
     assert flags["learning_rate"] == "1e-4" and flags["max_steps"] == "3"
     assert flags["num_train_epochs"] == "2" and flags["output_dir"] == "o"
-    unknown = subprocess.run(["bash", str(REPO / "scripts" / "finetune.sh"), "mydata"], env=_env(TORCHRUN="echo"),
-                             capture_output=True, text=True, check=False)
+    unknown = subprocess.run(
+        ["bash", str(REPO / "scripts" / "finetune.sh"), "mydata"],
+        env=_env(TORCHRUN="echo"),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert unknown.returncode != 0 and "set LR" in unknown.stderr
 
 
@@ -75,12 +84,44 @@ def _small_data(src: Path, dst: Path, n: dict[str, int]) -> Path:
 def test_finetune_script_runs_on_cpu(tiny_model_dir, easy_vqa_dir, tmp_path):
     data = _small_data(easy_vqa_dir, tmp_path / "data", {"train": 16, "val": 4, "test": 4})
     out = tmp_path / "ft"
-    cpu = ["--use_cpu", "True", "--bf16", "False", "--activation_checkpointing", "False", "--dataloader_num_workers", "0",
-           "--max_steps", "2", "--per_device_train_batch_size", "4", "--eval_strategy", "steps", "--eval_steps", "1",
-           "--save_strategy", "steps", "--save_steps", "1", "--eval_batch_size", "4", "--eval_max_new_tokens", "2"]
-    subprocess.run(["bash", str(REPO / "scripts" / "finetune.sh"), "easy-vqa", *cpu], check=True, env=_env(
-        MODEL_PATH=str(tiny_model_dir), DATA_DIR=str(data), OUTPUT_DIR=str(out), LR="1e-4", NPROC_PER_NODE="1",
-        MASTER_PORT="29561"))
+    cpu = [
+        "--use_cpu",
+        "True",
+        "--bf16",
+        "False",
+        "--activation_checkpointing",
+        "False",
+        "--dataloader_num_workers",
+        "0",
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "1",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "1",
+        "--eval_batch_size",
+        "4",
+        "--eval_max_new_tokens",
+        "2",
+    ]
+    subprocess.run(
+        ["bash", str(REPO / "scripts" / "finetune.sh"), "easy-vqa", *cpu],
+        check=True,
+        env=_env(
+            MODEL_PATH=str(tiny_model_dir),
+            DATA_DIR=str(data),
+            OUTPUT_DIR=str(out),
+            LR="1e-4",
+            NPROC_PER_NODE="1",
+            MASTER_PORT="29561",
+        ),
+    )
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert [h["step"] for h in history if "eval_val_average" in h] == [1, 2]
     assert "eval_test_average" in json.loads((out / "test_results.json").read_text())
@@ -93,9 +134,13 @@ def test_demo_finetune_prints_model_and_baselines(tiny_model_dir, easy_vqa_dir, 
     demo.mkdir()
     (demo / "stage2").symlink_to(tiny_model_dir)
     _small_data(easy_vqa_dir, demo / "data", {"train": 64, "val": 4, "test": 40})
-    result = subprocess.run(["bash", str(REPO / "scripts" / "demo_finetune.sh")], capture_output=True, text=True, check=False,
-                            env=_env(DEMO_DIR=str(demo), FINETUNE_STEPS="2", BATCH="4", TEST_QUESTIONS="12",
-                                     MASTER_PORT="29562"))
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts" / "demo_finetune.sh")],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=_env(DEMO_DIR=str(demo), FINETUNE_STEPS="2", BATCH="4", TEST_QUESTIONS="12", MASTER_PORT="29562"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| system | overall | closed | open |" in result.stdout
     for row in ("| model |", "| majority answer |", "| question prior |"):
@@ -108,13 +153,46 @@ def test_demo_finetune_prints_model_and_baselines(tiny_model_dir, easy_vqa_dir, 
 def test_two_ranks_shard_and_gather_val_and_test_answers(tiny_model_dir, easy_vqa_dir, tmp_path):
     data = _small_data(easy_vqa_dir, tmp_path / "data", {"train": 16, "val": 5, "test": 5})
     out = tmp_path / "ft"
-    cpu = ["--use_cpu", "True", "--bf16", "False", "--activation_checkpointing", "False", "--dataloader_num_workers", "0",
-           "--max_steps", "2", "--per_device_train_batch_size", "2", "--eval_strategy", "steps", "--eval_steps", "2",
-           "--save_strategy", "steps", "--save_steps", "2", "--eval_batch_size", "2", "--eval_max_new_tokens", "3"]
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "finetune.sh"), "easy-vqa", *cpu], capture_output=True,
-                          text=True, check=False, env=_env(MODEL_PATH=str(tiny_model_dir), DATA_DIR=str(data),
-                                                            OUTPUT_DIR=str(out), LR="1e-4", NPROC_PER_NODE="2",
-                                                            MASTER_PORT="29563"))
+    cpu = [
+        "--use_cpu",
+        "True",
+        "--bf16",
+        "False",
+        "--activation_checkpointing",
+        "False",
+        "--dataloader_num_workers",
+        "0",
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "2",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--eval_batch_size",
+        "2",
+        "--eval_max_new_tokens",
+        "3",
+    ]
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "finetune.sh"), "easy-vqa", *cpu],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=_env(
+            MODEL_PATH=str(tiny_model_dir),
+            DATA_DIR=str(data),
+            OUTPUT_DIR=str(out),
+            LR="1e-4",
+            NPROC_PER_NODE="2",
+            MASTER_PORT="29563",
+        ),
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     test = json.loads((data / "test.json").read_text())
     lines = [json.loads(x) for x in (out / "test_answers.jsonl").read_text().splitlines()]

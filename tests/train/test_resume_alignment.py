@@ -4,8 +4,10 @@ the alignment's generator (edge noise, GNN dropout) is saved with every checkpoi
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -43,5 +45,10 @@ def test_resumed_alignment_run_is_bit_identical(tiny_model_dir, easy_vqa_dir, tm
     logs = [json.loads((d / "trainer_state.json").read_text())["log_history"] for d in (whole, resumed)]
     align = [[h["align_loss"] for h in log if "align_loss" in h] for log in logs]
     assert len(align[0]) == 4 and align[1] == align[0]  # the resumed history holds steps 1-2 from the checkpoint
-    # The run records the seed its alignment generator used.
-    assert json.loads((whole / "config.json").read_text())["align_seed"] == 3
+    # The run records the seed its alignment generator used (the run's --seed).
+    assert json.loads((whole / "config.json").read_text())["alignment_config"]["seed"] == 3
+    # Each modality's part of the alignment loss is logged, finite, and the parts average to the loss.
+    for entry in (h for h in logs[0] if "align_loss" in h):
+        parts = [entry[f"align_loss/{m}"] for m in ("image", "response", "extended")]
+        assert all(math.isfinite(v) and 0.0 <= v <= 2.0 for v in parts), entry
+        assert sum(parts) / 3 == pytest.approx(entry["align_loss"], abs=1e-5)

@@ -16,14 +16,45 @@ from safetensors.torch import load_file
 from exgra_med.train.main import main
 
 ALIGN = ["--contrastive", "True", "--multi_graph", "True", "--after_de", "True"]
-CPU = ["--bf16", "False", "--activation_checkpointing", "False", "--dataloader_num_workers", "0", "--logging_steps", "1",
-       "--save_strategy", "no", "--use_cpu", "True", "--report_to", "none", "--seed", "0"]
+CPU = [
+    "--bf16",
+    "False",
+    "--activation_checkpointing",
+    "False",
+    "--dataloader_num_workers",
+    "0",
+    "--logging_steps",
+    "1",
+    "--save_strategy",
+    "no",
+    "--use_cpu",
+    "True",
+    "--report_to",
+    "none",
+    "--seed",
+    "0",
+]
 
 
 def _argv(model: Path, data: Path, out: Path, lr: str, steps: int = 3) -> list[str]:
-    return ["--model_name_or_path", str(model), "--data_path", str(data / "instruct.json"),
-            "--image_folder", str(data / "images"), "--output_dir", str(out), "--per_device_train_batch_size", "4",
-            "--learning_rate", lr, "--max_steps", str(steps), *ALIGN, *CPU]
+    return [
+        "--model_name_or_path",
+        str(model),
+        "--data_path",
+        str(data / "instruct.json"),
+        "--image_folder",
+        str(data / "images"),
+        "--output_dir",
+        str(out),
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        lr,
+        "--max_steps",
+        str(steps),
+        *ALIGN,
+        *CPU,
+    ]
 
 
 def _losses(out: Path) -> list[tuple[float, float]]:
@@ -61,9 +92,22 @@ def test_stage2_from_checkpoint_under_zero3(tiny_model_dir, easy_vqa_dir, tmp_pa
     out = tmp_path / "zero3"
     bin_dir = str(Path(sys.executable).parent)
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PATH=f"{bin_dir}:{os.environ['PATH']}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
-           "-m", "exgra_med.train", *_argv(tiny_model_dir, easy_vqa_dir, out, "0", steps=2),
-           "--per_device_train_batch_size", "2", "--deepspeed", str(repo / "scripts" / "deepspeed" / "zero3.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29561",
+        "-m",
+        "exgra_med.train",
+        *_argv(tiny_model_dir, easy_vqa_dir, out, "0", steps=2),
+        "--per_device_train_batch_size",
+        "2",
+        "--deepspeed",
+        str(repo / "scripts" / "deepspeed" / "zero3.json"),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=repo)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     losses = _losses(out)

@@ -84,7 +84,8 @@ def test_stage2_script_two_process_torchrun(ddp_stage2):
 
 @pytest.mark.slow
 def test_stage2_script_fsdp_matches_ddp(tiny_model_dir, easy_vqa_dir, projector, ddp_stage2, tmp_path):
-    """FSDP full_shard through scripts/fsdp.json (layers to wrap taken from the model) trains the same weights as DDP."""
+    """FSDP full_shard through scripts/fsdp.json (layers to wrap taken from the model) trains the same weights as
+    DDP."""
     out = tmp_path / "stage2_fsdp"
     env = _env(tiny_model_dir, easy_vqa_dir, projector, out, 29535, NPROC_PER_NODE="2", FSDP="full_shard auto_wrap")
     _run_script("stage2.sh", env, STAGE2_ARGS)
@@ -102,14 +103,23 @@ def test_stage2_script_fsdp_matches_ddp(tiny_model_dir, easy_vqa_dir, projector,
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("ninja") is None and not Path(sys.executable).with_name("ninja").exists(),
-                    reason="DeepSpeed needs ninja to build its CPU ops")
+@pytest.mark.skipif(
+    shutil.which("ninja") is None and not Path(sys.executable).with_name("ninja").exists(),
+    reason="DeepSpeed needs ninja to build its CPU ops",
+)
 def test_stage1_script_deepspeed_zero2(tiny_model_dir, easy_vqa_dir, tmp_path):
     pytest.importorskip("deepspeed")
     out = tmp_path / "stage1_zero2"
-    env = _env(tiny_model_dir, easy_vqa_dir, tmp_path, out, 29533, NPROC_PER_NODE="2",
-               DEEPSPEED=str(REPO / "scripts" / "deepspeed" / "zero2.json"),
-               DATA_PATH=str(easy_vqa_dir / "alignment.json"))
+    env = _env(
+        tiny_model_dir,
+        easy_vqa_dir,
+        tmp_path,
+        out,
+        29533,
+        NPROC_PER_NODE="2",
+        DEEPSPEED=str(REPO / "scripts" / "deepspeed" / "zero2.json"),
+        DATA_PATH=str(easy_vqa_dir / "alignment.json"),
+    )
     _run_script("stage1.sh", env, [*CPU_ARGS, "--max_steps", "3", "--learning_rate", "1e-2"])
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 3
@@ -124,7 +134,8 @@ def test_stage1_script_deepspeed_zero2(tiny_model_dir, easy_vqa_dir, tmp_path):
 
 @pytest.mark.slow
 def test_lora_run_saves_a_merged_checkpoint_equal_to_merging_its_last_checkpoint(
-        tiny_model_dir, easy_vqa_dir, projector, tmp_path):
+    tiny_model_dir, easy_vqa_dir, projector, tmp_path
+):
     """2-process LoRA stage 2: every rank saves the adapter model, rank 0 folds the adapters in. The result equals
     `merge-lora` of the run's last checkpoint with the lora_alpha the checkpoint records (no flag needed)."""
     from exgra_med.cli import main as cli_main
@@ -132,8 +143,23 @@ def test_lora_run_saves_a_merged_checkpoint_equal_to_merging_its_last_checkpoint
 
     out = tmp_path / "stage2_lora"
     env = _env(tiny_model_dir, easy_vqa_dir, projector, out, 29537, NPROC_PER_NODE="2")
-    _run_script("stage2.sh", env, [*STAGE2_ARGS, "--lora_enable", "True", "--lora_r", "4", "--lora_alpha", "8",
-                                   "--save_strategy", "steps", "--save_steps", "3"])
+    _run_script(
+        "stage2.sh",
+        env,
+        [
+            *STAGE2_ARGS,
+            "--lora_enable",
+            "True",
+            "--lora_r",
+            "4",
+            "--lora_alpha",
+            "8",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "3",
+        ],
+    )
     assert not (out / "lora-unmerged").exists() and not (out / ".lora-merged").exists()
     final = load_file(str(out / "model.safetensors"))
     assert not any("lora_" in k or "base_layer" in k for k in final)

@@ -71,7 +71,10 @@ def test_val_scoring_keeps_the_best_checkpoint_and_scores_test(tiny_model_dir, e
     # load_best_model_at_end: the saved model is the best checkpoint (the first on equal scores).
     best_step = 4 if evals[1]["eval_val_average"] > evals[0]["eval_val_average"] else 2
     assert state["best_model_checkpoint"].endswith(f"checkpoint-{best_step}")
-    final, best = load_file(str(out / "model.safetensors")), load_file(str(out / f"checkpoint-{best_step}" / "model.safetensors"))
+    final, best = (
+        load_file(str(out / "model.safetensors")),
+        load_file(str(out / f"checkpoint-{best_step}" / "model.safetensors")),
+    )
     other = load_file(str(out / f"checkpoint-{6 - best_step}" / "model.safetensors"))
     key = "language_model.model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(final[key], best[key]) and not torch.equal(final[key], other[key])

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from exgra_med.data.prepare.vqa import require
 from exgra_med.io import read_json, write_json_atomic

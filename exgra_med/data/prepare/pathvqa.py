@@ -22,12 +22,20 @@ import logging
 import os
 import pickle
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from exgra_med.data.prepare.vqa import (
-    add_common_arguments, check_images, is_yes_no, link_images, load_closed_options, make_vqa_record,
-    require, split_train_val, write_vqa_outputs,
+    add_common_arguments,
+    check_images,
+    is_yes_no,
+    link_images,
+    load_closed_options,
+    make_vqa_record,
+    require,
+    split_train_val,
+    write_vqa_outputs,
 )
 
 logger = logging.getLogger(__name__)

@@ -14,8 +14,9 @@ import logging
 import math
 import random
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from exgra_med.io import read_json, write_json_atomic
 

@@ -8,8 +8,9 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from exgra_med.constants import DEFAULT_IMAGE_TOKEN
 from exgra_med.io import read_json, write_json_atomic

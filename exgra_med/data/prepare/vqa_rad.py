@@ -14,12 +14,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from exgra_med.data.prepare.vqa import (
-    add_common_arguments, as_id, check_images, link_images, load_closed_options, make_vqa_record,
-    require, split_train_val, write_vqa_outputs,
+    add_common_arguments,
+    as_id,
+    check_images,
+    link_images,
+    load_closed_options,
+    make_vqa_record,
+    require,
+    split_train_val,
+    write_vqa_outputs,
 )
 from exgra_med.io import read_json
 
