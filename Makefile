@@ -49,7 +49,7 @@ test: setup lint
 	$(PYTEST)
 
 test-fast: setup
-	$(PYTEST) -m "not slow"
+	$(PYTEST) -m "not slow and not gpu"
 
 # Forward-compatibility canary: the newest releases the ranges of pyproject.toml allow (torch stays pinned by
 # constraints.txt), in a separate environment, with the fast suite. Run it before new work and after every
@@ -61,7 +61,7 @@ test-latest:
 	$(LATEST_VENV)/bin/uv pip install -q --python $(LATEST_VENV)/bin/python --upgrade -c constraints.txt -e ".[$(EXTRAS)]"
 	$(LATEST_VENV)/bin/uv pip freeze --python $(LATEST_VENV)/bin/python > $(LATEST_VENV)/versions.txt
 	grep -iE '^(torch|transformers|accelerate|peft|deepspeed|torch.geometric|open.clip.torch|gradio)==' $(LATEST_VENV)/versions.txt
-	HF_HUB_OFFLINE=1 $(LATEST_VENV)/bin/python -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 $(LATEST_VENV)/bin/python -m pytest -q -m "not slow and not gpu"
 
 # The lower bounds of pyproject.toml, kept honest: the oldest release each direct dependency allows (what the
 # others then need on top), in .venv-lowest, with the whole suite.

@@ -145,6 +145,7 @@ def test_both_layouts_load_with_one_dtype_policy(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_default_is_bfloat16(tiny_model_dir):
     model, _, _ = load_model(tiny_model_dir, device="cuda")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
