@@ -68,7 +68,7 @@ def _reference_arrangement(model, batch: dict) -> torch.Tensor:
     image = model.get_image_features(batch["pixel_values"]).mean(1)
     response = pool_tokens(model.encode_texts(batch["response_ids"], batch["response_mask"]))
     extended = pool_tokens(model.encode_texts(batch["extended_ids"], batch["extended_mask"]))
-    return out.loss + model.config.alpha * model.alignment(image, response, extended).loss
+    return out.loss + model.config.alignment_config.alpha * model.alignment(image, response, extended).loss
 
 
 def _prepared(quick: bool):

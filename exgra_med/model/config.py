@@ -112,17 +112,3 @@ class ExGraMedConfig(PreTrainedConfig):
         if isinstance(output.get("alignment_config"), AlignmentConfig):
             output["alignment_config"] = output["alignment_config"].to_dict()
         return output
-
-    # Compatibility with code written against the flat fields (`config.alpha`, `config.contrastive = True`): those
-    # names read and write `alignment_config`. New code uses `config.alignment_config.<field>`.
-    def __getattr__(self, name: str):
-        alignment = self.__dict__.get("alignment_config")
-        if name in LEGACY_KEYS and isinstance(alignment, AlignmentConfig):
-            return getattr(alignment, LEGACY_KEYS[name])
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    def __setattr__(self, key, value):
-        alignment = self.__dict__.get("alignment_config")
-        if key in LEGACY_KEYS and isinstance(alignment, AlignmentConfig):
-            key, value = "alignment_config", alignment.replace(**{key: value})
-        super().__setattr__(key, value)
