@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate-vqa": ("exgra_med.eval.generate:main", "batched, resumable VQA answer generation (one chunk)"),
     "generate-vqa-multi": ("exgra_med.eval.launch:main", "VQA answers: chunks over the visible GPUs, then merged"),
     "zero-shot": ("exgra_med.eval.zero_shot:main", "OmniMedVQA zero-shot multiple-choice accuracy"),
+    "grounding-audit": ("exgra_med.eval.grounding:main", "VQA scores with real, blank and shuffled images"),
     "vqa-baselines": (
         "exgra_med.eval.baselines:main",
         "model vs majority / question-prior baselines on a VQA test set",

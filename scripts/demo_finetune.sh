@@ -61,3 +61,8 @@ echo
 echo "== fine-tuned model vs answer-prior baselines"
 exgra-med vqa-baselines --train "$DATA/train.json" --test "$QUESTIONS" --candidate "$DATA/candidate.json" \
   --pred "$OUT/test_answers_$TEST_QUESTIONS.jsonl"
+echo
+echo "== grounding audit: the same questions with real, blank and shuffled images"
+exgra-med grounding-audit --model "$OUT" --question-file "$QUESTIONS" --image-folder "$DATA/images" \
+  --candidate "$DATA/candidate.json" --train "$DATA/train.json" --conv-mode "${CONV_MODE:-llava_med}" \
+  --batch-size "$EVAL_BATCH" --max-new-tokens "${MAX_NEW_TOKENS:-8}" --quiet --out "$OUT/grounding_audit.json"

@@ -6,7 +6,8 @@
 #
 # Variables: MODEL_PATH (checkpoint), DATA_DIR (prepared test.json + candidate.json + images/),
 # QUESTION_FILE (default $DATA_DIR/test.json), IMAGE_FOLDER, CANDIDATE, OUT_DIR (answers + scores),
-# NUM_CHUNKS (default: number of visible GPUs, or 1), BATCH_SIZE (default 16).
+# NUM_CHUNKS (default: number of visible GPUs, or 1), BATCH_SIZE (default 16), TRAIN_FILE (training records: adds
+# the answer-prior baselines to the grounding audit), GROUNDING_AUDIT (default 1; 0 skips the audit).
 # A rerun resumes: every chunk skips the questions it has already answered.
 set -euo pipefail
 
@@ -35,3 +36,10 @@ exgra-med generate-vqa-multi "${CHUNK_ARGS[@]}" \
 
 echo "== scores -> ${ANSWERS%.jsonl}_scores.json"
 exgra-med score --gt "$QUESTION_FILE" --pred "$ANSWERS" --candidate "$CANDIDATE" --json "${ANSWERS%.jsonl}_scores.json"
+
+if [ "${GROUNDING_AUDIT:-1}" != "0" ]; then
+  echo "== grounding audit (real, blank and shuffled images) -> ${ANSWERS%.jsonl}_grounding.json"
+  exgra-med grounding-audit --model "$MODEL_PATH" --question-file "$QUESTION_FILE" --image-folder "$IMAGE_FOLDER" \
+    --candidate "$CANDIDATE" ${TRAIN_FILE:+--train "$TRAIN_FILE"} --batch-size "$BATCH_SIZE" --conv-mode simple \
+    --out "${ANSWERS%.jsonl}_grounding.json" "$@"
+fi

@@ -129,7 +129,7 @@ def test_finetune_script_runs_on_cpu(tiny_model_dir, easy_vqa_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_finetune_prints_model_and_baselines(tiny_model_dir, easy_vqa_dir, tmp_path):
+def test_demo_finetune_prints_model_baselines_and_grounding_audit(tiny_model_dir, easy_vqa_dir, tmp_path):
     demo = tmp_path / "demo"
     demo.mkdir()
     (demo / "stage2").symlink_to(tiny_model_dir)
@@ -147,6 +147,10 @@ def test_demo_finetune_prints_model_and_baselines(tiny_model_dir, easy_vqa_dir, 
         assert row in result.stdout
     answers = (demo / "finetune" / "test_answers_12.jsonl").read_text().splitlines()
     assert len(answers) == len(json.loads((demo / "finetune" / "test_questions.json").read_text())) == 12
+    for row in ("| real images |", "| blank images |", "| shuffled images |"):  # the grounding audit
+        assert row in result.stdout
+    audit = json.loads((demo / "finetune" / "grounding_audit.json").read_text())
+    assert audit["questions"] == 12 and set(audit["answers_changed_vs_real"]) == {"blank images", "shuffled images"}
 
 
 @pytest.mark.slow
