@@ -133,17 +133,18 @@ class AlignmentConfig:
         raise TypeError(f"alignment config must be an AlignmentConfig, a dict or None, got {type(value).__name__}")
 
 
-def _flag(f: dataclasses.Field) -> str:
+def flag_name(f: dataclasses.Field) -> str:
+    """The trainer flag (without `--`) of an AlignmentConfig field, which is also its flat config.json key."""
     return f.metadata["flag"] or f.name
 
 
 def _label(name: str) -> str:
-    flag = _flag(next(f for f in dataclasses.fields(AlignmentConfig) if f.name == name))
+    flag = flag_name(next(f for f in dataclasses.fields(AlignmentConfig) if f.name == name))
     return f"{name} (--{flag})" if flag != name else f"--{name}"
 
 
 # The flat keys (= trainer flag names) by field name's inverse: flat key -> field name.
-LEGACY_KEYS: dict[str, str] = {_flag(f): f.name for f in dataclasses.fields(AlignmentConfig)}
+LEGACY_KEYS: dict[str, str] = {flag_name(f): f.name for f in dataclasses.fields(AlignmentConfig)}
 
 
 def build_alignment_loss(config: AlignmentConfig, dim: int) -> nn.Module | None:

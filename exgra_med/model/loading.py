@@ -19,6 +19,7 @@ from exgra_med.model.checkpoint import is_exgra_med_checkpoint, read_weights, wr
 from exgra_med.model.checkpoint import load_model as load_pretrained  # noqa: F401 - the name train/eval import
 from exgra_med.model.config import ExGraMedConfig
 from exgra_med.model.modeling import ExGraMedForConditionalGeneration
+from exgra_med.model.reference import projector_state
 from exgra_med.model.tokenizer import prepare_tokenizer
 from exgra_med.model.vision import load_image_processor, load_vision_tower
 
@@ -98,11 +99,7 @@ def load_projector(model: ExGraMedForConditionalGeneration, path: str | Path) ->
         if not found:
             raise FileNotFoundError(f"{path}: none of {PROJECTOR_FILES} found")
         path = found[0]
-    state = read_weights(path)
-    marker = "mm_projector."
-    cleaned = {k[k.index(marker) + len(marker) :]: v for k, v in state.items() if marker in k}
-    if not cleaned:
-        raise ValueError(f"{path}: no 'mm_projector.*' weights found (keys: {list(state)[:5]})")
+    cleaned = projector_state(read_weights(path), path)
     try:
         model.mm_projector.load_state_dict(cleaned, strict=True)
     except RuntimeError as e:

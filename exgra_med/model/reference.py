@@ -148,12 +148,13 @@ def exgra_med_config(
     )
 
 
-def projector_state(weights: dict[str, torch.Tensor], folder: str | Path) -> dict[str, torch.Tensor]:
-    """`model.mm_projector.*` weights of a reference checkpoint, keyed as `mm_projector`'s own state dict."""
+def projector_state(weights: dict[str, torch.Tensor], source: str | Path) -> dict[str, torch.Tensor]:
+    """The projector weights among `weights`, keyed as `mm_projector`'s own state dict: this project's keys
+    (`mm_projector.0.weight`) and the reference's (`model.mm_projector.0.weight`)."""
     state = {k[k.index(PROJECTOR_MARKER) + len(PROJECTOR_MARKER):]: v for k, v in weights.items()
              if PROJECTOR_MARKER in k}
     if not state:
-        raise ValueError(f"{folder}: no '{PROJECTOR_MARKER}*' weights in the checkpoint (is this a LLaVA checkpoint?)")
+        raise ValueError(f"{source}: no '{PROJECTOR_MARKER}*' weights found (keys: {list(weights)[:5]})")
     return state
 
 

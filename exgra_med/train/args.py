@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import transformers
 
-from exgra_med.align.config import AlignmentConfig
+from exgra_med.align.config import AlignmentConfig, flag_name
 from exgra_med.model.config import DENSE_CONNECTOR_TYPES, check_projector_type
 
 
@@ -16,17 +16,15 @@ def _alignment_arguments() -> type:
     """`AlignmentArguments`: one flag per `AlignmentConfig` field (its `flag` name, type, default and help), except
     the seed, which is the run's `--seed`."""
     types = typing.get_type_hints(AlignmentConfig)
+    flags = {flag_name(f): f for f in dataclasses.fields(AlignmentConfig) if f.metadata["cli"]}
     specs = [
-        (f.metadata["flag"] or f.name, types[f.name], field(default=f.default, metadata={"help": f.metadata["help"]}))
-        for f in dataclasses.fields(AlignmentConfig)
-        if f.metadata["cli"]
+        (flag, types[f.name], field(default=f.default, metadata={"help": f.metadata["help"]}))
+        for flag, f in flags.items()
     ]
 
     def alignment_config(self, seed: int) -> AlignmentConfig:
         """The AlignmentConfig these flags set, its generator seeded with `seed` (the run's --seed)."""
-        values = {f.metadata["flag"] or f.name: getattr(self, f.metadata["flag"] or f.name)
-                  for f in dataclasses.fields(AlignmentConfig) if f.metadata["cli"]}
-        return AlignmentConfig.from_dict({**values, "seed": seed})
+        return AlignmentConfig.from_dict({**{flag: getattr(self, flag) for flag in flags}, "seed": seed})
 
     def __post_init__(self):
         self.alignment_config(seed=0)  # invalid values and combinations fail at parse time, naming the flag

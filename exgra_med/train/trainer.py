@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
+from exgra_med.io import atomic_file
 from exgra_med.model.loading import PROJECTOR_FILES, load_projector, save_projector
 
 logger = logging.getLogger(__name__)
@@ -82,9 +83,8 @@ class ExGraMedTrainer(Trainer):
         super()._save_rng_state(output_dir)
         alignment = self._alignment()
         if alignment is not None and hasattr(alignment, "get_rng_state"):
-            path = os.path.join(output_dir, f"{ALIGN_RNG_PREFIX}{self.args.process_index}.pth")
-            torch.save(alignment.get_rng_state(), path + ".tmp")
-            os.replace(path + ".tmp", path)
+            with atomic_file(Path(output_dir) / f"{ALIGN_RNG_PREFIX}{self.args.process_index}.pth") as tmp:
+                torch.save(alignment.get_rng_state(), tmp)
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)
