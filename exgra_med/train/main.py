@@ -20,6 +20,7 @@ from transformers import HfArgumentParser, set_seed
 
 from exgra_med.data.collate import DataCollator
 from exgra_med.data.dataset import SupervisedDataset
+from exgra_med.model.hub import resolve_path
 from exgra_med.model.loading import (
     ConnectorOptions,
     build_from_parts,
@@ -67,9 +68,10 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments):
         # DeepSpeed's own communicator: register the process group accelerate already started (on GPUs accelerate
         # does this itself; on CPU it does not, and ZeRO-3 then sees one rank).
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
-    if is_exgra_med_checkpoint(model_args.model_name_or_path):
+    model_path = resolve_path(model_args.model_name_or_path, "model", require=("config.json",))  # or a Hub id
+    if is_exgra_med_checkpoint(model_path):
         model, tokenizer, processor = load_pretrained(
-            model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation,
+            model_path, dtype=dtype, attn_implementation=model_args.attn_implementation,
             alignment_config=alignment,  # the flags replace the checkpoint's alignment options
         )
         model.train()
@@ -90,7 +92,7 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments):
             alignment=alignment,
         )
         model, tokenizer, processor = build_from_parts(
-            model_args.model_name_or_path, model_args.vision_tower, options, dtype, model_args.attn_implementation
+            model_path, model_args.vision_tower, options, dtype, model_args.attn_implementation
         )
     if model_args.pretrain_mm_mlp_adapter:
         load_projector(model, model_args.pretrain_mm_mlp_adapter)
