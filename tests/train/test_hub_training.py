@@ -1,4 +1,4 @@
-"""Training from Hub ids (LLM, CLIP tower, BiomedCLIP through `hf-hub:`, stage-1 projector) in a local cache, offline."""
+"""Training from Hub ids (LLM, CLIP tower, BiomedCLIP via `hf-hub:`, stage-1 projector) in a local cache, offline."""
 
 from __future__ import annotations
 
