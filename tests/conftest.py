@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -49,3 +52,46 @@ def easy_vqa_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("easy_vqa") / "data"
     prepare(out, max_images=40, seed=0)
     return out
+
+
+def publish_to_hub_cache(cache: Path, folder: Path, repo_id: str, revision: str = "main") -> Path:
+    """Place the files of `folder` in a Hugging Face cache in the standard layout (`models--owner--name/
+    snapshots/<commit>/`, `refs/<revision>`), as `hf download` leaves it; returns the snapshot folder."""
+    commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in folder.iterdir():
+        if file.is_file():
+            shutil.copy2(file, snapshot / file.name)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    return snapshot
+
+
+@pytest.fixture(scope="session")
+def hub_cache(tiny_model_dir, tmp_path_factory):
+    """A local Hugging Face cache holding the tiny model as Hub repositories: `acme/tiny-exgra` (the assembled model),
+    `acme/tiny-llm`, `acme/tiny-clip` and `acme/tiny-biomedclip` (an open_clip tower)."""
+    from exgra_med.model.tiny import write_tiny_biomedclip
+
+    cache = tmp_path_factory.mktemp("hf_cache") / "hub"
+    publish_to_hub_cache(cache, tiny_model_dir, "acme/tiny-exgra")
+    publish_to_hub_cache(cache, tiny_model_dir / "llm", "acme/tiny-llm")
+    publish_to_hub_cache(cache, tiny_model_dir / "vision", "acme/tiny-clip")
+    biomedclip = tmp_path_factory.mktemp("biomedclip")
+    write_tiny_biomedclip(biomedclip, 64)
+    publish_to_hub_cache(cache, biomedclip, "acme/tiny-biomedclip")
+    return cache
+
+
+@pytest.fixture
+def offline_hub(hub_cache, monkeypatch):
+    """`hub_cache` as the Hugging Face cache, offline, for this process and the subprocesses it starts."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return hub_cache

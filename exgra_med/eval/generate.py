@@ -233,7 +233,7 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype | None]
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Flags shared by `generate-vqa` and `zero-shot`: the model, its device and the decoding settings."""
-    parser.add_argument("--model", required=True, help="ExGra-Med checkpoint folder")
+    parser.add_argument("--model", required=True, help="ExGra-Med checkpoint folder or Hub id")
     parser.add_argument("--image-folder", default=None, help="folder the records' image paths are relative to")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--conv-mode", default="simple", help="prompt template (reference: simple)")

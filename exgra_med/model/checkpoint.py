@@ -167,15 +167,18 @@ def load_model(
     quantization_config: object | None = None,
     **config_overrides,
 ) -> tuple[ExGraMedForConditionalGeneration, PreTrainedTokenizerBase, object]:
-    """(model in eval mode, tokenizer, image processor) from an ExGra-Med checkpoint or a reference-layout folder.
+    """(model in eval mode, tokenizer, image processor) from an ExGra-Med checkpoint or a reference-layout folder
+    (a local folder or a Hub id, `exgra_med.model.hub.resolve_path`).
 
     `vision_tower` is needed by reference-layout folders whose config does not name a local tower folder.
     `dtype` follows `resolve_dtype`. With `quantization_config` (bitsandbytes) the LLM weights load quantised
     straight onto `device`; the vision tower and projector stay unquantised. `config_overrides` set config fields.
     """
     # The model modules are imported where they are used: they themselves read weights through this module.
+    from exgra_med.model.hub import resolve_path
     from exgra_med.model.reference import is_reference_checkpoint
 
+    path = resolve_path(path, "model", require=("config.json",))
     if not Path(path).is_dir():
         raise FileNotFoundError(f"{path}: model folder not found")
     if quantization_config is not None and device is None:

@@ -18,6 +18,7 @@ from exgra_med.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DE
 from exgra_med.model.checkpoint import is_exgra_med_checkpoint, read_weights, write_safetensors  # noqa: F401
 from exgra_med.model.checkpoint import load_model as load_pretrained  # noqa: F401 - the name train/eval import
 from exgra_med.model.config import ExGraMedConfig
+from exgra_med.model.hub import resolve_path
 from exgra_med.model.modeling import ExGraMedForConditionalGeneration
 from exgra_med.model.reference import projector_state
 from exgra_med.model.tokenizer import prepare_tokenizer
@@ -49,11 +50,12 @@ def build_from_parts(
     dtype: torch.dtype | None = None,
     attn_implementation: str = "sdpa",
 ) -> tuple[ExGraMedForConditionalGeneration, PreTrainedTokenizerBase, object]:
-    """Assemble a model from a local causal-LM folder and a local vision-tower folder (fresh projector).
+    """Assemble a model from a causal-LM folder and a vision-tower folder (fresh projector); either may be a Hub id.
 
     Returns (model, tokenizer with image tokens, image processor).
     """
     options = options or ConnectorOptions()
+    llm_path = resolve_path(llm_path, "LLM", require=("config.json",))
     tokenizer = AutoTokenizer.from_pretrained(llm_path, use_fast=True)
     llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, attn_implementation=attn_implementation)
     tower, vision_config, tower_type = load_vision_tower(vision_tower_path, attn_implementation)
@@ -89,11 +91,11 @@ def build_from_parts(
 
 
 def load_projector(model: ExGraMedForConditionalGeneration, path: str | Path) -> None:
-    """Load stage-1 projector weights (a file, or a folder holding mm_projector.safetensors/.bin).
+    """Load stage-1 projector weights (a file, or a folder or Hub id holding mm_projector.safetensors/.bin).
 
     Accepts this project's keys (`mm_projector.0.weight`) and the reference's (`model.mm_projector.0.weight`).
     """
-    path = Path(path)
+    path = Path(resolve_path(path, "projector", require=PROJECTOR_FILES))
     if path.is_dir():
         found = [path / n for n in PROJECTOR_FILES if (path / n).is_file()]
         if not found:

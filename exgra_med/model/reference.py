@@ -24,6 +24,7 @@ from exgra_med.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DE
 from exgra_med.model.checkpoint import check_output_dir, load_model, staged_output_dir
 from exgra_med.model.config import ExGraMedConfig
 from exgra_med.model.connector import connector_input_dim
+from exgra_med.model.hub import HubResolutionError, resolve_path, resolve_vision_tower
 
 logger = logging.getLogger(__name__)
 
@@ -90,15 +91,22 @@ def llama_config_from_reference(cfg: dict, tokenizer: PreTrainedTokenizerBase | 
 
 
 def vision_tower_path(cfg: dict, folder: str | Path, vision_tower: str | None = None) -> str:
-    """The local vision tower of a reference checkpoint: `vision_tower` (a CLIP folder or `local-dir:BIOMEDCLIP_DIR`),
-    else the config's `mm_vision_tower` when that names an existing local folder."""
-    tower_path = vision_tower or cfg.get("mm_vision_tower")
-    if not tower_path or not (Path(str(tower_path).removeprefix("local-dir:")).is_dir()):
-        raise ValueError(
-            f"{Path(folder) / 'config.json'}: mm_vision_tower={cfg.get('mm_vision_tower')!r} is not a local folder; "
-            "download the vision tower (e.g. openai/clip-vit-large-patch14) and pass --vision-tower DIR"
-        )
-    return str(tower_path)
+    """The vision tower of a reference checkpoint in local form: `vision_tower` (a CLIP folder, `local-dir:DIR`,
+    `hf-hub:owner/name` or a Hub id), else the config's `mm_vision_tower` (a local folder, or a Hub id such as
+    `openai/clip-vit-large-patch14` that is in the Hugging Face cache or can be downloaded)."""
+    if vision_tower:
+        return resolve_vision_tower(vision_tower)
+    tower_path = cfg.get("mm_vision_tower")
+    reason = ""
+    if tower_path:
+        try:
+            return resolve_vision_tower(str(tower_path))
+        except HubResolutionError as e:
+            reason = f" ({e})"
+    raise ValueError(
+        f"{Path(folder) / 'config.json'}: mm_vision_tower={tower_path!r} is not a local folder nor a usable Hub id"
+        f"{reason}; pass --vision-tower DIR|HUB_ID"
+    )
 
 
 def _token_id(tokenizer: PreTrainedTokenizerBase, token: str, folder: Path) -> int:
@@ -160,6 +168,7 @@ def projector_state(weights: dict[str, torch.Tensor], source: str | Path) -> dic
 
 def convert_reference(path: str | Path, vision_tower: str | None, out_dir: str | Path) -> Path:
     """Write a reference-layout checkpoint in this project's format (loadable by `checkpoint.load_model`)."""
+    path = resolve_path(path, "reference checkpoint", require=("config.json",))
     read_reference_config(path)  # a reference folder, not just any loadable one
     check_output_dir(out_dir)
     model, tokenizer, processor = load_model(path, vision_tower=vision_tower)

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModel, CLIPImageProcessor
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from exgra_med.model.checkpoint import read_weights
+from exgra_med.model.hub import resolve_vision_tower
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +106,10 @@ class VisionTower(nn.Module):
 def load_vision_tower(path: str, attn_implementation: str | None = None) -> tuple[VisionTower, dict, str]:
     """Load a tower from a local folder: an HF CLIP/SigLIP vision (or full CLIP) model, or an open_clip folder.
 
+    `path` may also be a Hub id, or `hf-hub:owner/name` for an open_clip tower (`exgra_med.model.hub`).
     Returns (tower, vision_config dict, tower_type).
     """
+    path = resolve_vision_tower(path)
     if is_open_clip_path(path):
         folder = _strip_prefix(path)
         cfg = json.loads((folder / OPEN_CLIP_CONFIG).read_text())
@@ -145,7 +148,8 @@ def _load_open_clip_visual_state(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def load_image_processor(path: str) -> CLIPImageProcessor:
-    """The image processor for a tower folder (HF preprocessor config, or open_clip's preprocess_cfg)."""
+    """The image processor for a tower folder or Hub id (HF preprocessor config, or open_clip's preprocess_cfg)."""
+    path = resolve_vision_tower(path)
     if is_open_clip_path(path):
         folder = _strip_prefix(path)
         cfg = json.loads((folder / OPEN_CLIP_CONFIG).read_text())

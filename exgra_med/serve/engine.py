@@ -104,7 +104,8 @@ class InferenceEngine:
         model, tokenizer, processor = load_model(
             path, vision_tower=vision_tower, dtype=dtype, device=device, load_4bit=load_4bit, load_8bit=load_8bit
         )
-        name = os.path.basename(os.path.normpath(path)) or "exgra-med"
+        # A local folder is served under its name, a Hub id under the id itself (as vLLM does).
+        name = (os.path.basename(os.path.normpath(path)) if os.path.exists(path) else path) or "exgra-med"
         return cls(model, tokenizer, processor, template=template, name=name)
 
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from transformers import HfArgumentParser, set_seed
 
 from exgra_med.data.collate import DataCollator
 from exgra_med.data.dataset import SupervisedDataset
+from exgra_med.model.hub import resolve_path
 from exgra_med.model.loading import (
     ConnectorOptions,
     build_from_parts,
@@ -29,6 +31,7 @@ from exgra_med.model.loading import (
     save_projector,
 )
 from exgra_med.train.args import DataArguments, ModelArguments, TrainingArguments
+from exgra_med.train.recipes import RECIPE_SUFFIXES, parse_with_recipe, write_resolved_recipe
 from exgra_med.train.trainer import ExGraMedTrainer
 from exgra_med.train.vqa_eval import (
     VQAGenerationSettings,
@@ -42,9 +45,15 @@ logger = logging.getLogger(__name__)
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    """Parse the three argument groups; `--resume_from_checkpoint True|auto` means the newest checkpoint."""
+    """Parse the three argument groups from flags, or from a YAML recipe followed by overriding flags
+    (`exgra_med.train.recipes`); `--resume_from_checkpoint True|auto` means the newest checkpoint."""
+    return parse_args_and_recipe(argv)[0]
+
+
+def parse_args_and_recipe(argv: Sequence[str] | None) -> tuple[tuple, dict]:
+    """((model, data, training arguments), the resolved recipe to record in the output folder)."""
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    return parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
+    return parse_with_recipe(parser, list(argv) if argv is not None else sys.argv[1:])
 
 
 def _dtype(args: TrainingArguments) -> torch.dtype | None:
@@ -67,9 +76,10 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments):
         # DeepSpeed's own communicator: register the process group accelerate already started (on GPUs accelerate
         # does this itself; on CPU it does not, and ZeRO-3 then sees one rank).
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
-    if is_exgra_med_checkpoint(model_args.model_name_or_path):
+    model_path = resolve_path(model_args.model_name_or_path, "model", require=("config.json",))  # or a Hub id
+    if is_exgra_med_checkpoint(model_path):
         model, tokenizer, processor = load_pretrained(
-            model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation,
+            model_path, dtype=dtype, attn_implementation=model_args.attn_implementation,
             alignment_config=alignment,  # the flags replace the checkpoint's alignment options
         )
         model.train()
@@ -90,7 +100,7 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments):
             alignment=alignment,
         )
         model, tokenizer, processor = build_from_parts(
-            model_args.model_name_or_path, model_args.vision_tower, options, dtype, model_args.attn_implementation
+            model_path, model_args.vision_tower, options, dtype, model_args.attn_implementation
         )
     if model_args.pretrain_mm_mlp_adapter:
         load_projector(model, model_args.pretrain_mm_mlp_adapter)
@@ -242,13 +252,17 @@ def _shutdown_distributed() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry: parse flags, train, save."""
+    """CLI entry: parse flags (or a YAML recipe + overriding flags), record the resolved recipe, train, save."""
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if int(os.environ.get("LOCAL_RANK", "0")) == 0 else logging.WARNING,
     )
     transformers.utils.logging.set_verbosity_warning()
-    model_args, data_args, training_args = parse_args(argv)
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    (model_args, data_args, training_args), resolved = parse_args_and_recipe(argv)
+    if int(os.environ.get("RANK", "0")) == 0:  # one writer under torchrun
+        source = argv[0] if argv and argv[0].endswith(RECIPE_SUFFIXES) else None
+        write_resolved_recipe(resolved, training_args.output_dir, source)
     train(model_args, data_args, training_args)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         _shutdown_distributed()

@@ -140,7 +140,7 @@ def test_both_layouts_load_with_one_dtype_policy(tiny_model_dir, tmp_path):
     assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}
     with pytest.raises(ValueError, match="neither an ExGra-Med checkpoint"):
         load_model(tiny_model_dir / "vision")
-    with pytest.raises(FileNotFoundError, match="model folder not found"):
+    with pytest.raises(FileNotFoundError, match="absent: no such local model file or folder"):
         load_model(tmp_path / "absent")
 
 

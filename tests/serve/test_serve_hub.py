@@ -1,0 +1,52 @@
+"""`exgra-med serve-api --model OWNER/NAME`: the server loads a Hub id from a local cache, offline, and answers as the
+same model loaded from its folder."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import subprocess
+import sys
+import time
+
+import openai
+import pytest
+from PIL import Image
+
+from exgra_med.serve.engine import GenerationSettings, InferenceEngine
+
+QUESTION = "What color is the shape?"
+
+
+def test_serve_api_from_a_hub_id(offline_hub, tiny_model_dir):
+    image = Image.new("RGB", (40, 30), (220, 30, 30))
+    expected = InferenceEngine.from_path(str(tiny_model_dir), device="cpu").answer(
+        [("human", QUESTION)], image, GenerationSettings(max_new_tokens=6))
+    cmd = [sys.executable, "-m", "exgra_med.cli", "serve-api", "--model", "acme/tiny-exgra", "--port", "0",
+           "--max-new-tokens", "6", "--device", "cpu"]
+    env = dict(os.environ, HF_HUB_CACHE=str(offline_hub), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        url, lines, deadline = None, [], time.time() + 180
+        while time.time() < deadline and url is None:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("serving model"):
+                url = line.split(" on ", 1)[1].strip()
+        if url is None:
+            pytest.fail("server did not start:\n" + "".join(lines[-30:]))
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == ["acme/tiny-exgra"]
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        url_image = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        reply = client.chat.completions.create(model="acme/tiny-exgra", max_tokens=6, messages=[
+            {"role": "user", "content": [{"type": "text", "text": QUESTION},
+                                         {"type": "image_url", "image_url": {"url": url_image}}]}])
+        assert reply.choices[0].message.content == expected
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
