@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "exgra_med.eval.baselines:main",
         "model vs majority / question-prior baselines on a VQA test set",
     ),
+    "data-efficiency": (
+        "exgra_med.eval.study:main",
+        "data-efficiency study: one cell's result file (record) / table + figure (summarize)",
+    ),
     "plot": ("exgra_med.eval.plots:main", "loss curves of a run / data-efficiency figure"),
     "pretrain-tower": ("exgra_med.train.tower:main", "contrastive (CLIP) pre-training of a vision tower on captions"),
     "train": ("exgra_med.train.main:main", "stage-1 / stage-2 pre-training and VQA fine-tuning"),

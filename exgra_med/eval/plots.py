@@ -3,7 +3,9 @@
 `losses` reads the Hugging Face Trainer's `trainer_state.json` (in RUN_DIR, or else in its newest
 `checkpoint-*/`) and plots `loss`, `lm_loss` and `align_loss` against the step. `efficiency` reads a
 CSV with columns `method, fraction, dataset, score` and plots the score against the fraction of
-pre-training data, one line per method and one panel per dataset (the paper's 10/40/100% study).
+pre-training data, one line per method and one panel per dataset (the paper's 10/40/100% study); several
+rows for one (method, fraction), e.g. seeds, are drawn as their mean with a +- std bar. `data-efficiency` is
+another name for `efficiency`.
 Figures are drawn with the Agg backend and written atomically.
 """
 
@@ -14,6 +16,7 @@ import csv
 import logging
 import os
 import re
+import statistics
 import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
@@ -125,7 +128,13 @@ def plot_efficiency(
     for i, (dataset, methods) in enumerate(sorted(table.items())):
         ax = fig.add_subplot(1, len(table), i + 1)
         for method, points in sorted(methods.items()):
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+            by_fraction: dict[float, list[float]] = defaultdict(list)
+            for fraction, score in points:  # several rows per fraction (seeds): mean +- std
+                by_fraction[fraction].append(score)
+            xs = sorted(by_fraction)
+            means = [statistics.fmean(by_fraction[x]) for x in xs]
+            stds = [statistics.pstdev(by_fraction[x]) if len(by_fraction[x]) > 1 else 0.0 for x in xs]
+            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=method)
         ax.set_title(dataset)
         ax.set_xlabel("fraction of pre-training data")
         ax.set_ylabel("score")
@@ -144,7 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="kind", required=True)
     losses = sub.add_parser("losses", help="loss curves of a training run")
     losses.add_argument("run_dir", type=Path)
-    efficiency = sub.add_parser("efficiency", help="score vs. fraction of pre-training data")
+    efficiency = sub.add_parser(
+        "efficiency", aliases=["data-efficiency"], help="score vs. fraction of pre-training data (mean +- std over rows)"
+    )
     efficiency.add_argument("csv", type=Path)
     for p in (losses, efficiency):
         p.add_argument("--out", type=Path, default=None, help="output PNG")
