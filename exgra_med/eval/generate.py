@@ -27,7 +27,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from exgra_med.constants import DEFAULT_IMAGE_TOKEN
 from exgra_med.conversation import get_template
 from exgra_med.data.dataset import image_placeholder
-from exgra_med.data.images import load_image, preprocess_image
+from exgra_med.data.images import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO, load_image, preprocess_image
 from exgra_med.eval.launch import get_chunk, read_answer_lines
 from exgra_med.io import read_json
 
@@ -124,7 +124,7 @@ def generate_batch(
 
 def generate_answers(
     model, tokenizer, image_processor, records: Sequence[dict], batch_size: int = 16, conv_mode: str = "simple",
-    max_new_tokens: int = 64, *, image_folder: str | os.PathLike | None = None, image_aspect_ratio: str = "pad",
+    max_new_tokens: int = 64, *, image_folder: str | os.PathLike | None = None, image_aspect_ratio: str = DEFAULT_ASPECT_RATIO,
     temperature: float = 0.0, on_batch: BatchCallback | None = None, errors: dict[str, str] | None = None,
     progress: bool = False, generate_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, str]:
@@ -239,7 +239,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conv-mode", default="simple", help="prompt template (reference: simple)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--image-aspect-ratio", default="pad", choices=("pad", "square"))
+    parser.add_argument("--image-aspect-ratio", default=DEFAULT_ASPECT_RATIO, choices=ASPECT_RATIOS,
+                        help="square: the processor's resize + centre crop (reference); pad: pad to a square first")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     parser.add_argument("--attn-implementation", default="sdpa")

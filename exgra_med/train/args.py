@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import transformers
 
 from exgra_med.align.config import AlignmentConfig, flag_name
+from exgra_med.data.images import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
 from exgra_med.model.config import DENSE_CONNECTOR_TYPES, check_projector_type
 
 
@@ -81,7 +82,10 @@ class DataArguments:
         default=None, metadata={"help": "folder the records' `image` paths are relative to"}
     )
     conv_template: str = field(default="llava_med", metadata={"help": "prompt template (llava_med = reference '###')"})
-    image_aspect_ratio: str = field(default="pad", metadata={"help": "pad (to square) | square (resize as is)"})
+    image_aspect_ratio: str = field(
+        default=DEFAULT_ASPECT_RATIO,
+        metadata={"help": "square: the processor's resize + centre crop (reference) | pad: pad to a square first"},
+    )
     lazy_preprocess: bool = field(
         default=True, metadata={"help": "accepted for reference scripts; data is always lazy"}
     )
@@ -91,6 +95,10 @@ class DataArguments:
     evaluate_on_test: bool = field(default=False, metadata={"help": "generate answers on --test_data_path at the end"})
     eval_max_new_tokens: int = field(default=32, metadata={"help": "answer length during in-training VQA scoring"})
     eval_batch_size: int = field(default=16, metadata={"help": "batch size of in-training answer generation"})
+
+    def __post_init__(self):
+        if self.image_aspect_ratio not in ASPECT_RATIOS:
+            raise ValueError(f"--image_aspect_ratio must be one of {ASPECT_RATIOS}, got {self.image_aspect_ratio!r}")
 
 
 @dataclass
