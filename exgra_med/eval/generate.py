@@ -124,7 +124,8 @@ def generate_batch(
 
 def generate_answers(
     model, tokenizer, image_processor, records: Sequence[dict], batch_size: int = 16, conv_mode: str = "simple",
-    max_new_tokens: int = 64, *, image_folder: str | os.PathLike | None = None, image_aspect_ratio: str = DEFAULT_ASPECT_RATIO,
+    max_new_tokens: int = 64, *, image_folder: str | os.PathLike | None = None,
+    image_aspect_ratio: str = DEFAULT_ASPECT_RATIO,
     temperature: float = 0.0, on_batch: BatchCallback | None = None, errors: dict[str, str] | None = None,
     progress: bool = False, generate_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, str]:

@@ -55,7 +55,13 @@ class ModelArguments(AlignmentArguments):
     num_l: int = field(default=6, metadata={"help": "DCI group size on BiomedCLIP"})
     mm_vision_select_layer: int = field(default=-2, metadata={"help": "vision hidden layer fed to the projector"})
     mm_use_im_start_end: bool = field(default=True, metadata={"help": "wrap image tokens in <im_start>/<im_end>"})
-    tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "stage 1: train and save only the projector"})
+    tune_mm_mlp_adapter: bool = field(
+        default=False, metadata={"help": "stage 1: train and save only the projector (+ <im_start>/<im_end> rows)"}
+    )
+    tune_im_start_end: bool = field(
+        default=True,
+        metadata={"help": "stage 1: also train the <im_start>/<im_end> input embeddings, as the reference"},
+    )
     pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": "stage-1 projector file or folder"})
     freeze_backbone: bool = field(default=False, metadata={"help": "freeze the LLM (train projector + alignment)"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | flash_attention_2 | eager"})

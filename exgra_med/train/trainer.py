@@ -1,5 +1,5 @@
 """`ExGraMedTrainer`: HF Trainer that logs `lm_loss` / `align_loss` (and the alignment's parts, `align_loss/<part>`)
-and saves only the projector in stage 1."""
+and saves only the projector (with the `<im_start>`/`<im_end>` embeddings) in stage 1."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from transformers import Trainer
 
 from exgra_med.io import atomic_file
+from exgra_med.model.delimiters import delimiter_ids
 from exgra_med.model.loading import PROJECTOR_FILES, load_projector, save_projector
 
 logger = logging.getLogger(__name__)
@@ -67,12 +68,27 @@ class ExGraMedTrainer(Trainer):
             return
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
+        embed_rows = None
         if state_dict is not None:  # ZeRO-3 hands over gathered weights
             projector = {k.split("mm_projector.", 1)[1]: v for k, v in state_dict.items() if "mm_projector." in k}
             model.mm_projector.load_state_dict(projector)
-        save_projector(model, output_dir)
+            embed = [v for k, v in state_dict.items() if k.endswith("embed_tokens.weight")]
+            ids = delimiter_ids(model)
+            embed_rows = embed[0][ids] if embed and ids else None
+        save_projector(model, output_dir, embed_rows)
         model.config.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        """Stage 1 trains only the `<im_start>`/`<im_end>` rows of the input embeddings (their gradient is zero
+        elsewhere); without weight decay on that matrix, AdamW leaves every other row exactly unchanged."""
+        names = super().get_decay_parameter_names(model)
+        if not self.projector_only:
+            return names
+        unwrapped = self.accelerator.unwrap_model(model)
+        embedding = unwrapped.get_input_embeddings().weight
+        skip = {n for n, p in unwrapped.named_parameters() if p is embedding}
+        return [n for n in names if n not in skip]
 
     def _alignment(self):
         return getattr(self.accelerator.unwrap_model(self.model), "alignment", None)
