@@ -99,7 +99,9 @@ class DataArguments:
     test_data_path: str | None = field(default=None, metadata={"help": "VQA records scored at the end"})
     evaluate_on_val: bool = field(default=False, metadata={"help": "generate answers on --val_data_path at each eval"})
     evaluate_on_test: bool = field(default=False, metadata={"help": "generate answers on --test_data_path at the end"})
-    eval_max_new_tokens: int = field(default=32, metadata={"help": "answer length during in-training VQA scoring"})
+    eval_max_new_tokens: int = field(
+        default=1024, metadata={"help": "answer length limit of in-training VQA scoring (reference: 1024, cut at ###)"}
+    )
     eval_batch_size: int = field(default=16, metadata={"help": "batch size of in-training answer generation"})
 
     def __post_init__(self):

@@ -54,7 +54,7 @@ class VQAGenerationSettings:
     """How answers are generated during training (the image processor is the trainer's)."""
 
     batch_size: int = 16
-    max_new_tokens: int = 32
+    max_new_tokens: int = 1024  # the reference's; generation stops at "###"
     conv_mode: str = "simple"
     image_aspect_ratio: str = DEFAULT_ASPECT_RATIO
 
