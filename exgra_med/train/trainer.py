@@ -37,6 +37,9 @@ class ExGraMedTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Forward; remember the detached loss parts for the next log line (no host sync: summed on the device)."""
+        alignment = self._alignment()
+        if model.training and getattr(alignment, "undo_loss_scale", False):
+            alignment.loss_scale = self._loss_scale()  # the scale this step's backward multiplies the loss by
         outputs = model(**inputs)
         if model.training:  # evaluation losses are not training log values
             values = {name: getattr(outputs, name, None) for name in LOSS_PARTS}
@@ -89,6 +92,16 @@ class ExGraMedTrainer(Trainer):
         embedding = unwrapped.get_input_embeddings().weight
         skip = {n for n, p in unwrapped.named_parameters() if p is embedding}
         return [n for n in names if n not in skip]
+
+    def _loss_scale(self) -> float:
+        """The factor the loss is multiplied by before backward: the fp16 GradScaler's (native AMP, FSDP) or
+        DeepSpeed's fp16 loss scale; 1 without loss scaling (bf16, fp32)."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            return float(scaler.get_scale())
+        optimizer = getattr(getattr(self, "deepspeed", None), "optimizer", None)
+        scale = getattr(optimizer, "cur_scale", None)
+        return float(scale) if scale is not None else 1.0
 
     def _alignment(self):
         return getattr(self.accelerator.unwrap_model(self.model), "alignment", None)
