@@ -64,13 +64,13 @@ class ConversationTemplate:
         """The prompt string; with `add_generation_prompt` it ends where the assistant's answer begins."""
         return "".join(s.text for s in self.segments(messages, add_generation_prompt))
 
-    def clean_answer(self, generated: str) -> str:
-        """Cut generated text at `stop_str` and drop a leading assistant role prefix (`simple` lets the
-        model write "Assistant:" itself)."""
+    def clean_answer(self, generated: str, strip_role: bool = True) -> str:
+        """Cut generated text at `stop_str` and, with `strip_role`, drop a leading assistant role prefix (`simple`
+        lets the model write "Assistant:" itself; the reference's VQA evaluation keeps it)."""
         text = generated.split(self.stop_str, 1)[0] if self.stop_str else generated
         text = text.strip()
         prefix = f"{self.roles[1]}:"
-        if self.roles[1] and text.startswith(prefix):
+        if strip_role and self.roles[1] and text.startswith(prefix):
             text = text[len(prefix) :].strip()
         return text
 

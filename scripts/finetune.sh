@@ -56,7 +56,7 @@ done
   --evaluate_on_val True --val_data_path "$DATA_DIR/val.json" \
   --evaluate_on_test True --test_data_path "$DATA_DIR/test.json" \
   --eval_batch_size "${EVAL_BATCH:-64}" \
-  --eval_max_new_tokens "${EVAL_MAX_NEW_TOKENS:-32}" \
+  --eval_max_new_tokens "${EVAL_MAX_NEW_TOKENS:-1024}" \
   --eval_strategy epoch --save_strategy epoch --save_total_limit 1 \
   --load_best_model_at_end True --metric_for_best_model eval_val_average --greater_is_better True \
   --bf16 True \

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Zero-shot multiple-choice classification on OmniMedVQA: accuracy per question file and overall.
-# Items whose image cannot be read or whose generation fails count as wrong and are listed in
-# OUT_DIR/results.json (the reference dropped them silently).
+# Decoding as the reference: sampling at temperature 0.7, 256 new tokens (--temperature 0: greedy).
+# Items whose image cannot be read or whose generation fails are listed in OUT_DIR/results.json and scored
+# both ways: `accuracy` counts them wrong, `accuracy_reference` drops them (what the reference reports).
 #
 #   bash scripts/zero_shot_classification.sh [extra zero-shot flags, e.g. --batch-size 32]
 #
@@ -23,5 +24,5 @@ exgra-med zero-shot \
   --image-folder "$OMNIMED_DIR" \
   --out "$OUT_DIR" \
   --batch-size "${BATCH_SIZE:-16}" \
-  --max-new-tokens "${MAX_NEW_TOKENS:-64}" \
+  --max-new-tokens "${MAX_NEW_TOKENS:-256}" \
   "$@"

@@ -10,6 +10,12 @@ All problems of a step are solved in one batched call, forward and backward.
 the largest cost entry by a fixed fraction of the unary cost range whatever the loss weight, so the
 perturbed solution does not collapse onto the target (as it does at lambda = 80 with Hamming-loss
 gradients of size 1/B), and the returned gradient scales linearly with the upstream gradient (with alpha).
+
+``grad_scale`` S: the factor the loss was multiplied by before backward (fp16 loss scaling). The backward then
+perturbs with the unscaled gradient ``dL/dx / S`` and returns S times the result, so that after the optimiser's
+unscaling the gradient is what an unscaled run gets. With S = 1 (the default, and the reference) a loss scale
+reaches the perturbation: at lambda = 80 the perturbed solution saturates and the returned gradient ignores S,
+so after unscaling it is 1/S of nominal.
 """
 
 from __future__ import annotations
@@ -23,24 +29,25 @@ __all__ = ["BlackBoxQAP", "blackbox_qap"]
 
 class BlackBoxQAP(torch.autograd.Function):
     """autograd.Function: (unary, quadratic, edges1, edges2, lambda_val, scale_invariant, relative_lambda,
-    solver_kwargs) -> (x (B, n1, n2), z (B, E1, E2)) with black-box gradients for unary and quadratic."""
+    solver_kwargs, grad_scale) -> (x (B, n1, n2), z (B, E1, E2)) with black-box gradients for unary and quadratic."""
 
     @staticmethod
     def forward(ctx, unary: torch.Tensor, quadratic: torch.Tensor, edges1: torch.Tensor,  # type: ignore[override]
                 edges2: torch.Tensor, lambda_val: float, scale_invariant: bool, relative_lambda: float,
-                solver_kwargs: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+                solver_kwargs: dict | None, grad_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         kwargs = dict(solver_kwargs or {})
         x = solve_partial_qap(unary, quadratic, edges1, edges2, **kwargs)
         z = paid_edge_pairs(x, edges1, edges2)
         ctx.save_for_backward(unary, quadratic, edges1, edges2, x, z)
         ctx.lambda_val, ctx.scale_invariant, ctx.relative_lambda = lambda_val, scale_invariant, relative_lambda
-        ctx.solver_kwargs = kwargs
+        ctx.solver_kwargs, ctx.grad_scale = kwargs, float(grad_scale)
         return x, z
 
     @staticmethod
     def backward(ctx, grad_x: torch.Tensor, grad_z: torch.Tensor):  # type: ignore[override]
         unary, quadratic, edges1, edges2, x, z = ctx.saved_tensors
-        grad_x, grad_z = grad_x.to(unary.dtype), grad_z.to(quadratic.dtype)
+        scale = ctx.grad_scale
+        grad_x, grad_z = grad_x.to(unary.dtype) / scale, grad_z.to(quadratic.dtype) / scale
         bsz = unary.shape[0]
         if ctx.scale_invariant:
             gmax = torch.maximum(grad_x.abs().flatten(1).amax(1), grad_z.abs().flatten(1).amax(1))  # (B,)
@@ -54,16 +61,17 @@ class BlackBoxQAP(torch.autograd.Function):
         x_prime = solve_partial_qap(unary.detach() + lam * grad_x, quadratic.detach() + lam * grad_z,
                                     edges1, edges2, **ctx.solver_kwargs)
         z_prime = paid_edge_pairs(x_prime, edges1, edges2)
-        grad_unary = -(x - x_prime) / lam
-        grad_quadratic = -(z - z_prime) / lam
-        return grad_unary, grad_quadratic, None, None, None, None, None, None
+        grad_unary = -(x - x_prime) / lam * scale
+        grad_quadratic = -(z - z_prime) / lam * scale
+        return grad_unary, grad_quadratic, None, None, None, None, None, None, None
 
 
 def blackbox_qap(unary: torch.Tensor, quadratic: torch.Tensor, edges1: torch.Tensor, edges2: torch.Tensor,
                  lambda_val: float = 80.0, scale_invariant: bool = False, relative_lambda: float = 0.5,
-                 solver_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 solver_kwargs: dict | None = None, grad_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable batched partial QAP: returns (x, z); see the module docstring for the gradient."""
-    if lambda_val <= 0 or relative_lambda <= 0:
-        raise ValueError(f"lambda_val and relative_lambda must be > 0, got {lambda_val}, {relative_lambda}")
+    if lambda_val <= 0 or relative_lambda <= 0 or grad_scale <= 0:
+        raise ValueError(f"lambda_val, relative_lambda and grad_scale must be > 0, got {lambda_val}, "
+                         f"{relative_lambda}, {grad_scale}")
     return BlackBoxQAP.apply(unary, quadratic, edges1, edges2, lambda_val, scale_invariant, relative_lambda,
-                             solver_kwargs)
+                             solver_kwargs, grad_scale)

@@ -52,6 +52,11 @@ class AlignmentConfig:
                                            "and scales with --alpha", "align_scale_invariant")
     relative_lambda: float = _option(0.5, "with --align_scale_invariant: lambda as this fraction of the cost range "
                                           "over the upstream gradient (> 0)", "align_relative_lambda")
+    undo_loss_scale: bool = _option(
+        False, "under fp16 loss scaling (factor S), solve the black-box perturbation with the unscaled gradient and "
+               "scale the result back, so the alignment gradient keeps its nominal size (reference, off: the "
+               "saturated black-box gradient ignores S, so after unscaling it is 1/S of nominal)",
+        "align_undo_loss_scale")
     noise_scale: float = _option(0.05, "Gumbel scale of the node and edge noise (>= 0)", "align_noise_scale")
     dropout: float = _option(0.1, "dropout after the GNN (in [0, 1))", "align_dropout")
     masked_mean: bool = _option(False, "exclude padding from the text means (reference: off)", "align_masked_mean")
@@ -161,6 +166,7 @@ def build_alignment_loss(config: AlignmentConfig, dim: int) -> nn.Module | None:
             dim, k=config.k, lambda_val=config.lambda_val, noise_scale=config.noise_scale, dropout=config.dropout,
             seed=config.seed, global_batch=config.global_batch, scale_invariant_grad=config.scale_invariant,
             relative_lambda=config.relative_lambda, solver_kwargs=solver_kwargs,
+            undo_loss_scale=config.undo_loss_scale,
         )
     from exgra_med.align.contrastive import ContrastiveAlignmentLoss
 

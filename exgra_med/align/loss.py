@@ -83,7 +83,9 @@ class MultiGraphAlignmentLoss(nn.Module):
     flow back to the local slice) and align the global batch, with the same noise on every rank;
     scale_invariant_grad: choose lambda per problem as ``relative_lambda * (cost range) / max|upstream
     grad|`` (see ``exgra_med.align.blackbox``) so the gradient no longer saturates at lambda = 80 and scales
-    with alpha; relative_lambda: that fraction; solver_kwargs: passed to ``solve_partial_qap``.
+    with alpha; relative_lambda: that fraction; solver_kwargs: passed to ``solve_partial_qap``;
+    undo_loss_scale: divide the solver's upstream gradient by ``loss_scale`` (set by the trainer each step under
+    fp16 loss scaling) and multiply its gradient by it, so that the black-box gradient keeps its nominal size.
     The options are declared, with their defaults, in ``exgra_med.align.config.AlignmentConfig``.
 
     Batches of fewer than 2 samples (after the global gather, when on) have no graph to match: the loss and every
@@ -96,7 +98,8 @@ class MultiGraphAlignmentLoss(nn.Module):
                  noise_scale: float = _DEFAULTS.noise_scale, dropout: float = _DEFAULTS.dropout,
                  seed: int = _DEFAULTS.seed, global_batch: bool = _DEFAULTS.global_batch,
                  scale_invariant_grad: bool = _DEFAULTS.scale_invariant,
-                 relative_lambda: float = _DEFAULTS.relative_lambda, solver_kwargs: dict | None = None) -> None:
+                 relative_lambda: float = _DEFAULTS.relative_lambda, solver_kwargs: dict | None = None,
+                 undo_loss_scale: bool = _DEFAULTS.undo_loss_scale) -> None:
         super().__init__()
         if dim <= 0 or k <= 0:
             raise ValueError(f"dim and k must be positive, got dim={dim}, k={k}")
@@ -106,6 +109,8 @@ class MultiGraphAlignmentLoss(nn.Module):
         self.dim, self.k, self.lambda_val, self.noise_scale = dim, k, lambda_val, noise_scale
         self.seed, self.global_batch, self.scale_invariant_grad = seed, global_batch, scale_invariant_grad
         self.relative_lambda = relative_lambda
+        self.undo_loss_scale = undo_loss_scale
+        self.loss_scale = 1.0  # the factor the loss is multiplied by before backward (fp16 GradScaler), per step
         self.solver_kwargs = dict(solver_kwargs or {})
         self.gnn = GraphEncoder(dim, dropout=dropout)
         self._generators: dict[str, torch.Generator] = {}
@@ -193,7 +198,8 @@ class MultiGraphAlignmentLoss(nn.Module):
         unary, quadratic, edges = self.build_problems(*nodes)
         x, _ = blackbox_qap(unary, quadratic, edges, edges, lambda_val=self.lambda_val,
                             scale_invariant=self.scale_invariant_grad, relative_lambda=self.relative_lambda,
-                            solver_kwargs=self.solver_kwargs)
+                            solver_kwargs=self.solver_kwargs,
+                            grad_scale=self.loss_scale if self.undo_loss_scale else 1.0)
         target = torch.eye(bsz, device=x.device, dtype=x.dtype)
         # x(1 - I) + (1 - x) I, not |x - I|: same value, but a gradient that is nonzero where x == I.
         hamming = (x * (1 - target) + (1 - x) * target).sum((1, 2)) / bsz  # (6,)

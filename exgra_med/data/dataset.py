@@ -31,7 +31,13 @@ from exgra_med.constants import (
     IGNORE_INDEX,
 )
 from exgra_med.conversation import Segment, get_template
-from exgra_med.data.images import ImageLoadError, ImageProcessor, load_image, preprocess_image
+from exgra_med.data.images import (
+    DEFAULT_ASPECT_RATIO,
+    ImageLoadError,
+    ImageProcessor,
+    load_image,
+    preprocess_image,
+)
 from exgra_med.data.records import RecordError, load_records
 
 logger = logging.getLogger(__name__)
@@ -113,7 +119,7 @@ class SupervisedDataset(Dataset):
         num_image_tokens: int,
         mm_use_im_start_end: bool,
         template: str = "llava_med",
-        image_aspect_ratio: str = "pad",
+        image_aspect_ratio: str = DEFAULT_ASPECT_RATIO,
         max_length: int = 2048,
         alignment: bool = False,
     ) -> None:

@@ -9,6 +9,7 @@ through `exgra_med.llm_client.run_jobs`, so a killed run resumes without paying 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from exgra_med.constants import DEFAULT_IMAGE_TOKEN, GPT, HUMAN
+from exgra_med.constants import GPT, HUMAN
 from exgra_med.io import read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
 from exgra_med.llm_client import (
     InvalidReply,
@@ -94,15 +95,15 @@ def build_jobs(records: Sequence[dict], source: str | Path = "<records>") -> dic
         instruction = ""
         for i, turn in enumerate(conversation_of(record, source)):
             if turn["from"] == "human":
-                instruction = " ".join(turn["value"].replace(DEFAULT_IMAGE_TOKEN, " ").split())
+                instruction = turn["value"].strip()  # with its <image> text, as the reference sends it
             else:
                 jobs[turn_key(record["id"], i)] = TurnJob(record["id"], i, instruction, turn["value"].strip())
     return jobs
 
 
 def user_message(job: TurnJob) -> str:
-    """The user turn sent with the system prompt."""
-    return f"Instruction:\n{job.instruction}\n\nAnswer:\n{job.answer}"
+    """The user turn sent with the system prompt: the pair as one JSON object, as the reference sends it."""
+    return json.dumps({"instruction": job.instruction, "answer": job.answer}, ensure_ascii=False)
 
 
 def revision_limit(answer: str, ratio: float, min_chars: int) -> int:
@@ -119,8 +120,12 @@ def parse_revision(content: str, max_chars: int) -> dict:
     revision = " ".join(revision.split())  # the prompt asks for one paragraph; drop stray line breaks
     if len(revision) > max_chars:
         raise InvalidReply(f"revision has {len(revision)} characters, limit {max_chars}")
-    explanation = reply.get("explanation")
-    return {"revision": revision, "explanation": explanation if isinstance(explanation, str) else ""}
+    explanation = reply.get("explanation")  # the prompt asks for one comment per aspect; older prompts: a string
+    if isinstance(explanation, dict):
+        explanation = {str(k): str(v) for k, v in explanation.items()}
+    elif not isinstance(explanation, str):
+        explanation = ""
+    return {"revision": revision, "explanation": explanation}
 
 
 def entries_from_output(path: Path, jobs: dict[str, TurnJob]) -> list[dict]:

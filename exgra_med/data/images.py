@@ -1,7 +1,9 @@
 """Image loading (PIL formats and DICOM), LLaVA's pad-to-square, and preprocessing to a tensor.
 
-Any HF-style image processor works: `processor(images=img, return_tensors="pt")["pixel_values"]`,
-with `image_mean` used as the padding colour.
+Any HF-style image processor works: `processor(images=img, return_tensors="pt")["pixel_values"]`.
+The default, "square", is the reference's: the processor's own resize and centre crop (CLIP: shortest side to
+224, centre crop), as every released checkpoint was trained and evaluated. "pad" first pads the image to a
+square with the processor's mean colour (LLaVA-1.5's choice), so that nothing is cropped away.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from PIL import Image, UnidentifiedImageError
 logger = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
-ASPECT_RATIOS = ("pad", "square")
+ASPECT_RATIOS = ("square", "pad")
+DEFAULT_ASPECT_RATIO = "square"  # the reference's image_aspect_ratio default
 
 
 class ImageLoadError(OSError):
@@ -115,9 +118,11 @@ def expand2square(img: Image.Image, background_color: tuple[int, ...]) -> Image.
     return result
 
 
-def preprocess_image(img: Image.Image, processor: ImageProcessor, aspect_ratio: str = "pad") -> torch.Tensor:
-    """`img` -> pixel tensor (3, H, W). "pad" pads to a square with the processor's mean colour first;
-    "square" leaves the processor's own resize / crop to it."""
+def preprocess_image(
+    img: Image.Image, processor: ImageProcessor, aspect_ratio: str = DEFAULT_ASPECT_RATIO
+) -> torch.Tensor:
+    """`img` -> pixel tensor (3, H, W). "square" (default, the reference) leaves the resize and centre crop to the
+    processor; "pad" pads to a square with the processor's mean colour first."""
     if aspect_ratio not in ASPECT_RATIOS:
         raise ValueError(f"image_aspect_ratio must be one of {ASPECT_RATIOS}, got {aspect_ratio!r}")
     if aspect_ratio == "pad":

@@ -3,11 +3,14 @@
 A question record (`id`, `image`, `conversations`, as prepared) becomes the `simple` evaluation prompt:
 the first human turn without `<image>`, then (if the record has an image) a new line and the image
 placeholder expanded to the model's number of image tokens. Prompts are LEFT padded and decoded
-greedily in batches with the LLM's KV cache; each row stops at the template's stop string ("###")
-and the answer is cut there. Questions are sorted by prompt length so that a batch holds prompts of
-similar length; the answers file is JSON lines `{question_id, prompt, text, answer_id, model_id,
-metadata}` in that order (`exgra_med.eval.launch` merges chunks back into question order). The file
-is flushed after every batch and a rerun skips the question ids it already holds.
+greedily in batches with the LLM's KV cache, up to 1024 new tokens as the reference; each row stops at the
+template's stop string ("###") and the answer is cut there and stripped of white space. As in the reference,
+a leading "Assistant:" that the model writes after `simple`'s "###" stays in the answer (it lowers exact match,
+F1, precision and BLEU of open questions, not open recall or closed accuracy); `--strip-role-prefix` drops it.
+Questions are sorted by prompt length so that a batch holds prompts of similar length; the answers file
+is JSON lines `{question_id, prompt, text, answer_id, model_id, metadata}` in that order
+(`exgra_med.eval.launch` merges chunks back into question order). The file is flushed after every batch
+and a rerun skips the question ids it already holds.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from exgra_med.constants import DEFAULT_IMAGE_TOKEN
 from exgra_med.conversation import get_template
 from exgra_med.data.dataset import image_placeholder
-from exgra_med.data.images import load_image, preprocess_image
+from exgra_med.data.images import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO, load_image, preprocess_image
 from exgra_med.eval.launch import get_chunk, read_answer_lines
 from exgra_med.io import read_json
 
@@ -99,9 +102,11 @@ def _pixels(record: dict, image_folder: str | os.PathLike | None, processor, asp
 @torch.inference_mode()
 def generate_batch(
     model, tokenizer, prompt_ids: Sequence[Sequence[int]], pixel_values: torch.Tensor | None,
-    conv_mode: str = "simple", max_new_tokens: int = 64, temperature: float = 0.0, **generate_kwargs,
+    conv_mode: str = "simple", max_new_tokens: int = 1024, temperature: float = 0.0,
+    strip_role_prefix: bool = False, **generate_kwargs,
 ) -> list[str]:
-    """Answers of one batch: left pad, generate (KV cache), decode, cut at the template's stop string.
+    """Answers of one batch: left pad, generate (KV cache), decode, cut at the template's stop string (and, with
+    `strip_role_prefix`, drop a leading "Assistant:", which the reference keeps).
 
     `pixel_values` (B_img, 3, H, W) holds the images of the prompts that contain image tokens, in order.
     """
@@ -119,12 +124,13 @@ def generate_batch(
         ids.to(device), None if pixel_values is None else pixel_values.to(device), mask.to(device),
         generation_config=config, stopping_criteria=stops, **generate_kwargs,
     )
-    return [template.clean_answer(t) for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+    return [template.clean_answer(t, strip_role_prefix) for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
 def generate_answers(
     model, tokenizer, image_processor, records: Sequence[dict], batch_size: int = 16, conv_mode: str = "simple",
-    max_new_tokens: int = 64, *, image_folder: str | os.PathLike | None = None, image_aspect_ratio: str = "pad",
+    max_new_tokens: int = 1024, *, image_folder: str | os.PathLike | None = None,
+    image_aspect_ratio: str = DEFAULT_ASPECT_RATIO, strip_role_prefix: bool = False,
     temperature: float = 0.0, on_batch: BatchCallback | None = None, errors: dict[str, str] | None = None,
     progress: bool = False, generate_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, str]:
@@ -153,7 +159,8 @@ def generate_answers(
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             done = _run_batch(model, tokenizer, image_processor, records, encoded, batch, conv_mode, max_new_tokens,
-                              image_folder, image_aspect_ratio, temperature, errors, generate_kwargs or {})
+                              image_folder, image_aspect_ratio, temperature, errors,
+                              {"strip_role_prefix": strip_role_prefix, **(generate_kwargs or {})})
             for record, text in done:
                 answers[str(record["id"])] = text
             if on_batch is not None and done:
@@ -231,15 +238,22 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype | None]
     return device, {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by `generate-vqa` and `zero-shot`: the model, its device and the decoding settings."""
+def add_model_args(parser: argparse.ArgumentParser, max_new_tokens: int = 1024, temperature: float = 0.0) -> None:
+    """Flags shared by `generate-vqa`, `zero-shot` and `grounding-audit`: the model, its device and the decoding
+    settings (defaults: the reference's for the command)."""
     parser.add_argument("--model", required=True, help="ExGra-Med checkpoint folder or Hub id")
     parser.add_argument("--image-folder", default=None, help="folder the records' image paths are relative to")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--conv-mode", default="simple", help="prompt template (reference: simple)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--image-aspect-ratio", default="pad", choices=("pad", "square"))
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                        help=f"answer length limit (default {max_new_tokens}, the reference's)")
+    parser.add_argument("--temperature", type=float, default=temperature,
+                        help=f"0 = greedy; > 0 samples (default {temperature}, the reference's)")
+    parser.add_argument("--strip-role-prefix", action="store_true",
+                        help='drop a leading "Assistant:" from answers (the reference keeps it; moves open EM/F1/'
+                             "precision/BLEU, not open recall or closed accuracy)")
+    parser.add_argument("--image-aspect-ratio", default=DEFAULT_ASPECT_RATIO, choices=ASPECT_RATIOS,
+                        help="square: the processor's resize + centre crop (reference); pad: pad to a square first")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     parser.add_argument("--attn-implementation", default="sdpa")
@@ -288,7 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         generate_answers(
             model, tokenizer, processor, todo, args.batch_size, args.conv_mode, args.max_new_tokens,
             image_folder=args.image_folder, image_aspect_ratio=args.image_aspect_ratio,
-            temperature=args.temperature, on_batch=write, progress=not args.quiet,
+            strip_role_prefix=args.strip_role_prefix, temperature=args.temperature, on_batch=write,
+            progress=not args.quiet,
         )
     print(f"{len(todo)} answers written to {out}")
     return 0

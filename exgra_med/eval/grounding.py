@@ -129,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, tokenizer, processor, questions, candidates, image_folder=args.image_folder, train=train,
         seed=args.seed, batch_size=args.batch_size, conv_mode=args.conv_mode, max_new_tokens=args.max_new_tokens,
         image_aspect_ratio=args.image_aspect_ratio, temperature=args.temperature, progress=not args.quiet,
+        strip_role_prefix=args.strip_role_prefix,
     )
     print(format_audit(result))
     if args.out:

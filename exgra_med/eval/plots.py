@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     losses = sub.add_parser("losses", help="loss curves of a training run")
     losses.add_argument("run_dir", type=Path)
     efficiency = sub.add_parser(
-        "efficiency", aliases=["data-efficiency"], help="score vs. fraction of pre-training data (mean +- std over rows)"
+        "efficiency", aliases=["data-efficiency"], help="score vs. fraction of pre-training data (mean +- std)"
     )
     efficiency.add_argument("csv", type=Path)
     for p in (losses, efficiency):

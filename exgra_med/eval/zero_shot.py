@@ -4,9 +4,12 @@ Each record (`question`, `option_A`..`option_D`, `gt_answer`, `image_path`, `que
 `exgra_med.data.prepare.omnimedvqa`) is asked with the reference's prompt (the question, the list of
 candidate answers, "Only return what you think is the correct answer ..."). The generated text is mapped
 to the option with the highest `difflib` similarity ratio (the first one on ties; none when every ratio
-is 0) and the item is correct when that option is `gt_answer`. Decoding is greedy (the reference
-samples at temperature 0.7). Unlike the reference, which silently drops items whose image cannot be read
-or whose generation fails, such items count as wrong and are listed in the results.
+is 0) and the item is correct when that option is `gt_answer`. Decoding is the reference's: sampling at
+temperature 0.7 (seeded by `--seed`), at most 256 new tokens; `--temperature 0` decodes greedily.
+
+Items whose image cannot be read or whose generation fails are listed in the results and scored both ways:
+`accuracy` counts them wrong (over every item); `accuracy_reference` drops them from numerator and
+denominator, as the reference does.
 """
 
 from __future__ import annotations
@@ -152,17 +155,24 @@ def evaluate_file(model, tokenizer, processor, path: Path, out_file: Path, args:
     return summarize_file([done[q] for q in ids if q in done], len(ids))
 
 
+def _percent(correct: int, total: int) -> float:
+    return 100.0 * correct / total if total else 0.0
+
+
 def summarize_file(lines: Sequence[Mapping[str, Any]], total: int) -> dict:
-    """Accuracy (percent of all `total` items; failed and missing items count as wrong) and the failures."""
+    """Accuracy both ways and the failures: `accuracy` over all `total` items (failed and missing items count as
+    wrong) and `accuracy_reference` over the answered items only (failures dropped, as the reference)."""
     correct = sum(bool(line.get("is_correct")) for line in lines)
     failed = [{"question_id": line["question_id"], "error": line["error"]} for line in lines if line.get("error")]
-    return {"accuracy": 100.0 * correct / total if total else 0.0, "correct": correct, "total": total, "failed": failed}
+    answered = total - len(failed)
+    return {"accuracy": _percent(correct, total), "accuracy_reference": _percent(correct, answered),
+            "correct": correct, "total": total, "answered": answered, "failed": failed}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`exgra-med zero-shot --model DIR --question-file F|DIR --image-folder D --out DIR [--batch-size N]`."""
     parser = argparse.ArgumentParser(prog="exgra-med zero-shot", description=__doc__.splitlines()[0])
-    add_model_args(parser)
+    add_model_args(parser, max_new_tokens=256, temperature=0.7)  # the reference's sampling
     parser.add_argument("--question-file", required=True, help="an OmniMedVQA json file, or a folder of them")
     parser.add_argument("--out", required=True, type=Path, help="folder for predictions and results.json")
     args = parser.parse_args(argv)
@@ -178,24 +188,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     total = sum(s["total"] for s in per_file.values())
     correct = sum(s["correct"] for s in per_file.values())
+    answered = sum(s["answered"] for s in per_file.values())
     results = {
         "model": str(args.model),
+        "decoding": {"temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "seed": args.seed},
         "files": per_file,
         "overall": {
-            "accuracy": 100.0 * correct / total if total else 0.0,
+            "accuracy": _percent(correct, total),
+            "accuracy_reference": _percent(correct, answered),
             "macro_accuracy": sum(s["accuracy"] for s in per_file.values()) / len(per_file),
+            "macro_accuracy_reference": sum(s["accuracy_reference"] for s in per_file.values()) / len(per_file),
             "correct": correct,
             "total": total,
-            "failed": sum(len(s["failed"]) for s in per_file.values()),
+            "answered": answered,
+            "failed": total - answered,
         },
     }
     write_json_atomic(args.out / "results.json", results)
     width = max(len(r) for r in per_file)
+    print(f"{'file'.ljust(width)}  failed=wrong  failed dropped (reference)")
     for rel, s in per_file.items():
-        print(f"{rel.ljust(width)}  {s['accuracy']:6.2f}%  ({s['correct']}/{s['total']}, {len(s['failed'])} failed)")
+        print(f"{rel.ljust(width)}  {s['accuracy']:6.2f}%       {s['accuracy_reference']:6.2f}%  "
+              f"({s['correct']}/{s['total']}, {len(s['failed'])} failed)")
     o = results["overall"]
     print(
-        f"{'overall'.ljust(width)}  {o['accuracy']:6.2f}%  ({correct}/{total}, {o['failed']} failed); "
-        f"macro {o['macro_accuracy']:.2f}%  -> {args.out / 'results.json'}"
+        f"{'overall'.ljust(width)}  {o['accuracy']:6.2f}%       {o['accuracy_reference']:6.2f}%  "
+        f"({correct}/{total}, {o['failed']} failed); macro {o['macro_accuracy']:.2f}% / "
+        f"{o['macro_accuracy_reference']:.2f}%  -> {args.out / 'results.json'}"
     )
     return 0

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from exgra_med.conversation import LLAVA_SYSTEM
+from exgra_med.data.images import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
 from exgra_med.model.checkpoint import check_output_dir, load_model, staged_output_dir
 
 logger = logging.getLogger(__name__)
@@ -35,22 +36,27 @@ def llava_med_chat_template(image_text: str) -> str:
     )
 
 
-def padding_image_processor(processor) -> object:
-    """A `LlavaImageProcessor` with `processor`'s settings plus `do_pad`: LLaVA-Med pads images to a square with
-    the mean colour before resizing (exgra_med.data.images.expand2square); plain CLIP would crop them instead."""
+def llava_image_processor(processor, image_aspect_ratio: str = DEFAULT_ASPECT_RATIO) -> object:
+    """A `LlavaImageProcessor` with `processor`'s settings that preprocesses as `exgra_med.data.images`: "square"
+    (the reference) is the processor's own resize + centre crop; "pad" sets `do_pad`, a square of the mean colour
+    first (exgra_med.data.images.expand2square)."""
     from transformers import LlavaImageProcessor
 
     keys = ("size", "crop_size", "image_mean", "image_std", "resample", "do_resize", "do_center_crop",
             "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb")
     settings = {k: getattr(processor, k) for k in keys if getattr(processor, k, None) is not None}
-    return LlavaImageProcessor(**settings, do_pad=True)
+    if image_aspect_ratio not in ASPECT_RATIOS:
+        raise ValueError(f"image_aspect_ratio must be one of {ASPECT_RATIOS}, got {image_aspect_ratio!r}")
+    return LlavaImageProcessor(**settings, do_pad=image_aspect_ratio == "pad")
 
 
 def export_hf(
-    src: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None, vision_tower: str | None = None
+    src: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None, vision_tower: str | None = None,
+    image_aspect_ratio: str = DEFAULT_ASPECT_RATIO,
 ) -> Path:
     """Load an ExGra-Med checkpoint (or a reference-layout folder + its vision tower) and write it as
-    transformers LLaVA, in `dtype` (default: the checkpoint's own).
+    transformers LLaVA, in `dtype` (default: the checkpoint's own), its image processor set to
+    `image_aspect_ratio` (what the model was trained with).
 
     Raises ValueError (before writing anything) when the connector has no LLaVA counterpart.
     """
@@ -69,7 +75,7 @@ def export_hf(
     if model.config.mm_use_im_start_end:
         image_text = f"{DEFAULT_IM_START_TOKEN}{image_text}{DEFAULT_IM_END_TOKEN}"
     llava_processor = LlavaProcessor(
-        image_processor=padding_image_processor(processor),
+        image_processor=llava_image_processor(processor, image_aspect_ratio),
         tokenizer=tokenizer,
         patch_size=patch,
         vision_feature_select_strategy="default",
@@ -92,11 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--vision-tower", default=None, help="vision tower folder (reference-layout input only)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="weights dtype (default: the checkpoint's own)")
+    p.add_argument("--image-aspect-ratio", default=DEFAULT_ASPECT_RATIO, choices=ASPECT_RATIOS,
+                   help="the preprocessing the model was trained with (square: resize + centre crop, the reference)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
-        export_hf(args.src, args.out, dtype, args.vision_tower)
+        export_hf(args.src, args.out, dtype, args.vision_tower, args.image_aspect_ratio)
     except ValueError as e:
         print(f"exgra-med export-hf: {e}", file=sys.stderr)
         return 2

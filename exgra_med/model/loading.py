@@ -18,6 +18,7 @@ from exgra_med.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DE
 from exgra_med.model.checkpoint import is_exgra_med_checkpoint, read_weights, write_safetensors  # noqa: F401
 from exgra_med.model.checkpoint import load_model as load_pretrained  # noqa: F401 - the name train/eval import
 from exgra_med.model.config import ExGraMedConfig
+from exgra_med.model.delimiters import delimiter_state, init_rows_to_mean, load_delimiter_rows
 from exgra_med.model.hub import resolve_path
 from exgra_med.model.modeling import ExGraMedForConditionalGeneration
 from exgra_med.model.reference import projector_state
@@ -61,6 +62,7 @@ def build_from_parts(
     tower, vision_config, tower_type = load_vision_tower(vision_tower_path, attn_implementation)
     if dtype is not None:
         tower.to(dtype)
+    old_vocab = llm.get_input_embeddings().num_embeddings
     if prepare_tokenizer(tokenizer, options.mm_use_im_start_end):
         llm.resize_token_embeddings(len(tokenizer))
     if llm.config.pad_token_id is None:
@@ -85,13 +87,16 @@ def build_from_parts(
     )
     config._attn_implementation = attn_implementation
     model = ExGraMedForConditionalGeneration(config, language_model=llm, vision_tower=tower)
+    new_delimiters = [i for i in (config.im_start_token_id, config.im_end_token_id) if i is not None and i >= old_vocab]
+    init_rows_to_mean(model, new_delimiters)  # the reference's start for newly added <im_start>/<im_end>
     if dtype is not None:
         model.to(dtype)  # the fresh projector and alignment GNN too
     return model, tokenizer, load_image_processor(vision_tower_path)
 
 
 def load_projector(model: ExGraMedForConditionalGeneration, path: str | Path) -> None:
-    """Load stage-1 projector weights (a file, or a folder or Hub id holding mm_projector.safetensors/.bin).
+    """Load stage-1 projector weights (a file, or a folder or Hub id holding mm_projector.safetensors/.bin), and the
+    trained `<im_start>`/`<im_end>` input embeddings stored with them when the model uses those tokens.
 
     Accepts this project's keys (`mm_projector.0.weight`) and the reference's (`model.mm_projector.0.weight`).
     """
@@ -101,15 +106,27 @@ def load_projector(model: ExGraMedForConditionalGeneration, path: str | Path) ->
         if not found:
             raise FileNotFoundError(f"{path}: none of {PROJECTOR_FILES} found")
         path = found[0]
-    cleaned = projector_state(read_weights(path), path)
+    weights = read_weights(path)
+    cleaned = projector_state(weights, path)
     try:
         model.mm_projector.load_state_dict(cleaned, strict=True)
     except RuntimeError as e:
         raise ValueError(f"{path}: projector weights do not fit this model's connector: {e}") from e
-    logger.info("loaded projector weights from %s", path)
+    if load_delimiter_rows(model, weights, path):
+        logger.info("loaded projector weights and the <im_start>/<im_end> embeddings from %s", path)
+    elif model.config.mm_use_im_start_end:
+        logger.warning("%s: projector weights only; <im_start>/<im_end> keep their current embeddings", path)
+    else:
+        logger.info("loaded projector weights from %s", path)
 
 
-def save_projector(model: ExGraMedForConditionalGeneration, out_dir: str | Path) -> Path:
-    """Write only the projector (stage 1) as `mm_projector.safetensors`, keys `mm_projector.*` (atomically)."""
+def save_projector(model: ExGraMedForConditionalGeneration, out_dir: str | Path,
+                   embed_rows: torch.Tensor | None = None) -> Path:
+    """Write the stage-1 result as `mm_projector.safetensors` (atomically): the projector (`mm_projector.*`) and,
+    when the model uses them, the `<im_start>`/`<im_end>` input embeddings (`exgra_med.model.delimiters`).
+    `embed_rows` replaces the model's own rows (ZeRO-3 hands over gathered weights)."""
     state = {f"mm_projector.{k}": v for k, v in model.mm_projector.state_dict().items()}
-    return write_safetensors(state, Path(out_dir) / PROJECTOR_FILES[0])
+    delimiters = delimiter_state(model)
+    if delimiters and embed_rows is not None:
+        delimiters = {k: embed_rows for k in delimiters}
+    return write_safetensors({**state, **delimiters}, Path(out_dir) / PROJECTOR_FILES[0])

@@ -38,7 +38,7 @@ class ExGraMedProcessor(ProcessorMixin):
         tokenizer=None,
         num_image_tokens: int = 256,
         mm_use_im_start_end: bool = True,
-        image_aspect_ratio: str = "pad",
+        image_aspect_ratio: str = "square",  # exgra_med.data.images.DEFAULT_ASPECT_RATIO, the reference's
         chat_template: str | None = None,
         **kwargs,
     ):

@@ -21,7 +21,7 @@ from PIL import Image
 from exgra_med.constants import DEFAULT_IMAGE_TOKEN
 from exgra_med.conversation import GPT, HUMAN, ConversationTemplate, get_template
 from exgra_med.data.dataset import image_placeholder
-from exgra_med.data.images import load_image, preprocess_image
+from exgra_med.data.images import DEFAULT_ASPECT_RATIO, load_image, preprocess_image
 from exgra_med.serve.streaming import AnswerFilter
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class InferenceEngine:
         tokenizer,
         image_processor,
         template: str | ConversationTemplate = "llava_med",
-        image_aspect_ratio: str = "pad",
+        image_aspect_ratio: str = DEFAULT_ASPECT_RATIO,
         name: str = "exgra-med",
     ):
         self.model = model.eval()
@@ -97,6 +97,7 @@ class InferenceEngine:
         load_8bit: bool = False,
         device: str | None = None,
         dtype: torch.dtype | None = None,
+        image_aspect_ratio: str = DEFAULT_ASPECT_RATIO,
     ) -> InferenceEngine:
         """Load either checkpoint layout (see `exgra_med.serve.loading.load_model`) and wrap it."""
         from exgra_med.serve.loading import load_model
@@ -106,7 +107,7 @@ class InferenceEngine:
         )
         # A local folder is served under its name, a Hub id under the id itself (as vLLM does).
         name = (os.path.basename(os.path.normpath(path)) if os.path.exists(path) else path) or "exgra-med"
-        return cls(model, tokenizer, processor, template=template, name=name)
+        return cls(model, tokenizer, processor, template=template, image_aspect_ratio=image_aspect_ratio, name=name)
 
     @property
     def device(self) -> torch.device:

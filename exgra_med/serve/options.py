@@ -7,6 +7,7 @@ import argparse
 import torch
 
 from exgra_med.conversation import TEMPLATES
+from exgra_med.data.images import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -23,6 +24,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     quant.add_argument("--load-8bit", action="store_true", help="8-bit weights (bitsandbytes, CUDA only)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--image-aspect-ratio", default=DEFAULT_ASPECT_RATIO, choices=ASPECT_RATIOS,
+                   help="square: the processor's resize + centre crop (reference); pad: pad to a square first")
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with temperature > 0)")
@@ -43,4 +46,5 @@ def engine_from_args(args: argparse.Namespace) -> InferenceEngine:
         load_8bit=args.load_8bit,
         device=args.device,
         dtype=DTYPES[args.dtype] if args.dtype else None,
+        image_aspect_ratio=args.image_aspect_ratio,
     )

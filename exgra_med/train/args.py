@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import transformers
 
 from exgra_med.align.config import AlignmentConfig, flag_name
+from exgra_med.data.images import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
 from exgra_med.model.config import DENSE_CONNECTOR_TYPES, check_projector_type
 
 
@@ -54,7 +55,13 @@ class ModelArguments(AlignmentArguments):
     num_l: int = field(default=6, metadata={"help": "DCI group size on BiomedCLIP"})
     mm_vision_select_layer: int = field(default=-2, metadata={"help": "vision hidden layer fed to the projector"})
     mm_use_im_start_end: bool = field(default=True, metadata={"help": "wrap image tokens in <im_start>/<im_end>"})
-    tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "stage 1: train and save only the projector"})
+    tune_mm_mlp_adapter: bool = field(
+        default=False, metadata={"help": "stage 1: train and save only the projector (+ <im_start>/<im_end> rows)"}
+    )
+    tune_im_start_end: bool = field(
+        default=True,
+        metadata={"help": "stage 1: also train the <im_start>/<im_end> input embeddings, as the reference"},
+    )
     pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": "stage-1 projector file or folder"})
     freeze_backbone: bool = field(default=False, metadata={"help": "freeze the LLM (train projector + alignment)"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | flash_attention_2 | eager"})
@@ -81,7 +88,10 @@ class DataArguments:
         default=None, metadata={"help": "folder the records' `image` paths are relative to"}
     )
     conv_template: str = field(default="llava_med", metadata={"help": "prompt template (llava_med = reference '###')"})
-    image_aspect_ratio: str = field(default="pad", metadata={"help": "pad (to square) | square (resize as is)"})
+    image_aspect_ratio: str = field(
+        default=DEFAULT_ASPECT_RATIO,
+        metadata={"help": "square: the processor's resize + centre crop (reference) | pad: pad to a square first"},
+    )
     lazy_preprocess: bool = field(
         default=True, metadata={"help": "accepted for reference scripts; data is always lazy"}
     )
@@ -89,8 +99,14 @@ class DataArguments:
     test_data_path: str | None = field(default=None, metadata={"help": "VQA records scored at the end"})
     evaluate_on_val: bool = field(default=False, metadata={"help": "generate answers on --val_data_path at each eval"})
     evaluate_on_test: bool = field(default=False, metadata={"help": "generate answers on --test_data_path at the end"})
-    eval_max_new_tokens: int = field(default=32, metadata={"help": "answer length during in-training VQA scoring"})
+    eval_max_new_tokens: int = field(
+        default=1024, metadata={"help": "answer length limit of in-training VQA scoring (reference: 1024, cut at ###)"}
+    )
     eval_batch_size: int = field(default=16, metadata={"help": "batch size of in-training answer generation"})
+
+    def __post_init__(self):
+        if self.image_aspect_ratio not in ASPECT_RATIOS:
+            raise ValueError(f"--image_aspect_ratio must be one of {ASPECT_RATIOS}, got {self.image_aspect_ratio!r}")
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Training entry point: `exgra-med train ...` or `torchrun -m exgra_med.train ...`.
 
-Stage 1: `--tune_mm_mlp_adapter True` trains and saves only the projector.
-Stage 2: `--pretrain_mm_mlp_adapter DIR` loads it and trains projector + LLM (+ the alignment GNN with
+Stage 1: `--tune_mm_mlp_adapter True` trains and saves only the projector and the `<im_start>`/`<im_end>`
+input embeddings (`--tune_im_start_end False`: the projector alone).
+Stage 2: `--pretrain_mm_mlp_adapter DIR` loads both and trains projector + LLM (+ the alignment GNN with
 `--contrastive True --multi_graph True --after_de True`).
 Fine-tuning: `--model_name_or_path` an ExGra-Med checkpoint (e.g. the stage-2 output).
 """
@@ -21,6 +22,7 @@ from transformers import HfArgumentParser, set_seed
 
 from exgra_med.data.collate import DataCollator
 from exgra_med.data.dataset import SupervisedDataset
+from exgra_med.model.delimiters import delimiter_ids, train_only_rows
 from exgra_med.model.hub import resolve_path
 from exgra_med.model.loading import (
     ConnectorOptions,
@@ -109,12 +111,16 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments):
 
 
 def set_trainable(model, model_args: ModelArguments) -> None:
-    """Stage 1: projector only. Otherwise projector + LLM (+ alignment), or LoRA adapters on the LLM."""
+    """Stage 1: the projector (and, as the reference, the `<im_start>`/`<im_end>` input embeddings). Otherwise
+    projector + LLM (+ alignment), or LoRA adapters on the LLM."""
     model.requires_grad_(False)
     model.mm_projector.requires_grad_(True)
     if model.alignment is not None:
         model.alignment.requires_grad_(True)
     if model_args.tune_mm_mlp_adapter:
+        ids = delimiter_ids(model)
+        if model_args.tune_im_start_end and ids:
+            train_only_rows(model.get_input_embeddings(), ids)
         return
     if model_args.lora_enable:
         from peft import LoraConfig, get_peft_model
@@ -201,7 +207,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
 
 
 def save_final(trainer: ExGraMedTrainer, model_args: ModelArguments) -> None:
-    """Stage 1: `mm_projector.safetensors` only. Otherwise a full checkpoint (LoRA merged) loadable everywhere."""
+    """Stage 1: `mm_projector.safetensors` only (projector + delimiter embeddings). Otherwise a full checkpoint (LoRA
+    merged) loadable everywhere."""
     out = trainer.args.output_dir
     if model_args.lora_enable:
         save_merged_lora(trainer, Path(out), model_args.lora_alpha)

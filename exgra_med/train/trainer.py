@@ -1,5 +1,5 @@
 """`ExGraMedTrainer`: HF Trainer that logs `lm_loss` / `align_loss` (and the alignment's parts, `align_loss/<part>`)
-and saves only the projector in stage 1."""
+and saves only the projector (with the `<im_start>`/`<im_end>` embeddings) in stage 1."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from transformers import Trainer
 
 from exgra_med.io import atomic_file
+from exgra_med.model.delimiters import delimiter_ids
 from exgra_med.model.loading import PROJECTOR_FILES, load_projector, save_projector
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,9 @@ class ExGraMedTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Forward; remember the detached loss parts for the next log line (no host sync: summed on the device)."""
+        alignment = self._alignment()
+        if model.training and getattr(alignment, "undo_loss_scale", False):
+            alignment.loss_scale = self._loss_scale()  # the scale this step's backward multiplies the loss by
         outputs = model(**inputs)
         if model.training:  # evaluation losses are not training log values
             values = {name: getattr(outputs, name, None) for name in LOSS_PARTS}
@@ -67,12 +71,37 @@ class ExGraMedTrainer(Trainer):
             return
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
+        embed_rows = None
         if state_dict is not None:  # ZeRO-3 hands over gathered weights
             projector = {k.split("mm_projector.", 1)[1]: v for k, v in state_dict.items() if "mm_projector." in k}
             model.mm_projector.load_state_dict(projector)
-        save_projector(model, output_dir)
+            embed = [v for k, v in state_dict.items() if k.endswith("embed_tokens.weight")]
+            ids = delimiter_ids(model)
+            embed_rows = embed[0][ids] if embed and ids else None
+        save_projector(model, output_dir, embed_rows)
         model.config.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        """Stage 1 trains only the `<im_start>`/`<im_end>` rows of the input embeddings (their gradient is zero
+        elsewhere); without weight decay on that matrix, AdamW leaves every other row exactly unchanged."""
+        names = super().get_decay_parameter_names(model)
+        if not self.projector_only:
+            return names
+        unwrapped = self.accelerator.unwrap_model(model)
+        embedding = unwrapped.get_input_embeddings().weight
+        skip = {n for n, p in unwrapped.named_parameters() if p is embedding}
+        return [n for n in names if n not in skip]
+
+    def _loss_scale(self) -> float:
+        """The factor the loss is multiplied by before backward: the fp16 GradScaler's (native AMP, FSDP) or
+        DeepSpeed's fp16 loss scale; 1 without loss scaling (bf16, fp32)."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            return float(scaler.get_scale())
+        optimizer = getattr(getattr(self, "deepspeed", None), "optimizer", None)
+        scale = getattr(optimizer, "cur_scale", None)
+        return float(scale) if scale is not None else 1.0
 
     def _alignment(self):
         return getattr(self.accelerator.unwrap_model(self.model), "alignment", None)

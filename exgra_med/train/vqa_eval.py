@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from exgra_med.data.images import DEFAULT_ASPECT_RATIO
 from exgra_med.eval.generate import answer_line, generate_answers, load_questions
 from exgra_med.eval.metrics import vqa_train_metrics
 from exgra_med.io import write_jsonl_atomic
@@ -53,9 +54,9 @@ class VQAGenerationSettings:
     """How answers are generated during training (the image processor is the trainer's)."""
 
     batch_size: int = 16
-    max_new_tokens: int = 32
+    max_new_tokens: int = 1024  # the reference's; generation stops at "###"
     conv_mode: str = "simple"
-    image_aspect_ratio: str = "pad"
+    image_aspect_ratio: str = DEFAULT_ASPECT_RATIO
 
 
 def split_path(data_path: str, given: str | None, split: str) -> str:

@@ -39,7 +39,8 @@ def test_defaults_are_the_reference_values():
     assert cfg.to_dict() == {
         "contrastive": False, "multi_graph": False, "after_de": False, "alpha": 1.0,
         "contrastive_loss_type": "infonce", "simi_type": "average", "ot_eps": 0.1, "ot_max_iter": 500,
-        "k": 5, "lambda_val": 80.0, "scale_invariant": False, "relative_lambda": 0.5, "noise_scale": 0.05,
+        "k": 5, "lambda_val": 80.0, "scale_invariant": False, "relative_lambda": 0.5, "undo_loss_scale": False,
+        "noise_scale": 0.05,
         "dropout": 0.1, "masked_mean": False, "global_batch": False, "solver": "ipfp", "solve_on": None, "seed": 0,
     }
     assert not cfg.enabled

@@ -76,11 +76,31 @@ def test_jobs_pair_each_answer_with_its_question() -> None:
     jobs = build_jobs(make_records(2))
     assert list(jobs) == ["r0#1", "r0#3", "r1#1"]
     assert jobs["r0#3"].instruction == "Is it malignant?"
-    assert (
-        user_message(jobs["r1#1"])
-        == "Instruction:\nWhat is shown in image 1?\n\nAnswer:\nA finding [[r1#1]] in the left lung."
-    )
-    assert "revision" in default_system_prompt_path().read_text()
+    # The pair goes out as one JSON object that keeps the <image> text of the instruction.
+    sent = json.loads(user_message(jobs["r1#1"]))
+    assert sent == {"instruction": "What is shown in image 1?\n<image>",
+                    "answer": "A finding [[r1#1]] in the left lung."}
+    assert "<image>" in sent["instruction"]
+
+
+def test_prompt_file_has_the_references_structure() -> None:
+    """Five aspects (each ~20 tokens at most), the see-the-image tone, one worked example whose input is a JSON
+    pair and whose output is a JSON reply with `explanation` (one comment per aspect) and `revision`."""
+    text = default_system_prompt_path().read_text()
+    aspects = ("helpfulness", "relevance", "accuracy", "detail", "structure")
+    assert all(a in text.lower() for a in aspects)
+    assert text.count("at most about 20 tokens") >= 6 and "as if you were looking at the image" in text
+    assert "cannot see the image" not in text
+    example_in = next(line for line in text.splitlines() if line.startswith("Input: "))
+    example_out = next(line for line in text.splitlines() if line.startswith("Output: "))
+    assert text.count("Input: ") == 1 and text.count("Output: ") == 1  # one worked example
+    pair = json.loads(example_in[len("Input: "):])
+    assert set(pair) == {"instruction", "answer"} and "<image>" in pair["instruction"]
+    reply = json.loads(example_out[len("Output: "):])
+    assert set(reply) == {"explanation", "revision"} and set(reply["explanation"]) == set(aspects)
+    assert "\n" not in reply["revision"] and len(reply["revision"].split()) <= 2 * 20
+    parsed = parse_revision(example_out[len("Output: "):], 10_000)
+    assert parsed["explanation"] == reply["explanation"] and parsed["revision"] == reply["revision"]
 
 
 def _args(src: Path, out: Path, base_url: str, *extra: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""OmniMedVQA zero-shot: prompt, option mapping, accuracy per file, failed items counted wrong, resume."""
+"""OmniMedVQA zero-shot: prompt, option mapping, the reference's decoding, accuracy per file with failed items
+counted wrong and dropped (the reference), resume."""
 
 from __future__ import annotations
 
@@ -67,16 +68,19 @@ def omnimed(easy_vqa_dir, tmp_path) -> tuple[Path, Path]:
     return questions, root
 
 
-def _argv(model, questions, root, out):
+def _argv(model, questions, root, out, max_new_tokens: int | None = 4):
+    tokens = [] if max_new_tokens is None else ["--max-new-tokens", str(max_new_tokens)]
     return ["--model", str(model), "--question-file", str(questions), "--image-folder", str(root), "--out", str(out),
-            "--batch-size", "4", "--max-new-tokens", "4", "--quiet"]
+            "--batch-size", "4", "--quiet", *tokens]
 
 
-def test_accuracy_per_file_with_failures_counted_wrong(tiny_model_dir, omnimed, tmp_path, monkeypatch):
+def test_accuracy_per_file_with_failures_counted_wrong_and_dropped(tiny_model_dir, omnimed, tmp_path, monkeypatch):
     questions, root = omnimed
     asked: list[str] = []
+    decoding: set[tuple] = set()
 
     def fake_generate(model, tokenizer, prompt_ids, pixel_values, *args, broken=True, **kwargs):
+        decoding.add(tuple(args))  # (conv_mode, max_new_tokens, temperature)
         prompts = tokenizer.batch_decode(prompt_ids)
         if broken and any("BROKEN" in p for p in prompts):
             raise RuntimeError("CUDA out of memory (simulated)")
@@ -85,15 +89,20 @@ def test_accuracy_per_file_with_failures_counted_wrong(tiny_model_dir, omnimed, 
 
     monkeypatch.setattr(generate_module, "generate_batch", fake_generate)
     out = tmp_path / "out"
-    assert main(_argv(tiny_model_dir, questions, root, out)) == 0
+    assert main(_argv(tiny_model_dir, questions, root, out, max_new_tokens=None)) == 0
+    assert decoding == {("simple", 256, 0.7)}  # the reference samples at T = 0.7, 256 new tokens
     results = json.loads((out / "results.json").read_text())
+    assert results["decoding"] == {"temperature": 0.7, "max_new_tokens": 256, "seed": 0}
     first, second = results["files"]["A/first.json"], results["files"]["second.json"]
     assert (first["correct"], first["total"], first["failed"]) == (2, 3, [])  # a1, a3 right; a2 wrong
     assert first["accuracy"] == pytest.approx(200 / 3)
     assert (second["correct"], second["total"]) == (0, 3)  # b1 image, b2 generation failed; b3 wrong
     assert {f["question_id"]: f["error"].split(":")[0] for f in second["failed"]} == {"b1": "image", "b2": "generation"}
+    assert (second["answered"], second["accuracy"], second["accuracy_reference"]) == (1, 0.0, 0.0)
+    # Failures counted wrong (2 of 6) and dropped as the reference (2 of the 4 answered).
     assert results["overall"] == pytest.approx(
-        {"accuracy": 100 / 3, "macro_accuracy": 100 / 3, "correct": 2, "total": 6, "failed": 2})
+        {"accuracy": 100 / 3, "accuracy_reference": 50.0, "macro_accuracy": 100 / 3,
+         "macro_accuracy_reference": (200 / 3 + 0) / 2, "correct": 2, "total": 6, "answered": 4, "failed": 2})
     lines = [json.loads(x) for x in (out / "predictions" / "second.jsonl").read_text().splitlines()]
     assert {x["question_id"]: x["is_correct"] for x in lines} == {"b1": False, "b2": False, "b3": False}
     assert len(asked) == 4  # a1 a2 a3 b3
@@ -106,7 +115,11 @@ def test_accuracy_per_file_with_failures_counted_wrong(tiny_model_dir, omnimed, 
     assert len(asked) == 1 and "BROKEN" in asked[0]
     assert results["files"]["second.json"]["correct"] == 1
     assert [f["question_id"] for f in results["files"]["second.json"]["failed"]] == ["b1"]
+    assert results["files"]["second.json"]["accuracy"] == pytest.approx(100 / 3)
+    assert results["files"]["second.json"]["accuracy_reference"] == pytest.approx(50.0)
     assert results["overall"]["correct"] == 3 and results["overall"]["failed"] == 1
+    assert results["overall"]["accuracy"] == pytest.approx(50.0)
+    assert results["overall"]["accuracy_reference"] == pytest.approx(60.0)  # 3 of the 5 answered
 
 
 def test_zero_shot_with_the_tiny_model(tiny_model_dir, omnimed, tmp_path):

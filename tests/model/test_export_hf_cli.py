@@ -3,6 +3,7 @@ prompts exactly; connectors that LLaVA cannot express fail clearly and write not
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -21,13 +22,15 @@ def _image() -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def test_export_loads_in_transformers_with_equal_logits(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("aspect", [None, "pad"])  # None: the default, the reference's resize + centre crop
+def test_export_loads_in_transformers_with_equal_logits(tiny_model_dir, tmp_path, aspect):
     out = tmp_path / "hf"
-    assert cli_main(["export-hf", "--in", str(tiny_model_dir), "--out", str(out)]) == 0
+    flags = [] if aspect is None else ["--image-aspect-ratio", aspect]
+    assert cli_main(["export-hf", "--in", str(tiny_model_dir), "--out", str(out), *flags]) == 0
     assert (out / "model.safetensors").is_file() and (out / "processor_config.json").is_file()
     llava = LlavaForConditionalGeneration.from_pretrained(out).eval()
     processor = AutoProcessor.from_pretrained(out)
-    engine = InferenceEngine.from_path(str(tiny_model_dir), device="cpu")
+    engine = InferenceEngine.from_path(str(tiny_model_dir), device="cpu", image_aspect_ratio=aspect or "square")
     image = _image()
     # The exported chat template + processor produce exactly the prompt our engine builds.
     messages = [{"role": "user", "content": [{"type": "text", "text": QUESTION}, {"type": "image"}]}]

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from exgra_med.model.loading import load_pretrained
-from exgra_med.train.main import main
+from exgra_med.train.main import main, parse_args, train
 
 COMMON = [
     "--per_device_train_batch_size", "4", "--logging_steps", "1", "--report_to", "none",
@@ -36,17 +36,32 @@ def _log_history(out: Path) -> list[dict]:
     return json.loads((out / "trainer_state.json").read_text())["log_history"]
 
 
-def test_stage1_saves_only_the_projector_and_stage2_loads_it(tiny_model_dir, easy_vqa_dir, tmp_path):
+def test_stage1_saves_projector_and_delimiter_embeddings_and_stage2_loads_them(tiny_model_dir, easy_vqa_dir, tmp_path):
     s1 = tmp_path / "stage1"
-    assert main(_stage1(tiny_model_dir, easy_vqa_dir, s1)) == 0
+    # With weight decay: the frozen rows of the trained matrix must not decay either.
+    trainer = train(*parse_args(_stage1(tiny_model_dir, easy_vqa_dir, s1, extra=["--weight_decay", "0.1"])))
     weights = load_file(str(s1 / "mm_projector.safetensors"))
-    assert weights and all(k.startswith("mm_projector.") for k in weights)
+    assert {k for k in weights if not k.startswith("mm_projector.")} == {"model.embed_tokens.weight"}
     assert not (s1 / "model.safetensors").exists()
     history = _log_history(s1)
     assert [h["step"] for h in history if "lm_loss" in h] == [1, 2, 3]
     assert all(h["lm_loss"] == pytest.approx(h["loss"], rel=1e-4) for h in history if "lm_loss" in h)
 
-    # Stage 2 with lr 0: the saved checkpoint must hold exactly the stage-1 projector and the LLM weights.
+    # Only the <im_start>/<im_end> rows of the input embeddings moved, and those are what the file holds.
+    config = trainer.model.config
+    ids = [config.im_start_token_id, config.im_end_token_id]
+    before = load_file(str(tiny_model_dir / "llm" / "model.safetensors"))["model.embed_tokens.weight"]
+    after = trainer.model.get_input_embeddings().weight.detach()
+    others = torch.ones(before.shape[0], dtype=torch.bool)
+    others[ids] = False
+    assert torch.equal(after[others], before[others])
+    assert (after[ids] - before[ids]).abs().amax(dim=1).min() > 1e-4  # both rows trained
+    assert torch.equal(weights["model.embed_tokens.weight"], after[ids])
+    out_before = load_file(str(tiny_model_dir / "llm" / "model.safetensors"))["lm_head.weight"]
+    assert torch.equal(trainer.model.get_output_embeddings().weight.detach(), out_before)  # LM head frozen
+
+    # Stage 2 with lr 0: the saved checkpoint must hold exactly the stage-1 projector, the stage-1 delimiter
+    # embeddings, and the LLM's other weights.
     s2 = tmp_path / "stage2"
     argv = [
         "--model_name_or_path", str(tiny_model_dir / "llm"), "--vision_tower", str(tiny_model_dir / "vision"),
@@ -57,10 +72,22 @@ def test_stage1_saves_only_the_projector_and_stage2_loads_it(tiny_model_dir, eas
     assert main(argv) == 0
     model, _, _ = load_pretrained(str(s2), dtype=torch.float32)
     for key, value in weights.items():
-        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+        if key.startswith("mm_projector."):
+            torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+    stage2_embed = model.get_input_embeddings().weight.detach()
+    assert torch.equal(stage2_embed[ids], weights["model.embed_tokens.weight"])
+    assert torch.equal(stage2_embed[others], before[others])
     trainable_llm = [p for n, p in model.named_parameters() if n.startswith("language_model.")]
     assert trainable_llm and all(p.requires_grad for p in trainable_llm)
     assert [h["step"] for h in _log_history(s2) if "lm_loss" in h] == [1, 2]
+
+
+def test_stage1_without_delimiter_training_leaves_embeddings_alone(tiny_model_dir, easy_vqa_dir, tmp_path):
+    s1 = tmp_path / "stage1"
+    trainer = train(*parse_args(_stage1(tiny_model_dir, easy_vqa_dir, s1, 2, ["--tune_im_start_end", "False"])))
+    before = load_file(str(tiny_model_dir / "llm" / "model.safetensors"))["model.embed_tokens.weight"]
+    assert torch.equal(trainer.model.get_input_embeddings().weight.detach(), before)
+    assert not trainer.model.get_input_embeddings().weight.requires_grad
 
 
 def test_stage2_llm_weights_change_and_projector_trains(tiny_model_dir, easy_vqa_dir, tmp_path):

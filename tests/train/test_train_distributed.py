@@ -128,8 +128,12 @@ def test_stage1_script_deepspeed_zero2(tiny_model_dir, easy_vqa_dir, tmp_path):
     from exgra_med.model.loading import build_from_parts
 
     fresh, _, _ = build_from_parts(str(tiny_model_dir / "llm"), str(tiny_model_dir / "vision"))
-    assert set(projector) == {f"mm_projector.{k}" for k in fresh.mm_projector.state_dict()}
+    assert set(projector) == {f"mm_projector.{k}" for k in fresh.mm_projector.state_dict()} | {
+        "model.embed_tokens.weight"}
     assert all(torch.isfinite(v).all() for v in projector.values())
+    ids = [fresh.config.im_start_token_id, fresh.config.im_end_token_id]
+    initial = fresh.get_input_embeddings().weight.detach()[ids]
+    assert (projector["model.embed_tokens.weight"] - initial).abs().amax(dim=1).min() > 1e-4  # trained under ZeRO-2
 
 
 @pytest.mark.slow
