@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # End-to-end demo on this machine's CPU, fully offline: a tiny random model + the easy-VQA data set
-# (shipped on PyPI) through stage 1 and stage 2 (ExGra-Med alignment on), using the same scripts as GPU runs.
+# (shipped on PyPI): the tiny CLIP tower pre-trained contrastively on the demo's own captions (real users start
+# from a pretrained CLIP), then stage 1 and stage 2 (ExGra-Med alignment on), using the same scripts as GPU runs.
 #
 #   bash scripts/demo.sh            (make demo runs this inside .venv)
-# Variables: DEMO_DIR (default runs/demo), STAGE1_STEPS, STAGE2_STEPS, FINETUNE_STEPS, BATCH, STAGE2_BATCH,
+# Variables: DEMO_DIR (default runs/demo), TOWER_STEPS, STAGE1_STEPS, STAGE2_STEPS, FINETUNE_STEPS, BATCH, STAGE2_BATCH,
 # DEMO_IMAGES, SEED. Finished stages are skipped on a rerun (and a killed stage resumes from its checkpoint).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 DEMO_DIR=${DEMO_DIR:-runs/demo}
+TOWER_STEPS=${TOWER_STEPS:-600}
 STAGE1_STEPS=${STAGE1_STEPS:-300}
 STAGE2_STEPS=${STAGE2_STEPS:-400}
 BATCH=${BATCH:-32}                 # stage 1 and fine-tuning
 STAGE2_BATCH=${STAGE2_BATCH:-16}   # the alignment's graph matching grows with the batch; 16 keeps the demo short
 FINETUNE_STEPS=${FINETUNE_STEPS:-1500}
-DEMO_IMAGES=${DEMO_IMAGES:-2000}
+DEMO_IMAGES=${DEMO_IMAGES:-4000}
 SEED=${SEED:-0}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 export NPROC_PER_NODE=${NPROC_PER_NODE:-1} MASTER_PORT=${MASTER_PORT:-29511}
@@ -24,20 +26,25 @@ CPU_ARGS=(--bf16 False --activation_checkpointing False --dataloader_num_workers
           --save_steps 200 --warmup_steps 20 --lr_scheduler_type cosine_with_min_lr
           --lr_scheduler_kwargs '{"min_lr_rate": 0.1}' --max_grad_norm 1.0 --resume_from_checkpoint auto)
 
-echo "== 1/5 tiny model (offline) -> $DEMO_DIR/tiny"
-[ -f "$DEMO_DIR/tiny/config.json" ] || exgra-med make-tiny-model --out "$DEMO_DIR/tiny" --seed "$SEED"
+echo "== 1/6 tiny model (offline; CLIP tower 32 px, patch 4: 64 image tokens) -> $DEMO_DIR/tiny"
+[ -f "$DEMO_DIR/tiny/config.json" ] || exgra-med make-tiny-model --out "$DEMO_DIR/tiny" --image-size 32 --patch-size 4 --seed "$SEED"
 
-echo "== 2/5 easy-VQA data -> $DEMO_DIR/data"
+echo "== 2/6 easy-VQA data -> $DEMO_DIR/data"
 [ -f "$DEMO_DIR/data/test.json" ] || exgra-med prepare easy-vqa --out "$DEMO_DIR/data" --max-images "$DEMO_IMAGES" --seed "$SEED"
 
-export MODEL_PATH="$DEMO_DIR/tiny/llm" VISION_TOWER="$DEMO_DIR/tiny/vision" IMAGE_FOLDER="$DEMO_DIR/data/images"
+echo "== 3/6 vision tower: contrastive (CLIP) pre-training on the demo's image-caption pairs ($TOWER_STEPS steps)"
+[ -f "$DEMO_DIR/tower/config.json" ] || exgra-med pretrain-tower --tower "$DEMO_DIR/tiny/vision" --tokenizer "$DEMO_DIR/tiny/llm" \
+  --data "$DEMO_DIR/data/alignment.json" --image-folder "$DEMO_DIR/data/images" --out "$DEMO_DIR/tower" \
+  --steps "$TOWER_STEPS" --seed "$SEED"
 
-echo "== 3/5 stage 1: projector only ($STAGE1_STEPS steps)"
+export MODEL_PATH="$DEMO_DIR/tiny/llm" VISION_TOWER="$DEMO_DIR/tower" IMAGE_FOLDER="$DEMO_DIR/data/images"
+
+echo "== 4/6 stage 1: projector only ($STAGE1_STEPS steps)"
 [ -f "$DEMO_DIR/stage1/mm_projector.safetensors" ] || DATA_PATH="$DEMO_DIR/data/alignment.json" OUTPUT_DIR="$DEMO_DIR/stage1" \
   bash scripts/stage1.sh "${CPU_ARGS[@]}" --per_device_train_batch_size "$BATCH" --max_steps "$STAGE1_STEPS" \
   --learning_rate 3e-3
 
-echo "== 4/5 stage 2: projector + LLM with the ExGra-Med alignment ($STAGE2_STEPS steps)"
+echo "== 5/6 stage 2: projector + LLM with the ExGra-Med alignment ($STAGE2_STEPS steps)"
 [ -f "$DEMO_DIR/stage2/model.safetensors" ] || \
   DATA_PATH="$DEMO_DIR/data/instruct.json" PROJECTOR="$DEMO_DIR/stage1" OUTPUT_DIR="$DEMO_DIR/stage2" \
   bash scripts/stage2.sh ${DEMO_STAGE2_FLAGS:-} "${CPU_ARGS[@]}" --per_device_train_batch_size "$STAGE2_BATCH" \
@@ -61,7 +68,7 @@ for line in open(sys.argv[2]):
           f"(truth {q['conversations'][1]['value']!r})")
 PY
 
-echo "== 5/5 fine-tune on easy-VQA, answer the test questions, score against baselines"
+echo "== 6/6 fine-tune on easy-VQA, answer the test questions, score against baselines"
 DEMO_DIR="$DEMO_DIR" BATCH="$BATCH" SEED="$SEED" FINETUNE_STEPS="$FINETUNE_STEPS" bash scripts/demo_finetune.sh
 
 echo

@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class TowerPretrainConfig:
     steps: int = 600
-    batch_size: int = 128
+    batch_size: int = 64
     learning_rate: float = 2e-3
     weight_decay: float = 0.1
     warmup_steps: int = 30
@@ -140,9 +140,10 @@ def pretrain_tower(
     if len(pairs) < 2:
         raise RecordError(f"{data}: contrastive pre-training needs at least 2 image-caption records, got {len(pairs)}")
     image_folder = Path(image_folder)
-    for image, _ in pairs:  # every image exists before any training
+    for index, (image, _) in enumerate(pairs):  # every image exists before any training
         if not (image_folder / image).is_file():
-            raise FileNotFoundError(f"{data}: image {image!r} not found in {image_folder}")
+            label = record_label(records[index], index)
+            raise FileNotFoundError(f"{data}: {label}: field 'image': {image!r} not found in {image_folder}")
 
     torch.manual_seed(config.seed)
     vision = CLIPVisionModel.from_pretrained(tower)

@@ -1,0 +1,111 @@
+"""`exgra-med pretrain-tower`: contrastive pre-training of a CLIP vision tower on image-caption records."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from transformers import CLIPVisionModel
+
+from exgra_med.train.tower import TowerPretrainConfig, pretrain_tower, tokenize_captions
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 180, 30)}
+
+
+@pytest.fixture(scope="module")
+def caption_data(tmp_path_factory):
+    """60 images of one coloured disc on white at random places, captioned "A <colour> circle."."""
+    root = tmp_path_factory.mktemp("captions")
+    (root / "images").mkdir()
+    gen = torch.Generator().manual_seed(0)
+    records = []
+    for i in range(60):
+        colour = list(COLOURS)[i % 3]
+        x, y = (int(v) for v in torch.randint(4, 20, (2,), generator=gen))
+        img = Image.new("RGB", (32, 32), (255, 255, 255))
+        ImageDraw.Draw(img).ellipse((x, y, x + 10, y + 10), fill=COLOURS[colour])
+        img.save(root / "images" / f"{i}.png")
+        records.append(
+            {
+                "id": f"c{i}",
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "Describe the image.\n<image>"},
+                    {"from": "gpt", "value": f"A {colour} circle."},
+                ],
+            }
+        )
+    (root / "captions.json").write_text(json.dumps(records))
+    return root
+
+
+def test_captions_end_with_an_id_both_clip_pooling_rules_find(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir / "llm")
+    ids, mask = tokenize_captions(tokenizer, ["A red circle.", "A blue one."], max_tokens=32)
+    end = len(tokenizer)
+    lengths = mask.sum(1)
+    for row, n in zip(ids, lengths):
+        assert row[n - 1] == end  # the end-of-caption id closes every caption
+        assert int(row.argmax()) == n - 1  # and is the largest id (transformers' legacy pooling rule)
+    assert mask[0].tolist() != mask[1].tolist() or ids.shape[1] == int(lengths.max())
+
+
+def test_pretraining_learns_the_captions_and_writes_a_drop_in_tower(tiny_model_dir, caption_data, tmp_path):
+    out = tmp_path / "tower"
+    config = TowerPretrainConfig(
+        steps=80, batch_size=24, learning_rate=2e-3, warmup_steps=5, eval_every=40, heldout_fraction=0.25, seed=0
+    )
+    summary = pretrain_tower(
+        tiny_model_dir / "vision",
+        tiny_model_dir / "llm",
+        caption_data / "captions.json",
+        caption_data / "images",
+        out,
+        config,
+    )
+    assert summary["pairs"] == {"train": 45, "heldout": 15}
+    assert summary["distinct_captions"] == 3
+    # Held-out images are matched to their own caption after training (chance: 1/3).
+    assert summary["heldout_retrieval_after"] >= 0.9 > summary["heldout_retrieval_before"] + 0.3
+    saved = json.loads((out / "pretrain_tower.json").read_text())
+    assert saved["history"][-1]["step"] == 80 and saved["config"]["seed"] == 0
+
+    before = CLIPVisionModel.from_pretrained(tiny_model_dir / "vision")
+    after = CLIPVisionModel.from_pretrained(out)
+    assert after.config.to_dict()["image_size"] == before.config.image_size
+    changed = [k for k, v in after.state_dict().items() if not torch.equal(v, before.state_dict()[k])]
+    assert "embeddings.patch_embedding.weight" in changed
+    assert (out / "preprocessor_config.json").is_file()
+
+
+def test_bad_input_fails_before_training_with_one_line(tiny_model_dir, caption_data, tmp_path):
+    records = json.loads((caption_data / "captions.json").read_text())
+    records[7]["image"] = "missing.png"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(records))
+    cmd = [
+        sys.executable,
+        "-m",
+        "exgra_med.cli",
+        "pretrain-tower",
+        "--tower",
+        str(tiny_model_dir / "vision"),
+        "--tokenizer",
+        str(tiny_model_dir / "llm"),
+        "--data",
+        str(bad),
+        "--image-folder",
+        str(caption_data / "images"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "missing.png" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
