@@ -16,9 +16,10 @@
 #   MODEL_PATH, VISION_TOWER           LLM and vision tower (local folders or Hub ids)
 #   STAGE1_DATA, STAGE2_DATA           pre-training records (stage 2 with conversations_long for ExGra-Med)
 #   IMAGE_FOLDER                       their images
-#   FT_DATA_DIR                        prepared VQA data set (train.json, val.json, test.json, images/,
-#                                      candidate.json optional), e.g. `exgra-med prepare vqa-rad --out ...`
+#   FT_DATA_DIR                        prepared VQA data set (train.json, val.json, test.json, candidate.json,
+#                                      images/), e.g. `exgra-med prepare vqa-rad --out ...`
 #   FT_NAME (vqa-rad)                  finetune.sh recipe name (vqa-rad | slake | pathvqa, or any name with FT_LR)
+#   FT_LR                              fine-tuning learning rate (default: the recipe's)
 #   FT_FRACTION (1.0)                  seeded share of the fine-tuning train set (few-shot budget)
 #   TEST_QUESTIONS (0 = all)           seeded subset of test.json, the same for every cell
 #   METHODS ("llava_med exgra_med"), FRACTIONS ("10 40 100"), SEEDS ("0 1 2")
@@ -46,10 +47,10 @@ FT_FRACTION=${FT_FRACTION:-1.0}
 TEST_QUESTIONS=${TEST_QUESTIONS:-0}
 CONV_MODE=${CONV_MODE:-llava_med}
 EVAL_BATCH=${EVAL_BATCH:-16}
-read -r -a STAGE1_EXTRA <<< "${STAGE1_ARGS:-}"
-read -r -a STAGE2_EXTRA <<< "${STAGE2_ARGS:-}"
-read -r -a FINETUNE_EXTRA <<< "${FINETUNE_ARGS:-}"
-read -r -a EVAL_EXTRA <<< "${EVAL_ARGS:-}"
+read -r -d "" -a STAGE1_EXTRA <<< "${STAGE1_ARGS:-}" || true
+read -r -d "" -a STAGE2_EXTRA <<< "${STAGE2_ARGS:-}" || true
+read -r -d "" -a FINETUNE_EXTRA <<< "${FINETUNE_ARGS:-}" || true
+read -r -d "" -a EVAL_EXTRA <<< "${EVAL_ARGS:-}" || true
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
 
 for m in $METHODS; do
@@ -66,7 +67,8 @@ done
 DATA="$STUDY_DIR/data"
 mkdir -p "$DATA" "$STUDY_DIR/cells"
 CANDIDATE=()
-[ -f "$FT_DATA_DIR/candidate.json" ] && CANDIDATE=(--candidate "$FT_DATA_DIR/candidate.json")
+[ -f "$FT_DATA_DIR/candidate.json" ] || { echo "data_efficiency.sh: $FT_DATA_DIR/candidate.json not found (written by exgra-med prepare)" >&2; exit 2; }
+CANDIDATE=(--candidate "$FT_DATA_DIR/candidate.json")
 
 # subset IN OUT FRACTION SEED: a seeded subset (the whole file at 100%); skipped when OUT exists.
 subset() {
@@ -144,7 +146,7 @@ for seed in $SEEDS; do
       if [ ! -f "$out/finetune/model.safetensors" ]; then
         echo "   fine-tuning ($FT_NAME) -> $out/finetune"
         MODEL_PATH="$out/stage2" DATA_DIR="$ft_data" IMAGE_FOLDER="$FT_DATA_DIR/images" OUTPUT_DIR="$out/finetune" \
-          SEED="$seed" bash scripts/finetune.sh "$FT_NAME" --seed "$seed" --resume_from_checkpoint auto \
+          LR="${FT_LR:-${LR:-}}" bash scripts/finetune.sh "$FT_NAME" --seed "$seed" --resume_from_checkpoint auto \
           "${FINETUNE_EXTRA[@]}" > "$out/finetune.log" 2>&1 || { echo "   fine-tuning failed; see $out/finetune.log" >&2; exit 1; }
       fi
       finetune_s=$((SECONDS - t))
