@@ -184,7 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from exgra_med.serve.loading import load_engine_or_exit_code
     from exgra_med.serve.options import add_model_arguments
 
-    p = argparse.ArgumentParser(prog="exgra-med serve-api", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="exgra-med serve-api", description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")

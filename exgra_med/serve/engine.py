@@ -92,15 +92,18 @@ class InferenceEngine:
         cls,
         path: str,
         vision_tower: str | None = None,
-        template: str = "llava_med",
+        template: str | None = None,
         load_4bit: bool = False,
         load_8bit: bool = False,
         device: str | None = None,
         dtype: torch.dtype | None = None,
     ) -> InferenceEngine:
-        """Load either checkpoint layout (see `exgra_med.serve.loading.load_model`) and wrap it."""
+        """Load either checkpoint layout (see `exgra_med.serve.loading.load_model`) and wrap it. `template` defaults
+        to the one the checkpoint was trained with, else `llava_med`."""
+        from exgra_med.model.checkpoint import recorded_conv_template
         from exgra_med.serve.loading import load_model
 
+        template = template or recorded_conv_template(path) or "llava_med"
         model, tokenizer, processor = load_model(
             path, vision_tower=vision_tower, dtype=dtype, device=device, load_4bit=load_4bit, load_8bit=load_8bit
         )

@@ -16,7 +16,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """--model, --vision-tower, --conv-template, --load-4bit/--load-8bit, --device, --dtype and decoding flags."""
     p.add_argument("--model", required=True, help="ExGra-Med checkpoint, or a released reference-layout folder")
     p.add_argument("--vision-tower", default=None, help="local vision tower folder (reference-layout checkpoints)")
-    p.add_argument("--conv-template", default="llava_med", choices=sorted(TEMPLATES), help="prompt template")
+    p.add_argument("--conv-template", default=None, choices=sorted(TEMPLATES),
+                   help="prompt template (default: the one the checkpoint was trained with, else llava_med)")
     quant = p.add_mutually_exclusive_group()
     quant.add_argument("--load-4bit", action="store_true", help="4-bit NF4 weights (bitsandbytes, CUDA only)")
     quant.add_argument("--load-8bit", action="store_true", help="8-bit weights (bitsandbytes, CUDA only)")

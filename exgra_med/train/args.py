@@ -81,6 +81,10 @@ class DataArguments:
         default=None, metadata={"help": "folder the records' `image` paths are relative to"}
     )
     conv_template: str = field(default="llava_med", metadata={"help": "prompt template (llava_med = reference '###')"})
+    skip_image_check: bool = field(
+        default=False,
+        metadata={"help": "skip reading every image's header before training (data sets too large to scan)"},
+    )
     image_aspect_ratio: str = field(default="pad", metadata={"help": "pad (to square) | square (resize as is)"})
     lazy_preprocess: bool = field(
         default=True, metadata={"help": "accepted for reference scripts; data is always lazy"}
@@ -91,6 +95,15 @@ class DataArguments:
     evaluate_on_test: bool = field(default=False, metadata={"help": "generate answers on --test_data_path at the end"})
     eval_max_new_tokens: int = field(default=32, metadata={"help": "answer length during in-training VQA scoring"})
     eval_batch_size: int = field(default=16, metadata={"help": "batch size of in-training answer generation"})
+
+    def __post_init__(self):
+        from exgra_med.conversation import TEMPLATES
+        from exgra_med.data.images import ASPECT_RATIOS
+
+        if self.conv_template not in TEMPLATES:
+            raise ValueError(f"--conv_template must be one of {sorted(TEMPLATES)}, got {self.conv_template!r}")
+        if self.image_aspect_ratio not in ASPECT_RATIOS:
+            raise ValueError(f"--image_aspect_ratio must be one of {ASPECT_RATIOS}, got {self.image_aspect_ratio!r}")
 
 
 @dataclass
