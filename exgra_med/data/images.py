@@ -175,7 +175,7 @@ def check_record_images(
         try:
             image_header(folder / records[i]["image"], max_pixels)
         except ImageLoadError as e:
-            raise ImageLoadError(f"{source}: {record_label(records[i], i)}: field 'image': {e}") from e
+            raise type(e)(f"{source}: {record_label(records[i], i)}: field 'image': {e}") from e
     return count
 
 
