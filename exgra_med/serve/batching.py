@@ -66,15 +66,21 @@ class Job:
         """Stop generating for this job (its consumer went away); its row stops at the next decoding step."""
         self.cancelled.set()
 
+    def next_piece(self, timeout: float | None = None) -> str | None:
+        """The next text piece, or None once the answer is complete; raises the error that ended generation, and
+        `queue.Empty` when nothing came within `timeout` seconds."""
+        item = self.events.get(timeout=timeout)
+        if item is _END:
+            self.events.put(_END)  # stays complete for later calls
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
     def pieces(self) -> Iterator[str]:
         """The answer's text pieces as they are generated; raises the error that ended generation, if any."""
-        while True:
-            item = self.events.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        while (piece := self.next_piece()) is not None:
+            yield piece
 
 
 class _RowStreamer(BaseStreamer):

@@ -100,9 +100,10 @@ class InferenceEngine:
         load_8bit: bool = False,
         device: str | None = None,
         dtype: torch.dtype | None = None,
+        **limits,
     ) -> InferenceEngine:
         """Load either checkpoint layout (see `exgra_med.serve.loading.load_model`) and wrap it. `template` defaults
-        to the one the checkpoint was trained with, else `llava_med`."""
+        to the one the checkpoint was trained with, else `llava_med`; `limits` are the constructor's serving bounds."""
         from exgra_med.model.checkpoint import recorded_conv_template
         from exgra_med.serve.loading import load_model
 
@@ -111,7 +112,7 @@ class InferenceEngine:
             path, vision_tower=vision_tower, dtype=dtype, device=device, load_4bit=load_4bit, load_8bit=load_8bit
         )
         name = os.path.basename(os.path.normpath(path)) or "exgra-med"
-        return cls(model, tokenizer, processor, template=template, name=name)
+        return cls(model, tokenizer, processor, template=template, name=name, **limits)
 
     @property
     def context_length(self) -> int | None:
@@ -256,9 +257,9 @@ class InferenceEngine:
             info.completion_tokens = len(job.generated)
             info.finish_reason = "length" if job.finish_reason == "length" else "stop"
 
-    def close(self) -> None:
-        """Cancel queued and running requests and stop the batching worker."""
-        self.scheduler.close()
+    def close(self, wait: bool = True) -> None:
+        """Cancel queued and running requests and stop the batching worker (waiting for it unless `wait=False`)."""
+        self.scheduler.close(timeout=10.0 if wait else 0.0)
 
     def answer(
         self,

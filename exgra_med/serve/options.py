@@ -23,9 +23,19 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     quant.add_argument("--load-8bit", action="store_true", help="8-bit weights (bitsandbytes, CUDA only)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="answer length in tokens: the default and, for the servers, the cap of a request's max_tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with temperature > 0)")
+
+
+def add_serving_limits(p: argparse.ArgumentParser) -> None:
+    """--max-prompt-tokens, --max-batch-size, --max-queue: the bounds of the `web` and `serve-api` servers."""
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longest prompt (history and image tokens included); always at most the model's context "
+                   "minus --max-new-tokens")
+    p.add_argument("--max-batch-size", type=int, default=8, help="concurrent requests decoded together")
+    p.add_argument("--max-queue", type=int, default=32, help="requests allowed to wait; more get HTTP 429 / a message")
 
 
 def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
@@ -43,4 +53,7 @@ def engine_from_args(args: argparse.Namespace) -> InferenceEngine:
         load_8bit=args.load_8bit,
         device=args.device,
         dtype=DTYPES[args.dtype] if args.dtype else None,
+        max_prompt_tokens=getattr(args, "max_prompt_tokens", None),
+        max_batch_size=getattr(args, "max_batch_size", 8),
+        max_queue=getattr(args, "max_queue", 32),
     )
