@@ -1,14 +1,19 @@
 """`exgra-med <command> [args]`: a thin dispatcher; each command is a typed `main(argv)` elsewhere.
 
 Commands are imported lazily so that `exgra-med --help` stays fast and optional dependencies are
-only needed by the commands that use them.
+only needed by the commands that use them. A user mistake (`exgra_med.errors.is_user_error`) ends with one line on
+stderr and exit code 2; other exceptions are bugs and keep their traceback. `exgra-med --debug <command>` (or
+`EXGRA_MED_DEBUG=1`) shows the traceback of every error.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+from exgra_med.errors import USER_ERROR_EXIT_CODE, debug_requested, is_user_error, one_line
 
 # command -> ("module:function", one-line help). Add a line here when a command lands.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -45,15 +50,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def _usage() -> str:
     width = max(len(name) for name in COMMANDS)
-    lines = ["usage: exgra-med <command> [args]", "", "commands:"]
+    lines = ["usage: exgra-med [--debug] <command> [args]", "", "commands:"]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in sorted(COMMANDS.items())]
-    lines += ["", "Run `exgra-med <command> --help` for the options of one command."]
+    lines += ["", "Run `exgra-med <command> --help` for the options of one command.",
+              "--debug (or EXGRA_MED_DEBUG=1) shows the Python traceback of every error."]
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch to the command named by the first argument; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested()
+    while argv and argv[0] == "--debug":
+        debug, argv = True, argv[1:]
     if not argv or argv[0] in {"-h", "--help", "help"}:
         print(_usage())
         return 0
@@ -68,8 +77,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     module_name, func_name = COMMANDS[name][0].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    result = func(rest)
-    return int(result or 0)
+    return run_command(func, rest, f"exgra-med {name}", debug)
+
+
+def run_command(func: Callable[[list[str]], int | None], argv: list[str], prog: str, debug: bool = False) -> int:
+    """Call a command's `main(argv)`; a user mistake becomes one `prog: message` line on stderr and exit code 2,
+    Ctrl-C exit code 130; anything else propagates with its traceback (as does every error with `debug`)."""
+    try:
+        return int(func(argv) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug or not is_user_error(e):
+            raise
+        logging.getLogger(__name__).debug("user error", exc_info=True)
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
 
 
 if __name__ == "__main__":

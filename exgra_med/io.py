@@ -10,6 +10,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from exgra_med.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
@@ -59,7 +61,7 @@ def read_json(path: str | os.PathLike) -> Any:
         with path.open(encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+        raise UserError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Any]:
@@ -73,5 +75,5 @@ def read_jsonl(path: str | os.PathLike) -> list[Any]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {lineno} is not valid JSON: {e.msg}") from e
+                raise UserError(f"{path}: line {lineno} is not valid JSON: {e.msg}") from e
     return rows

@@ -95,3 +95,23 @@ def offline_hub(hub_cache, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return hub_cache
+
+
+def write_bomb_png(path, width: int = 30000, height: int = 30000):
+    """A tiny PNG whose header declares a `width` x `height` canvas (a decompression bomb); returns `path`."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    idat = zlib.compress(b"\0" * 64)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture
+def bomb_png(tmp_path):
+    """Path of a 30000 x 30000 PNG header in a few hundred bytes."""
+    return write_bomb_png(tmp_path / "bomb.png")

@@ -32,3 +32,88 @@ def test_each_command_has_help(name, capsys):
 def test_console_script_is_installed():
     proc = subprocess.run([sys.executable, "-m", "exgra_med.cli", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip()
+
+
+def _run(*argv: str, env_debug: bool = False) -> subprocess.CompletedProcess:
+    import os
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("EXGRA_MED_DEBUG", None)
+    if env_debug:
+        env["EXGRA_MED_DEBUG"] = "1"
+    return subprocess.run([sys.executable, "-m", "exgra_med.cli", *argv], capture_output=True, text=True, env=env)
+
+
+def test_user_mistakes_end_in_one_line_and_exit_2(tmp_path):
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('[{"id": 1,}]')
+    dupes = tmp_path / "dupes.json"
+    dupes.write_text('[{"id": 1, "conversations": [{"from": "human", "value": "q"}]}, '
+                     '{"id": 1, "conversations": [{"from": "human", "value": "q"}]}]')
+    records = tmp_path / "records.json"
+    records.write_text('[{"id": "a", "conversations": [{"from": "human", "value": "q"}, '
+                       '{"from": "gpt", "value": "a"}]}]')
+    cases = [
+        (["subsample", "--in", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o.json"), "--fraction", "0.5"],
+         "missing.json"),
+        (["subsample", "--in", str(bad_json), "--out", str(tmp_path / "o.json"), "--fraction", "0.5"],
+         "invalid JSON at line 1"),
+        (["subsample", "--in", str(records), "--out", str(tmp_path / "o.json"), "--fraction", "3"],
+         "fraction must be in (0, 1]"),
+        (["generate-vqa", "--model", str(tmp_path), "--question-file", str(dupes), "--answers-file",
+          str(tmp_path / "a.jsonl")], "repeats id 1"),
+        (["generate-vqa", "--model", str(tmp_path / "nope"), "--question-file", str(dupes), "--answers-file",
+          str(tmp_path / "a.jsonl")], "--model"),
+    ]
+    for argv, expected in cases:
+        proc = _run(*argv)
+        assert proc.returncode == 2, (argv, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert lines[0].startswith(f"exgra-med {argv[0]}: error: ") and expected in lines[0], lines[0]
+    # --debug (or EXGRA_MED_DEBUG=1) shows the traceback.
+    proc = _run("--debug", *cases[1][0])
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+    assert "Traceback" in _run(*cases[1][0], env_debug=True).stderr
+
+
+def test_argparse_mistakes_exit_2_with_usage(tmp_path):
+    for argv in (["generate-vqa", "--model", "m", "--question-file", "q", "--answers-file", "a", "--conv-mode", "x"],
+                 ["train", "--model_name_or_path", "m", "--data_path", "d", "--output_dir", "o", "--no_such_flag"],
+                 ["train", "--model_name_or_path", "m", "--data_path", "d", "--output_dir", "o",
+                  "--conv_template", "nope"]):
+        proc = _run(*argv)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.startswith(f"usage: exgra-med {argv[0]}")
+    proc = _run("train", "--model_name_or_path", "m", "--data_path", "d", "--output_dir", "o", "--no_such_flag")
+    assert proc.stderr.strip().endswith("unrecognized arguments: --no_such_flag")
+
+
+def test_help_shows_defaults():
+    proc = _run("generate-vqa", "--help")
+    text = " ".join(proc.stdout.split())
+    assert proc.returncode == 0 and "only matters with --temperature > 0 (default: 0)" in text  # --seed
+
+
+def test_a_real_bug_keeps_its_traceback(monkeypatch, capsys):
+    from exgra_med.cli import run_command
+
+    def broken(argv):
+        return {}["missing"]
+
+    with pytest.raises(KeyError):
+        run_command(broken, [], "exgra-med x")
+
+    def library_error(argv):  # a ValueError raised outside exgra_med (here: this test file) is not a user's check
+        raise ValueError("shape mismatch")
+
+    with pytest.raises(ValueError, match="shape mismatch"):
+        run_command(library_error, [], "exgra-med x")
+
+    def checks(argv):
+        from exgra_med.errors import UserError
+
+        raise UserError("--thing must be\npositive")
+
+    assert run_command(checks, [], "exgra-med x") == 2
+    assert capsys.readouterr().err == "exgra-med x: error: --thing must be positive\n"

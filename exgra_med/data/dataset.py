@@ -122,7 +122,9 @@ class SupervisedDataset(Dataset):
         image_aspect_ratio: str = DEFAULT_ASPECT_RATIO,
         max_length: int = 2048,
         alignment: bool = False,
+        records: list[dict] | None = None,
     ) -> None:
+        """`records`: the already validated records of `data_path` (`load_records`), to skip reading it again."""
         if not getattr(tokenizer, "is_fast", False):
             raise TypeError(
                 "SupervisedDataset needs a fast tokenizer (it uses offset mappings for the labels)"
@@ -136,7 +138,7 @@ class SupervisedDataset(Dataset):
         if num_image_tokens < 1:
             raise ValueError(f"num_image_tokens must be positive, got {num_image_tokens}")
         self.data_path = str(data_path)
-        self.records = load_records(data_path, require_long=alignment)
+        self.records = records if records is not None else load_records(data_path, require_long=alignment)
         self.image_folder = Path(image_folder) if image_folder is not None else None
         self.tokenizer = tokenizer
         self.image_processor = image_processor

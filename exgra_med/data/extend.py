@@ -179,7 +179,10 @@ def _resume_seeds(previous: Path, output: Path, jobs: dict[str, TurnJob]) -> lis
 
 def _parser() -> argparse.ArgumentParser:
     """The command's own flags; `run_job_command` adds the API ones."""
-    p = argparse.ArgumentParser(prog=f"exgra-med {COMMAND}", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog=f"exgra-med {COMMAND}", description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--original_instruction_fpath", required=True, help="instruct records (.json or .jsonl)")
     p.add_argument("--system_prompt_fpath", default=None, help="system prompt (default: the shipped one)")
     p.add_argument("--model_name", default=DEFAULT_MODEL, help="model id at the endpoint")

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from exgra_med.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
@@ -24,8 +26,12 @@ ASPECT_RATIOS = ("square", "pad")
 DEFAULT_ASPECT_RATIO = "square"  # the reference's image_aspect_ratio default
 
 
-class ImageLoadError(OSError):
+class ImageLoadError(OSError, UserError):
     """An image that is missing or cannot be decoded; the message names the path."""
+
+
+class ImageTooLargeError(ImageLoadError):
+    """An image whose declared canvas exceeds the pixel limit (a decompression bomb)."""
 
 
 class ImageProcessor(Protocol):
@@ -99,12 +105,81 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             return img.convert("RGB")
     except ImageLoadError:
         raise
+    except Image.DecompressionBombError as e:  # not an OSError: a small file that declares a huge canvas
+        raise ImageTooLargeError(f"image too large to decode {path}: {e}") from e
     except (UnidentifiedImageError, OSError, ValueError, AttributeError, KeyError) as e:
         raise ImageLoadError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
     except Exception as e:  # pydicom raises its own exception types for broken files
         if type(e).__module__.startswith("pydicom"):
             raise ImageLoadError(f"cannot decode DICOM {path}: {type(e).__name__}: {e}") from e
         raise
+
+
+def image_pixel_limit() -> int:
+    """The largest canvas PIL decodes (beyond it `Image.open` raises DecompressionBombError): 2 x MAX_IMAGE_PIXELS."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return 2 * int(limit) if limit else 2**62
+
+
+def image_header(path: str | os.PathLike, max_pixels: int | None = None) -> tuple[int, int, str]:
+    """(width, height, format) of an image file, read from its header only (no pixel decoding).
+
+    Raises `ImageLoadError` naming the path when the file is missing, not an image (PIL format or DICOM), empty, or
+    larger than `max_pixels` (default `image_pixel_limit()`), i.e. a decompression bomb.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageLoadError(f"image file not found: {path}")
+    try:
+        if _is_dicom(path):
+            import pydicom
+
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+            width, height, kind = int(ds.Columns), int(ds.Rows), "DICOM"
+        else:
+            with Image.open(path) as img:
+                width, height, kind = img.width, img.height, str(img.format)
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"image too large to decode {path}: {e}") from e
+    except (UnidentifiedImageError, OSError, ValueError, AttributeError, KeyError, TypeError) as e:
+        raise ImageLoadError(f"cannot read image header {path}: {type(e).__name__}: {e}") from e
+    except Exception as e:  # pydicom's own exception types
+        if type(e).__module__.startswith("pydicom"):
+            raise ImageLoadError(f"cannot read DICOM header {path}: {type(e).__name__}: {e}") from e
+        raise
+    limit = image_pixel_limit() if max_pixels is None else max_pixels
+    if width < 1 or height < 1:
+        raise ImageLoadError(f"image {path} has an empty canvas ({width}x{height})")
+    if width * height > limit:
+        raise ImageTooLargeError(f"image too large: {path} is {width}x{height} pixels > {limit}")
+    return width, height, kind
+
+
+def check_record_images(
+    records: list[dict], image_folder: str | os.PathLike, source: str, max_pixels: int | None = None,
+    progress: bool = False,
+) -> int:
+    """Check the header of every record's image (`image_header`) before any work; returns how many were checked.
+
+    The first failure raises `ImageLoadError` naming `source`, the record and the file.
+    """
+    from exgra_med.data.records import record_label
+
+    folder = Path(image_folder)
+    if not folder.is_dir():
+        raise ImageLoadError(f"image folder not found: {folder}")
+    indices = [i for i, r in enumerate(records) if "image" in r]
+    count = len(indices)
+    if progress:
+        from tqdm.auto import tqdm
+
+        indices = tqdm(indices, desc="checking images", unit="img", mininterval=2.0)
+    for i in indices:
+        try:
+            image_header(folder / records[i]["image"], max_pixels)
+        except ImageLoadError as e:
+            raise type(e)(f"{source}: {record_label(records[i], i)}: field 'image': {e}") from e
+    return count
 
 
 def expand2square(img: Image.Image, background_color: tuple[int, ...]) -> Image.Image:

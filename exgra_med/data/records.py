@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from exgra_med.constants import DEFAULT_IMAGE_TOKEN, GPT, HUMAN
+from exgra_med.errors import UserError
 from exgra_med.io import read_json, read_jsonl
 
 _MISSPELLED = {"conversatons": "conversations", "conversatons_long": "conversations_long"}
 
 
-class RecordError(ValueError):
+class RecordError(UserError):
     """A record that breaks the schema; the message names the file, the record and the field."""
 
 

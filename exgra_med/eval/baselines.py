@@ -108,7 +108,10 @@ def format_comparison(rows: Mapping[str, Mapping[str, float]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """`exgra-med vqa-baselines --train train.json --test test.json --candidate candidate.json
     [--pred answers.jsonl]`."""
-    parser = argparse.ArgumentParser(prog="exgra-med vqa-baselines", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="exgra-med vqa-baselines", description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--train", required=True, help="training records (the answer statistics)")
     parser.add_argument("--test", required=True, help="test records (the questions scored)")
     parser.add_argument("--candidate", required=True, help='candidate.json ({"0": [answers]})')

@@ -175,7 +175,10 @@ def format_summary(summary: dict[str, dict[str, Any]]) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     """The command's own flags; `run_job_command` adds the API ones."""
-    p = argparse.ArgumentParser(prog=f"exgra-med {COMMAND}", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog=f"exgra-med {COMMAND}", description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--question-file", required=True, help="questions (JSON lines, LLaVA-Med qa50 format)")
     p.add_argument("--answers", required=True, help="model answers (JSON lines: question_id, text)")
     p.add_argument(

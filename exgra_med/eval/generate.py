@@ -11,6 +11,9 @@ Questions are sorted by prompt length so that a batch holds prompts of similar l
 is JSON lines `{question_id, prompt, text, answer_id, model_id, metadata}` in that order
 (`exgra_med.eval.launch` merges chunks back into question order). The file is flushed after every batch
 and a rerun skips the question ids it already holds.
+Each line's `metadata.generation` records what produced it (model folder, template, decoding settings): a
+rerun with other settings refuses to resume the file (`--restart` replaces it), so that answers are never
+credited to the wrong model.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from exgra_med.constants import DEFAULT_IMAGE_TOKEN
-from exgra_med.conversation import get_template
+from exgra_med.conversation import TEMPLATES, get_template
 from exgra_med.data.dataset import image_placeholder
 from exgra_med.data.images import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO, load_image, preprocess_image
+from exgra_med.errors import UserError
 from exgra_med.eval.launch import get_chunk, read_answer_lines
 from exgra_med.io import read_json
 
@@ -208,17 +212,59 @@ def _run_batch(model, tokenizer, processor, records, encoded, batch, conv_mode, 
     return [(records[i], t) for i, t in zip(keep, texts)]
 
 
-def answer_line(record: dict, text: str, model_id: str) -> dict:
-    """One answers-file line in the reference layout."""
+def answer_line(record: dict, text: str, model_id: str, generation: dict | None = None) -> dict:
+    """One answers-file line in the reference layout; `generation` (the run's `provenance`) goes in `metadata`."""
+    metadata = {"generation": generation} if generation is not None else {}
     return {"question_id": record["id"], "prompt": display_prompt(record), "text": text,
-            "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}}
+            "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": metadata}
+
+
+# Flags that do not change the answers (where and how fast they are computed, which questions); the others are
+# recorded as the provenance of an answers file.
+NOT_PROVENANCE = {"image_folder", "batch_size", "device", "attn_implementation", "quiet", "question_file",
+                  "answers_file", "num_chunks", "chunk_idx", "restart"}
+
+
+def provenance(args: argparse.Namespace) -> dict:
+    """What produced an answers file: the model folder (resolved), the template and every decoding flag."""
+    recorded = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_PROVENANCE}
+    recorded["model"] = str(Path(args.model).resolve())
+    return recorded
+
+
+def check_provenance(path: str | os.PathLike, rows: Sequence[dict], expected: dict) -> None:
+    """Refuse to resume an answers file whose lines were produced otherwise than `expected` says (a `UserError`
+    naming the file and the settings that differ)."""
+    for row in rows:
+        found = (row.get("metadata") or {}).get("generation")
+        if found == expected:
+            continue
+        if not isinstance(found, dict):
+            why = "it does not record the model and settings that produced them (an older file)"
+        else:
+            keys = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
+            why = "; ".join(f"{k}: {found.get(k)!r} there, {expected.get(k)!r} now" for k in keys)
+        raise UserError(
+            f"{path}: holds {len(rows)} answers that this run would not give ({why}); refusing to mix them. "
+            "Write to another --answers-file, or pass --restart to replace this one."
+        )
+
+
+def resolve_conv_mode(args: argparse.Namespace) -> str:
+    """`--conv-mode`, else the template the checkpoint was trained with, else `simple` (the reference's eval prompt);
+    stored back into `args`."""
+    from exgra_med.model.checkpoint import recorded_conv_template
+
+    if args.conv_mode is None:
+        args.conv_mode = recorded_conv_template(args.model) or "simple"
+    return args.conv_mode
 
 
 def load_questions(path: str | os.PathLike) -> list[dict]:
     """A VQA question file (JSON list of records with unique `id`s); errors name the file and record."""
     records = read_json(path)
     if not isinstance(records, list):
-        raise TypeError(f"{path}: expected a JSON list of question records")
+        raise UserError(f"{path}: expected a JSON list of question records")
     seen: set[str] = set()
     for i, r in enumerate(records):
         if not isinstance(r, dict) or "id" not in r:
@@ -244,7 +290,9 @@ def add_model_args(parser: argparse.ArgumentParser, max_new_tokens: int = 1024, 
     parser.add_argument("--model", required=True, help="ExGra-Med checkpoint folder or Hub id")
     parser.add_argument("--image-folder", default=None, help="folder the records' image paths are relative to")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--conv-mode", default="simple", help="prompt template (reference: simple)")
+    parser.add_argument("--conv-mode", default=None, choices=sorted(TEMPLATES),
+                        help="prompt template (default: the one the checkpoint was trained with, else simple, the "
+                        "reference's eval prompt)")
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
                         help=f"answer length limit (default {max_new_tokens}, the reference's)")
     parser.add_argument("--temperature", type=float, default=temperature,
@@ -266,23 +314,38 @@ def load_model(args: argparse.Namespace):
     from exgra_med.model.loading import load_pretrained
 
     torch.manual_seed(args.seed)
+    resolve_conv_mode(args)
     device, dtype = _device_and_dtype(args.device, args.dtype)
     return load_pretrained(args.model, dtype=dtype, attn_implementation=args.attn_implementation, device=device)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`exgra-med generate-vqa --model DIR --question-file F --image-folder D --answers-file F [...]`."""
-    parser = argparse.ArgumentParser(prog="exgra-med generate-vqa", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="exgra-med generate-vqa", description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_model_args(parser)
     parser.add_argument("--question-file", required=True, help="VQA records (JSON list), e.g. test.json")
     parser.add_argument("--answers-file", required=True, help="JSON-lines output; a rerun resumes it")
     parser.add_argument("--num-chunks", type=int, default=1)
     parser.add_argument("--chunk-idx", type=int, default=0)
+    parser.add_argument("--restart", action="store_true",
+                        help="replace an existing answers file instead of resuming it")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not Path(args.model).is_dir():
+        raise UserError(f"--model {args.model}: no such folder")
     questions = get_chunk(load_questions(args.question_file), args.num_chunks, args.chunk_idx)
     out = Path(args.answers_file)
-    done = {str(r["question_id"]) for r in read_answer_lines(out, repair=True)}
+    resolve_conv_mode(args)
+    generation = provenance(args)
+    if args.restart and out.exists():
+        logger.info("--restart: replacing %s", out)
+        out.unlink()
+    rows = read_answer_lines(out, repair=True)
+    check_provenance(out, rows, generation)
+    done = {str(r["question_id"]) for r in rows}
     todo = [r for r in questions if str(r["id"]) not in done]
     logger.info("%s chunk %d/%d: %d questions, %d already answered, %d to go", args.question_file,
                 args.chunk_idx, args.num_chunks, len(questions), len(questions) - len(todo), len(todo))
@@ -295,7 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with out.open("a", encoding="utf-8") as f:
 
         def write(batch: list[tuple[dict, str]]) -> None:
-            f.write("".join(json.dumps(answer_line(r, t, model_id), ensure_ascii=False) + "\n" for r, t in batch))
+            f.write("".join(json.dumps(answer_line(r, t, model_id, generation), ensure_ascii=False) + "\n"
+                            for r, t in batch))
             f.flush()
             os.fsync(f.fileno())
 

@@ -113,7 +113,10 @@ def format_audit(result: Mapping[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`exgra-med grounding-audit --model DIR --question-file test.json --image-folder D --candidate F [...]`."""
-    parser = argparse.ArgumentParser(prog="exgra-med grounding-audit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="exgra-med grounding-audit", description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_model_args(parser)
     parser.add_argument("--question-file", required=True, help="VQA records (JSON list), e.g. test.json")
     parser.add_argument("--candidate", required=True, help='candidate.json ({"0": [answers]}) of the data set')

@@ -107,6 +107,12 @@ def merge_answers(
             f"cannot merge answers for {question_file}: {len(missing)} questions without an answer {missing[:10]}, "
             f"{len(dupes)} answered twice {dupes[:10]}, {len(unknown)} answers to unknown ids {unknown[:10]}"
         )
+    settings = {json.dumps((row.get("metadata") or {}).get("generation"), sort_keys=True) for row in by_id.values()}
+    if len(settings) > 1:
+        raise ValueError(
+            f"cannot merge answers for {question_file}: the chunks were generated with {len(settings)} different "
+            "models or settings (metadata.generation); rerun with --restart"
+        )
     write_jsonl_atomic(out, [by_id[str(q["id"])] for q in questions])
     return len(questions)
 
@@ -172,6 +178,7 @@ def run_chunks(
 def main(argv: Sequence[str] | None = None) -> int:
     """`exgra-med generate-vqa-multi --num-chunks K --question-file F --answers-file F [generate-vqa flags]`."""
     parser = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         prog="exgra-med generate-vqa-multi",
         description=__doc__.splitlines()[0],
         allow_abbrev=False,

@@ -207,7 +207,10 @@ def format_table(scores: Mapping[str, float]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`exgra-med score --gt test.json --pred answers.jsonl --candidate candidate.json [--json OUT]`."""
-    parser = argparse.ArgumentParser(prog="exgra-med score", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="exgra-med score", description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--gt", required=True, help="VQA test json (list of records)")
     parser.add_argument("--pred", required=True, help="answers JSON-lines file")
     parser.add_argument("--candidate", required=True, help='candidate.json ({"0": [answers]})')

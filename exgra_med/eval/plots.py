@@ -149,7 +149,10 @@ def plot_efficiency(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`exgra-med plot losses RUN_DIR [--out PNG]` or `exgra-med plot efficiency CSV [--out PNG]`."""
-    parser = argparse.ArgumentParser(prog="exgra-med plot", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="exgra-med plot", description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="kind", required=True)
     losses = sub.add_parser("losses", help="loss curves of a training run")
     losses.add_argument("run_dir", type=Path)

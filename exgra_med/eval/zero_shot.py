@@ -171,7 +171,10 @@ def summarize_file(lines: Sequence[Mapping[str, Any]], total: int) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`exgra-med zero-shot --model DIR --question-file F|DIR --image-folder D --out DIR [--batch-size N]`."""
-    parser = argparse.ArgumentParser(prog="exgra-med zero-shot", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="exgra-med zero-shot", description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_model_args(parser, max_new_tokens=256, temperature=0.7)  # the reference's sampling
     parser.add_argument("--question-file", required=True, help="an OmniMedVQA json file, or a folder of them")
     parser.add_argument("--out", required=True, type=Path, help="folder for predictions and results.json")

@@ -157,6 +157,16 @@ def is_exgra_med_checkpoint(path: str | Path) -> bool:
     return read_json(cfg).get("model_type") == ExGraMedConfig.model_type
 
 
+def recorded_conv_template(path: str | Path) -> str | None:
+    """The prompt template a checkpoint was trained with (`conv_template` of its config.json), read without loading
+    the model; None when the folder does not record one (older checkpoints, released reference-layout folders)."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return None
+    value = read_json(cfg).get("conv_template")
+    return value if isinstance(value, str) and value else None
+
+
 def load_model(
     path: str | Path,
     *,

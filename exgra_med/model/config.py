@@ -59,6 +59,9 @@ class ExGraMedConfig(PreTrainedConfig):
     # Set while the LLM carries LoRA adapters (a `--lora_enable` run's checkpoints), so that `merge-lora` knows the
     # scaling; None in plain (merged) checkpoints.
     lora_alpha: float | None = None
+    # The prompt template the model was trained with (`exgra-med train --conv_template`); evaluation and serving use
+    # it unless told otherwise. None in checkpoints written before it was recorded and in converted released ones.
+    conv_template: str | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):

@@ -92,7 +92,10 @@ def export_hf(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: exgra-med export-hf --in DIR --out DIR [--dtype float16|bfloat16|float32]."""
-    p = argparse.ArgumentParser(prog="exgra-med export-hf", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="exgra-med export-hf", description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--in", dest="src", required=True, help="ExGra-Med checkpoint (or reference-layout) folder")
     p.add_argument("--out", required=True, help="output folder (transformers LlavaForConditionalGeneration)")
     p.add_argument("--vision-tower", default=None, help="vision tower folder (reference-layout input only)")

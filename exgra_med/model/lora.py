@@ -138,7 +138,10 @@ def merge_lora_checkpoint(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: exgra-med merge-lora --in CHECKPOINT_DIR --out DIR [--lora-alpha 16] [--rslora]."""
-    p = argparse.ArgumentParser(prog="exgra-med merge-lora", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="exgra-med merge-lora", description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--in", dest="src", required=True, help="checkpoint-N folder of a --lora_enable run")
     p.add_argument("--out", required=True, help="output folder (plain ExGra-Med checkpoint)")
     p.add_argument("--lora-alpha", type=float, default=None,

@@ -182,7 +182,10 @@ def convert_reference(path: str | Path, vision_tower: str | None, out_dir: str |
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: exgra-med convert --from reference --in DIR --vision-tower DIR --out DIR."""
-    p = argparse.ArgumentParser(prog="exgra-med convert", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="exgra-med convert", description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--from", dest="source", choices=("reference",), default="reference", help="source layout")
     p.add_argument("--in", dest="src", required=True, help="reference checkpoint folder (LlavaLlamaForCausalLM)")
     p.add_argument("--vision-tower", default=None, help="local CLIP folder or local-dir:BIOMEDCLIP_DIR")

@@ -174,7 +174,10 @@ def make_tiny_model(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: exgra-med make-tiny-model --out DIR [--vision clip|biomedclip] [--llm llama|mistral|qwen2]."""
-    p = argparse.ArgumentParser(prog="exgra-med make-tiny-model", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="exgra-med make-tiny-model", description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--vision", choices=VISION_TYPES, default="clip")
     p.add_argument("--llm", choices=LLM_TYPES, default="llama")

@@ -1,23 +1,28 @@
 """`exgra-med serve-api --model DIR`: an OpenAI-compatible server (`/v1/chat/completions`, `/v1/models`).
 
 Images travel as `image_url` content parts holding base64 data URLs (at most one per request, as in
-LLaVA-Med). Streaming answers are server-sent events in OpenAI's chunk format. Requests are answered one
-model call at a time (the engine's lock); bad input gets a 4xx with an OpenAI-style error body.
+LLaVA-Med). Streaming answers are server-sent events in OpenAI's chunk format. Concurrent requests are decoded
+together in batches (`--max-batch-size`); more than `--max-queue` waiting requests get a 429. Prompts (history
+included) longer than the model's context or `--max-prompt-tokens` get a 400 before any work; `max_tokens` is capped
+by `--max-new-tokens`. A client that disconnects cancels its generation; SIGTERM stops the server within seconds.
+Bad input gets a 4xx with an OpenAI-style error body. For serving at scale, use vLLM or SGLang on the output of
+`exgra-med export-hf`.
 """
-
-from __future__ import annotations
 
 import argparse
 import json
 import logging
+import queue
 import socket
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from exgra_med.conversation import GPT, HUMAN
-from exgra_med.serve.engine import GenerationInfo, GenerationSettings, InferenceEngine, Message
+from exgra_med.errors import UserError
+from exgra_med.serve.batching import Job, QueueFullError, ServerClosingError
+from exgra_med.serve.engine import GenerationSettings, InferenceEngine, Message, PromptTooLongError
 from exgra_med.serve.uploads import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
@@ -89,7 +94,8 @@ def parse_messages(messages: Any) -> tuple[list[Message], str | None, list[str]]
 
 
 def _settings(body: dict, default: GenerationSettings, max_tokens_limit: int) -> GenerationSettings:
-    limit = body.get("max_completion_tokens", body.get("max_tokens")) or default.max_new_tokens
+    """The request's decoding settings; `max_tokens` defaults to, and is capped by, `max_tokens_limit`."""
+    limit = body.get("max_completion_tokens", body.get("max_tokens")) or max_tokens_limit
     try:
         temperature = float(body["temperature"]) if body.get("temperature") is not None else default.temperature
         top_p = float(body["top_p"]) if body.get("top_p") is not None else default.top_p
@@ -104,19 +110,23 @@ def create_app(
     default_settings: GenerationSettings | None = None,
     max_image_bytes: int = DEFAULT_MAX_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_tokens_limit: int = 2048,
+    max_tokens_limit: int | None = None,
 ):
-    """The FastAPI application serving `engine` under the model id `engine.name`."""
+    """The FastAPI application serving `engine` under the model id `engine.name`; `max_tokens_limit` (default: the
+    default settings' `max_new_tokens`) caps every request's `max_tokens`."""
     from fastapi import FastAPI, Request
+    from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse, StreamingResponse
 
     default_settings = default_settings or GenerationSettings()
+    max_tokens_limit = max_tokens_limit or default_settings.max_new_tokens
     app = FastAPI(title="ExGra-Med API", docs_url=None, redoc_url=None)
     created = int(time.time())
 
     def error(status: int, message: str, param: str | None = None) -> JSONResponse:
-        kind = "invalid_request_error" if status != 404 else "not_found_error"
-        body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+        kinds = {404: "not_found_error", 429: "rate_limit_error", 503: "server_error"}
+        body = {"error": {"message": message, "type": kinds.get(status, "invalid_request_error"), "param": param,
+                          "code": status}}
         return JSONResponse(body, status_code=status)
 
     @app.get("/v1/models")
@@ -125,14 +135,40 @@ def create_app(
                                              "owned_by": "exgra-med"}]}
 
     @app.post("/v1/chat/completions")
-    def chat_completions(body: dict[str, Any]) -> Any:
+    async def chat_completions(body: dict[str, Any], request: Request) -> Any:
         try:
-            return _complete(body)
+            job = await run_in_threadpool(_submit, body)
         except (RequestError, UploadError) as e:
             logger.info("rejected request: %s", e)
             return error(e.status, str(e), getattr(e, "param", None))
+        except PromptTooLongError as e:
+            logger.info("rejected request: %s", e)
+            return error(400, str(e), "messages")
+        except UserError as e:  # an image that passed the upload checks but not the decoder
+            return error(400, str(e))
+        except QueueFullError as e:
+            return error(429, str(e))
+        except ServerClosingError as e:
+            return error(503, str(e))
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.get("stream"):
+            return StreamingResponse(_sse(job, request_id), media_type="text/event-stream")
+        pieces = []
+        try:
+            while (piece := await _next(job, request)) is not None:
+                pieces.append(piece)
+        except ServerClosingError as e:
+            return error(503, str(e))
+        finally:
+            job.cancel()  # no-op when complete; stops the row when the client went away
+        usage = {"prompt_tokens": len(job.input_ids), "completion_tokens": len(job.generated),
+                 "total_tokens": len(job.input_ids) + len(job.generated)}
+        finish = "length" if job.finish_reason == "length" else "stop"
+        return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": engine.name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
+                             "finish_reason": finish}], "usage": usage}
 
-    def _complete(body: dict) -> Any:
+    def _submit(body: dict) -> Job:
         if body.get("model") not in (engine.name, None):
             raise RequestError(f"model {body.get('model')!r} not found; this server serves {engine.name!r}",
                                status=404, param="model")
@@ -140,35 +176,43 @@ def create_app(
             raise RequestError("only n=1 is supported", param="n")
         conversation, system, urls = parse_messages(body.get("messages"))
         settings = _settings(body, default_settings, max_tokens_limit)
+        # The cheap length check first: a huge prompt is refused before its image is decoded.
+        engine.check_prompt_text(conversation, settings, system)
         image = image_from_bytes(decode_data_url(urls[0], max_image_bytes), max_pixels) if urls else None
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        if body.get("stream"):
-            stream = engine.stream(conversation, image, settings, system)
-            return StreamingResponse(_sse(stream, request_id), media_type="text/event-stream")
-        info = GenerationInfo()
-        text = engine.answer(conversation, image, settings, system, info)
-        usage = {"prompt_tokens": info.prompt_tokens, "completion_tokens": info.completion_tokens,
-                 "total_tokens": info.prompt_tokens + info.completion_tokens}
-        return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": engine.name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": info.finish_reason}], "usage": usage}
+        return engine.submit(conversation, image, settings, system)
 
-    def _sse(pieces: Iterator[str], request_id: str) -> Iterator[str]:
+    async def _next(job: Job, request: Request | None = None) -> str | None:
+        # Wait for the next piece in short slices, so that a client that went away is noticed (and its row stopped).
+        while True:
+            try:
+                return await run_in_threadpool(job.next_piece, 0.25)
+            except queue.Empty:
+                if request is not None and await request.is_disconnected():
+                    logger.info("client disconnected; generation cancelled")
+                    job.cancel()
+                    return None
+
+    async def _sse(job: Job, request_id: str) -> AsyncIterator[str]:
         def chunk(delta: dict, finish: str | None = None) -> str:
             body = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
                     "model": engine.name, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
             return f"data: {json.dumps(body)}\n\n"
 
-        yield chunk({"role": "assistant", "content": ""})
         try:
-            for piece in pieces:
-                yield chunk({"content": piece})
-        except Exception as e:  # the status line is already sent: report in-band, as OpenAI does
-            logger.exception("generation failed")
-            yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
-            return
-        yield chunk({}, "stop")
-        yield "data: [DONE]\n\n"
+            yield chunk({"role": "assistant", "content": ""})
+            try:
+                while (piece := await _next(job)) is not None:
+                    yield chunk({"content": piece})
+            except Exception as e:  # the status line is already sent: report in-band, as OpenAI does
+                logger.warning("generation ended with an error: %s", e)
+                yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
+                return
+            yield chunk({}, "length" if job.finish_reason == "length" else "stop")
+            yield "data: [DONE]\n\n"
+        finally:  # also when the client disconnects (the response task is cancelled)
+            if not job.done:
+                logger.info("client went away; generation cancelled")
+            job.cancel()
 
     from fastapi.exceptions import RequestValidationError
 
@@ -182,30 +226,48 @@ def create_app(
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: load the model and serve it until interrupted (binds 127.0.0.1 unless told otherwise)."""
     from exgra_med.serve.loading import load_engine_or_exit_code
-    from exgra_med.serve.options import add_model_arguments
+    from exgra_med.serve.options import add_model_arguments, add_serving_limits
 
-    p = argparse.ArgumentParser(prog="exgra-med serve-api", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="exgra-med serve-api", description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: folder name)")
     p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest accepted image upload")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest accepted canvas")
+    add_serving_limits(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:  # bound before the model loads: a port in use is reported at once
+        sock = socket.create_server((args.host, args.port))
+    except OSError as e:
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
     loaded = load_engine_or_exit_code(args, "exgra-med serve-api")
     if isinstance(loaded, int):
+        sock.close()
         return loaded
     engine, settings = loaded
     if args.served_model_name:
         engine.name = args.served_model_name
     import uvicorn
 
-    app = create_app(engine, settings, args.max_image_bytes, args.max_image_pixels,
-                     max(settings.max_new_tokens, 2048))
-    sock = socket.create_server((args.host, args.port))
+    app = create_app(engine, settings, args.max_image_bytes, args.max_image_pixels, settings.max_new_tokens)
     host, port = sock.getsockname()[:2]
     print(f"serving model {engine.name!r} on http://{host}:{port}/v1", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    server.run(sockets=[sock])
+    class Server(uvicorn.Server):
+        """Also cancels the engine's running and queued generations on SIGTERM / Ctrl-C, so that open requests end
+        and the process stops within seconds."""
+
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            engine.close(wait=False)
+
+    server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        engine.close()
     return 0

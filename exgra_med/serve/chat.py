@@ -1,7 +1,8 @@
 """`exgra-med chat --model DIR [--image FILE]`: multi-turn terminal chat about an image, answers streamed.
 
 Commands inside the chat: `/image PATH` (new image, new conversation), `/clear` (forget the conversation),
-`/exit` (or Ctrl-D) to leave. PNG, JPEG and DICOM images are accepted.
+`/exit` (or Ctrl-D) to leave; any other line starting with `/` is refused as an unknown command rather than sent to
+the model. PNG, JPEG and DICOM images are accepted.
 """
 
 from __future__ import annotations
@@ -68,13 +69,15 @@ class ChatSession:
         if line == "/clear":
             self.history = []
             self.out.write("(conversation cleared)\n")
-        elif line.startswith("/image"):
+        elif line.startswith("/image ") or line == "/image":
             path = line[len("/image"):].strip()
             try:
                 self.set_image(path)
                 self.out.write(f"(image loaded: {path}; new conversation)\n")
             except ImageLoadError as e:
                 self.out.write(f"(cannot use that image: {e})\n")
+        elif line.startswith("/"):
+            self.out.write(f"(unknown command {line.split()[0]}; commands: /image PATH, /clear, /exit)\n")
         else:
             self.reply(line)
         self.out.flush()
@@ -83,7 +86,10 @@ class ChatSession:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: load the model, then read questions from the terminal until /exit or end of input."""
-    p = argparse.ArgumentParser(prog="exgra-med chat", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="exgra-med chat", description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_model_arguments(p)
     p.add_argument("--image", default=None, help="image to talk about (PNG, JPEG or DICOM)")
     args = p.parse_args(argv)

@@ -3,7 +3,9 @@
 A conversation is a list of (role, text) messages (`"human"` / `"gpt"`) ending with a human turn, plus
 at most one image, attached to the first human turn as in LLaVA-Med. `<image>` in that turn marks where
 the image goes; without it the image follows the question ("question\\n<image>", the training layout).
-Model access is serialised by a lock, so concurrent callers (API requests, web users) queue up.
+Concurrent callers (API requests, web users) are decoded together in batches (`batching.BatchScheduler`), behind a
+bounded queue. Prompts are checked against the model's context and `max_prompt_tokens` before any work
+(`PromptTooLongError`); a prompt far too long is refused from its length in characters, before tokenizing it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -22,7 +23,8 @@ from exgra_med.constants import DEFAULT_IMAGE_TOKEN
 from exgra_med.conversation import GPT, HUMAN, ConversationTemplate, get_template
 from exgra_med.data.dataset import image_placeholder
 from exgra_med.data.images import DEFAULT_ASPECT_RATIO, load_image, preprocess_image
-from exgra_med.serve.streaming import AnswerFilter
+from exgra_med.errors import UserError
+from exgra_med.serve.batching import BatchScheduler, Job
 
 logger = logging.getLogger(__name__)
 
@@ -55,16 +57,8 @@ class GenerationSettings:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-class _CancelCriteria:
-    """Stops generation when the consumer of a stream goes away (closed generator, dropped client)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-        self.generated = 0
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        self.generated = input_ids.shape[1]  # generation from embeddings: only the new tokens
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+class PromptTooLongError(UserError):
+    """The conversation (history included) does not fit the model's context or the server's prompt limit."""
 
 
 class InferenceEngine:
@@ -78,36 +72,93 @@ class InferenceEngine:
         template: str | ConversationTemplate = "llava_med",
         image_aspect_ratio: str = DEFAULT_ASPECT_RATIO,
         name: str = "exgra-med",
+        max_prompt_tokens: int | None = None,
+        max_batch_size: int = 8,
+        max_queue: int = 32,
     ):
+        """`max_prompt_tokens` caps prompts below the model's context; `max_batch_size` requests are decoded
+        together, and at most `max_queue` wait (more are refused with `batching.QueueFullError`)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.template = get_template(template) if isinstance(template, str) else template
         self.image_aspect_ratio = image_aspect_ratio
         self.name = name
-        self.lock = threading.Lock()
+        self.max_prompt_tokens = max_prompt_tokens
+        self.scheduler = BatchScheduler(self, max_batch_size, max_queue)
+        # No token spans more characters than the longest vocabulary entry: a text longer than limit x this cannot
+        # fit and is refused without tokenizing it.
+        self._max_token_chars = max(max((len(t) for t in tokenizer.get_vocab()), default=1), 1)
 
     @classmethod
     def from_path(
         cls,
         path: str,
         vision_tower: str | None = None,
-        template: str = "llava_med",
+        template: str | None = None,
         load_4bit: bool = False,
         load_8bit: bool = False,
         device: str | None = None,
         dtype: torch.dtype | None = None,
         image_aspect_ratio: str = DEFAULT_ASPECT_RATIO,
+        **limits,
     ) -> InferenceEngine:
-        """Load either checkpoint layout (see `exgra_med.serve.loading.load_model`) and wrap it."""
+        """Load either checkpoint layout (see `exgra_med.serve.loading.load_model`) and wrap it. `template` defaults
+        to the one the checkpoint was trained with, else `llava_med`; `limits` are the constructor's serving bounds."""
+        from exgra_med.model.checkpoint import recorded_conv_template
         from exgra_med.serve.loading import load_model
 
+        template = template or recorded_conv_template(path) or "llava_med"
         model, tokenizer, processor = load_model(
             path, vision_tower=vision_tower, dtype=dtype, device=device, load_4bit=load_4bit, load_8bit=load_8bit
         )
         # A local folder is served under its name, a Hub id under the id itself (as vLLM does).
         name = (os.path.basename(os.path.normpath(path)) if os.path.exists(path) else path) or "exgra-med"
-        return cls(model, tokenizer, processor, template=template, image_aspect_ratio=image_aspect_ratio, name=name)
+        return cls(model, tokenizer, processor, template=template, image_aspect_ratio=image_aspect_ratio, name=name,
+                   **limits)
+
+    @property
+    def context_length(self) -> int | None:
+        """The language model's context (`max_position_embeddings`), None when the config does not say."""
+        config = getattr(self.model.config, "text_config", self.model.config)
+        value = getattr(config, "max_position_embeddings", None)
+        return int(value) if value else None
+
+    def prompt_limit(self, settings: GenerationSettings) -> int | None:
+        """The most prompt tokens a request with `settings` may have: the context minus the answer's tokens, and
+        at most `max_prompt_tokens`."""
+        limits = [] if self.context_length is None else [self.context_length - settings.max_new_tokens]
+        if self.max_prompt_tokens is not None:
+            limits.append(self.max_prompt_tokens)
+        return min(limits) if limits else None
+
+    def check_prompt_text(self, messages: Sequence[Message], settings: GenerationSettings,
+                          system: str | None = None) -> None:
+        """Refuse, before tokenizing, a conversation whose characters alone show it cannot fit `prompt_limit`."""
+        limit = self.prompt_limit(settings)
+        chars = sum(len(text) for _, text in messages) + len(system or "")
+        if limit is not None and chars > max(limit, 0) * self._max_token_chars:
+            raise PromptTooLongError(
+                f"the conversation is too long: {chars} characters cannot fit in the {limit} prompt tokens allowed "
+                f"({self._limit_reason(settings)})"
+            )
+
+    def _limit_reason(self, settings: GenerationSettings) -> str:
+        parts = []
+        if self.context_length is not None:
+            parts.append(f"context {self.context_length} tokens minus max_tokens {settings.max_new_tokens}")
+        if self.max_prompt_tokens is not None:
+            parts.append(f"--max-prompt-tokens {self.max_prompt_tokens}")
+        return "; ".join(parts)
+
+    def check_prompt_ids(self, n_tokens: int, settings: GenerationSettings) -> None:
+        """Refuse a prompt of `n_tokens` tokens (image tokens included) above `prompt_limit`."""
+        limit = self.prompt_limit(settings)
+        if limit is not None and n_tokens > limit:
+            raise PromptTooLongError(
+                f"the conversation is too long: {n_tokens} prompt tokens > {max(limit, 0)} allowed "
+                f"({self._limit_reason(settings)})"
+            )
 
     @property
     def device(self) -> torch.device:
@@ -151,7 +202,8 @@ class InferenceEngine:
         return pixels.unsqueeze(0).to(self.device, tower_dtype)
 
     # --- generation --------------------------------------------------------------------------------------
-    def _generate_kwargs(self, settings: GenerationSettings) -> dict:
+    def generate_kwargs(self, settings: GenerationSettings) -> dict:
+        """`generate` keyword arguments for `settings` (greedy or sampled, stop string, pad/eos ids)."""
         kwargs = {
             "max_new_tokens": settings.max_new_tokens,
             "pad_token_id": self.tokenizer.pad_token_id,
@@ -165,6 +217,26 @@ class InferenceEngine:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kwargs
 
+    def submit(
+        self,
+        messages: Sequence[Message],
+        image: Image.Image | str | os.PathLike | None = None,
+        settings: GenerationSettings | None = None,
+        system: str | None = None,
+    ) -> Job:
+        """Check and encode the request, then queue it for batched decoding; read it with `job.pieces()`.
+
+        Raises PromptTooLongError (before tokenizing when the text alone is too long), ImageLoadError, or
+        `batching.QueueFullError` when the queue is full.
+        """
+        settings = settings or GenerationSettings()
+        self.check_prompt_text(messages, settings, system)
+        input_ids = self.encode(messages, has_image=image is not None, system=system)
+        self.check_prompt_ids(int(input_ids.shape[1]), settings)
+        pixels = self.preprocess(image)[0] if image is not None else None  # (3, H, W)
+        job = Job(input_ids[0].tolist(), pixels, settings, self.template)
+        return self.scheduler.submit(job)
+
     def stream(
         self,
         messages: Sequence[Message],
@@ -175,54 +247,22 @@ class InferenceEngine:
     ) -> Iterator[str]:
         """Yield the answer as text chunks while it is generated (cut at the template's stop string).
 
-        `info`, when given, receives the token counts and the finish reason once the stream ends.
+        `info`, when given, receives the token counts and the finish reason once the stream ends. Closing the
+        generator early cancels the generation.
         """
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
-
-        settings = settings or GenerationSettings()
-        input_ids = self.encode(messages, has_image=image is not None, system=system)
-        pixels = self.preprocess(image) if image is not None else None
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        cancel = threading.Event()
-        counter = _CancelCriteria(cancel)
-        kwargs = self._generate_kwargs(settings)
-        kwargs.update(streamer=streamer, stopping_criteria=StoppingCriteriaList([counter]))
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                self.model.generate(input_ids, pixels, torch.ones_like(input_ids), **kwargs)
-            except Exception as e:  # noqa: BLE001 - handed to the consumer thread, which re-raises it
-                errors.append(e)
-                streamer.end()
-
-        answer = AnswerFilter(self.template)
-        with self.lock:
-            worker = threading.Thread(target=run, name="exgra-med-generate", daemon=True)
-            worker.start()
-            try:
-                for chunk in streamer:
-                    if errors:
-                        break
-                    piece = answer.push(chunk)
-                    if piece:
-                        yield piece
-                    if answer.stopped:
-                        break
-                if errors:
-                    raise errors[0]
-                stopped_by_text = answer.stopped
-                tail = answer.finish()
-                if tail:
-                    yield tail
-            finally:
-                cancel.set()
-                worker.join()
+        job = self.submit(messages, image, settings, system)
+        try:
+            yield from job.pieces()
+        finally:
+            job.cancel()
         if info is not None:
-            info.prompt_tokens = int(input_ids.shape[1])
-            info.completion_tokens = counter.generated
-            hit_limit = counter.generated >= settings.max_new_tokens and not stopped_by_text
-            info.finish_reason = "length" if hit_limit else "stop"
+            info.prompt_tokens = len(job.input_ids)
+            info.completion_tokens = len(job.generated)
+            info.finish_reason = "length" if job.finish_reason == "length" else "stop"
+
+    def close(self, wait: bool = True) -> None:
+        """Cancel queued and running requests and stop the batching worker (waiting for it unless `wait=False`)."""
+        self.scheduler.close(timeout=10.0 if wait else 0.0)
 
     def answer(
         self,

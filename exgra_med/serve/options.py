@@ -18,7 +18,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="ExGra-Med checkpoint or released reference-layout folder, or a Hub id (owner/name[@rev])")
     p.add_argument("--vision-tower", default=None, help="local vision tower folder (reference-layout checkpoints)")
-    p.add_argument("--conv-template", default="llava_med", choices=sorted(TEMPLATES), help="prompt template")
+    p.add_argument("--conv-template", default=None, choices=sorted(TEMPLATES),
+                   help="prompt template (default: the one the checkpoint was trained with, else llava_med)")
     quant = p.add_mutually_exclusive_group()
     quant.add_argument("--load-4bit", action="store_true", help="4-bit NF4 weights (bitsandbytes, CUDA only)")
     quant.add_argument("--load-8bit", action="store_true", help="8-bit weights (bitsandbytes, CUDA only)")
@@ -26,9 +27,19 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--image-aspect-ratio", default=DEFAULT_ASPECT_RATIO, choices=ASPECT_RATIOS,
                    help="square: the processor's resize + centre crop (reference); pad: pad to a square first")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="answer length in tokens: the default and, for the servers, the cap of a request's max_tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with temperature > 0)")
+
+
+def add_serving_limits(p: argparse.ArgumentParser) -> None:
+    """--max-prompt-tokens, --max-batch-size, --max-queue: the bounds of the `web` and `serve-api` servers."""
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longest prompt (history and image tokens included); always at most the model's context "
+                   "minus --max-new-tokens")
+    p.add_argument("--max-batch-size", type=int, default=8, help="concurrent requests decoded together")
+    p.add_argument("--max-queue", type=int, default=32, help="requests allowed to wait; more get HTTP 429 / a message")
 
 
 def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
@@ -47,4 +58,7 @@ def engine_from_args(args: argparse.Namespace) -> InferenceEngine:
         device=args.device,
         dtype=DTYPES[args.dtype] if args.dtype else None,
         image_aspect_ratio=args.image_aspect_ratio,
+        max_prompt_tokens=getattr(args, "max_prompt_tokens", None),
+        max_batch_size=getattr(args, "max_batch_size", 8),
+        max_queue=getattr(args, "max_queue", 32),
     )

@@ -15,7 +15,7 @@ import warnings
 
 from PIL import Image
 
-from exgra_med.data.images import ImageLoadError, load_image
+from exgra_med.data.images import ImageLoadError, ImageTooLargeError, image_header, load_image
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -65,6 +65,8 @@ def image_from_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             return load_image(tmp)
+    except ImageTooLargeError as e:
+        raise UploadError(_short(e, tmp), status=413) from e
     except ImageLoadError as e:
         raise UploadError(f"the image could not be decoded (PNG, JPEG or DICOM expected): {_short(e, tmp)}") from e
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
@@ -76,12 +78,11 @@ def image_from_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
 def _check_pixels(path: str, max_pixels: int) -> None:
     # Read only the header: a small file may still declare an enormous canvas.
     try:
-        with Image.open(path) as img:
-            width, height = img.size
-    except OSError:  # not a PIL format (e.g. DICOM): load_image decides
+        image_header(path, max_pixels=max_pixels)
+    except ImageTooLargeError as e:
+        raise UploadError(f"{_short(e, path)} (limit --max-image-pixels)", status=413) from e
+    except ImageLoadError:  # not decodable: load_image reports it
         return
-    if width * height > max_pixels:
-        raise UploadError(f"image too large: {width}x{height} pixels > {max_pixels}", status=413)
 
 
 def _short(error: Exception, tmp: str) -> str:

@@ -1,7 +1,11 @@
 """`exgra-med web --model DIR`: a Gradio demo. Upload an image (PNG/JPEG/DICOM), ask, read the streamed answer.
 
 The server binds 127.0.0.1 unless `--host` says otherwise and serves no file beyond its own uploads and
-the example images (Gradio's `allowed_paths` names only the examples folder).
+the example images (Gradio's `allowed_paths` names only the examples folder). It has the API's limits: uploads of at
+most `--max-image-bytes` bytes and `--max-image-pixels` pixels (read from the header before decoding), conversations
+(history included) within the model's context and `--max-prompt-tokens`, `--max-batch-size` users decoded together
+and `--max-queue` waiting. Uploads live in a private temporary folder, deleted when the server stops (also on
+SIGTERM); messages never show server paths.
 """
 
 from __future__ import annotations
@@ -9,13 +13,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
+import signal
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from exgra_med.constants import RESEARCH_USE_NOTICE
 from exgra_med.conversation import GPT, HUMAN
-from exgra_med.data.images import ImageLoadError, load_image
-from exgra_med.serve.engine import GenerationSettings, InferenceEngine, Message
+from exgra_med.data.images import ImageLoadError, image_header, load_image
+from exgra_med.serve.batching import QueueFullError, ServerClosingError
+from exgra_med.serve.engine import GenerationSettings, InferenceEngine, Message, PromptTooLongError
+from exgra_med.serve.uploads import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +70,30 @@ def history_to_messages(history: list[dict]) -> list[Message]:
     return [(roles[m["role"]], _text(m.get("content"))) for m in history if m.get("role") in roles]
 
 
+def _without_paths(message: str, path: str | None) -> str:
+    """`message` with the server-side location of an upload replaced by its file name."""
+    if path:
+        message = message.replace(str(path), Path(path).name).replace(str(Path(path).parent), "<upload>")
+    return message
+
+
+def open_upload(path: str, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """An uploaded file as an RGB image, after the API's checks (bytes, then the header's pixel count); failures
+    raise ImageLoadError with a message that names no server path."""
+    try:
+        size = os.path.getsize(path)
+        if size > max_bytes:
+            raise ImageLoadError(f"image too large: {size} bytes > {max_bytes} (limit --max-image-bytes)")
+        image_header(path, max_pixels)
+        return load_image(path)
+    except (ImageLoadError, OSError) as e:
+        raise ImageLoadError(_without_paths(str(e), path)) from None
+
+
 def build_demo(engine: InferenceEngine, settings: GenerationSettings | None = None,
-               examples_dir: Path | None = None):
-    """The Gradio Blocks app around `engine`."""
+               examples_dir: Path | None = None, max_image_bytes: int = DEFAULT_MAX_BYTES,
+               max_pixels: int = DEFAULT_MAX_PIXELS):
+    """The Gradio Blocks app around `engine`, with the upload limits of the API."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
@@ -73,7 +103,7 @@ def build_demo(engine: InferenceEngine, settings: GenerationSettings | None = No
         if not path:
             return None, []
         try:
-            return load_image(path), []
+            return open_upload(path, max_image_bytes, max_pixels), []
         except ImageLoadError as e:
             gr.Warning(f"Cannot read this image: {e}")
             return None, []
@@ -88,13 +118,20 @@ def build_demo(engine: InferenceEngine, settings: GenerationSettings | None = No
         history += [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
         yield "", history
         try:
+            image = open_upload(path, max_image_bytes, max_pixels) if path else None
             answer = ""
-            for piece in engine.stream(messages, path or None, settings):
+            for piece in engine.stream(messages, image, settings):
                 answer += piece
                 history[-1] = {"role": "assistant", "content": answer}
                 yield "", history
         except ImageLoadError as e:
             history[-1] = {"role": "assistant", "content": f"(cannot read the image: {e})"}
+            yield "", history
+        except PromptTooLongError as e:
+            history[-1] = {"role": "assistant", "content": f"({e}; press 'Clear history')"}
+            yield "", history
+        except (QueueFullError, ServerClosingError) as e:
+            history[-1] = {"role": "assistant", "content": f"({e})"}
             yield "", history
 
     with gr.Blocks(title="ExGra-Med demo") as demo:
@@ -122,29 +159,47 @@ def build_demo(engine: InferenceEngine, settings: GenerationSettings | None = No
 
 
 def launch_demo(engine: InferenceEngine, host: str = "127.0.0.1", port: int = 7860,
-                settings: GenerationSettings | None = None, examples_dir: Path | None = None):
-    """Build and start the demo in a background thread; returns (demo, local URL). `demo.close()` stops it."""
+                settings: GenerationSettings | None = None, examples_dir: Path | None = None,
+                max_image_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Build and start the demo in a background thread; returns (demo, local URL). `demo.close()` stops it and
+    deletes its uploads (they go to a private temporary folder, `demo.upload_dir`)."""
     examples_dir = examples_dir if examples_dir is not None else default_examples_dir()
-    demo = build_demo(engine, settings, examples_dir)
+    upload_dir = tempfile.mkdtemp(prefix="exgra-med-web-")
+    os.environ["GRADIO_TEMP_DIR"] = upload_dir  # read by Gradio when the app and its components are built
+    demo = build_demo(engine, settings, examples_dir, max_image_bytes, max_pixels)
+    demo.upload_dir = Path(upload_dir)
+    close = demo.close
+
+    def close_and_clean(verbose: bool = True) -> None:
+        close(verbose)
+        shutil.rmtree(upload_dir, ignore_errors=True)
+
+    demo.close = close_and_clean
     allowed = [str(examples_dir)] if examples_dir.is_dir() else []
-    _, url, _ = demo.queue().launch(
+    _, url, _ = demo.queue(default_concurrency_limit=engine.scheduler.max_batch_size).launch(
         server_name=host, server_port=port, share=False, allowed_paths=allowed, ssr_mode=False,
-        prevent_thread_lock=True, quiet=True, footer_links=[],
+        prevent_thread_lock=True, quiet=True, footer_links=[], max_file_size=max_image_bytes,
     )
-    logger.info("demo serving on %s", url)
+    logger.info("demo serving on %s (uploads in %s)", url, upload_dir)
     return demo, url
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: load the model and serve the demo until interrupted."""
     from exgra_med.serve.loading import load_engine_or_exit_code
-    from exgra_med.serve.options import add_model_arguments
+    from exgra_med.serve.options import add_model_arguments, add_serving_limits
 
-    p = argparse.ArgumentParser(prog="exgra-med web", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="exgra-med web", description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--examples-dir", default=None, help="folder of example images (default: the repo's assets/)")
+    p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest accepted image upload")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest accepted canvas")
+    add_serving_limits(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     loaded = load_engine_or_exit_code(args, "exgra-med web")
@@ -152,7 +207,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return loaded
     engine, settings = loaded
     examples = Path(args.examples_dir) if args.examples_dir else None
-    demo, url = launch_demo(engine, args.host, args.port, settings, examples)
-    print(f"ExGra-Med demo on {url} (Ctrl-C to stop)", flush=True)
-    demo.block_thread()
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt  # block_thread closes the server; the finally below cleans up
+
+    signal.signal(signal.SIGTERM, stop)
+    demo = None
+    try:
+        demo, url = launch_demo(engine, args.host, args.port, settings, examples, args.max_image_bytes,
+                                args.max_image_pixels)
+        print(f"ExGra-Med demo on {url} (Ctrl-C to stop)", flush=True)
+        demo.block_thread()
+    finally:
+        engine.close(wait=False)
+        if demo is not None:
+            demo.close(verbose=False)
     return 0

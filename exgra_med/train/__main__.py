@@ -1,7 +1,9 @@
-"""`python -m exgra_med.train` (what torchrun launches)."""
+"""`python -m exgra_med.train` (what torchrun launches); errors are reported as by `exgra-med train`."""
 
 import sys
 
+from exgra_med.cli import run_command
+from exgra_med.errors import debug_requested
 from exgra_med.train.main import main
 
-sys.exit(main())
+sys.exit(run_command(main, sys.argv[1:], "exgra-med train", debug_requested()))

@@ -88,6 +88,10 @@ class DataArguments:
         default=None, metadata={"help": "folder the records' `image` paths are relative to"}
     )
     conv_template: str = field(default="llava_med", metadata={"help": "prompt template (llava_med = reference '###')"})
+    skip_image_check: bool = field(
+        default=False,
+        metadata={"help": "skip reading every image's header before training (data sets too large to scan)"},
+    )
     image_aspect_ratio: str = field(
         default=DEFAULT_ASPECT_RATIO,
         metadata={"help": "square: the processor's resize + centre crop (reference) | pad: pad to a square first"},
@@ -105,6 +109,10 @@ class DataArguments:
     eval_batch_size: int = field(default=16, metadata={"help": "batch size of in-training answer generation"})
 
     def __post_init__(self):
+        from exgra_med.conversation import TEMPLATES
+
+        if self.conv_template not in TEMPLATES:
+            raise ValueError(f"--conv_template must be one of {sorted(TEMPLATES)}, got {self.conv_template!r}")
         if self.image_aspect_ratio not in ASPECT_RATIOS:
             raise ValueError(f"--image_aspect_ratio must be one of {ASPECT_RATIOS}, got {self.image_aspect_ratio!r}")
 

@@ -48,14 +48,54 @@ logger = logging.getLogger(__name__)
 
 def parse_args(argv: Sequence[str] | None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     """Parse the three argument groups from flags, or from a YAML recipe followed by overriding flags
-    (`exgra_med.train.recipes`); `--resume_from_checkpoint True|auto` means the newest checkpoint."""
+    (`exgra_med.train.recipes`); `--resume_from_checkpoint True|auto` means the newest checkpoint. Unknown flags
+    and invalid values end as argparse errors (usage + one line, exit code 2)."""
     return parse_args_and_recipe(argv)[0]
 
 
 def parse_args_and_recipe(argv: Sequence[str] | None) -> tuple[tuple, dict]:
     """((model, data, training arguments), the resolved recipe to record in the output folder)."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    return parse_with_recipe(parser, list(argv) if argv is not None else sys.argv[1:])
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog="exgra-med train")
+    try:
+        return parse_with_recipe(parser, list(argv) if argv is not None else sys.argv[1:])
+    except ValueError as e:  # an unknown flag, a bad recipe, or a dataclass's __post_init__ refused a value
+        parser.error(" ".join(str(e).split()))
+
+
+def _looks_local(path: str) -> bool:
+    """A path that cannot be a Hub id (absolute, relative with ./ or ../, ~, or more than one `/`)."""
+    return path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
+
+
+def validate_inputs(model_args: ModelArguments, data_args: DataArguments, alignment: bool) -> list[dict]:
+    """Everything that can be checked before a model is loaded: the model and vision-tower folders, every record
+    (schema, and `conversations_long` with the alignment), the image folder and every image's header (existence,
+    format, canvas size), unless `--skip_image_check`. Returns the validated records; errors name file and record."""
+    from exgra_med.data.images import check_record_images
+    from exgra_med.data.records import RecordError, load_records
+    from exgra_med.errors import UserError
+
+    for flag, path in (("--model_name_or_path", model_args.model_name_or_path),
+                       ("--vision_tower", model_args.vision_tower)):
+        local = path.removeprefix("local-dir:") if path else None
+        if local and (_looks_local(local) or path.startswith("local-dir:")) and not os.path.exists(local):
+            raise UserError(f"{flag} {path}: no such file or folder")
+    records = load_records(data_args.data_path, require_long=alignment)
+    if not records:
+        raise RecordError(f"{data_args.data_path}: holds no records; nothing to train on")
+    n_images = sum("image" in r for r in records)
+    if n_images:
+        if data_args.image_folder is None:
+            raise UserError(f"{data_args.data_path}: {n_images} records have an image; pass --image_folder")
+        if not os.path.isdir(data_args.image_folder):
+            raise UserError(f"--image_folder {data_args.image_folder}: no such folder")
+        if data_args.skip_image_check:
+            logger.info("--skip_image_check: the %d images are read only when batches reach them", n_images)
+        else:
+            rank0 = int(os.environ.get("LOCAL_RANK", "0")) == 0
+            check_record_images(records, data_args.image_folder, data_args.data_path, progress=rank0)
+            logger.info("%s: %d records, %d image headers checked", data_args.data_path, len(records), n_images)
+    return records
 
 
 def _dtype(args: TrainingArguments) -> torch.dtype | None:
@@ -164,7 +204,13 @@ def _resume_arg(value: str | None, output_dir: str) -> str | None:
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> ExGraMedTrainer:
     """Run one training stage and save its result in `output_dir`."""
     set_seed(training_args.seed)
+    alignment = model_args.alignment_config(seed=training_args.seed).enabled
+    records = validate_inputs(model_args, data_args, alignment)
+    # Fine-tuning: VQA answers generated on val at each evaluation (eval_val_*), on test at the end (eval_test_*).
+    val_split, test_split = vqa_splits(data_args, data_args.image_folder)
+    check_eval_schedule(training_args, val_split)
     model, tokenizer, processor = build_model(model_args, training_args)
+    model.config.conv_template = data_args.conv_template  # recorded in every checkpoint: eval and serving use it
     dataset = SupervisedDataset(
         data_args.data_path,
         data_args.image_folder,
@@ -176,12 +222,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         image_aspect_ratio=data_args.image_aspect_ratio,
         max_length=training_args.model_max_length,
         alignment=model.alignment is not None,
+        records=records if (model.alignment is not None) == alignment else None,
     )
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("%d training records; %.2fM trainable parameters", len(dataset), n_train / 1e6)
-    # Fine-tuning: VQA answers generated on val at each evaluation (eval_val_*), on test at the end (eval_test_*).
-    val_split, test_split = vqa_splits(data_args, data_args.image_folder)
-    check_eval_schedule(training_args, val_split)
     trainer = VQAScoringTrainer(
         model=model,
         args=training_args,

@@ -78,7 +78,7 @@ def parse_with_recipe(
             dests[name].required = False
     namespace, remaining = parser.parse_known_args(argv)
     if remaining:
-        raise RecipeError(f"unknown trainer arguments: {remaining}")
+        raise RecipeError(f"unrecognized arguments: {' '.join(remaining)}")
     given = {a.dest for a in parser._actions if any(opt in argv for opt in a.option_strings)}
     given |= {arg.split("=", 1)[0][2:] for arg in argv if arg.startswith("--") and "=" in arg}
     resolved = {name: _plain(getattr(namespace, name)) for name in dests if name in recipe or name in given}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -93,14 +95,64 @@ def test_generate_vqa_writes_reference_answer_lines(tiny_model_dir, easy_vqa_dir
     assert sorted(r["question_id"] for r in rows) == sorted(q["id"] for q in questions)
     by_id = {q["id"]: q for q in questions}
     assert all(r["prompt"] == display_prompt(by_id[r["question_id"]]) for r in rows)
-    assert all(r["model_id"] == tiny_model_dir.name and r["metadata"] == {} for r in rows)
+    assert all(r["model_id"] == tiny_model_dir.name for r in rows)
+    expected = {"model": str(Path(tiny_model_dir).resolve()), "conv_mode": "simple", "max_new_tokens": 3,
+                "temperature": 0.0, "image_aspect_ratio": "pad", "dtype": "auto", "seed": 0}
+    assert all(r["metadata"] == {"generation": expected} for r in rows)
     assert len({r["answer_id"] for r in rows}) == len(rows)
+
+
+def test_resume_with_other_settings_refuses_then_restart_replaces(tiny_model_dir, easy_vqa_dir, questions, tmp_path):
+    from exgra_med.cli import run_command
+    from exgra_med.errors import UserError
+
+    qfile, answers = _question_file(tmp_path, questions[:4]), tmp_path / "answers.jsonl"
+    assert _cli(tiny_model_dir, easy_vqa_dir, qfile, answers) == 0
+    before = answers.read_text()
+    other_model = tmp_path / "other-model"
+    shutil.copytree(tiny_model_dir, other_model)  # same weights, another model folder
+    for extra, differs in [(("--max-new-tokens", "4"), "max_new_tokens: 3 there, 4 now"),
+                           (("--conv-mode", "llava_med"), "conv_mode: 'simple' there, 'llava_med' now"),
+                           (("--temperature", "0.7"), "temperature: 0.0 there, 0.7 now")]:
+        with pytest.raises(UserError, match=differs):
+            _cli(tiny_model_dir, easy_vqa_dir, qfile, answers, *extra)
+    with pytest.raises(UserError, match="model: .* there, .*other-model' now"):
+        main(["--model", str(other_model), "--question-file", str(qfile), "--answers-file", str(answers),
+              "--image-folder", str(easy_vqa_dir / "images"), "--max-new-tokens", "3", "--quiet"])
+    assert answers.read_text() == before  # nothing was appended
+    # Through the CLI the refusal is one line and exit code 2.
+    argv = ["--model", str(tiny_model_dir), "--question-file", str(qfile), "--answers-file", str(answers),
+            "--max-new-tokens", "5", "--quiet"]
+    assert run_command(main, argv, "exgra-med generate-vqa") == 2
+    # --restart replaces the file with the new model's answers.
+    assert _cli(tiny_model_dir, easy_vqa_dir, qfile, answers, "--max-new-tokens", "4", "--restart") == 0
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert len(rows) == 4 and {r["metadata"]["generation"]["max_new_tokens"] for r in rows} == {4}
+    # A file without provenance (older version) is refused too.
+    answers.write_text(json.dumps({"question_id": questions[0]["id"], "text": "x", "metadata": {}}) + "\n")
+    with pytest.raises(UserError, match="does not record the model"):
+        _cli(tiny_model_dir, easy_vqa_dir, qfile, answers)
+
+
+def test_conv_mode_defaults_to_the_recorded_training_template(tiny_model_dir, tmp_path):
+    from exgra_med.eval.generate import resolve_conv_mode
+    from exgra_med.io import read_json, write_json_atomic
+
+    model = tmp_path / "trained"
+    shutil.copytree(tiny_model_dir, model, ignore=shutil.ignore_patterns("*.safetensors", "llm", "vision"))
+    assert resolve_conv_mode(argparse.Namespace(model=str(model), conv_mode=None)) == "simple"
+    write_json_atomic(model / "config.json", {**read_json(model / "config.json"), "conv_template": "llava_med"})
+    assert resolve_conv_mode(argparse.Namespace(model=str(model), conv_mode=None)) == "llava_med"
+    assert resolve_conv_mode(argparse.Namespace(model=str(model), conv_mode="simple")) == "simple"
 
 
 def test_resume_skips_answered_ids_and_drops_a_torn_line(tiny_model_dir, easy_vqa_dir, questions, tmp_path):
     answers = tmp_path / "answers.jsonl"
+    generation = {"model": str(Path(tiny_model_dir).resolve()), "conv_mode": "simple", "max_new_tokens": 3,
+                  "temperature": 0.0, "image_aspect_ratio": "pad", "dtype": "auto", "seed": 0}
     kept = [
-        {"question_id": q["id"], "prompt": "p", "text": "PREVIOUS", "answer_id": "x", "model_id": "m", "metadata": {}}
+        {"question_id": q["id"], "prompt": "p", "text": "PREVIOUS", "answer_id": "x", "model_id": "m",
+         "metadata": {"generation": generation}}
         for q in questions[:3]
     ]
     torn = json.dumps({"question_id": questions[3]["id"], "text": "half"})[:25]
@@ -142,6 +194,11 @@ def test_chunks_merge_back_into_question_order(tiny_model_dir, easy_vqa_dir, que
         merge_answers(qfile, files, tmp_path / "other.jsonl")
     files[1].write_text("\n".join(lines + lines[:1]) + "\n")  # one answer twice
     with pytest.raises(ValueError, match="1 answered twice"):
+        merge_answers(qfile, files, tmp_path / "other.jsonl")
+    rows = [json.loads(line) for line in lines]
+    rows[0]["metadata"]["generation"]["model"] = "another"
+    files[1].write_text("".join(json.dumps(r) + "\n" for r in rows))  # one chunk from another model
+    with pytest.raises(ValueError, match="2 different models or settings"):
         merge_answers(qfile, files, tmp_path / "other.jsonl")
 
 

@@ -155,7 +155,7 @@ def test_convert_and_direct_load_match_reference_forward(tiny_model_dir, tmp_pat
         torch.testing.assert_close(direct(input_ids=ids, pixel_values=pixels).logits, expected, rtol=0, atol=1e-5)
 
 
-def test_reference_errors_name_the_problem(tiny_model_dir, tmp_path):
+def test_reference_errors_name_the_problem(tiny_model_dir, tmp_path, capsys):
     ref = tmp_path / "release"
     write_reference_checkpoint(tiny_model_dir, ref, "mlp2x_gelu", False)
     with pytest.raises(ValueError, match="not a local folder.*--vision-tower"):
@@ -168,10 +168,13 @@ def test_reference_errors_name_the_problem(tiny_model_dir, tmp_path):
     out = tmp_path / "busy"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    with pytest.raises(FileExistsError, match="not empty"):
-        cli_main(["convert", "--in", str(ref), "--vision-tower", str(tiny_model_dir / "vision"), "--out", str(out)])
+    # Through the CLI, user mistakes are one line and exit code 2.
+    assert cli_main(["convert", "--in", str(ref), "--vision-tower", str(tiny_model_dir / "vision"),
+                     "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
     with pytest.raises(ValueError, match="not a reference"):
         read_reference_config(tiny_model_dir)
-    with pytest.raises(ValueError, match="not a reference"):  # convert takes reference folders only
-        cli_main(["convert", "--in", str(tiny_model_dir), "--out", str(tmp_path / "from_ours")])
+    # convert takes reference folders only
+    assert cli_main(["convert", "--in", str(tiny_model_dir), "--out", str(tmp_path / "from_ours")]) == 2
+    assert "not a reference" in capsys.readouterr().err
     assert not (tmp_path / "from_ours").exists()

@@ -143,3 +143,83 @@ def test_bad_inputs_get_4xx_and_the_server_stays_up(server, expected):
     assert 400 <= err.value.status_code < 500
     reply = client.chat.completions.create(model=model, messages=_messages(_data_url(png)))
     assert reply.choices[0].message.content == answer
+
+
+def _start(tiny_model_dir, *flags: str) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "exgra_med.cli", "serve-api", "--model", str(tiny_model_dir), "--port", "0", *flags]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("serving model"):
+            return proc, line.split(" on ", 1)[1].strip()
+    proc.kill()
+    pytest.fail("server did not start:\n" + "".join(lines[-30:]))
+
+
+def test_max_tokens_is_capped_by_the_server_flag():
+    from exgra_med.serve.api import _settings
+
+    default = GenerationSettings(max_new_tokens=60)
+    assert _settings({"max_tokens": 1500}, default, 60).max_new_tokens == 60
+    assert _settings({"max_tokens": 7}, default, 60).max_new_tokens == 7
+    assert _settings({}, default, 60).max_new_tokens == 60
+
+
+def test_bounds_queue_disconnect_and_sigterm(tiny_model_dir):
+    """A prompt beyond the context is refused (400) while a normal request is answered; a full queue answers 429;
+    a client that disconnects cancels its generation; SIGTERM stops the server while it generates."""
+    import signal
+    import threading
+
+    import httpx
+
+    long_tokens = 400
+    engine = InferenceEngine.from_path(str(tiny_model_dir), device="cpu")
+    # A question the tiny model answers at length (greedy, so the server does the same): it keeps a row busy.
+    long_answer = GenerationSettings(max_new_tokens=long_tokens)
+    question = next(q for q in ("Describe the image.", "What color is the shape?", "Is there a circle?",
+                                "What shape is in the image?", "Why?", "CT scan of the chest.")
+                    if len(engine.answer([("human", q)], None, long_answer)) > 40)
+    engine.close()
+    proc, url = _start(tiny_model_dir, "--max-new-tokens", str(long_tokens), "--max-batch-size", "1",
+                       "--max-queue", "1")
+    body = {"messages": [{"role": "user", "content": question}], "max_tokens": long_tokens, "stream": True}
+    try:
+        with httpx.Client(base_url=url, timeout=120) as http:
+            # 1. Oversized prompt: 400 naming the limit, while a normal request is being answered.
+            with http.stream("POST", "/chat/completions", json=body) as running:
+                lines = running.iter_lines()
+                assert next(lines).startswith("data: ")  # generation started
+                huge = {"messages": [{"role": "user", "content": "word " * 200000}]}
+                refused = http.post("/chat/completions", json=huge)
+                assert refused.status_code == 400 and "too long" in refused.json()["error"]["message"]
+                # 2. Batch size 1, queue 1: one request waits, the next gets 429.
+                waiting = threading.Thread(target=lambda: http.post("/chat/completions", json={
+                    **body, "stream": False, "max_tokens": 3}))
+                waiting.start()
+                for _ in range(200):
+                    busy = http.post("/chat/completions", json={**body, "stream": False, "max_tokens": 3})
+                    if busy.status_code == 429:
+                        break
+                assert busy.status_code == 429 and "retry later" in busy.json()["error"]["message"]
+                text = "".join(line for line in lines if line)  # the running request completes normally
+                assert "[DONE]" in text
+                waiting.join(timeout=120)
+            # 3. A client that disconnects mid-answer cancels its generation.
+            with http.stream("POST", "/chat/completions", json=body) as dropped:
+                next(dropped.iter_lines())
+            ok = http.post("/chat/completions", json={**body, "stream": False, "max_tokens": 2})
+            assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 2
+            # 4. SIGTERM while a long answer is being generated: the server stops.
+            with http.stream("POST", "/chat/completions", json=body) as last:
+                next(last.iter_lines())
+                proc.send_signal(signal.SIGTERM)
+                # uvicorn shuts down gracefully, then re-raises the signal: the status says "ended by SIGTERM".
+                assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = proc.stdout.read()
+    assert "client went away; generation cancelled" in output, output[-3000:]

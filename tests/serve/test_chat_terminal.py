@@ -65,7 +65,7 @@ def _reply(term: Terminal, question: str) -> str:
     return term.expect("\nUSER: ").strip()
 
 
-def test_chat_answers_questions_about_images(tiny_model_dir, engine):
+def test_chat_answers_questions_about_images(tiny_model_dir, engine, bomb_png):
     settings = GenerationSettings(max_new_tokens=MAX_TOKENS)
     png, dicom = ASSETS / "red_circle.png", ASSETS / "ct_slice.dcm"
     q1, q2, q3 = "What shape is in the image?", "What color is it?", "What kind of scan is this?"
@@ -86,6 +86,11 @@ def test_chat_answers_questions_about_images(tiny_model_dir, engine):
         assert _reply(term, q3) == a3
         term.send("/image no/such/file.png")
         assert "cannot use that image" in term.expect("USER: ")
+        term.send(f"/image {bomb_png}")  # a decompression bomb: refused, the session goes on
+        assert re.search(r"cannot use that image: image too large", term.expect("USER: "))
+        term.send("/foo bar")  # not sent to the model
+        assert "unknown command /foo" in term.expect("USER: ")
+        assert _reply(term, q2) == engine.answer([("human", q3), ("gpt", a3), ("human", q2)], dicom, settings)
         term.send("/exit")
     finally:
         code = term.close()

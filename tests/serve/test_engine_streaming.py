@@ -4,7 +4,6 @@ serialised concurrent use and the CPU message for quantised loading."""
 from __future__ import annotations
 
 import random
-import threading
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,8 @@ from PIL import Image
 from exgra_med.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
 from exgra_med.conversation import get_template
 from exgra_med.data.images import load_image
-from exgra_med.serve.engine import GenerationInfo, GenerationSettings, InferenceEngine
+from exgra_med.serve.batching import QueueFullError, ServerClosingError
+from exgra_med.serve.engine import GenerationInfo, GenerationSettings, InferenceEngine, PromptTooLongError
 from exgra_med.serve.loading import QuantizationUnavailableError, load_model
 from exgra_med.serve.streaming import AnswerFilter
 
@@ -102,27 +102,74 @@ def test_image_paths_png_and_dicom(engine):
     assert dicom.shape == (1, 3, 32, 32) and dicom.std() > 0.1
 
 
-def test_concurrent_streams_are_serialised_and_all_answered(engine):
-    messages = [("human", "Is there a circle in the image?")]
-    expected = engine.answer(messages, _image(), SETTINGS)
-    results: list[str] = []
-    inside = []
-    active = threading.Semaphore(1)
+def test_concurrent_requests_are_decoded_in_one_batch_with_their_own_answers(engine):
+    questions = ["Is there a circle in the image?", "What color is the shape?", "What shape is in the image?",
+                 "Describe the image."]
+    images = [_image(), Image.new("RGB", (32, 32), (0, 0, 250)), None, _image()]
+    limits = [6, 3, 6, 5]
+    cases = [([("human", q)], img, GenerationSettings(max_new_tokens=n))
+             for q, img, n in zip(questions, images, limits)]
+    expected = []
+    for messages, image, settings in cases:
+        info = GenerationInfo()
+        expected.append((engine.answer(messages, image, settings, info=info), info.completion_tokens))
+    sizes = len(engine.scheduler.batch_sizes)
+    with engine.scheduler._cond:  # hold the worker until every request is queued: they form one batch
+        jobs = [engine.submit(messages, image, settings) for messages, image, settings in cases * 2]
+    got = [("".join(job.pieces()), len(job.generated)) for job in jobs]
+    assert engine.scheduler.batch_sizes[sizes:] == [8]
+    assert got == expected * 2  # left padding and per-row stopping change no answer
+    assert all(n <= limit for (_, n), limit in zip(got, limits * 2))
 
-    def worker():
-        chunks = []
-        for piece in engine.stream(messages, _image(), SETTINGS):
-            inside.append(active.acquire(blocking=False))  # only one generation at a time holds the model
-            chunks.append(piece)
-            active.release()
-        results.append("".join(chunks))
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert results == [expected] * 4 and all(inside)
+def test_a_cancelled_request_leaves_the_others_and_the_queue_is_bounded(engine):
+    messages = [("human", "What color is the shape?")]
+    long = GenerationSettings(max_new_tokens=40)
+    alone = engine.answer(messages, _image(), long)
+    with engine.scheduler._cond:
+        first, second = engine.submit(messages, _image(), long), engine.submit(messages, _image(), long)
+    stream = first.pieces()
+    next(stream, None)
+    first.cancel()
+    assert "".join(second.pieces()) == alone
+    list(stream)
+    assert first.finish_reason == "cancelled" and len(first.generated) < len(second.generated)
+
+    small = InferenceEngine(engine.model, engine.tokenizer, engine.image_processor, max_queue=2)
+    try:
+        with small.scheduler._cond:
+            small.submit(messages, None, SETTINGS)
+            small.submit(messages, None, SETTINGS)
+            with pytest.raises(QueueFullError, match="2 requests already waiting"):
+                small.submit(messages, None, SETTINGS)
+    finally:
+        small.close()
+    with pytest.raises(ServerClosingError):
+        small.submit(messages, None, SETTINGS)
+
+
+def test_prompts_beyond_the_context_are_refused_before_tokenizing(engine, monkeypatch):
+    assert engine.context_length == 2048
+    settings = GenerationSettings(max_new_tokens=48)
+    calls = []
+    monkeypatch.setattr(engine, "encode", lambda *a, **k: calls.append(1))
+    with pytest.raises(PromptTooLongError, match=r"1000000 characters cannot fit in the 2000 prompt tokens"):
+        engine.submit([("human", "word " * 200000)], None, settings)
+    with pytest.raises(PromptTooLongError):  # a long history counts too
+        engine.submit([("human", "hi"), ("gpt", "x" * 10**6), ("human", "and?")], None, settings)
+    assert calls == []
+    monkeypatch.undo()
+    n = engine.encode([("human", "Colour?")], has_image=True).shape[1]
+    with pytest.raises(PromptTooLongError, match=r"prompt tokens > 1952 allowed"):
+        engine.submit([("human", "circle " * 2000)], None, GenerationSettings(max_new_tokens=96))
+    capped = InferenceEngine(engine.model, engine.tokenizer, engine.image_processor, max_prompt_tokens=n + 5)
+    try:
+        with pytest.raises(PromptTooLongError, match="--max-prompt-tokens"):
+            capped.submit([("human", "circle " * 40)], _image(), SETTINGS)
+        assert capped.answer([("human", "Colour?")], _image(), SETTINGS) == engine.answer(
+            [("human", "Colour?")], _image(), SETTINGS)
+    finally:
+        capped.close()
 
 
 def test_quantised_loading_on_cpu_says_why(tiny_model_dir, monkeypatch):

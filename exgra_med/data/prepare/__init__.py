@@ -24,6 +24,7 @@ DATASETS: dict[str, str] = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch `prepare <dataset> [args]` to that data set's `main`; returns the exit code."""
     parser = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         prog="exgra-med prepare",
         description="Turn a raw data set into training / VQA records. "
         "Run `exgra-med prepare <dataset> --help` for the options of one data set.",

@@ -270,7 +270,10 @@ def prepare(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: `exgra-med prepare easy-vqa --out DIR [--max-images N] [--seed S] [--image-size PX]`."""
-    parser = argparse.ArgumentParser(prog="exgra-med prepare easy-vqa", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="exgra-med prepare easy-vqa", description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--max-images", type=int, default=None, help="at most this many images per split")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")

@@ -73,7 +73,10 @@ def merge_extended(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`exgra-med merge-extended --original F --extended F --out F [--allow-missing]`."""
-    p = argparse.ArgumentParser(prog="exgra-med merge-extended", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="exgra-med merge-extended", description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--original", required=True, help="instruct records (.json / .jsonl)")
     p.add_argument("--extended", required=True, help="output of extend-captions")
     p.add_argument("--out", required=True, help="stage-2 records to write (JSON)")

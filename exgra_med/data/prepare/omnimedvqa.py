@@ -44,7 +44,10 @@ def convert_file(path: Path) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Convert every OmniMedVQA JSON file under --raw (or one file) into --out."""
-    parser = argparse.ArgumentParser(prog="exgra-med prepare omnimedvqa", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="exgra-med prepare omnimedvqa", description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--raw", required=True, type=Path, help="a QA_information folder or one .json file")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     args = parser.parse_args(argv)

@@ -150,7 +150,10 @@ def convert_parquet(paths: Sequence[Path], split: str, image_root: Path, options
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Convert PathVQA (pickles or parquet) into train/val/test.json, candidate.json and images/."""
-    parser = argparse.ArgumentParser(prog="exgra-med prepare pathvqa", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="exgra-med prepare pathvqa", description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_common_arguments(parser, val_fraction=0.1)
     parser.add_argument("--images", type=Path, default=None, help="image folder of the pickle release")
     args = parser.parse_args(argv)

@@ -57,7 +57,10 @@ def convert(path: Path, options: dict[str, list[str]]) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Convert a SLAKE release into train.json, val.json, test.json, candidate.json and images/."""
-    parser = argparse.ArgumentParser(prog="exgra-med prepare slake", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="exgra-med prepare slake", description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_common_arguments(parser, val_fraction=0.1)
     parser.add_argument("--images", type=Path, default=None, help="image folder (default: RAW/imgs)")
     args = parser.parse_args(argv)

@@ -64,7 +64,10 @@ def subsample_shots(records: Sequence[dict], shots: int, seed: int, per: str = "
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`exgra-med subsample --in F --out F (--fraction X | --shots K [--per ...]) [--seed S]`."""
-    parser = argparse.ArgumentParser(prog="exgra-med subsample", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="exgra-med subsample", description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--in", dest="inp", required=True, type=Path, help="JSON list of records")
     parser.add_argument("--out", required=True, type=Path, help="output JSON file")
     mode = parser.add_mutually_exclusive_group(required=True)

@@ -85,7 +85,10 @@ def find_images(raw_dir: Path, override: Path | None) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Convert a VQA-RAD release into train.json, val.json, test.json, candidate.json and images/."""
-    parser = argparse.ArgumentParser(prog="exgra-med prepare vqa-rad", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="exgra-med prepare vqa-rad", description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_common_arguments(parser, val_fraction=0.25)
     parser.add_argument("--val-size", type=int, default=None, help="val count (overrides --val-fraction)")
     parser.add_argument("--images", type=Path, default=None, help="image folder (default: found in --raw)")

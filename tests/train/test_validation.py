@@ -1,0 +1,107 @@
+"""Everything `exgra-med train` can check is checked before a model is loaded: records, the image folder and every
+image's header (missing files, decompression bombs), with the file and record named and no checkpoint written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from exgra_med.data.images import ImageLoadError, ImageTooLargeError, check_record_images, image_header, load_image
+from exgra_med.data.records import RecordError
+from exgra_med.errors import UserError
+from exgra_med.train import main as train_main
+
+
+class ModelLoaded(Exception):
+    """Raised by the patched model builder: validation let the run reach model loading."""
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    def build_model(*args, **kwargs):
+        raise ModelLoaded
+
+    monkeypatch.setattr(train_main, "build_model", build_model)
+
+
+def _data(easy_vqa_dir: Path, tmp_path: Path, n: int = 40) -> tuple[Path, Path, list[dict]]:
+    images = tmp_path / "images"
+    shutil.copytree(easy_vqa_dir / "images", images)
+    records = json.loads((easy_vqa_dir / "instruct.json").read_text())[:n]
+    return images, tmp_path / "records.json", records
+
+
+def _argv(tiny_model_dir: Path, data: Path, images: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model_name_or_path", str(tiny_model_dir / "llm"), "--vision_tower", str(tiny_model_dir / "vision"),
+            "--data_path", str(data), "--image_folder", str(images), "--output_dir", str(out), "--max_steps", "2",
+            "--per_device_train_batch_size", "2", "--save_steps", "1", "--report_to", "none", "--use_cpu", "True",
+            *extra]
+
+
+def test_missing_image_in_the_last_record_fails_before_loading(tiny_model_dir, easy_vqa_dir, tmp_path, no_model):
+    images, data, records = _data(easy_vqa_dir, tmp_path)
+    records[-1] = {**records[-1], "image": "no-such-image.png"}
+    data.write_text(json.dumps(records))
+    out = tmp_path / "run"
+    with pytest.raises(ImageLoadError) as e:
+        train_main.main(_argv(tiny_model_dir, data, images, out))
+    message = str(e.value)
+    assert str(data) in message and f"record {records[-1]['id']!r}" in message and "no-such-image.png" in message
+    assert not list(out.glob("checkpoint-*"))
+    # --skip_image_check defers image reading to the batches: validation passes and the model is loaded.
+    with pytest.raises(ModelLoaded):
+        train_main.main(_argv(tiny_model_dir, data, images, out, "--skip_image_check", "True"))
+
+
+def test_decompression_bomb_named_before_loading(tiny_model_dir, easy_vqa_dir, tmp_path, bomb_png, no_model):
+    images, data, records = _data(easy_vqa_dir, tmp_path, n=5)
+    shutil.copy(bomb_png, images / "bomb.png")
+    records[2] = {**records[2], "image": "bomb.png"}
+    data.write_text(json.dumps(records))
+    with pytest.raises(ImageTooLargeError, match=f"record {records[2]['id']!r}: field 'image': image too large"):
+        train_main.main(_argv(tiny_model_dir, data, images, tmp_path / "run"))
+
+
+def test_bad_folders_and_empty_data_fail_before_loading(tiny_model_dir, easy_vqa_dir, tmp_path, no_model):
+    images, data, records = _data(easy_vqa_dir, tmp_path, n=3)
+    data.write_text(json.dumps(records))
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="--image_folder .*missing: no such folder"):
+        train_main.main(_argv(tiny_model_dir, data, tmp_path / "missing", out))
+    with pytest.raises(UserError, match="--model_name_or_path /nonexistent: no such file or folder"):
+        train_main.main(_argv(tiny_model_dir, data, images, out)[:0] + [
+            "--model_name_or_path", "/nonexistent", "--vision_tower", str(tiny_model_dir / "vision"),
+            "--data_path", str(data), "--image_folder", str(images), "--output_dir", str(out)])
+    data.write_text("[]")
+    with pytest.raises(RecordError, match="holds no records"):
+        train_main.main(_argv(tiny_model_dir, data, images, out))
+    data.write_text('[{"id": 1, "conversations": [}]')
+    with pytest.raises(UserError, match="invalid JSON at line 1"):
+        train_main.main(_argv(tiny_model_dir, data, images, out))
+    data.write_text(json.dumps(records))
+    with pytest.raises(ModelLoaded):  # and valid inputs go on to the model
+        train_main.main(_argv(tiny_model_dir, data, images, out))
+
+
+def test_image_header_checks(tmp_path, bomb_png):
+    from PIL import Image
+
+    png = tmp_path / "ok.png"
+    Image.new("RGB", (20, 10)).save(png)
+    assert image_header(png) == (20, 10, "PNG")
+    with pytest.raises(ImageTooLargeError, match="20x10 pixels > 100"):
+        image_header(png, max_pixels=100)
+    with pytest.raises(ImageTooLargeError, match="bomb.png"):
+        image_header(bomb_png)
+    with pytest.raises(ImageTooLargeError, match="bomb.png"):  # decoding refuses it too (it is not a PIL traceback)
+        load_image(bomb_png)
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(ImageLoadError, match="cannot read image header .*text.png"):
+        image_header(tmp_path / "text.png")
+    records = [{"id": "a", "image": "ok.png"}, {"id": "b"}, {"id": "c", "image": "text.png"}]
+    with pytest.raises(ImageLoadError, match="src.json: record 'c': field 'image'"):
+        check_record_images(records, tmp_path, "src.json")
+    assert check_record_images(records[:2], tmp_path, "src.json") == 1
