@@ -4,7 +4,10 @@
 `fewshot_data_generation.py` does (it takes `int(N * percent / 100)`, unseeded); this is how the
 10% / 40% pre-training subsets and the few-percent fine-tuning sets are made. `--shots K` keeps K
 records per group (`--per answer_type`, the default, or `--per answer`: the lower-cased last gpt
-turn); a group smaller than K is kept whole. Selected records keep their input order.
+turn); a group smaller than K is kept whole. `--balance-yes-no` keeps every open record and, for each yes/no
+question text, as many "yes" as "no" records (the commoner answer drawn down, seeded): a question whose answer
+its wording predicts (easy-VQA's "is there a red shape?" is "no" 7 times in 8) then teaches nothing without the
+image, as VQA v2 balanced its questions against language priors. Selected records keep their input order.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from exgra_med.constants import DEFAULT_IMAGE_TOKEN
 from exgra_med.io import read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -62,6 +66,33 @@ def subsample_shots(records: Sequence[dict], shots: int, seed: int, per: str = "
     return [r for i, r in enumerate(records) if i in keep]
 
 
+def question_text(record: dict, index: int) -> str:
+    try:
+        turns = record.get("conversations", record.get("conversatons"))
+        return str(turns[0]["value"]).replace(DEFAULT_IMAGE_TOKEN, "").strip().lower()
+    except (KeyError, TypeError, IndexError):
+        raise ValueError(f"record {index} (id {record.get('id')!r}) lacks field 'conversations'") from None
+
+
+def balance_yes_no(records: Sequence[dict], seed: int) -> list:
+    """Every record whose answer is not yes/no, and per yes/no question text equally many "yes" and "no" records
+    (a question asked with one answer only is dropped), in input order."""
+    groups: dict[str, dict[str, list[int]]] = defaultdict(lambda: {"yes": [], "no": []})
+    keep: set[int] = set()
+    for i, r in enumerate(records):
+        answer = group_key(r, "answer", i)
+        if answer in ("yes", "no"):
+            groups[question_text(r, i)][answer].append(i)
+        else:
+            keep.add(i)
+    rng = random.Random(seed)
+    for question in sorted(groups):
+        yes, no = groups[question]["yes"], groups[question]["no"]
+        n = min(len(yes), len(no))
+        keep.update(rng.sample(yes, n) + rng.sample(no, n))
+    return [r for i, r in enumerate(records) if i in keep]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`exgra-med subsample --in F --out F (--fraction X | --shots K [--per ...]) [--seed S]`."""
     parser = argparse.ArgumentParser(
@@ -73,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--fraction", type=float, help="keep this fraction, e.g. 0.1")
     mode.add_argument("--shots", type=int, help="keep this many records per group")
+    mode.add_argument("--balance-yes-no", action="store_true",
+                      help="keep open records, and per yes/no question text as many yes as no records")
     parser.add_argument("--per", choices=("answer_type", "answer"), default="answer_type")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -81,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ValueError(f"{args.inp}: expected a list of records")
     if args.fraction is not None:
         subset = subsample_fraction(records, args.fraction, args.seed)
+    elif args.balance_yes_no:
+        subset = balance_yes_no(records, args.seed)
     else:
         subset = subsample_shots(records, args.shots, args.seed, args.per)
     write_json_atomic(args.out, subset)
