@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from exgra_med.data.prepare.subsample import main, subsample_fraction, subsample_shots
+from exgra_med.data.prepare.subsample import balance_yes_no, main, subsample_fraction, subsample_shots
 
 
 def _rec(i, kind, answer):
@@ -51,3 +51,21 @@ def test_cli(tmp_path, capsys):
     assert "kept 6 of 30" in capsys.readouterr().out
     main(["--in", str(src), "--out", str(dst), "--shots", "1", "--per", "answer_type"])
     assert len(json.loads(dst.read_text())) == 2
+
+
+def test_balance_yes_no_equalises_each_question_and_keeps_open_records():
+    def rec(i, question, answer):
+        return {"id": i, "image": "a.png", "answer_type": "CLOSED" if answer in ("yes", "no") else "OPEN",
+                "conversations": [{"from": "human", "value": f"{question}\n<image>"}, {"from": "gpt", "value": answer}]}
+
+    records = [rec(i, "Is there a red shape?", "no") for i in range(7)] + [rec(7, "Is there a red shape?", "yes")]
+    records += [rec(10 + i, "Is there not a circle?", a) for i, a in enumerate(["yes", "yes", "No", "no", "yes"])]
+    records += [rec(20, "Is it blue?", "yes"), rec(21, "What color is it?", "red"), rec(22, "What shape?", "circle")]
+    subset = balance_yes_no(records, seed=0)
+    ids = [r["id"] for r in subset]
+    assert ids == sorted(ids)  # input order
+    assert 7 in ids and sum(i < 7 for i in ids) == 1  # 1 yes -> 1 of the 7 no
+    assert {10, 11, 14} & set(ids) and len({10, 11, 14} & set(ids)) == 2 and {12, 13} <= set(ids)
+    assert 20 not in ids  # asked with one answer only: nothing to balance it with
+    assert {21, 22} <= set(ids)
+    assert balance_yes_no(records, seed=0) == subset and balance_yes_no(records, seed=1) != subset
