@@ -6,10 +6,7 @@ circle?") say what the shape and colour are. From them this module writes, under
 - `images/{split}_{id}.png`
 - `alignment.json`  stage 1: a description request + `<image>` -> a caption ("A red circle.")
 - `instruct.json`   stage 2: multi-turn question answering on the image, with `conversations_long`
-                    whose answers restate everything the questions tell about the image; unless
-                    `--no-balanced-yes-no`, one more yes/no turn per image asks about its true colour or shape or
-                    another one with equal odds (easy-VQA's own yes/no questions can be answered from the question
-                    alone 86% of the time, so on them alone a small model learns the prior, not to look)
+                    whose answers restate everything the questions tell about the image
 - `train.json`, `val.json` (seeded split by image of the package's train split), `test.json`,
   `candidate.json`: VQA records (METHOD section 6), CLOSED for yes/no answers, OPEN otherwise.
 
@@ -113,26 +110,6 @@ def extended_caption(facts: ImageFacts) -> str:
     return " ".join(parts)
 
 
-BALANCED_TEMPLATES = {
-    "color": ("Is there a {} shape in the image?", "Is there not a {} shape?"),
-    "shape": ("Does the image contain a {}?", "Does the image not contain a {}?"),
-}
-
-
-def balanced_check(facts: ImageFacts, rng: random.Random) -> list[tuple[str, str]]:
-    """One yes/no (question, answer) about the image's colour or shape (a known one), naming the true value or
-    another with equal odds, plainly or negated with equal odds; empty when neither fact is known."""
-    known = [(kind, value) for kind, value in (("color", facts.color), ("shape", facts.shape)) if value]
-    if not known:
-        return []
-    kind, value = rng.choice(known)
-    present = rng.random() < 0.5
-    asked = value if present else rng.choice([v for v in (COLORS if kind == "color" else SHAPES) if v != value])
-    negated = rng.random() < 0.5
-    question = BALANCED_TEMPLATES[kind][negated].format(asked)
-    return [(question, "yes" if present != negated else "no")]
-
-
 def _sentence(answer: str) -> str:
     return f"{answer.strip().capitalize()}."
 
@@ -187,7 +164,6 @@ def prepare(
     image_size: int | None = None,
     val_fraction: float = 0.1,
     max_turns: int = 4,
-    balanced_yes_no: bool = True,
 ) -> dict[str, int]:
     """Write the easy-VQA demo data set under `out`; returns the number of records per file."""
     out = Path(out)
@@ -242,8 +218,6 @@ def prepare(
             }
         )
         qas = rng.sample(train_qas[image_id], min(max_turns, len(train_qas[image_id])))
-        if balanced_yes_no:
-            qas += balanced_check(facts, random.Random(f"{seed}-balanced-{image_id}"))
         short, long = [], []
         for turn, (question, answer) in enumerate(qas):
             human = _question(question) + (f"\n{DEFAULT_IMAGE_TOKEN}" if turn == 0 else "")
@@ -282,10 +256,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share of train images moved to val")
     parser.add_argument("--max-turns", type=int, default=4, help="question turns per instruct conversation")
-    parser.add_argument(
-        "--no-balanced-yes-no", dest="balanced_yes_no", action="store_false",
-        help="do not add the balanced yes/no turn to each instruct conversation",
-    )
     args = parser.parse_args(argv)
     if args.max_images is not None and args.max_images < 1:
         parser.error("--max-images must be positive")
@@ -293,9 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--image-size must be positive")
     if args.max_turns < 1:
         parser.error("--max-turns must be positive")
-    counts = prepare(
-        args.out, args.max_images, args.seed, args.image_size, args.val_fraction, args.max_turns, args.balanced_yes_no
-    )
+    counts = prepare(args.out, args.max_images, args.seed, args.image_size, args.val_fraction, args.max_turns)
     width = max(len(n) for n in counts)
     for name, n in counts.items():
         print(f"{name.ljust(width)}  {n:6d}")
