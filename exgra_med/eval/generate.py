@@ -37,6 +37,7 @@ from exgra_med.data.images import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO, load_imag
 from exgra_med.errors import UserError
 from exgra_med.eval.launch import get_chunk, read_answer_lines
 from exgra_med.io import read_json
+from exgra_med.model.hub import resolve_path
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +229,8 @@ NOT_PROVENANCE = {"image_folder", "batch_size", "device", "attn_implementation",
 def provenance(args: argparse.Namespace) -> dict:
     """What produced an answers file: the model folder (resolved), the template and every decoding flag."""
     recorded = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_PROVENANCE}
-    recorded["model"] = str(Path(args.model).resolve())
+    # A local folder by its resolved path, a Hub id as given (owner/name[@revision]).
+    recorded["model"] = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
     return recorded
 
 
@@ -334,8 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="replace an existing answers file instead of resuming it")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if not Path(args.model).is_dir():
-        raise UserError(f"--model {args.model}: no such folder")
+    if Path(args.model).exists() and not Path(args.model).is_dir():
+        raise UserError(f"--model {args.model}: not a folder")
+    resolve_path(args.model, "model", require=("config.json",))  # a Hub id: found in the cache or downloaded
     questions = get_chunk(load_questions(args.question_file), args.num_chunks, args.chunk_idx)
     out = Path(args.answers_file)
     resolve_conv_mode(args)

@@ -33,7 +33,7 @@ from exgra_med.model.loading import (
     save_projector,
 )
 from exgra_med.train.args import DataArguments, ModelArguments, TrainingArguments
-from exgra_med.train.recipes import RECIPE_SUFFIXES, parse_with_recipe, write_resolved_recipe
+from exgra_med.train.recipes import RECIPE_SUFFIXES, RecipeError, parse_with_recipe, write_resolved_recipe
 from exgra_med.train.trainer import ExGraMedTrainer
 from exgra_med.train.vqa_eval import (
     VQAGenerationSettings,
@@ -58,7 +58,9 @@ def parse_args_and_recipe(argv: Sequence[str] | None) -> tuple[tuple, dict]:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog="exgra-med train")
     try:
         return parse_with_recipe(parser, list(argv) if argv is not None else sys.argv[1:])
-    except ValueError as e:  # an unknown flag, a bad recipe, or a dataclass's __post_init__ refused a value
+    except RecipeError:  # a bad recipe file or an unknown flag: one line through the CLI's error handler
+        raise
+    except ValueError as e:  # a dataclass's __post_init__ (ours or TrainingArguments') refused a value
         parser.error(" ".join(str(e).split()))
 
 

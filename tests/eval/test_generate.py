@@ -97,7 +97,8 @@ def test_generate_vqa_writes_reference_answer_lines(tiny_model_dir, easy_vqa_dir
     assert all(r["prompt"] == display_prompt(by_id[r["question_id"]]) for r in rows)
     assert all(r["model_id"] == tiny_model_dir.name for r in rows)
     expected = {"model": str(Path(tiny_model_dir).resolve()), "conv_mode": "simple", "max_new_tokens": 3,
-                "temperature": 0.0, "image_aspect_ratio": "pad", "dtype": "auto", "seed": 0}
+                "temperature": 0.0, "strip_role_prefix": False, "image_aspect_ratio": "square", "dtype": "auto",
+                "seed": 0}
     assert all(r["metadata"] == {"generation": expected} for r in rows)
     assert len({r["answer_id"] for r in rows}) == len(rows)
 
@@ -149,7 +150,8 @@ def test_conv_mode_defaults_to_the_recorded_training_template(tiny_model_dir, tm
 def test_resume_skips_answered_ids_and_drops_a_torn_line(tiny_model_dir, easy_vqa_dir, questions, tmp_path):
     answers = tmp_path / "answers.jsonl"
     generation = {"model": str(Path(tiny_model_dir).resolve()), "conv_mode": "simple", "max_new_tokens": 3,
-                  "temperature": 0.0, "image_aspect_ratio": "pad", "dtype": "auto", "seed": 0}
+                  "temperature": 0.0, "strip_role_prefix": False, "image_aspect_ratio": "square", "dtype": "auto",
+                "seed": 0}
     kept = [
         {"question_id": q["id"], "prompt": "p", "text": "PREVIOUS", "answer_id": "x", "model_id": "m",
          "metadata": {"generation": generation}}

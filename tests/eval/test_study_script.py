@@ -86,4 +86,4 @@ def test_study_runs_resumes_and_summarizes(tiny_model_dir, easy_vqa_dir, tmp_pat
     # 3. A third run skips every finished cell.
     again = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
-    assert again.stdout.count("done (skipped)") == 4 and "stage 1" not in again.stdout
+    assert again.stdout.count("done (skipped)") == 4 and "   stage 1 (shared" not in again.stdout

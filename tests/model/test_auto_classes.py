@@ -36,7 +36,7 @@ def test_auto_classes_load_a_checkpoint_like_the_project_loader(tiny_model_dir):
     inputs = processor(images=image, text=prompt)
     ids = inputs["input_ids"][0].tolist()
     assert ids.count(tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_PATCH_TOKEN)) == model.num_image_tokens
-    torch.testing.assert_close(inputs["pixel_values"][0], preprocess_image(image, image_processor, "pad"))
+    torch.testing.assert_close(inputs["pixel_values"][0], preprocess_image(image, image_processor, "square"))
     with torch.no_grad():
         expected = model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits
         got = auto_model(**inputs).logits
