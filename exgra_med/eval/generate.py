@@ -34,7 +34,7 @@ from exgra_med.constants import DEFAULT_IMAGE_TOKEN
 from exgra_med.conversation import TEMPLATES, get_template
 from exgra_med.data.dataset import image_placeholder
 from exgra_med.data.images import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO, load_image, preprocess_image
-from exgra_med.errors import UserError
+from exgra_med.errors import UserError, one_line
 from exgra_med.eval.launch import get_chunk, read_answer_lines
 from exgra_med.io import read_json
 from exgra_med.model.hub import resolve_path
@@ -338,7 +338,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if Path(args.model).exists() and not Path(args.model).is_dir():
         raise UserError(f"--model {args.model}: not a folder")
-    resolve_path(args.model, "model", require=("config.json",))  # a Hub id: found in the cache or downloaded
+    try:  # a Hub id: found in the cache or downloaded
+        resolve_path(args.model, "model", require=("config.json",))
+    except FileNotFoundError as e:
+        raise UserError(f"--model {one_line(e)}") from e
     questions = get_chunk(load_questions(args.question_file), args.num_chunks, args.chunk_idx)
     out = Path(args.answers_file)
     resolve_conv_mode(args)

@@ -16,13 +16,14 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
+from exgra_med.errors import UserError
 from exgra_med.io import atomic_file
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
 RESOLVED_RECIPE = "train_recipe.yaml"
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A recipe file that cannot be read or names an unknown flag."""
 
 
@@ -78,7 +79,7 @@ def parse_with_recipe(
             dests[name].required = False
     namespace, remaining = parser.parse_known_args(argv)
     if remaining:
-        raise RecipeError(f"unrecognized arguments: {' '.join(remaining)}")
+        parser.error(f"unrecognized arguments: {' '.join(remaining)}")  # usage + one line, exit code 2
     given = {a.dest for a in parser._actions if any(opt in argv for opt in a.option_strings)}
     given |= {arg.split("=", 1)[0][2:] for arg in argv if arg.startswith("--") and "=" in arg}
     resolved = {name: _plain(getattr(namespace, name)) for name in dests if name in recipe or name in given}
