@@ -133,7 +133,7 @@ def plot_efficiency(
                 by_fraction[fraction].append(score)
             xs = sorted(by_fraction)
             means = [statistics.fmean(by_fraction[x]) for x in xs]
-            stds = [statistics.pstdev(by_fraction[x]) if len(by_fraction[x]) > 1 else 0.0 for x in xs]
+            stds = [statistics.stdev(by_fraction[x]) if len(by_fraction[x]) > 1 else 0.0 for x in xs]
             ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=method)
         ax.set_title(dataset)
         ax.set_xlabel("fraction of pre-training data")
