@@ -17,12 +17,11 @@ import logging
 import os
 import re
 import statistics
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from exgra_med.io import read_json
+from exgra_med.io import atomic_file, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -78,14 +77,8 @@ def read_efficiency(csv_path: str | os.PathLike) -> dict[str, dict[str, list[tup
 
 
 def _save(fig, out: Path, dpi: int) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".png", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_file(out) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return out
 
 

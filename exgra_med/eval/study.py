@@ -197,24 +197,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     summ.add_argument("--cells", required=True, help="folder of cell result files")
     summ.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "record":
-            seconds = {k: float(v) for k, v in _pairs(args.seconds, "--seconds").items()}
-            record(
-                args.out,
-                args.method,
-                args.fraction,
-                args.seed,
-                args.finetune_audit,
-                args.stage2_audit,
-                seconds,
-                _pairs(args.setting, "--setting"),
-            )
-            print(f"wrote {args.out}")
-        else:
-            paths = summarize(args.cells, args.out)
-            print(Path(paths["table"]).read_text())
-            print("wrote " + ", ".join(str(p) for p in paths.values()))
-    except (ValueError, FileNotFoundError) as e:
-        parser.exit(2, f"exgra-med data-efficiency: {e}\n")
+    if args.command == "record":
+        seconds = {k: float(v) for k, v in _pairs(args.seconds, "--seconds").items()}
+        record(
+            args.out,
+            args.method,
+            args.fraction,
+            args.seed,
+            args.finetune_audit,
+            args.stage2_audit,
+            seconds,
+            _pairs(args.setting, "--setting"),
+        )
+        print(f"wrote {args.out}")
+    else:
+        paths = summarize(args.cells, args.out)
+        print(Path(paths["table"]).read_text())
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

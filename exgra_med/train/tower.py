@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from exgra_med.constants import GPT
-from exgra_med.data.images import load_image, preprocess_image
+from exgra_med.data.images import check_record_images, load_image, preprocess_image
 from exgra_med.data.records import RecordError, load_records, record_label
 from exgra_med.model.checkpoint import check_output_dir, staged_output_dir, write_json
 
@@ -140,10 +140,7 @@ def pretrain_tower(
     if len(pairs) < 2:
         raise RecordError(f"{data}: contrastive pre-training needs at least 2 image-caption records, got {len(pairs)}")
     image_folder = Path(image_folder)
-    for index, (image, _) in enumerate(pairs):  # every image exists before any training
-        if not (image_folder / image).is_file():
-            label = record_label(records[index], index)
-            raise FileNotFoundError(f"{data}: {label}: field 'image': {image!r} not found in {image_folder}")
+    check_record_images(records, image_folder, str(data))  # every image's header, before any training
 
     torch.manual_seed(config.seed)
     vision = CLIPVisionModel.from_pretrained(tower)
@@ -251,10 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = TowerPretrainConfig(**{k: getattr(args, k) for k in asdict(defaults)})
-    try:
-        summary = pretrain_tower(args.tower, args.tokenizer, args.data, args.image_folder, args.out, config)
-    except (RecordError, FileNotFoundError, FileExistsError, ValueError) as e:
-        p.exit(2, f"exgra-med pretrain-tower: {e}\n")
+    summary = pretrain_tower(args.tower, args.tokenizer, args.data, args.image_folder, args.out, config)
     print(
         f"tower written to {args.out}: held-out caption retrieval {summary['heldout_retrieval_before']} -> "
         f"{summary['heldout_retrieval_after']} in {summary['seconds']} s"
