@@ -4,7 +4,7 @@ Images travel as `image_url` content parts holding base64 data URLs (at most one
 LLaVA-Med). Streaming answers are server-sent events in OpenAI's chunk format. Concurrent requests are decoded
 together in batches (`--max-batch-size`); more than `--max-queue` waiting requests get a 429. Prompts (history
 included) longer than the model's context or `--max-prompt-tokens` get a 400 before any work; `max_tokens` is capped
-by `--max-new-tokens`. A client that disconnects cancels its generation; SIGTERM stops the server within seconds.
+by `--max-new-tokens`; `min_tokens` (as in vLLM) holds back the end of sequence for that many tokens. A client that disconnects cancels its generation; SIGTERM stops the server within seconds.
 Bad input gets a 4xx with an OpenAI-style error body. For serving at scale, use vLLM or SGLang on the output of
 `exgra-med export-hf`.
 """
@@ -94,13 +94,14 @@ def parse_messages(messages: Any) -> tuple[list[Message], str | None, list[str]]
 
 
 def _settings(body: dict, default: GenerationSettings, max_tokens_limit: int) -> GenerationSettings:
-    """The request's decoding settings; `max_tokens` defaults to, and is capped by, `max_tokens_limit`."""
+    """The request's decoding settings; `max_tokens` defaults to, and is capped by, `max_tokens_limit`;
+    `min_tokens` (vLLM's extension) keeps the end-of-sequence token away for that many tokens."""
     limit = body.get("max_completion_tokens", body.get("max_tokens")) or max_tokens_limit
     try:
         temperature = float(body["temperature"]) if body.get("temperature") is not None else default.temperature
         top_p = float(body["top_p"]) if body.get("top_p") is not None else default.top_p
         return GenerationSettings(max_new_tokens=min(int(limit), max_tokens_limit), temperature=temperature,
-                                  top_p=top_p)
+                                  top_p=top_p, min_new_tokens=int(body.get("min_tokens") or 0))
     except (TypeError, ValueError) as e:
         raise RequestError(f"invalid sampling parameter: {e}") from e
 

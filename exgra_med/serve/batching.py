@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from exgra_med.conversation import ConversationTemplate
@@ -53,7 +53,7 @@ class Job:
     done: bool = False
 
     def __post_init__(self):
-        self.answer = AnswerFilter(self.template)
+        self.answer = AnswerFilter(self.template, armed=not self.settings.min_new_tokens)
         self._shown = 0  # characters of the decoded tokens already handed to the filter
         self._decoded = ""  # the generated tokens, decoded
 
@@ -103,6 +103,8 @@ class _RowStreamer(BaseStreamer):
                 _finish(job, "stop")
                 continue
             job.generated.append(token)
+            if len(job.generated) >= job.settings.min_new_tokens:
+                job.answer.arm()  # the stop string counts from this token on
             job._decoded = text = self.tokenizer.decode(job.generated, skip_special_tokens=True)
             if not text.endswith("\ufffd"):  # an incomplete UTF-8 character waits for its next token
                 _show(job)
@@ -127,6 +129,22 @@ class _RowsDone(StoppingCriteria):
         stop = self.closing.is_set()
         flags = [stop or job.done or job.cancelled.is_set() for job in self.jobs]
         return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
+
+
+class _RowMinTokens(LogitsProcessor):
+    """Per-row `min_new_tokens`: the end-of-sequence token cannot be chosen by a row whose job has generated fewer
+    tokens than its minimum (transformers' MinNewTokensLengthLogitsProcessor applies one minimum to the batch)."""
+
+    def __init__(self, jobs: list[Job], eos_ids: set[int]):
+        self.jobs, self.eos_ids = jobs, sorted(eos_ids)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        rows = [i for i, job in enumerate(self.jobs) if len(job.generated) < job.settings.min_new_tokens]
+        if rows and self.eos_ids:
+            scores = scores.clone()
+            scores[torch.tensor(rows, device=scores.device)[:, None],
+                   torch.tensor(self.eos_ids, device=scores.device)] = float("-inf")
+        return scores
 
 
 def _show(job: Job) -> None:
@@ -243,8 +261,11 @@ class BatchScheduler:
         kwargs.pop("tokenizer", None)
         kwargs["max_new_tokens"] = max(j.settings.max_new_tokens for j in jobs)
         eos = tokenizer.eos_token_id
-        streamer = _RowStreamer(jobs, tokenizer, {eos} if eos is not None else set())
+        eos_ids = {eos} if eos is not None else set()
+        streamer = _RowStreamer(jobs, tokenizer, eos_ids)
         criteria = StoppingCriteriaList([_RowsDone(jobs, self._closing)])
+        if any(j.settings.min_new_tokens for j in jobs):
+            kwargs["logits_processor"] = LogitsProcessorList([_RowMinTokens(jobs, eos_ids)])
         engine.model.generate(ids.to(engine.device), pixels, mask.to(engine.device), streamer=streamer,
                               stopping_criteria=criteria, **kwargs)
         streamer.end()

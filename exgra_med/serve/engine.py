@@ -47,10 +47,14 @@ class GenerationSettings:
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
+    min_new_tokens: int = 0  # neither end of sequence nor stop string before this many tokens (vLLM's min_tokens)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
+                             f"got {self.min_new_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -21,15 +21,23 @@ def _partial_suffix(text: str, stop: str) -> int:
 class AnswerFilter:
     """Feed raw decoded chunks with `push`; it returns the new displayable text; `finish` flushes the rest.
 
-    The concatenation of everything returned equals `template.clean_answer(raw_text)`.
+    The concatenation of everything returned equals `template.clean_answer(raw_text)`. With `armed=False` the stop
+    string is not looked for until `arm()` (a request's `min_tokens`: as in vLLM, no stop before the minimum); it is
+    then looked for in the text that arrives after that point.
     """
 
-    def __init__(self, template: ConversationTemplate):
+    def __init__(self, template: ConversationTemplate, armed: bool = True):
         self.stop = template.stop_str
         self.prefix = f"{template.roles[1]}:" if template.roles[1] else ""
         self._raw = ""
         self._emitted = ""
         self.stopped = False
+        self._stop_from: int | None = 0 if armed else None  # where in the raw text the stop string is looked for
+
+    def arm(self) -> None:
+        """Look for the stop string from here on."""
+        if self._stop_from is None:
+            self._stop_from = len(self._raw)
 
     @property
     def text(self) -> str:
@@ -38,11 +46,12 @@ class AnswerFilter:
 
     def _visible(self, final: bool) -> str:
         raw = self._raw
-        idx = raw.find(self.stop) if self.stop else -1
+        stop = self.stop if self._stop_from is not None else ""
+        idx = raw.find(stop, self._stop_from) if stop else -1
         if idx >= 0:
             raw, final = raw[:idx], True
             self.stopped = True
-        elif not final and self.stop:
+        elif not final and stop:
             raw = raw[: len(raw) - _partial_suffix(raw, self.stop)]
         text = raw.lstrip()
         if self.prefix:

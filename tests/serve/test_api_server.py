@@ -167,6 +167,22 @@ def test_max_tokens_is_capped_by_the_server_flag():
     assert _settings({}, default, 60).max_new_tokens == 60
 
 
+def test_min_tokens_holds_back_the_end_of_sequence_per_row(tiny_model_dir):
+    """`min_new_tokens` keeps a row from ending before its minimum, also beside a row without one in the same batch."""
+    engine = InferenceEngine.from_path(str(tiny_model_dir), device="cpu", max_batch_size=2)
+    try:
+        question = [("human", "Describe the image.")]
+        free = engine.submit(question, None, GenerationSettings(max_new_tokens=200))
+        held = engine.submit(question, None, GenerationSettings(max_new_tokens=200, min_new_tokens=120))
+        free_text, held_text = "".join(free.pieces()), "".join(held.pieces())
+    finally:
+        engine.close()
+    assert free.finish_reason == "stop" and len(free.generated) < 120  # the model's own answer is short
+    assert len(held.generated) >= 120 and held_text.startswith(free_text)
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        GenerationSettings(max_new_tokens=5, min_new_tokens=6)
+
+
 def test_bounds_queue_disconnect_and_sigterm(tiny_model_dir):
     """A prompt beyond the context is refused (400) while a normal request is answered; a full queue answers 429;
     a client that disconnects cancels its generation; SIGTERM stops the server while it generates."""
@@ -175,17 +191,14 @@ def test_bounds_queue_disconnect_and_sigterm(tiny_model_dir):
 
     import httpx
 
-    long_tokens = 400
-    engine = InferenceEngine.from_path(str(tiny_model_dir), device="cpu")
-    # A question the tiny model answers at length (greedy, so the server does the same): it keeps a row busy.
-    long_answer = GenerationSettings(max_new_tokens=long_tokens)
-    question = next(q for q in ("Describe the image.", "What color is the shape?", "Is there a circle?",
-                                "What shape is in the image?", "Why?", "CT scan of the chest.")
-                    if len(engine.answer([("human", q)], None, long_answer)) > 40)
-    engine.close()
+    # `min_tokens` keeps a row busy for the whole answer whatever the tiny model says (about 1 s on this CPU, while
+    # the requests below take milliseconds); greedy, so the answer is the same each time.
+    long_tokens = 1500
     proc, url = _start(tiny_model_dir, "--max-new-tokens", str(long_tokens), "--max-batch-size", "1",
                        "--max-queue", "1")
-    body = {"messages": [{"role": "user", "content": question}], "max_tokens": long_tokens, "stream": True}
+    body = {"messages": [{"role": "user", "content": "Describe the image."}], "max_tokens": long_tokens,
+            "min_tokens": long_tokens, "stream": True}
+    short = {**body, "stream": False, "max_tokens": 3, "min_tokens": 0}
     try:
         with httpx.Client(base_url=url, timeout=120) as http:
             # 1. Oversized prompt: 400 naming the limit, while a normal request is being answered.
@@ -195,22 +208,31 @@ def test_bounds_queue_disconnect_and_sigterm(tiny_model_dir):
                 huge = {"messages": [{"role": "user", "content": "word " * 200000}]}
                 refused = http.post("/chat/completions", json=huge)
                 assert refused.status_code == 400 and "too long" in refused.json()["error"]["message"]
-                # 2. Batch size 1, queue 1: one request waits, the next gets 429.
-                waiting = threading.Thread(target=lambda: http.post("/chat/completions", json={
-                    **body, "stream": False, "max_tokens": 3}))
-                waiting.start()
-                for _ in range(200):
-                    busy = http.post("/chat/completions", json={**body, "stream": False, "max_tokens": 3})
-                    if busy.status_code == 429:
-                        break
-                assert busy.status_code == 429 and "retry later" in busy.json()["error"]["message"]
                 text = "".join(line for line in lines if line)  # the running request completes normally
-                assert "[DONE]" in text
-                waiting.join(timeout=120)
+                assert "[DONE]" in text and '"finish_reason": "length"' in text
+            # 2. Batch size 1, queue 1, one row busy: of three concurrent requests one waits, two get 429.
+            # (Should the busy row end before all three arrive, which takes ~1000x longer than they need, try again.)
+            for _attempt in range(3):
+                with http.stream("POST", "/chat/completions", json=body) as running:
+                    lines = running.iter_lines()
+                    assert next(lines).startswith("data: ")
+                    answers: list[httpx.Response] = []
+                    posts = [threading.Thread(target=lambda: answers.append(
+                        httpx.post(f"{url}/chat/completions", json=short, timeout=120))) for _ in range(3)]
+                    for post in posts:
+                        post.start()
+                    for post in posts:
+                        post.join(timeout=120)
+                    text = "".join(line for line in lines if line)
+                    assert "[DONE]" in text
+                if sorted(a.status_code for a in answers) == [200, 429, 429]:
+                    break
+            assert sorted(a.status_code for a in answers) == [200, 429, 429]
+            assert all("retry later" in a.json()["error"]["message"] for a in answers if a.status_code == 429)
             # 3. A client that disconnects mid-answer cancels its generation.
             with http.stream("POST", "/chat/completions", json=body) as dropped:
                 next(dropped.iter_lines())
-            ok = http.post("/chat/completions", json={**body, "stream": False, "max_tokens": 2})
+            ok = http.post("/chat/completions", json={**short, "max_tokens": 2})
             assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 2
             # 4. SIGTERM while a long answer is being generated: the server stops.
             with http.stream("POST", "/chat/completions", json=body) as last:

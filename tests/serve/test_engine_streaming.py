@@ -60,6 +60,14 @@ def test_filter_never_shows_a_stop_prefix():
     assert f.stopped and f.push(" more") == "" and f.text == "Yes"
 
 
+def test_an_unarmed_filter_passes_stop_strings_until_armed():
+    f = AnswerFilter(get_template("llava_med"), armed=False)  # a request's min_tokens not reached yet
+    assert f.push(" Yes ###") == "Yes ###"
+    f.arm()
+    assert f.push(" and more #") == " and more"  # from here "#" may start the stop string again
+    assert f.push("## Human:") == "" and f.stopped and f.text == "Yes ### and more"
+
+
 def test_prompt_places_image_tokens_and_history(engine):
     n = engine.model.num_image_tokens
     image = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_PATCH_TOKEN * n + DEFAULT_IM_END_TOKEN
