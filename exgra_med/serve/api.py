@@ -1,12 +1,12 @@
 """`exgra-med serve-api --model DIR`: an OpenAI-compatible server (`/v1/chat/completions`, `/v1/models`).
 
-Images travel as `image_url` content parts holding base64 data URLs (at most one per request, as in
-LLaVA-Med). Streaming answers are server-sent events in OpenAI's chunk format. Concurrent requests are decoded
-together in batches (`--max-batch-size`); more than `--max-queue` waiting requests get a 429. Prompts (history
-included) longer than the model's context or `--max-prompt-tokens` get a 400 before any work; `max_tokens` is capped
-by `--max-new-tokens`; `min_tokens` (as in vLLM) holds back the end of sequence for that many tokens. A client that disconnects cancels its generation; SIGTERM stops the server within seconds.
-Bad input gets a 4xx with an OpenAI-style error body. For serving at scale, use vLLM or SGLang on the output of
-`exgra-med export-hf`.
+Images travel as `image_url` content parts holding base64 data URLs (at most one per request, as in LLaVA-Med).
+Streaming answers are server-sent events in OpenAI's chunk format. Concurrent requests are decoded together in batches
+(`--max-batch-size`); more than `--max-queue` waiting requests get a 429. Prompts (history included) longer than the
+model's context or `--max-prompt-tokens` get a 400 before any work; `max_tokens` is capped by `--max-new-tokens`;
+`min_tokens` (as in vLLM) holds back the end of sequence for that many tokens. A client that disconnects cancels its
+generation; SIGTERM stops the server within seconds. Bad input gets a 4xx with an OpenAI-style error body. For serving
+at scale, use vLLM or SGLang on the output of `exgra-med export-hf`.
 """
 
 import argparse

@@ -217,8 +217,11 @@ def test_bounds_queue_disconnect_and_sigterm(tiny_model_dir):
                     lines = running.iter_lines()
                     assert next(lines).startswith("data: ")
                     answers: list[httpx.Response] = []
-                    posts = [threading.Thread(target=lambda: answers.append(
-                        httpx.post(f"{url}/chat/completions", json=short, timeout=120))) for _ in range(3)]
+
+                    def post_short(answers=answers):
+                        answers.append(httpx.post(f"{url}/chat/completions", json=short, timeout=120))
+
+                    posts = [threading.Thread(target=post_short) for _ in range(3)]
                     for post in posts:
                         post.start()
                     for post in posts:
