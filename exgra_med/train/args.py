@@ -124,3 +124,15 @@ class TrainingArguments(transformers.TrainingArguments):
     model_max_length: int = field(default=2048, metadata={"help": "truncate conversations to this many tokens"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep alignment inputs (must stay False)"})
     report_to: str = field(default="none", metadata={"help": "logging integrations (none, tensorboard, wandb)"})
+    group_by_modality_length: bool = field(
+        default=False,
+        metadata={"help": "batches of one modality (image or text-only) and similar lengths, seeded (LLaVA's flag)"},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.group_by_modality_length and self.train_sampling_strategy not in ("random", None):
+            raise ValueError(
+                f"--group_by_modality_length chooses the training order itself; drop --train_sampling_strategy "
+                f"{self.train_sampling_strategy}"
+            )

@@ -13,6 +13,7 @@ from transformers import Trainer
 from exgra_med.io import atomic_file
 from exgra_med.model.delimiters import delimiter_ids
 from exgra_med.model.loading import PROJECTOR_FILES, load_projector, save_projector
+from exgra_med.train.sampler import ModalityLengthGroupedSampler, modality_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,22 @@ class ExGraMedTrainer(Trainer):
                     self._part_sums[name] = self._part_sums.get(name, torch.zeros_like(value)) + value
             self._part_count += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _get_train_sampler(self, train_dataset=None):
+        """`--group_by_modality_length`: micro-batches of one modality and similar lengths (`train.sampler`), the
+        order drawn from the run's data seed + epoch; otherwise the Trainer's own sampler."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not getattr(self.args, "group_by_modality_length", False):
+            return super()._get_train_sampler(train_dataset)
+        if not hasattr(dataset, "records"):
+            raise ValueError("--group_by_modality_length needs a dataset of records (SupervisedDataset)")
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return ModalityLengthGroupedSampler(
+            modality_lengths(dataset.records),
+            batch_size=self._train_batch_size,
+            world_size=self.args.world_size * self.args.gradient_accumulation_steps,
+            seed=seed,
+        )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the means of `lm_loss` / `align_loss` / `align_loss/<part>` since the previous training log (averaged
