@@ -260,7 +260,7 @@ def save_final(trainer: ExGraMedTrainer, model_args: ModelArguments) -> None:
         save_merged_lora(trainer, Path(out), model_args.lora_alpha)
         return
     if model_args.tune_mm_mlp_adapter:
-        if trainer.is_world_process_zero():
+        if trainer.args.should_save:
             model = trainer.accelerator.unwrap_model(trainer.model)
             save_projector(model, out)
             model.config.save_pretrained(out)
@@ -272,7 +272,8 @@ def save_merged_lora(trainer: ExGraMedTrainer, out: Path, lora_alpha: float) -> 
     """Save a LoRA run as a plain checkpoint with the adapters folded in, under any back end.
 
     Every rank takes part in saving the adapter-carrying model (ZeRO-3 and FSDP gather their shards collectively);
-    rank 0 then merges the saved weights file by file (`merge-lora`'s code) and moves the result into `out`.
+    the writing process (global rank 0) then merges the saved weights file by file (`merge-lora`'s code) and moves
+    the result into `out`.
     """
     import shutil
 
@@ -281,7 +282,7 @@ def save_merged_lora(trainer: ExGraMedTrainer, out: Path, lora_alpha: float) -> 
     unmerged, merged = out / "lora-unmerged", out / ".lora-merged"
     trainer.save_model(str(unmerged))
     trainer.accelerator.wait_for_everyone()
-    if trainer.is_world_process_zero():
+    if trainer.args.should_save:  # the process that saved `unmerged` (the Trainer's writer) merges it
         shutil.rmtree(merged, ignore_errors=True)
         merge_lora_checkpoint(unmerged, merged, float(lora_alpha))
         for item in merged.iterdir():

@@ -83,8 +83,12 @@ class ExGraMedTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         if not self.projector_only:
             super()._save(output_dir, state_dict)  # weights, config and the tokenizer (processing_class)
-            if self.image_processor is not None:
+            if self.image_processor is not None and self.args.should_save:
                 self.image_processor.save_pretrained(output_dir)
+            return
+        # The Trainer calls _save on every process; only the writer (global rank 0, or each node's first process
+        # with --save_on_each_node) writes, so that the other nodes of a multi-node run leave no files behind.
+        if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
