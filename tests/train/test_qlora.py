@@ -163,3 +163,25 @@ def test_bits_flag_combinations_are_checked(tiny_model_dir, easy_vqa_dir, tmp_pa
     argv = _args(tiny_model_dir, easy_vqa_dir, tmp_path / "o", "--bits", "4", "--fsdp", "full_shard")
     assert _cli(argv) == 2
     assert "not with FSDP or ZeRO-3" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_qlora_run_resumed_from_its_checkpoint_ends_with_the_same_weights(tiny_model_dir, easy_vqa_dir, tmp_path):
+    """The checkpoint's quantisation state is not read back (the base is quantised again, identically, from the LLM
+    folder); the adapters, projector, alignment head, optimizer and RNG states are."""
+    import shutil
+
+    from exgra_med.train.main import parse_args, train
+
+    _bnb()
+    flags = ("--bits", "4", "--max_steps", "4", "--save_steps", "2")
+    train(*parse_args(_args(tiny_model_dir, easy_vqa_dir, tmp_path / "full", *flags)))
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    train(*parse_args(_args(tiny_model_dir, easy_vqa_dir, tmp_path / "resumed", *flags,
+                            "--resume_from_checkpoint", "auto")))
+    full = load_file(str(tmp_path / "full" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert set(full) == set(resumed)
+    for name, value in full.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
