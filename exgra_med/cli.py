@@ -57,8 +57,16 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def quiet_optional_backends() -> None:
+    """Silence import-time chatter of optional back ends before any command imports them: bitsandbytes (the
+    `quant` extra) warns on CPUs with AVX512-BF16 that it could not fetch an optional kernel from the Hub (its
+    own CPU kernels run instead), on every import of transformers or peft, before a command's own output."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch to the command named by the first argument; returns the process exit code."""
+    quiet_optional_backends()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested()
     while argv and argv[0] == "--debug":

@@ -9,8 +9,19 @@ if [ -z "${NPROC_PER_NODE:-}" ]; then
   NPROC_PER_NODE=$(nvidia-smi -L 2>/dev/null | wc -l || true)
   [ "${NPROC_PER_NODE:-0}" -ge 1 ] 2>/dev/null || NPROC_PER_NODE=1
 fi
+#   Several nodes: run the same script on every node with the same NNODES, MASTER_ADDR (node 0's address, reachable
+#   from all nodes) and MASTER_PORT, and NODE_RANK 0..NNODES-1. Only global rank 0 writes the outputs.
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
+if ! [[ "$NNODES" =~ ^[1-9][0-9]*$ && "$NODE_RANK" =~ ^[0-9]+$ ]] || [ "$NODE_RANK" -ge "$NNODES" ]; then
+  echo "$(basename "$0"): NODE_RANK must be 0..NNODES-1, got NODE_RANK=$NODE_RANK NNODES=$NNODES" >&2
+  exit 2
+fi
+if [ "$NNODES" -gt 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
+  # The single-node default (127.0.0.1) would leave every node but 0 waiting for a rendezvous that never comes.
+  echo "$(basename "$0"): NNODES=$NNODES needs MASTER_ADDR, the address of node 0 reachable from every node" >&2
+  exit 2
+fi
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 TORCHRUN=${TORCHRUN:-torchrun}

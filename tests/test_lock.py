@@ -16,7 +16,7 @@ from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[1]
 LOCK = REPO / "requirements.lock"
-LOCKED_EXTRAS = ("dev", "deepspeed", "api", "serve")  # EXTRAS of the Makefile
+LOCKED_EXTRAS = ("dev", "deepspeed", "api", "serve", "quant", "liger")  # EXTRAS of the Makefile
 
 
 def locked_pins() -> dict[str, str]:

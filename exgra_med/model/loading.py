@@ -50,15 +50,26 @@ def build_from_parts(
     options: ConnectorOptions | None = None,
     dtype: torch.dtype | None = None,
     attn_implementation: str = "sdpa",
+    quantization_config: object | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[ExGraMedForConditionalGeneration, PreTrainedTokenizerBase, object]:
     """Assemble a model from a causal-LM folder and a vision-tower folder (fresh projector); either may be a Hub id.
 
+    With `quantization_config` (bitsandbytes, `exgra_med.model.quantization.bnb_config`) the LLM loads quantised onto
+    `device`; the vision tower then takes `dtype`, and the projector and alignment head stay in float32.
     Returns (model, tokenizer with image tokens, image processor).
     """
     options = options or ConnectorOptions()
     llm_path = resolve_path(llm_path, "LLM", require=("config.json",))
     tokenizer = AutoTokenizer.from_pretrained(llm_path, use_fast=True)
-    llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, attn_implementation=attn_implementation)
+    quantized = {}
+    if quantization_config is not None:
+        if device is None:
+            raise ValueError("quantised loading needs a device (bitsandbytes places the weights while loading)")
+        quantized = {"quantization_config": quantization_config, "device_map": {"": torch.device(device)}}
+    llm = AutoModelForCausalLM.from_pretrained(
+        llm_path, dtype=dtype, attn_implementation=attn_implementation, **quantized
+    )
     tower, vision_config, tower_type = load_vision_tower(vision_tower_path, attn_implementation)
     if dtype is not None:
         tower.to(dtype)
@@ -89,7 +100,12 @@ def build_from_parts(
     model = ExGraMedForConditionalGeneration(config, language_model=llm, vision_tower=tower)
     new_delimiters = [i for i in (config.im_start_token_id, config.im_end_token_id) if i is not None and i >= old_vocab]
     init_rows_to_mean(model, new_delimiters)  # the reference's start for newly added <im_start>/<im_end>
-    if dtype is not None:
+    if quantization_config is not None:  # quantised weights must not be cast; the trained parts stay float32
+        model.vision_tower.to(device=device, dtype=dtype)
+        for part in (model.mm_projector, model.alignment):
+            if part is not None:
+                part.to(device=device, dtype=torch.float32)
+    elif dtype is not None:
         model.to(dtype)  # the fresh projector and alignment GNN too
     return model, tokenizer, load_image_processor(vision_tower_path)
 

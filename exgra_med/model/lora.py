@@ -3,7 +3,8 @@
 With `--lora_enable` the trainer wraps `model.language_model` with PEFT, so `checkpoint-N` folders hold
 PEFT names: `language_model.base_model.model.<llm key>` with `<module>.base_layer.weight` and the
 adapter pair `<module>.lora_A.default.weight` (r, in) / `<module>.lora_B.default.weight` (out, r).
-Merging computes W = W_base + (lora_alpha / r) * B @ A (PEFT's scaling; `--rslora` for alpha / sqrt(r)).
+Merging computes W = W_base + (lora_alpha / r) * B @ A (PEFT's scaling; `--rslora` for alpha / sqrt(r)). The
+4-/8-bit base weights of a QLoRA run (`--bits 4|8`) are dequantised first: the result is a full-precision checkpoint.
 Checkpoints of this project's LoRA runs record lora_alpha in config.json; for others pass `--lora-alpha` (the value
 the run used; `exgra-med train` defaults to 16).
 """
@@ -39,8 +40,12 @@ def merge_lora_state_dict(
     """Fold every LoRA pair into its base weight and drop PEFT's name wrapping.
 
     Returns (plain state dict with `language_model.*` keys, number of merged modules). Raises ValueError on
-    unpaired adapters, several adapters, or LoRA on modules other than linear weights.
+    unpaired adapters, several adapters, or LoRA on modules other than linear weights. Base weights of a QLoRA run
+    (bitsandbytes 4-/8-bit) are dequantised to float32 first, so the merged weights are full precision.
     """
+    from exgra_med.model.quantization import dequantize_bnb_state
+
+    state, _ = dequantize_bnb_state(state)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     adapters: set[str] = set()
     plain: dict[str, torch.Tensor] = {}
@@ -120,6 +125,10 @@ def merge_lora_checkpoint(
     with staged_output_dir(out_dir) as tmp:
         write_weights(merged, tmp)
         config["lora_alpha"] = None  # merged: no adapters left
+        # A QLoRA run's LLM config records its bitsandbytes settings; the merged weights are dense.
+        config.pop("quantization_config", None)
+        if isinstance(config.get("text_config"), dict):
+            config["text_config"].pop("quantization_config", None)
         write_json(config, tmp / "config.json")
         for name in TOKENIZER_FILES:
             if (tok_dir / name).is_file():

@@ -2,8 +2,10 @@
 
 import sys
 
-from exgra_med.cli import run_command
+from exgra_med.cli import quiet_optional_backends, run_command
 from exgra_med.errors import debug_requested
-from exgra_med.train.main import main
+
+quiet_optional_backends()  # before transformers and peft are imported
+from exgra_med.train.main import main  # noqa: E402
 
 sys.exit(run_command(main, sys.argv[1:], "exgra-med train", debug_requested()))

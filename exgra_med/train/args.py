@@ -11,6 +11,7 @@ import transformers
 from exgra_med.align.config import AlignmentConfig, flag_name
 from exgra_med.data.images import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
 from exgra_med.model.config import DENSE_CONNECTOR_TYPES, check_projector_type
+from exgra_med.model.quantization import QUANT_BITS, QUANT_TYPES
 
 
 def _alignment_arguments() -> type:
@@ -69,9 +70,24 @@ class ModelArguments(AlignmentArguments):
     lora_r: int = field(default=64, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    bits: int = field(
+        default=16, metadata={"help": "LLM weights: 16 (as loaded) | 8 | 4 (QLoRA through bitsandbytes; with LoRA)"}
+    )
+    double_quant: bool = field(
+        default=True, metadata={"help": "--bits 4: quantise the quantisation constants too (QLoRA's double quant)"}
+    )
+    quant_type: str = field(default="nf4", metadata={"help": "--bits 4 data type: nf4 | fp4"})
 
     def __post_init__(self):
         super().__post_init__()
+        if self.bits not in QUANT_BITS:
+            raise ValueError(f"--bits must be one of {QUANT_BITS}, got {self.bits}")
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"--quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
+        if self.bits < 16 and not self.lora_enable:
+            raise ValueError(
+                f"--bits {self.bits} trains LoRA adapters on the frozen quantised LLM: add --lora_enable True"
+            )
         check_projector_type(self.mm_projector_type)
         if self.mm_dense_connector_type not in DENSE_CONNECTOR_TYPES:
             raise ValueError(f"--mm_dense_connector_type must be one of {DENSE_CONNECTOR_TYPES}")
@@ -124,3 +140,15 @@ class TrainingArguments(transformers.TrainingArguments):
     model_max_length: int = field(default=2048, metadata={"help": "truncate conversations to this many tokens"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep alignment inputs (must stay False)"})
     report_to: str = field(default="none", metadata={"help": "logging integrations (none, tensorboard, wandb)"})
+    group_by_modality_length: bool = field(
+        default=False,
+        metadata={"help": "batches of one modality (image or text-only) and similar lengths, seeded (LLaVA's flag)"},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.group_by_modality_length and self.train_sampling_strategy not in ("random", None):
+            raise ValueError(
+                f"--group_by_modality_length chooses the training order itself; drop --train_sampling_strategy "
+                f"{self.train_sampling_strategy}"
+            )

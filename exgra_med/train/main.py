@@ -108,9 +108,50 @@ def _dtype(args: TrainingArguments) -> torch.dtype | None:
     return None
 
 
+def _zero_stage(training_args: TrainingArguments) -> int:
+    config = training_args.deepspeed
+    if not config:
+        return 0
+    if isinstance(config, (str, os.PathLike)):
+        from exgra_med.io import read_json
+
+        config = read_json(config)
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def check_environment(model_args: ModelArguments, training_args: TrainingArguments) -> None:
+    """What the flags need from this machine and the installed extras, checked before any data or model is read:
+    `--bits 4|8` (bitsandbytes with a backend that runs them; not with FSDP or ZeRO-3, which shard the weights
+    that bitsandbytes packs) and `--use_liger_kernel` (liger-kernel, CUDA, an LLM type it has kernels for)."""
+    from exgra_med.errors import UserError
+
+    if model_args.bits < 16:
+        from exgra_med.model.quantization import check_bitsandbytes
+
+        if training_args.fsdp or _zero_stage(training_args) == 3:
+            raise UserError(f"--bits {model_args.bits} (QLoRA) runs with DDP or DeepSpeed ZeRO-2, not with FSDP or "
+                            "ZeRO-3 (they shard the weights bitsandbytes packs); drop --fsdp or use zero2.json")
+        check_bitsandbytes(model_args.bits, training_args.device, _dtype(training_args) or torch.float32,
+                           model_args.quant_type)
+    if training_args.use_liger_kernel:
+        from exgra_med.model.liger import check_liger, llm_model_type
+
+        path = model_args.model_name_or_path
+        model_type = llm_model_type(path) if os.path.isdir(path) else None  # a Hub id: checked once it is loaded
+        check_liger(training_args.device, model_type)
+
+
 def build_model(model_args: ModelArguments, training_args: TrainingArguments):
-    """(model, tokenizer, image processor) from parts or from an ExGra-Med checkpoint, trainable parts set."""
+    """(model, tokenizer, image processor) from parts or from an ExGra-Med checkpoint, trainable parts set; with
+    `--bits 4|8` the LLM loads quantised (projector and alignment head in float32), with `--use_liger_kernel` it
+    runs Liger's kernels."""
     dtype = _dtype(training_args)
+    quant, device = None, None
+    if model_args.bits < 16:
+        from exgra_med.model.quantization import bnb_config
+
+        quant = bnb_config(model_args.bits, dtype or torch.float32, model_args.double_quant, model_args.quant_type)
+        device = training_args.device  # bitsandbytes quantises while placing the weights
     # The run's seed seeds the alignment's generator when the module is built (the checkpoint records it).
     alignment = model_args.alignment_config(seed=training_args.seed)
     if training_args.deepspeed and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -125,13 +166,18 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments):
         model, tokenizer, processor = load_pretrained(
             model_path, dtype=dtype, attn_implementation=model_args.attn_implementation,
             alignment_config=alignment,  # the flags replace the checkpoint's alignment options
+            quantization_config=quant, device=device,
         )
         model.train()
         if model.alignment is None and alignment.enabled:
             from exgra_med.model.modeling import build_alignment
 
             # In the loaded weights' dtype: DeepSpeed ZeRO-3 flattens each parameter group into one buffer.
-            model.alignment = build_alignment(model.config).to(model.dtype)
+            model.alignment = build_alignment(model.config).to(device=device, dtype=model.dtype)
+        if quant is not None:  # the trained parts in full precision next to the quantised LLM
+            for part in (model.mm_projector, model.alignment):
+                if part is not None:
+                    part.float()
     else:
         if model_args.vision_tower is None:
             raise ValueError(f"--vision_tower is required when {model_args.model_name_or_path} is a plain LLM folder")
@@ -144,17 +190,22 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments):
             alignment=alignment,
         )
         model, tokenizer, processor = build_from_parts(
-            model_path, model_args.vision_tower, options, dtype, model_args.attn_implementation
+            model_path, model_args.vision_tower, options, dtype, model_args.attn_implementation,
+            quantization_config=quant, device=device,
         )
     if model_args.pretrain_mm_mlp_adapter:
         load_projector(model, model_args.pretrain_mm_mlp_adapter)
-    set_trainable(model, model_args)
+    set_trainable(model, model_args, training_args.activation_checkpointing)
+    if training_args.use_liger_kernel:
+        from exgra_med.model.liger import apply_liger
+
+        apply_liger(model, **(training_args.liger_kernel_config or {}))
     return model, tokenizer, processor
 
 
-def set_trainable(model, model_args: ModelArguments) -> None:
+def set_trainable(model, model_args: ModelArguments, activation_checkpointing: bool = False) -> None:
     """Stage 1: the projector (and, as the reference, the `<im_start>`/`<im_end>` input embeddings). Otherwise
-    projector + LLM (+ alignment), or LoRA adapters on the LLM."""
+    projector + LLM (+ alignment), or LoRA adapters on the LLM (on its quantised weights with `--bits 4|8`)."""
     model.requires_grad_(False)
     model.mm_projector.requires_grad_(True)
     if model.alignment is not None:
@@ -165,7 +216,13 @@ def set_trainable(model, model_args: ModelArguments) -> None:
             train_only_rows(model.get_input_embeddings(), ids)
         return
     if model_args.lora_enable:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        quantized = model_args.bits < 16
+        if quantized:  # LLM frozen, its unquantised parts (norms, embeddings, head) in float32, as QLoRA does
+            model.language_model = prepare_model_for_kbit_training(
+                model.language_model, use_gradient_checkpointing=activation_checkpointing
+            )
 
         lora = LoraConfig(
             r=model_args.lora_r,
@@ -175,8 +232,8 @@ def set_trainable(model, model_args: ModelArguments) -> None:
             task_type="CAUSAL_LM",
         )
         # Adapters in the base weights' dtype (PEFT would upcast them to float32 under bf16): ZeRO-3 flattens each
-        # parameter group into one buffer and refuses mixed dtypes.
-        model.language_model = get_peft_model(model.language_model, lora, autocast_adapter_dtype=False)
+        # parameter group into one buffer and refuses mixed dtypes. QLoRA (no ZeRO-3) keeps float32 adapters.
+        model.language_model = get_peft_model(model.language_model, lora, autocast_adapter_dtype=quantized)
         model.config.lora_alpha = model_args.lora_alpha  # recorded in every checkpoint for `merge-lora`
     elif not model_args.freeze_backbone:
         model.language_model.requires_grad_(True)
@@ -206,6 +263,7 @@ def _resume_arg(value: str | None, output_dir: str) -> str | None:
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> ExGraMedTrainer:
     """Run one training stage and save its result in `output_dir`."""
     set_seed(training_args.seed)
+    check_environment(model_args, training_args)
     alignment = model_args.alignment_config(seed=training_args.seed).enabled
     records = validate_inputs(model_args, data_args, alignment)
     # Fine-tuning: VQA answers generated on val at each evaluation (eval_val_*), on test at the end (eval_test_*).
@@ -260,7 +318,7 @@ def save_final(trainer: ExGraMedTrainer, model_args: ModelArguments) -> None:
         save_merged_lora(trainer, Path(out), model_args.lora_alpha)
         return
     if model_args.tune_mm_mlp_adapter:
-        if trainer.is_world_process_zero():
+        if trainer.args.should_save:
             model = trainer.accelerator.unwrap_model(trainer.model)
             save_projector(model, out)
             model.config.save_pretrained(out)
@@ -272,7 +330,8 @@ def save_merged_lora(trainer: ExGraMedTrainer, out: Path, lora_alpha: float) -> 
     """Save a LoRA run as a plain checkpoint with the adapters folded in, under any back end.
 
     Every rank takes part in saving the adapter-carrying model (ZeRO-3 and FSDP gather their shards collectively);
-    rank 0 then merges the saved weights file by file (`merge-lora`'s code) and moves the result into `out`.
+    the writing process (global rank 0) then merges the saved weights file by file (`merge-lora`'s code) and moves
+    the result into `out`.
     """
     import shutil
 
@@ -281,7 +340,7 @@ def save_merged_lora(trainer: ExGraMedTrainer, out: Path, lora_alpha: float) -> 
     unmerged, merged = out / "lora-unmerged", out / ".lora-merged"
     trainer.save_model(str(unmerged))
     trainer.accelerator.wait_for_everyone()
-    if trainer.is_world_process_zero():
+    if trainer.args.should_save:  # the process that saved `unmerged` (the Trainer's writer) merges it
         shutil.rmtree(merged, ignore_errors=True)
         merge_lora_checkpoint(unmerged, merged, float(lora_alpha))
         for item in merged.iterdir():

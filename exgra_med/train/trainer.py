@@ -13,6 +13,7 @@ from transformers import Trainer
 from exgra_med.io import atomic_file
 from exgra_med.model.delimiters import delimiter_ids
 from exgra_med.model.loading import PROJECTOR_FILES, load_projector, save_projector
+from exgra_med.train.sampler import ModalityLengthGroupedSampler, modality_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,22 @@ class ExGraMedTrainer(Trainer):
             self._part_count += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
+    def _get_train_sampler(self, train_dataset=None):
+        """`--group_by_modality_length`: micro-batches of one modality and similar lengths (`train.sampler`), the
+        order drawn from the run's data seed + epoch; otherwise the Trainer's own sampler."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not getattr(self.args, "group_by_modality_length", False):
+            return super()._get_train_sampler(train_dataset)
+        if not hasattr(dataset, "records"):
+            raise ValueError("--group_by_modality_length needs a dataset of records (SupervisedDataset)")
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return ModalityLengthGroupedSampler(
+            modality_lengths(dataset.records),
+            batch_size=self._train_batch_size,
+            world_size=self.args.world_size * self.args.gradient_accumulation_steps,
+            seed=seed,
+        )
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the means of `lm_loss` / `align_loss` / `align_loss/<part>` since the previous training log (averaged
         over ranks; every rank holds the same names, as the model and its alignment are the same on every rank)."""
@@ -66,8 +83,12 @@ class ExGraMedTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         if not self.projector_only:
             super()._save(output_dir, state_dict)  # weights, config and the tokenizer (processing_class)
-            if self.image_processor is not None:
+            if self.image_processor is not None and self.args.should_save:
                 self.image_processor.save_pretrained(output_dir)
+            return
+        # The Trainer calls _save on every process; only the writer (global rank 0, or each node's first process
+        # with --save_on_each_node) writes, so that the other nodes of a multi-node run leave no files behind.
+        if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)

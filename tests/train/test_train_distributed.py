@@ -82,6 +82,72 @@ def test_stage2_script_two_process_torchrun(ddp_stage2):
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_stage2_script_on_two_simulated_nodes_matches_one_node(
+    tiny_model_dir, easy_vqa_dir, projector, ddp_stage2, tmp_path
+):
+    """Two launches of scripts/stage2.sh as node 0 and node 1 of a 2-node run (1 process each, rendezvous at
+    127.0.0.1, gloo) train exactly the weights of the 1-node 2-process run, and only global rank 0 writes: node 1's
+    output folder (its own, as on a machine of its own) stays empty."""
+    port = _free_port()
+    bin_dir = str(Path(sys.executable).parent)
+    procs = []
+    for node in (0, 1):
+        env = _env(tiny_model_dir, easy_vqa_dir, projector, tmp_path / f"node{node}", port, NNODES="2",
+                   NODE_RANK=str(node), MASTER_ADDR="127.0.0.1", NPROC_PER_NODE="1")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PATH=f"{bin_dir}:{os.environ['PATH']}", **env)
+        procs.append(subprocess.Popen(
+            ["bash", str(REPO / "scripts" / "stage2.sh"), *STAGE2_ARGS], env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        ))
+    try:
+        logs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    out = tmp_path / "node0"
+    state = json.loads((out / "trainer_state.json").read_text())
+    one_node = json.loads((ddp_stage2 / "trainer_state.json").read_text())
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert len(losses) == 3 and losses == [h["loss"] for h in one_node["log_history"] if "loss" in h]
+    two, one = load_file(str(out / "model.safetensors")), load_file(str(ddp_stage2 / "model.safetensors"))
+    assert set(two) == set(one)
+    for name, value in one.items():
+        torch.testing.assert_close(two[name], value, rtol=0, atol=0, msg=name)
+    initial = load_file(str(tiny_model_dir / "llm" / "model.safetensors"))
+    key = next(k for k in initial if "layers.0.mlp.up_proj" in k)
+    assert not torch.equal(two[f"language_model.{key}"], initial[key])  # trained
+    node1 = tmp_path / "node1"
+    assert not node1.exists() or not any(node1.rglob("*")), sorted(node1.rglob("*"))
+
+
+def test_launcher_refuses_a_node_rank_out_of_range_and_a_missing_master_addr(tmp_path):
+    """The multi-node mistakes that otherwise hang at the rendezvous end at once with one line."""
+    env = {k: v for k, v in os.environ.items() if k != "MASTER_ADDR"}
+    script = tmp_path / "x.sh"
+    script.write_text(f'source "{REPO / "scripts" / "_launch.sh"}"\necho "${{DISTRIBUTED_ARGS[@]}}"\n')
+    for extra, message in (
+        ({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "node0.example"}, "NODE_RANK must be 0..NNODES-1"),
+        ({"NNODES": "2", "NODE_RANK": "1"}, "NNODES=2 needs MASTER_ADDR"),
+    ):
+        proc = subprocess.run(["bash", str(script)], env={**env, **extra, "NPROC_PER_NODE": "1"},
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    node1 = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "node0.example", "NPROC_PER_NODE": "1"}
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, env={**env, **node1})
+    assert proc.returncode == 0 and "--nnodes 2 --node_rank 1 --master_addr node0.example" in proc.stdout
+
+
 @pytest.mark.slow
 def test_stage2_script_fsdp_matches_ddp(tiny_model_dir, easy_vqa_dir, projector, ddp_stage2, tmp_path):
     """FSDP full_shard through scripts/fsdp.json (layers to wrap taken from the model) trains the same weights as
