@@ -65,7 +65,7 @@ def gumbel(shape: tuple[int, ...], scale: float, generator: torch.Generator,
            device: torch.device | str = "cpu") -> torch.Tensor:
     """Gumbel(0, scale) samples in float32 as ``-scale * log(E)``, E ~ Exp(1) drawn from generator."""
     e = torch.empty(shape, device=device, dtype=torch.float32).exponential_(generator=generator)
-    return -scale * torch.log(e.clamp_min(torch.finfo(torch.float32).tiny))
+    return e.clamp_min_(torch.finfo(torch.float32).tiny).log_().mul_(-scale)  # in place: no (6, E, E) temporaries
 
 
 def _dist_info() -> tuple[bool, int, int]:

@@ -21,6 +21,10 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from exgra_med.align.pairs import PAIR_TABLES, DensePairTable, SparsePairTable
+
+PairTable = DensePairTable | SparsePairTable
+
 __all__ = ["BACKENDS", "paid_edge_pairs", "qap_objective", "solve_partial_qap"]
 
 BACKENDS = ("ipfp", "exhaustive", "lpmp")
@@ -73,74 +77,6 @@ def _assign(cost: np.ndarray) -> np.ndarray:
     return maps
 
 
-class _PairTable:
-    """Quadratic costs regrouped per graph-1 edge: table[p, a, u, v] = sum of q_ab over b = (u, v).
-
-    Index n2 stands for "unmatched" (zero cost). Parallel graph-1 edges are merged into their first copy
-    (the other copies' rows stay zero), so ``eid`` can map a node pair (s, t) to one row; row E1 is zero.
-    """
-
-    def __init__(self, quadratic: torch.Tensor, edges1: torch.Tensor, edges2: torch.Tensor, n1: int,
-                 n2: int) -> None:
-        prob, e1n, e2n = quadratic.shape
-        dev, self.m, self.n1, self.e1n = quadratic.device, n2 + 1, n1, e1n
-        m = self.m
-        self.src, self.dst = edges1[:, 0], edges1[:, 1]  # (P, E1)
-        key = self.src * n1 + self.dst
-        first = (key[:, :, None] == key[:, None, :]).int().argmax(2)  # first edge with the same pair
-        per_edge = torch.zeros(prob, e1n, m * m, device=dev, dtype=quadratic.dtype)
-        per_edge.scatter_add_(2, (edges2[:, 0] * m + edges2[:, 1])[:, None, :].expand(prob, e1n, e2n), quadratic)
-        table = torch.zeros(prob, e1n + 1, m * m, device=dev, dtype=quadratic.dtype)
-        table.scatter_add_(1, first[:, :, None].expand(-1, -1, m * m), per_edge)
-        self.flat = table.view(prob, -1)
-        self.table = table.view(prob, e1n + 1, m, m)
-        self.eid = torch.full((prob, n1 * n1), e1n, device=dev, dtype=torch.long).scatter_(1, key, first)
-        self._bound: tuple[torch.Tensor, ...] | None = None
-
-    def _bind(self, prob: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # Per-instance views for problems prob (N,), memoised for the prob tensor of the current solve.
-        if self._bound is None or self._bound[0] is not prob:
-            src, dst = self.src[prob], self.dst[prob]  # (N, E1)
-            eye = torch.eye(self.n1, device=prob.device, dtype=self.flat.dtype)
-            inc_s, inc_t = eye[src].transpose(1, 2), eye[dst].transpose(1, 2)  # (N, n1, E1) incidences
-            base = (prob[:, None] * (self.e1n + 1) + torch.arange(self.e1n, device=prob.device)) * self.m
-            self._bound = (prob, src, dst, inc_s, inc_t, base * self.m)  # base: flat offset of (p, a)
-        return self._bound[1:]
-
-    def gradient(self, maps: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
-        """(K + K^T) y for matchings given as maps (N, n1) of problems prob (N,): (N, n1, m)."""
-        src, dst, inc_s, inc_t, base = self._bind(prob)
-        ps, pt = maps.gather(1, src)[:, :, None], maps.gather(1, dst)[:, :, None]  # (N, E1, 1)
-        cols = torch.arange(self.m, device=maps.device)
-        row_s = torch.take(self.flat, base[:, :, None] + cols * self.m + pt)  # Q(a, u, p[t_a]) (N, E1, m)
-        row_t = torch.take(self.flat, base[:, :, None] + ps * self.m + cols)  # Q(a, p[s_a], u)
-        return inc_s @ row_s + inc_t @ row_t
-
-    def uniform_gradient(self) -> torch.Tensor:
-        """(K + K^T) applied to the all-ones matrix: (P, n1, m)."""
-        prob, dev = self.src.shape[0], self.flat.device
-        by_s, by_t = self.table[:, :-1].sum(3), self.table[:, :-1].sum(2)  # (P, E1, m)
-        out = torch.zeros(prob, self.n1, self.m, device=dev, dtype=self.flat.dtype)
-        out.scatter_add_(1, self.src[:, :, None].expand_as(by_s), by_s)
-        return out.scatter_add_(1, self.dst[:, :, None].expand_as(by_t), by_t)
-
-    def quadratic_value(self, maps: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
-        """Quadratic part of the objective of maps (N, n1): (N,)."""
-        src, dst = self.src[prob], self.dst[prob]
-        a = torch.arange(self.e1n, device=maps.device)[None, :]
-        return self.table[prob[:, None], a, maps.gather(1, src), maps.gather(1, dst)].sum(1)
-
-    def edge_row(self, prob: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Flat offset of the table block of graph-1 edge (s, t) (the zero row if absent); (N, ...) indices."""
-        p = prob.view(-1, *([1] * (s.dim() - 1)))
-        a = torch.take(self.eid, p * self.n1 * self.n1 + s * self.n1 + t)
-        return (p * (self.e1n + 1) + a) * self.m
-
-    def at_row(self, row: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """table[row][u, v] for offsets from edge_row (broadcast)."""
-        return torch.take(self.flat, (row + u) * self.m + v)
-
-
 def _to_device(array: np.ndarray, dev: torch.device) -> torch.Tensor:
     """Host array -> tensor on dev; to a CUDA device through pinned memory, without blocking the host."""
     tensor = torch.from_numpy(array)
@@ -154,7 +90,7 @@ def _one_hot(maps: torch.Tensor, n2: int) -> torch.Tensor:
     return out.scatter_(2, maps[:, :, None], 1.0)[:, :, :n2]
 
 
-def _frank_wolfe(c: torch.Tensor, tab: _PairTable, prob: torch.Tensor, x: torch.Tensor, gq: torch.Tensor,
+def _frank_wolfe(c: torch.Tensor, tab: PairTable, prob: torch.Tensor, x: torch.Tensor, gq: torch.Tensor,
                  max_iter: int, tol: float, patience: int) -> tuple[torch.Tensor, torch.Tensor]:
     """IPFP from points x (N, n1, n2) with gq = (K + K^T) x; returns the best vertices visited (maps, value).
 
@@ -195,8 +131,8 @@ def _frank_wolfe(c: torch.Tensor, tab: _PairTable, prob: torch.Tensor, x: torch.
     return best_maps, best_f
 
 
-def _local_search(c: torch.Tensor, tab: _PairTable, prob: torch.Tensor, maps: torch.Tensor,
-                  max_rounds: int, check_every: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def _local_search_dense(c: torch.Tensor, tab: PairTable, prob: torch.Tensor, maps: torch.Tensor,
+                        max_rounds: int, check_every: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Best-improvement descent from maps (N, n1); returns (maps, objective values).
 
     Convergence is read on the host every `check_every` rounds (a host sync on an accelerator); a round
@@ -250,13 +186,77 @@ def _local_search(c: torch.Tensor, tab: _PairTable, prob: torch.Tensor, maps: to
     return maps, value
 
 
+def _local_search_sparse(c: torch.Tensor, tab: PairTable, prob: torch.Tensor, maps: torch.Tensor,
+                         max_rounds: int, check_every: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_local_search_dense` with the same moves, scores and choices, computed with less work.
+
+    The edge correction is nonzero only where row r holding column j is a graph-1 neighbour of row i, so it
+    is evaluated at those (i, r) pairs only (2 E1 per problem and mode, not n1 m) and written into a zero
+    tensor; the per-row costs are read by broadcasting instead of gathers. Every score is the same float
+    expression of the same values as in `_local_search_dense`, so maps and values are bitwise equal.
+    """
+    num, n1 = maps.shape
+    n2, dev = c.shape[2], c.device
+    m = n2 + 1
+    c_ext = torch.cat([c, torch.zeros(num, n1, 1, device=dev, dtype=c.dtype)], 2)
+    rows, cols, bidx = (torch.arange(k, device=dev) for k in (n1, m, num))
+    value = c_ext.gather(2, maps[:, :, None]).sum((1, 2)) + tab.quadratic_value(maps, prob)
+    # Ordered graph-1 neighbour pairs (i, r), both directions: (N, 2 E1), and their edges' handles (N, 1, 2 E1).
+    pair_i = torch.cat([tab.src, tab.dst], 1)[prob]
+    pair_r = torch.cat([tab.dst, tab.src], 1)[prob]
+    ir, ri = tab.edge_row(prob, pair_i[:, None], pair_r[:, None]), tab.edge_row(prob, pair_r[:, None], pair_i[:, None])
+    unmatched = torch.full((num, 1, 1), n2, device=dev, dtype=torch.long)
+    i_col = rows[None, None, :, None]
+    for rnd in range(max_rounds):
+        lin = (c_ext + tab.gradient(maps, prob)).view(num, n1, m)  # cost of row i at column u, others fixed
+        owner = torch.full((num, m), n1, device=dev, dtype=torch.long).scatter_(1, maps, rows.expand(num, -1))
+        owner[:, n2] = n1
+        r = owner[:, None, None, :]  # (N, 1, 1, m): the row holding column j
+        noop_i, valid_r = r == i_col, (r < n1) & (r != i_col)  # (N, 1, n1, m)
+        r_safe = torch.where(r < n1, r, torch.zeros_like(r)).view(num, 1, m)
+        old = maps[:, :, None]  # (N, n1, 1)
+        # Per-row costs: at(i, j), at(i, old_i), at(r, j), at(r, new_r) with new_r = old_i (mode 0) or n2 (mode 1).
+        at_ij, at_io = lin[:, None], lin.gather(2, old)[:, None]
+        flat = lin.view(num, n1 * m)
+        at_rj = flat.gather(1, r_safe[:, 0] * m + cols)[:, None, None]  # (N, 1, 1, m)
+        at_rnew = torch.stack([flat.gather(1, (r_safe * m + old).view(num, -1)).view(num, n1, m),
+                               flat.gather(1, r_safe[:, 0] * m + n2)[:, None].expand(num, n1, m)], 1)
+        # Edge correction at the neighbour pairs, as `_local_search_dense` writes it.
+        o1 = maps.gather(1, pair_i)[:, None]  # (N, 1, 2E1): i's old column
+        j1 = maps.gather(1, pair_r)[:, None]  # the column r holds
+        new_r = torch.cat([o1, unmatched.expand_as(o1)], 1)  # (N, 2, 2E1)
+        q = tab.at_row
+        corr_pairs = (q(ir, j1, new_r) - q(ir, o1, new_r) + q(ri, new_r, j1) - q(ri, new_r, o1)
+                      + (q(ir, o1, j1) - q(ir, j1, j1) + q(ri, j1, o1) - q(ri, j1, j1)))
+        corr = torch.zeros(num, 2, n1 * m, device=dev, dtype=lin.dtype)
+        corr.scatter_(2, (pair_i[:, None] * m + j1).expand(num, 2, -1), corr_pairs)
+        delta = at_ij - at_io
+        delta = delta + torch.where(valid_r, at_rnew - at_rj + corr.view(num, 2, n1, m), torch.zeros_like(delta))
+        delta = torch.where(noop_i, torch.full_like(delta, torch.inf), delta).flatten(1)
+        best_delta, move = delta.min(1)
+        improve = best_delta < -1e-6
+        if (rnd + 1) % check_every == 0 and not bool(improve.any()):
+            break
+        mode, ci, cj = move // (n1 * m), (move // m) % n1, move % m
+        cr = owner[bidx, cj]
+        cvalid = (cr < n1) & (cr != ci)
+        cr = torch.where(cvalid, cr, torch.zeros_like(cr))
+        cnew = torch.where(mode == 0, maps[bidx, ci], torch.full_like(ci, n2))
+        upd = maps.clone()
+        upd[bidx, cr] = torch.where(cvalid, cnew, upd[bidx, cr])
+        upd[bidx, ci] = cj
+        maps = torch.where(improve[:, None], upd, maps)
+        value = torch.where(improve, value + best_delta, value)
+    return maps, value
+
+
 def _ipfp(unary: torch.Tensor, quadratic: torch.Tensor, edges1: torch.Tensor, edges2: torch.Tensor,
           num_starts: int, max_iter: int, seed: int, tol: float, local_search_rounds: int,
-          patience: int) -> torch.Tensor:
+          patience: int, pairs: str) -> torch.Tensor:
     nprob, n1, n2 = unary.shape
     dev = unary.device
     c = unary.detach().float()
-    tab = _PairTable(quadratic.detach().float(), edges1.to(dev), edges2.to(dev), n1, n2)
+    tab = PAIR_TABLES[pairs](quadratic.detach().float(), edges1.to(dev), edges2.to(dev), n1, n2)
     # Starts: unary-only assignment, (if num_starts > 1) the uniform point, then seeded random matchings.
     gen = torch.Generator().manual_seed(seed)
     start_maps = [_assign(c.cpu().numpy())]
@@ -278,7 +278,8 @@ def _ipfp(unary: torch.Tensor, quadratic: torch.Tensor, edges1: torch.Tensor, ed
     maps, value = torch.where(keep_start[:, None], maps0, maps), torch.where(keep_start, f0, value)
     if local_search_rounds > 0:
         check_every = 1 if dev.type == "cpu" else _DEVICE_CHECK_EVERY
-        maps, value = _local_search(cost, tab, prob, maps, local_search_rounds, check_every)
+        local_search = _local_search_sparse if pairs == "sparse" else _local_search_dense
+        maps, value = local_search(cost, tab, prob, maps, local_search_rounds, check_every)
     best = value.view(-1, nprob).argmin(0)  # (P,)
     return _one_hot(maps.view(-1, nprob, n1)[best, torch.arange(nprob, device=dev)], n2)
 
@@ -303,7 +304,7 @@ def _exhaustive(unary: torch.Tensor, quadratic: torch.Tensor, edges1: torch.Tens
         raise ValueError(f"backend='exhaustive' enumerates every partial matching; n <= {_EXHAUSTIVE_MAX_N} "
                          f"only, got {n1} x {n2}")
     c = torch.cat([unary.detach().double().cpu(), torch.zeros(nprob, n1, 1, dtype=torch.float64)], 2)
-    tab = _PairTable(quadratic.detach().double().cpu(), edges1.cpu(), edges2.cpu(), n1, n2)
+    tab = DensePairTable(quadratic.detach().double().cpu(), edges1.cpu(), edges2.cpu(), n1, n2)
     all_maps = torch.from_numpy(_enumerate_partial_matchings(n1, n2))  # (M, n1)
     best = torch.zeros(nprob, n1, dtype=torch.long)
     for p in range(nprob):
@@ -336,14 +337,17 @@ def _lpmp(unary: torch.Tensor, quadratic: torch.Tensor, edges1: torch.Tensor,
 def solve_partial_qap(unary: torch.Tensor, quadratic: torch.Tensor, edges1: torch.Tensor,
                       edges2: torch.Tensor, backend: str = "ipfp", num_starts: int = 4, max_iter: int = 30,
                       seed: int = 0, tol: float = 1e-6, local_search_rounds: int = 50,
-                      patience: int = 3, solve_on: str | None = None) -> torch.Tensor:
+                      patience: int = 3, solve_on: str | None = None, pairs: str = "sparse") -> torch.Tensor:
     """Solve B partial graph-matching problems at once; returns 0/1 matchings (B, n1, n2).
 
     unary (B, n1, n2), quadratic (B, E1, E2), edges1 (B, 2, E1), edges2 (B, 2, E2) long (row 0 sources,
     row 1 targets; edges1 loop-free). The result has unary's dtype and device. The other arguments tune
     ipfp: starts, Frank-Wolfe steps, seed of the random starts, descent tolerance, local-search rounds,
     and Frank-Wolfe steps without a better vertex before a start stops. `solve_on` ("cpu", "cuda", ...) runs
-    the solver on another device than the inputs' (one transfer each way; None: the inputs' device).
+    the solver on another device than the inputs' (one transfer each way; None: the inputs' device). `pairs`
+    arranges ipfp's quadratic costs (`exgra_med.align.pairs`): "sparse" (per edge pair, work linear in the
+    edges) or "dense" (the earlier (E1, m, m) table per problem, cubic in n); same iterates up to the order of
+    float32 additions within a gradient entry.
     """
     edges1, edges2 = edges1.long(), edges2.long()
     _check(unary, quadratic, edges1, edges2)
@@ -353,15 +357,17 @@ def solve_partial_qap(unary: torch.Tensor, quadratic: torch.Tensor, edges1: torc
     if target.type != unary.device.type or target.index not in (None, unary.device.index):
         x = solve_partial_qap(unary.detach().to(target), quadratic.detach().to(target), edges1.to(target),
                               edges2.to(target), backend, num_starts, max_iter, seed, tol, local_search_rounds,
-                              patience)
+                              patience, pairs=pairs)
         return x.to(dtype=unary.dtype, device=unary.device)
     with torch.no_grad():
         if backend == "ipfp":
             if num_starts < 1 or max_iter < 1 or patience < 1 or local_search_rounds < 0:
                 raise ValueError("num_starts, max_iter, patience must be >= 1 and local_search_rounds >= 0; "
                                  f"got {num_starts}, {max_iter}, {patience}, {local_search_rounds}")
+            if pairs not in PAIR_TABLES:
+                raise ValueError(f"unknown pair-cost arrangement pairs={pairs!r}; choose one of {tuple(PAIR_TABLES)}")
             x = _ipfp(unary, quadratic, edges1, edges2, num_starts, max_iter, seed, tol, local_search_rounds,
-                      patience)
+                      patience, pairs)
         elif backend == "exhaustive":
             x = _exhaustive(unary, quadratic, edges1, edges2)
         elif backend == "lpmp":
