@@ -117,6 +117,6 @@ class GraphEncoder(nn.Module):
         union_edges = (edge_index[:, None] + offsets).permute(2, 0, 1, 3).reshape(2, -1)  # (2, 2PE)
         h = self.encode(union, union_edges, generator)
         e = edge_features(h, union_edges)
-        h = F.normalize(h.float(), dim=1).view(pairs, 2, n, -1)
-        e = F.normalize(e.float(), dim=1).view(pairs, 2, num_e, -1)
-        return EncodedGraphs(nodes1=h[:, 0], nodes2=h[:, 1], edges1=e[:, 0], edges2=e[:, 1])
+        h1, h2 = F.normalize(h.float(), dim=1).view(pairs, 2, n, -1).unbind(1)  # unbind: one backward copy
+        e1, e2 = F.normalize(e.float(), dim=1).view(pairs, 2, num_e, -1).unbind(1)
+        return EncodedGraphs(nodes1=h1, nodes2=h2, edges1=e1, edges2=e2)

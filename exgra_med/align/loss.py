@@ -172,10 +172,11 @@ class MultiGraphAlignmentLoss(nn.Module):
         # (6, 2, E); graph 2 reuses graph 1's topology (stacked views: no index tensor to copy to a device)
         edges = torch.stack([topo[0], topo[3], topo[1], topo[3], topo[2], topo[3]])
         enc = self.gnn(first, second, edges, generator=gen)
-        unary = -(enc.nodes1 @ enc.nodes2.transpose(1, 2) + node_noise - 0.5)  # (6, B, B)
+        # -(cos + G - 0.5) and -0.5 (<e1, e2> + G - 0.5), in place on the products (no (6, E, E) temporaries)
+        unary = (enc.nodes1 @ enc.nodes2.transpose(1, 2)).add_(node_noise).sub_(0.5).neg_()  # (6, B, B)
         num_e = edges.shape[2]
         edge_noise = gumbel((6, num_e, num_e), self.noise_scale, gen, device)
-        quadratic = -0.5 * (enc.edges1 @ enc.edges2.transpose(1, 2) + edge_noise - 0.5)  # (6, E, E)
+        quadratic = (enc.edges1 @ enc.edges2.transpose(1, 2)).add_(edge_noise).sub_(0.5).mul_(-0.5)  # (6, E, E)
         return unary, quadratic, edges
 
     def forward(self, image: torch.Tensor, response: torch.Tensor, extended: torch.Tensor) -> AlignmentOutput:

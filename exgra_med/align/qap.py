@@ -113,7 +113,14 @@ def _frank_wolfe(c: torch.Tensor, tab: PairTable, prob: torch.Tensor, x: torch.T
         maps_host[host_active] = _assign(packed[host_active, :-1].reshape(-1, n1, n2))
         maps = _to_device(maps_host, dev)
         y = _one_hot(maps, n2)
-        gqy = tab.gradient(maps, prob)[:, :, :n2]
+        if isinstance(tab, SparsePairTable) and not host_active.all():
+            # A stopped start's step is the empty matching, whose gradient is zero: compute the others' only.
+            live = _to_device(np.flatnonzero(host_active), dev)
+            gqy = torch.zeros(num, n1, n2 + 1, device=dev, dtype=x.dtype)
+            gqy[live] = tab.gradient(maps[live], prob[live])
+            gqy = gqy[:, :, :n2]
+        else:
+            gqy = tab.gradient(maps, prob)[:, :, :n2]
         half_yky = 0.5 * (y * gqy).sum((1, 2))  # y^T K y
         f_y = (c * y).sum((1, 2)) + half_yky
         better = active & (f_y < best_f)
@@ -186,6 +193,10 @@ def _local_search_dense(c: torch.Tensor, tab: PairTable, prob: torch.Tensor, map
     return maps, value
 
 
+def _take_rows(handle: torch.Tensor | tuple[torch.Tensor, ...], keep: torch.Tensor):
+    return tuple(t[keep] for t in handle) if isinstance(handle, tuple) else handle[keep]
+
+
 def _local_search_sparse(c: torch.Tensor, tab: PairTable, prob: torch.Tensor, maps: torch.Tensor,
                          max_rounds: int, check_every: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """`_local_search_dense` with the same moves, scores and choices, computed with less work.
@@ -193,21 +204,25 @@ def _local_search_sparse(c: torch.Tensor, tab: PairTable, prob: torch.Tensor, ma
     The edge correction is nonzero only where row r holding column j is a graph-1 neighbour of row i, so it
     is evaluated at those (i, r) pairs only (2 E1 per problem and mode, not n1 m) and written into a zero
     tensor; the per-row costs are read by broadcasting instead of gathers. Every score is the same float
-    expression of the same values as in `_local_search_dense`, so maps and values are bitwise equal.
+    expression of the same values as in `_local_search_dense`. A start that did not improve in a round never
+    changes again, so when convergence is read every round (the host) it leaves the batch. Maps and values
+    are those of `_local_search_dense`.
     """
     num, n1 = maps.shape
     n2, dev = c.shape[2], c.device
     m = n2 + 1
     c_ext = torch.cat([c, torch.zeros(num, n1, 1, device=dev, dtype=c.dtype)], 2)
-    rows, cols, bidx = (torch.arange(k, device=dev) for k in (n1, m, num))
+    rows, cols = torch.arange(n1, device=dev), torch.arange(m, device=dev)
     value = c_ext.gather(2, maps[:, :, None]).sum((1, 2)) + tab.quadratic_value(maps, prob)
+    out_maps, out_value = maps.clone(), value.clone()
     # Ordered graph-1 neighbour pairs (i, r), both directions: (N, 2 E1), and their edges' handles (N, 1, 2 E1).
     pair_i = torch.cat([tab.src, tab.dst], 1)[prob]
     pair_r = torch.cat([tab.dst, tab.src], 1)[prob]
     ir, ri = tab.edge_row(prob, pair_i[:, None], pair_r[:, None]), tab.edge_row(prob, pair_r[:, None], pair_i[:, None])
-    unmatched = torch.full((num, 1, 1), n2, device=dev, dtype=torch.long)
+    work = torch.arange(num, device=dev)  # the starts still descending
     i_col = rows[None, None, :, None]
     for rnd in range(max_rounds):
+        num = work.shape[0]
         lin = (c_ext + tab.gradient(maps, prob)).view(num, n1, m)  # cost of row i at column u, others fixed
         owner = torch.full((num, m), n1, device=dev, dtype=torch.long).scatter_(1, maps, rows.expand(num, -1))
         owner[:, n2] = n1
@@ -224,7 +239,7 @@ def _local_search_sparse(c: torch.Tensor, tab: PairTable, prob: torch.Tensor, ma
         # Edge correction at the neighbour pairs, as `_local_search_dense` writes it.
         o1 = maps.gather(1, pair_i)[:, None]  # (N, 1, 2E1): i's old column
         j1 = maps.gather(1, pair_r)[:, None]  # the column r holds
-        new_r = torch.cat([o1, unmatched.expand_as(o1)], 1)  # (N, 2, 2E1)
+        new_r = torch.cat([o1, torch.full_like(o1, n2)], 1)  # (N, 2, 2E1)
         q = tab.at_row
         corr_pairs = (q(ir, j1, new_r) - q(ir, o1, new_r) + q(ri, new_r, j1) - q(ri, new_r, o1)
                       + (q(ir, o1, j1) - q(ir, j1, j1) + q(ri, j1, o1) - q(ri, j1, j1)))
@@ -235,8 +250,10 @@ def _local_search_sparse(c: torch.Tensor, tab: PairTable, prob: torch.Tensor, ma
         delta = torch.where(noop_i, torch.full_like(delta, torch.inf), delta).flatten(1)
         best_delta, move = delta.min(1)
         improve = best_delta < -1e-6
-        if (rnd + 1) % check_every == 0 and not bool(improve.any()):
+        read = (rnd + 1) % check_every == 0
+        if read and not bool(improve.any()):
             break
+        bidx = torch.arange(num, device=dev)
         mode, ci, cj = move // (n1 * m), (move // m) % n1, move % m
         cr = owner[bidx, cj]
         cvalid = (cr < n1) & (cr != ci)
@@ -247,7 +264,13 @@ def _local_search_sparse(c: torch.Tensor, tab: PairTable, prob: torch.Tensor, ma
         upd[bidx, ci] = cj
         maps = torch.where(improve[:, None], upd, maps)
         value = torch.where(improve, value + best_delta, value)
-    return maps, value
+        if check_every == 1 and not bool(improve.all()):  # drop the converged starts (their results are final)
+            out_maps[work], out_value[work] = maps, value
+            keep = improve.nonzero().squeeze(1)
+            work, maps, value, prob, c_ext = work[keep], maps[keep], value[keep], prob[keep], c_ext[keep]
+            pair_i, pair_r, ir, ri = pair_i[keep], pair_r[keep], _take_rows(ir, keep), _take_rows(ri, keep)
+    out_maps[work], out_value[work] = maps, value
+    return out_maps, out_value
 
 
 def _ipfp(unary: torch.Tensor, quadratic: torch.Tensor, edges1: torch.Tensor, edges2: torch.Tensor,
