@@ -54,7 +54,7 @@ def knn_graph(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def edge_features(x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
     """Edge features x[source] - x[target]: (E, D)."""
-    return x[edge_index[0]] - x[edge_index[1]]
+    return x.index_select(0, edge_index[0]) - x.index_select(0, edge_index[1])  # faster than x[idx], same values
 
 
 @dataclass

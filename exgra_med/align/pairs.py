@@ -40,6 +40,11 @@ def _first_copy(key: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(idx).scatter_(1, idx, idx.gather(1, run_start))
 
 
+def _read(flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """flat[index] for a 1-D tensor and an index of any shape (index_select: a few times faster than take)."""
+    return flat.index_select(0, index.reshape(-1)).view(index.shape)
+
+
 class DensePairTable:
     """Q as a dense table: table[p, a, u, v]; row E1 is zero. See the module docstring."""
 
@@ -176,16 +181,16 @@ class SparsePairTable:
             node = node0 + maps.gather(1, mapped)  # (N, E1): key of the graph-2 node a's other end is mapped to
             dest0 = lands * self.m + torch.arange(num, device=maps.device)[:, None] * size  # (N, E1)
             start, degree, ids, ends, padded_ids, padded_ends = lists
-            if ragged:  # every (a, b) pair once, a-major: (T,); take / index_select, not [], for speed
-                count = degree.take(node).flatten()
+            if ragged:  # every (a, b) pair once, a-major: (T,); index_select, not [] or take, for speed
+                count = _read(degree, node).flatten()
                 pair = torch.repeat_interleave(count)  # flat (n, a) of each pair
-                first = (count.cumsum(0) - count - start.take(node).flatten()).index_select(0, pair)
+                first = (count.cumsum(0) - count - _read(start, node).flatten()).index_select(0, pair)
                 edge = torch.arange(pair.shape[0], device=maps.device) - first
-                vals = self.flat.take(base.flatten().index_select(0, pair) + ids.index_select(0, edge))
+                vals = self.flat.index_select(0, base.flatten().index_select(0, pair) + ids.index_select(0, edge))
                 dest = dest0.flatten().index_select(0, pair) + ends.index_select(0, edge)
             else:  # (N, E1, width), padding reads the zero column and lands on the "unmatched" column
                 rows = node.flatten()
-                vals = self.flat.take(base.flatten()[:, None] + padded_ids.index_select(0, rows)).flatten()
+                vals = _read(self.flat, base.flatten()[:, None] + padded_ids.index_select(0, rows)).flatten()
                 dest = (dest0.flatten()[:, None] + padded_ends.index_select(0, rows)).flatten()
             out.append(torch.zeros(num * size, device=maps.device, dtype=self.flat.dtype).scatter_add_(0, dest, vals))
         return (out[0] + out[1]).view(num, self.n1, self.m)
@@ -212,12 +217,12 @@ class SparsePairTable:
     def edge_row(self, prob: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Handle of graph-1 edge (s, t) of problems prob (the zero row if absent) for `at_row`; (N, ...) indices."""
         p = prob.view(-1, *([1] * (s.dim() - 1)))
-        a = torch.take(self.eid1, p * self.n1 * self.n1 + s * self.n1 + t)
+        a = _read(self.eid1.view(-1), p * self.n1 * self.n1 + s * self.n1 + t)
         return (p * (self.e1n + 1) + a) * (self.e2n + 1), p * self.m * self.m
 
     def at_row(self, row: tuple[torch.Tensor, torch.Tensor], u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Q(edge, u, v) for handles from `edge_row` (broadcast)."""
-        return torch.take(self.flat, row[0] + torch.take(self.eid2, row[1] + u * self.m + v))
+        return _read(self.flat, row[0] + _read(self.eid2.view(-1), row[1] + u * self.m + v))
 
 
 PAIR_TABLES = {"sparse": SparsePairTable, "dense": DensePairTable}
