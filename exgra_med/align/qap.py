@@ -17,6 +17,8 @@ Backends:
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -25,9 +27,10 @@ from exgra_med.align.pairs import PAIR_TABLES, DensePairTable, SparsePairTable
 
 PairTable = DensePairTable | SparsePairTable
 
-__all__ = ["BACKENDS", "paid_edge_pairs", "qap_objective", "solve_partial_qap"]
+__all__ = ["BACKENDS", "PAIR_ARRANGEMENTS", "paid_edge_pairs", "qap_objective", "solve_partial_qap"]
 
 BACKENDS = ("ipfp", "exhaustive", "lpmp")
+PAIR_ARRANGEMENTS = tuple(PAIR_TABLES)  # ipfp's quadratic-cost arrangements (`exgra_med.align.pairs`)
 _LPMP_PARAMS = {"maxIter": 100, "primalComputationInterval": 10, "timeout": 1000}
 _EXHAUSTIVE_MAX_N = 8
 # On an accelerator the local search reads its convergence flag on the host only every few rounds.
@@ -75,6 +78,17 @@ def _assign(cost: np.ndarray) -> np.ndarray:
         keep = c[rows, cols] < 0
         maps[i, rows[keep]] = cols[keep]
     return maps
+
+
+@functools.lru_cache(maxsize=32)
+def _random_starts(shape: tuple[int, int, int], seed: int, count: int) -> tuple[np.ndarray, ...]:
+    """The seeded random starting matchings (count arrays (P, n1)): they depend on the shape and seed only, so
+    every solve of a training run reuses them instead of solving the same random assignments again."""
+    gen = torch.Generator().manual_seed(seed)
+    starts = tuple(_assign(-torch.rand(shape, generator=gen).numpy()) for _ in range(count))
+    for maps in starts:
+        maps.flags.writeable = False
+    return starts
 
 
 def _to_device(array: np.ndarray, dev: torch.device) -> torch.Tensor:
@@ -126,7 +140,8 @@ def _frank_wolfe(c: torch.Tensor, tab: PairTable, prob: torch.Tensor, x: torch.T
         better = active & (f_y < best_f)
         best_f = torch.where(better, f_y, best_f)
         best_maps = torch.where(better[:, None], maps, best_maps)
-        slope = (grad * (y - x)).sum((1, 2))
+        y_minus_x = y - x
+        slope = (grad * y_minus_x).sum((1, 2))
         curv = half_yky - (x * gqy).sum((1, 2)) + 0.5 * (x * gq).sum((1, 2))  # (y - x)^T K (y - x)
         step = torch.where(curv > 0, (-slope / (2 * curv).clamp_min(1e-12)).clamp(0.0, 1.0),
                            (slope + curv < 0).to(x.dtype))
@@ -134,7 +149,7 @@ def _frank_wolfe(c: torch.Tensor, tab: PairTable, prob: torch.Tensor, x: torch.T
         stall = torch.where(better, torch.zeros_like(stall), stall + 1)
         active = active & (slope < -tol) & (stall < patience)
         step = torch.where(active, step, torch.zeros_like(step))[:, None, None]
-        x, gq = x + step * (y - x), gq + step * (gqy - gq)
+        x, gq = x + step * y_minus_x, gq + step * (gqy - gq)
     return best_maps, best_f
 
 
@@ -281,9 +296,7 @@ def _ipfp(unary: torch.Tensor, quadratic: torch.Tensor, edges1: torch.Tensor, ed
     c = unary.detach().float()
     tab = PAIR_TABLES[pairs](quadratic.detach().float(), edges1.to(dev), edges2.to(dev), n1, n2)
     # Starts: unary-only assignment, (if num_starts > 1) the uniform point, then seeded random matchings.
-    gen = torch.Generator().manual_seed(seed)
-    start_maps = [_assign(c.cpu().numpy())]
-    start_maps += [_assign(-torch.rand(c.shape, generator=gen).numpy()) for _ in range(num_starts - 2)]
+    start_maps = [_assign(c.cpu().numpy()), *_random_starts(tuple(c.shape), seed, num_starts - 2)]
     maps0 = _to_device(np.concatenate(start_maps), dev)  # (S_d * P, n1), start-major
     prob = torch.arange(nprob, device=dev).repeat(len(start_maps))
     x, gq = _one_hot(maps0, n2), tab.gradient(maps0, prob)[:, :, :n2]
@@ -388,7 +401,7 @@ def solve_partial_qap(unary: torch.Tensor, quadratic: torch.Tensor, edges1: torc
                 raise ValueError("num_starts, max_iter, patience must be >= 1 and local_search_rounds >= 0; "
                                  f"got {num_starts}, {max_iter}, {patience}, {local_search_rounds}")
             if pairs not in PAIR_TABLES:
-                raise ValueError(f"unknown pair-cost arrangement pairs={pairs!r}; choose one of {tuple(PAIR_TABLES)}")
+                raise ValueError(f"unknown pair-cost arrangement pairs={pairs!r}; choose one of {PAIR_ARRANGEMENTS}")
             x = _ipfp(unary, quadratic, edges1, edges2, num_starts, max_iter, seed, tol, local_search_rounds,
                       patience, pairs)
         elif backend == "exhaustive":
