@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch_geometric.nn import GraphConv
+from torch_geometric.nn.aggr import MaxAggregation
 
 __all__ = ["EncodedGraphs", "GraphEncoder", "edge_features", "effective_k", "knn_graph"]
 
@@ -57,6 +58,38 @@ def edge_features(x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
     return x.index_select(0, edge_index[0]) - x.index_select(0, edge_index[1])  # faster than x[idx], same values
 
 
+class _ScatterMax(torch.autograd.Function):
+    """Feature-wise max of rows x (E, D) per index into (n, D), as torch_geometric computes it (``scatter_reduce_``
+    "amax" onto zeros, include_self=False), with torch's gradient formula (ties share the gradient evenly; the zeros
+    count as a tie where the max is 0) restricted to x: torch's backward also builds the discarded gradient of the
+    zeros, which costs as much again."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, dim_size: int) -> torch.Tensor:  # type: ignore[override]
+        rows = index[:, None].expand_as(x)
+        out = x.new_zeros(dim_size, x.shape[1]).scatter_reduce_(0, rows, x, reduce="amax", include_self=False)
+        ctx.save_for_backward(x, index, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, index, out = ctx.saved_tensors
+        rows = index[:, None].expand_as(x)
+        is_max = x == out.gather(0, rows)
+        ties = (out == 0).to(x.dtype).scatter_add_(0, rows, is_max.to(x.dtype))
+        return is_max * (grad / ties).gather(0, rows), None, None
+
+
+class _MaxAggregation(MaxAggregation):
+    """torch_geometric's max aggregation with the leaner backward of `_ScatterMax` (same values and gradients)."""
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor | None = None, ptr: torch.Tensor | None = None,
+                dim_size: int | None = None, dim: int = -2) -> torch.Tensor:
+        if index is None or ptr is not None or dim_size is None or x.dim() != 2 or dim not in (0, -2):
+            return super().forward(x, index, ptr, dim_size, dim)
+        return _ScatterMax.apply(x, index, dim_size)
+
+
 @dataclass
 class EncodedGraphs:
     """GNN outputs of P graph pairs, each pair sharing one topology, L2-normalised, float32."""
@@ -79,8 +112,8 @@ class GraphEncoder(nn.Module):
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.conv1 = GraphConv(dim, dim, aggr=aggr)
-        self.conv2 = GraphConv(dim, dim, aggr=aggr)
+        self.conv1 = GraphConv(dim, dim, aggr=_MaxAggregation() if aggr == "max" else aggr)
+        self.conv2 = GraphConv(dim, dim, aggr=_MaxAggregation() if aggr == "max" else aggr)
         self.dropout = dropout
 
     def reset_parameters(self) -> None:

@@ -117,3 +117,30 @@ def test_alignment_loss_and_black_box_gradients_are_the_same_with_either_arrange
     assert all(torch.equal(a, b) for a, b in zip(nodes_d, nodes_s))
     assert all(torch.equal(a, b) for a, b in zip(params_d, params_s))
     assert any(g.abs().sum() > 0 for g in nodes_s)  # the black-box gradient reached the nodes
+
+
+def test_gnn_max_aggregation_matches_torch_geometric_values_and_gradients():
+    """The GNN's max aggregation (leaner backward) against torch_geometric's own, ties included: ReLU zeros tie with
+    each other and with the zeros the reduction starts from."""
+    from torch_geometric.utils import scatter
+
+    from exgra_med.align.graphs import _MaxAggregation
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 16, generator=gen)
+    x[::3] = x[::3].relu()  # many exact zeros
+    x[5], x[9] = x[7], x[7]  # equal rows sent to one node tie for its max
+    index = torch.randint(0, 40, (200,), generator=gen)
+    index[5], index[9] = index[7], index[7]
+    index[:3] = 39  # node 38 (perhaps) and others without in-edges stay 0
+    grad = torch.randn(41, 16, generator=gen)
+    outs, grads = [], []
+    reductions = (lambda t: scatter(t, index, 0, 41, reduce="max"), lambda t: _MaxAggregation()(t, index, dim_size=41))
+    for reduce in reductions:
+        t = x.clone().requires_grad_(True)
+        out = reduce(t)
+        out.backward(grad)
+        outs.append(out)
+        grads.append(t.grad)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+    assert (grads[1] != 0).float().mean() < 0.5  # only the maxima receive gradient
