@@ -144,3 +144,18 @@ def test_gnn_max_aggregation_matches_torch_geometric_values_and_gradients():
         grads.append(t.grad)
     assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
     assert (grads[1] != 0).float().mean() < 0.5  # only the maxima receive gradient
+
+
+def test_gumbel_noise_is_the_exponential_draws_of_the_generator():
+    """The vectorised host draws give torch's `exponential_` values and generator state, or are not used."""
+    from exgra_med.align.loss import _host_exponential, _host_exponential_matches, gumbel
+
+    tiny = torch.finfo(torch.float32).tiny
+    for shape in ((7,), (6, 33, 33), (3, 300, 300)):  # the last spans several chunks
+        ref_gen, gen = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+        expected = -0.05 * torch.log(torch.empty(shape).exponential_(generator=ref_gen).clamp_min(tiny))
+        assert torch.equal(gumbel(shape, 0.05, gen), expected)
+        assert torch.equal(gen.get_state(), ref_gen.get_state())
+    ref_gen, gen = torch.Generator().manual_seed(12), torch.Generator().manual_seed(12)
+    same = torch.equal(_host_exponential((70000,), gen, chunk=4096), torch.empty(70000).exponential_(generator=ref_gen))
+    assert _host_exponential_matches() == same  # the check that guards the vectorised draws tells the truth
