@@ -5,11 +5,12 @@
 "unmatched" and costs nothing. Parallel graph-1 edges are merged into their first copy (the other copies
 cost zero), so a node pair (s, t) names one graph-1 edge. Two arrangements answer the same queries:
 
-- ``DensePairTable`` (the reference): Q as a dense (P, E1 + 1, m, m) table (m = n2 + 1); the gradient reads
-  (E1, m) rows of it and sums them per node with incidence-matrix products. O(E1 m^2) memory per problem,
-  O(n1 E1 m) work per gradient.
-- ``SparsePairTable``: q itself, (P, E1 + 1, E2 + 1) with parallel graph-2 edges merged likewise, and graph 2
-  as padded adjacency lists. The gradient visits only the edge pairs that can be nonzero: O(E1 * degree) work.
+- ``DensePairTable`` (``pairs="dense"``, the earlier arrangement): Q as a dense (P, E1 + 1, m, m) table
+  (m = n2 + 1); the gradient reads (E1, m) rows of it and sums them per node with incidence-matrix products.
+  O(E1 m^2) memory per problem, O(n1 E1 m) work per gradient: cubic in the batch for kNN graphs.
+- ``SparsePairTable`` (``pairs="sparse"``, the default): q itself, (P, E1 + 1, E2 + 1) with parallel graph-2 edges
+  merged likewise, and graph 2 as adjacency lists. The gradient visits only the edge pairs that can be nonzero:
+  O(E1 * degree) work.
 
 Both store the same values at the same (a, u, v), and their gradients add the same nonzero terms; only the
 order in which a gradient entry's few terms (at most the graph degrees) are added differs, so entries can differ

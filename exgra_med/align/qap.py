@@ -10,7 +10,9 @@ Backends:
   few starts (unary-only assignment, uniform point, seeded random matchings), then a best-improvement
   local search (moves and swaps of one or two rows, dropping rows). The linear step is a partial
   assignment, solved exactly as scipy's assignment on ``min(gradient, 0)`` (non-negative pairs dropped).
-  Every problem and start runs in one batch; only the assignment calls leave the device.
+  Every problem and start runs in one batch; only the assignment calls leave the device. ``pairs`` picks how
+  the quadratic costs are held (``exgra_med.align.pairs``): per edge pair ("sparse", the default) or as the
+  earlier dense table ("dense"); the two run the same iterations.
 - ``"exhaustive"``: enumerates every partial matching (n <= 8); the reference answer in tests.
 - ``"lpmp"``: LPMP's dual-decomposition solver through the optional ``lpmp_py`` package.
 """
@@ -208,7 +210,9 @@ def _local_search_dense(c: torch.Tensor, tab: PairTable, prob: torch.Tensor, map
     return maps, value
 
 
-def _take_rows(handle: torch.Tensor | tuple[torch.Tensor, ...], keep: torch.Tensor):
+def _take_rows(handle: torch.Tensor | tuple[torch.Tensor, ...],
+               keep: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Rows keep of an edge handle from `edge_row` (a tensor, or a tuple of tensors for the sparse table)."""
     return tuple(t[keep] for t in handle) if isinstance(handle, tuple) else handle[keep]
 
 
@@ -265,8 +269,7 @@ def _local_search_sparse(c: torch.Tensor, tab: PairTable, prob: torch.Tensor, ma
         delta = torch.where(noop_i, torch.full_like(delta, torch.inf), delta).flatten(1)
         best_delta, move = delta.min(1)
         improve = best_delta < -1e-6
-        read = (rnd + 1) % check_every == 0
-        if read and not bool(improve.any()):
+        if (rnd + 1) % check_every == 0 and not bool(improve.any()):
             break
         bidx = torch.arange(num, device=dev)
         mode, ci, cj = move // (n1 * m), (move // m) % n1, move % m
