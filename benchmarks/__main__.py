@@ -19,6 +19,7 @@ from benchmarks import bench_align, bench_data, bench_generate, bench_serve, ben
 from exgra_med.io import write_text_atomic
 
 ALIGN_TARGET_MS = 50.0
+ALIGN_B64_TARGET_MS = 100.0
 STEP_TARGET_RATIO = 1.3
 GENERATE_TARGET_SPEEDUP = 5.0
 
@@ -40,8 +41,11 @@ NOTES = """## Reading these figures
 - The ratio is set by how long the alignment texts are against the training sequence: the GPU sweep below shows the
   measured ratio tracking the model-FLOPs ratio within a few percent, i.e. the overhead left is the method's own
   arithmetic. Real LLaVA-Med instruct records are short conversations, so the texts are a fraction of the sequence.
-- The batched alignment grows faster than linearly in B on the CPU (the graph matching is a QAP: B = 64 takes
-  ~15x B = 16); on the GPU the solver's time hardly grows with B (launch-bound at these sizes).
+- The alignment step grows faster than linearly in B on the CPU: the six problems have E = k B edges per graph,
+  so the quadratic costs, their Gumbel noise, their gradient and the GNN's edge features are (6, E, E) or (6, E, D)
+  tensors, and each Frank-Wolfe step solves 4 x 6 linear assignments of B x B. The solver's quadratic costs are
+  kept per edge pair (`pairs="sparse"`, the default); the earlier dense (E, B + 1, B + 1) table (`pairs="dense"`)
+  made it cubic in B (B = 64 took ~15x B = 16). On the GPU the solver's time hardly grows with B (launch-bound).
 - DataLoader workers do not help on 2 cores: they compete with the training threads for the same cores.
 """
 
@@ -136,7 +140,7 @@ def report(quick: bool) -> str:
     serve_rows = bench_serve.run(quick=quick, threads=1)
     memory = bench_step.peak_memory(quick=quick)
     data_rows = bench_data.run(quick=quick)
-    b16 = next(r for r in align_rows if r["kind"] == "speed" and r["B"] == 16)
+    b16, b64 = bench_align.step_ms(align_rows, 16), bench_align.step_ms(align_rows, 64)
     step = step_rows[0]
     speedup = gen_rows[-1]["speedup"]
     cmd = "python -m benchmarks" + (" --quick" if quick else "")
@@ -153,9 +157,10 @@ def report(quick: bool) -> str:
             "",
             "| benchmark | target | measured | verdict |",
             "|---|---|---|---|",
-            f"| alignment forward+backward, B = 16 (1 thread) | <= {ALIGN_TARGET_MS:.0f} ms | "
-            f"{b16['ms_median']:.1f} ms | "
-            f"{_verdict(b16['ms_median'] <= ALIGN_TARGET_MS)} |",
+            f"| alignment forward+backward, B = 16 (1 thread) | <= {ALIGN_TARGET_MS:.0f} ms | {b16:.1f} ms | "
+            f"{_verdict(b16 <= ALIGN_TARGET_MS)} |",
+            f"| alignment forward+backward, B = 64 (1 thread) | <= {ALIGN_B64_TARGET_MS:.0f} ms | {b64:.1f} ms | "
+            f"{_verdict(b64 <= ALIGN_B64_TARGET_MS)} |",
             f"| stage-2 step with / without alignment ({step['config']} config; model FLOPs ratio "
             f"{step['flops_ratio']:.2f}) | <= {STEP_TARGET_RATIO} | {step['ratio']:.2f} | "
             f"{_verdict(step['ratio'] <= STEP_TARGET_RATIO)} |",

@@ -1,11 +1,14 @@
 """Speed and solution quality of the ExGra-Med alignment loss and its partial-QAP solver.
 
-Speed: one full MultiGraphAlignmentLoss forward + backward (training mode, D = 256) at B = 16, 32, 64,
-median of repeats, with torch's thread count pinned. Quality: on the six problems a step builds from
+Speed: one full MultiGraphAlignmentLoss forward + backward (training mode, D = 256) at B = 16, 32, 64, 128,
+median of repeats, with torch's thread count pinned, for both arrangements of the solver's quadratic costs
+(``pairs="dense"``, the earlier (E1, m, m) table, and ``pairs="sparse"``, the default) in interleaved rounds on the
+same nodes, so that both see the same machine load; wall and CPU (process) time, their ratio, and whether the
+losses agree. Quality: on the six problems a step builds from
 random nodes, the objective reached by our solver, by pygmtools' IPFP and RRWM (run on the problem padded
 with n dummy nodes per side, which turns partial matching into a permutation problem; RRWM's affinities
 are shifted by a constant to be non-negative, which leaves the ranking of permutations unchanged) and, for
-n <= 8, by exhaustive enumeration. Run: ``python benchmarks/bench_align.py [--quick] [--threads N]``.
+n <= 8, by exhaustive enumeration. Run: ``python -m benchmarks.bench_align [--quick] [--threads N] [--sizes 16,64]``.
 """
 
 from __future__ import annotations
@@ -28,21 +31,44 @@ def _nodes(bsz: int, dim: int, seed: int) -> list[torch.Tensor]:
     return [(base + torch.randn(bsz, dim, generator=gen)).requires_grad_(True) for _ in range(3)]
 
 
-def time_step(bsz: int, repeats: int, dim: int = DIM) -> dict:
-    """Median wall time (ms) of one alignment forward + backward at batch size bsz."""
-    torch.manual_seed(0)
-    module = MultiGraphAlignmentLoss(dim, seed=0).train()
-    times, losses = [], []
-    for rep in range(repeats + 1):  # the first run warms up
+ARRANGEMENTS = ("dense", "sparse")  # solver pair costs: the earlier arrangement, then the default
+
+
+def time_steps(bsz: int, repeats: int, dim: int = DIM, arrangements: Sequence[str] = ARRANGEMENTS) -> list[dict]:
+    """Wall and CPU time (ms) of one alignment forward + backward at batch size bsz per solver arrangement.
+
+    One step of each arrangement per round, on the same nodes, from identically seeded modules (the first round
+    warms up); rows per arrangement with medians, then a comparison row (median of the per-round ratios against the
+    first arrangement, and whether every step's loss agreed).
+    """
+    modules = {}
+    for name in arrangements:
+        torch.manual_seed(0)
+        modules[name] = MultiGraphAlignmentLoss(dim, seed=0, solver_kwargs={"pairs": name}).train()
+    wall: dict[str, list[float]] = {name: [] for name in arrangements}
+    cpu: dict[str, list[float]] = {name: [] for name in arrangements}
+    losses: dict[str, list[float]] = {name: [] for name in arrangements}
+    for rep in range(repeats + 1):
         nodes = _nodes(bsz, dim, rep)
-        start = time.perf_counter()
-        out = module(*nodes)
-        out.loss.backward()
-        if rep:
-            times.append((time.perf_counter() - start) * 1000)
-            losses.append(float(out.loss.detach()))
-    return {"kind": "speed", "B": bsz, "D": dim, "ms_median": statistics.median(times),
-            "ms_min": min(times), "hamming": statistics.mean(losses), "repeats": repeats}
+        for name, module in modules.items():
+            inputs = [t.detach().clone().requires_grad_(True) for t in nodes]
+            start, start_cpu = time.perf_counter(), time.process_time()
+            out = module(*inputs)
+            out.loss.backward()
+            if rep:
+                wall[name].append((time.perf_counter() - start) * 1000)
+                cpu[name].append((time.process_time() - start_cpu) * 1000)
+                losses[name].append(float(out.loss.detach()))
+    rows = [{"kind": "speed", "B": bsz, "D": dim, "pairs": name, "ms_median": statistics.median(wall[name]),
+             "ms_min": min(wall[name]), "cpu_ms_median": statistics.median(cpu[name]),
+             "hamming": statistics.mean(losses[name]), "repeats": repeats} for name in arrangements]
+    base = arrangements[0]
+    for name in arrangements[1:]:
+        rows.append({"kind": "speedup", "B": bsz, "baseline": base, "pairs": name,
+                     "wall_ratio": statistics.median(a / b for a, b in zip(wall[base], wall[name])),
+                     "cpu_ratio": statistics.median(a / b for a, b in zip(cpu[base], cpu[name])),
+                     "same_losses": losses[base] == losses[name]})
+    return rows
 
 
 def _affinity(unary: torch.Tensor, quadratic: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
@@ -112,13 +138,13 @@ def quality(n: int, seeds: int, dim: int = 64) -> list[dict]:
     return rows
 
 
-def run(quick: bool = False, threads: int = 1) -> list[dict]:
-    """All measurements as rows of dicts; quick = one batch size, few repeats, small quality study."""
+def run(quick: bool = False, threads: int = 1, sizes: Sequence[int] | None = None) -> list[dict]:
+    """All measurements as rows of dicts; quick = B = 16 and 64, few repeats, small quality study."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        rows = [time_step(b, repeats=3 if quick else 9) | {"threads": threads}
-                for b in ((16,) if quick else (16, 32, 64))]
+        sizes = sizes or ((16, 64) if quick else (16, 32, 64, 128))
+        rows = [r | {"threads": threads} for b in sizes for r in time_steps(b, repeats=3 if quick else 9)]
         for n, seeds in (((8, 2),) if quick else ((8, 6), (16, 3))):
             rows += quality(n, seeds)
     finally:
@@ -126,10 +152,19 @@ def run(quick: bool = False, threads: int = 1) -> list[dict]:
     return rows
 
 
+def step_ms(rows: list[dict], bsz: int, pairs: str = "sparse") -> float:
+    """Median wall ms of the alignment step at batch size bsz with the given solver arrangement (the default)."""
+    return next(r["ms_median"] for r in rows if r["kind"] == "speed" and r["B"] == bsz and r["pairs"] == pairs)
+
+
 def _table(rows: list[dict]) -> str:
-    lines = ["| B | D | threads | median ms | min ms | mean Hamming |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['B']} | {r['D']} | {r['threads']} | {r['ms_median']:.1f} | {r['ms_min']:.1f} | "
-              f"{r['hamming']:.3f} |" for r in rows if r["kind"] == "speed"]
+    lines = ["| B | D | threads | solver pairs | median ms | min ms | median CPU ms | mean Hamming |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['B']} | {r['D']} | {r['threads']} | {r['pairs']} | {r['ms_median']:.1f} | {r['ms_min']:.1f} | "
+              f"{r['cpu_ms_median']:.1f} | {r['hamming']:.3f} |" for r in rows if r["kind"] == "speed"]
+    lines += ["", "| B | speed-up, wall (CPU) | same loss every step |", "|---|---|---|"]
+    lines += [f"| {r['B']} | {r['pairs']} over {r['baseline']}: {r['wall_ratio']:.1f}x ({r['cpu_ratio']:.1f}x) | "
+              f"{r['same_losses']} |" for r in rows if r["kind"] == "speedup"]
     lines += ["", "| n | method | problems | reaches best | mean relative gap |", "|---|---|---|---|---|"]
     lines += [f"| {r['n']} | {r['method']} | {r['problems']} | {100 * r['best_rate']:.0f}% | "
               f"{100 * r['mean_rel_gap']:.2f}% |" for r in rows if r["kind"] == "quality"]
@@ -144,8 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one batch size, few repeats")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads value")
+    parser.add_argument("--sizes", default=None, help="comma-separated batch sizes to time (default 16,32,64,128)")
     args = parser.parse_args(argv)
-    print(_table(run(quick=args.quick, threads=args.threads)))
+    sizes = [int(b) for b in args.sizes.split(",")] if args.sizes else None
+    print(_table(run(quick=args.quick, threads=args.threads, sizes=sizes)))
     return 0
 
 

@@ -24,9 +24,12 @@ def test_quick_benchmarks_write_a_report(tmp_path):
     for heading in ("## Targets", "## Alignment loss and solver", "## Stage-2 training step", "## Answer generation"):
         assert heading in text
     verdicts = re.findall(r"\| (met|NOT met) \|", text)
-    assert len(verdicts) == 3
+    assert len(verdicts) == 4
     ms = float(re.search(r"B = 16 \(1 thread\) \| <= 50 ms \| ([0-9.]+) ms", text).group(1))
     assert ms > 0
+    assert float(re.search(r"B = 64 \(1 thread\) \| <= 100 ms \| ([0-9.]+) ms", text).group(1)) > 0
+    # both solver arrangements ran on the same nodes and gave the same loss at every step
+    assert re.search(r"\| 64 \| sparse over dense: [0-9.]+x \([0-9.]+x\) \| True \|", text)
     assert "| True |" in text  # batched generation gave the batch-1 answers
     assert "## GPU: 7B-shaped model, bf16" in text  # the recorded GPU runs are carried into every report
 
@@ -53,6 +56,21 @@ def test_gpu_benchmark_code_paths_run_on_cpu(tmp_path):
     sweep = [r["flops_ratio"] for r in rows if r["benchmark"] == "gpu_sweep"]
     assert sweep[1] > sweep[0]
     assert "| 16 | 4096 | cpu |" in proc.stdout
+
+
+def test_align_benchmark_times_both_solver_arrangements():
+    from benchmarks import bench_align
+
+    rows = bench_align.time_steps(12, repeats=2, dim=16)
+    speed = [r for r in rows if r["kind"] == "speed"]
+    assert [r["pairs"] for r in speed] == ["dense", "sparse"]
+    assert all(r["ms_median"] > 0 and r["cpu_ms_median"] >= 0 and 0 <= r["hamming"] <= 2 for r in speed)
+    assert speed[0]["hamming"] == speed[1]["hamming"]
+    (ratio,) = [r for r in rows if r["kind"] == "speedup"]
+    assert ratio["same_losses"] is True and ratio["wall_ratio"] > 0
+    assert bench_align.step_ms(rows, 12) == speed[1]["ms_median"]
+    table = bench_align._table([r | {"threads": 1} for r in rows])
+    assert "| 12 | 16 | 1 | sparse |" in table and "| 12 | sparse over dense:" in table
 
 
 def test_recorded_gpu_runs_render():

@@ -41,16 +41,28 @@ class BlackBoxQAP(torch.autograd.Function):
         ctx.save_for_backward(unary, quadratic, edges1, edges2, x, z)
         ctx.lambda_val, ctx.scale_invariant, ctx.relative_lambda = lambda_val, scale_invariant, relative_lambda
         ctx.solver_kwargs, ctx.grad_scale = kwargs, float(grad_scale)
+        # An unused output (z, in the loss) gets None, not a (B, E1, E2) tensor of zeros to add.
+        ctx.set_materialize_grads(False)
         return x, z
 
     @staticmethod
-    def backward(ctx, grad_x: torch.Tensor, grad_z: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_x: torch.Tensor | None, grad_z: torch.Tensor | None):  # type: ignore[override]
         unary, quadratic, edges1, edges2, x, z = ctx.saved_tensors
         scale = ctx.grad_scale
-        grad_x, grad_z = grad_x.to(unary.dtype) / scale, grad_z.to(quadratic.dtype) / scale
+        if grad_x is None and grad_z is None:
+            return None, None, None, None, None, None, None, None, None
+        # Zero gradients perturb nothing: q + lambda * 0 is q to the solver, which reads costs as 0 + q.
+        grad_x = torch.zeros_like(unary) if grad_x is None else grad_x.to(unary.dtype)
+        if scale != 1.0:  # x / 1 is x: skip the (B, E1, E2) passes in the usual case
+            grad_x = grad_x / scale
+            grad_z = None if grad_z is None else grad_z.to(quadratic.dtype) / scale
+        elif grad_z is not None:
+            grad_z = grad_z.to(quadratic.dtype)
         bsz = unary.shape[0]
         if ctx.scale_invariant:
-            gmax = torch.maximum(grad_x.abs().flatten(1).amax(1), grad_z.abs().flatten(1).amax(1))  # (B,)
+            gmax = grad_x.abs().flatten(1).amax(1)  # (B,)
+            if grad_z is not None:
+                gmax = torch.maximum(gmax, grad_z.abs().flatten(1).amax(1))
             flat_c = unary.detach().flatten(1)
             spread = (flat_c.amax(1) - flat_c.amin(1)).clamp_min(1e-6)
             lam = torch.where(gmax > 0, ctx.relative_lambda * spread / gmax.clamp_min(1e-30),
@@ -58,11 +70,13 @@ class BlackBoxQAP(torch.autograd.Function):
         else:
             lam = torch.full((bsz,), float(ctx.lambda_val), dtype=unary.dtype, device=unary.device)
         lam = lam.view(bsz, 1, 1)
-        x_prime = solve_partial_qap(unary.detach() + lam * grad_x, quadratic.detach() + lam * grad_z,
-                                    edges1, edges2, **ctx.solver_kwargs)
+        q_prime = quadratic.detach() if grad_z is None else quadratic.detach() + lam * grad_z
+        x_prime = solve_partial_qap(unary.detach() + lam * grad_x, q_prime, edges1, edges2, **ctx.solver_kwargs)
         z_prime = paid_edge_pairs(x_prime, edges1, edges2)
-        grad_unary = -(x - x_prime) / lam * scale
-        grad_quadratic = -(z - z_prime) / lam * scale
+        grad_unary = -(x - x_prime) / lam
+        grad_quadratic = torch.sub(z, z_prime).neg_().div_(lam)  # -(z - z') / lambda, without temporaries
+        if scale != 1.0:
+            grad_unary, grad_quadratic = grad_unary * scale, grad_quadratic.mul_(scale)
         return grad_unary, grad_quadratic, None, None, None, None, None, None, None
 
 

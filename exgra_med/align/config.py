@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from exgra_med.align.qap import BACKENDS
+from exgra_med.align.qap import BACKENDS, PAIR_ARRANGEMENTS
 
 __all__ = ["CONTRASTIVE_LOSS_TYPES", "LEGACY_KEYS", "SIMILARITY_TYPES", "AlignmentConfig", "build_alignment_loss"]
 
@@ -65,6 +65,10 @@ class AlignmentConfig:
     solver: str = _option("ipfp", f"graph-matching solver: {' | '.join(BACKENDS)}", "align_solver")
     solve_on: str | None = _option(None, "device the solver runs on (e.g. cpu); default: the nodes' device",
                                    "align_solve_on")
+    solver_pairs: str = _option(
+        "sparse", f"how the ipfp solver holds the quadratic costs: {' | '.join(PAIR_ARRANGEMENTS)} (sparse: per edge "
+                  "pair, linear in the edges; dense: the earlier (E, B+1, B+1) table, cubic in B; same iterates up to "
+                  "the order of float32 additions)", "align_solver_pairs")
     seed: int = _option(0, "seed of the alignment noise and GNN dropout; the trainer sets it from --seed",
                         "align_seed", cli=False)
 
@@ -88,6 +92,8 @@ class AlignmentConfig:
             raise bad("simi_type", f"one of {SIMILARITY_TYPES}")
         if self.solver not in BACKENDS:
             raise bad("solver", f"one of {BACKENDS}")
+        if self.solver_pairs not in PAIR_ARRANGEMENTS:
+            raise bad("solver_pairs", f"one of {PAIR_ARRANGEMENTS}")
         for name in ("lambda_val", "relative_lambda", "ot_eps"):
             if not getattr(self, name) > 0:
                 raise bad(name, "> 0")
@@ -162,6 +168,8 @@ def build_alignment_loss(config: AlignmentConfig, dim: int) -> nn.Module | None:
         solver_kwargs: dict[str, Any] = {"backend": config.solver}
         if config.solve_on is not None:
             solver_kwargs["solve_on"] = config.solve_on
+        if config.solver_pairs != AlignmentConfig().solver_pairs:
+            solver_kwargs["pairs"] = config.solver_pairs
         return MultiGraphAlignmentLoss(
             dim, k=config.k, lambda_val=config.lambda_val, noise_scale=config.noise_scale, dropout=config.dropout,
             seed=config.seed, global_batch=config.global_batch, scale_invariant_grad=config.scale_invariant,

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch_geometric.nn import GraphConv
+from torch_geometric.nn.aggr import MaxAggregation
 
 __all__ = ["EncodedGraphs", "GraphEncoder", "edge_features", "effective_k", "knn_graph"]
 
@@ -54,7 +55,39 @@ def knn_graph(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def edge_features(x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
     """Edge features x[source] - x[target]: (E, D)."""
-    return x[edge_index[0]] - x[edge_index[1]]
+    return x.index_select(0, edge_index[0]) - x.index_select(0, edge_index[1])  # faster than x[idx], same values
+
+
+class _ScatterMax(torch.autograd.Function):
+    """Feature-wise max of rows x (E, D) per index into (n, D), as torch_geometric computes it (``scatter_reduce_``
+    "amax" onto zeros, include_self=False), with torch's gradient formula (ties share the gradient evenly; the zeros
+    count as a tie where the max is 0) restricted to x: torch's backward also builds the discarded gradient of the
+    zeros, which costs as much again."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, dim_size: int) -> torch.Tensor:  # type: ignore[override]
+        rows = index[:, None].expand_as(x)
+        out = x.new_zeros(dim_size, x.shape[1]).scatter_reduce_(0, rows, x, reduce="amax", include_self=False)
+        ctx.save_for_backward(x, index, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, index, out = ctx.saved_tensors
+        rows = index[:, None].expand_as(x)
+        is_max = x == out.gather(0, rows)
+        ties = (out == 0).to(x.dtype).scatter_add_(0, rows, is_max.to(x.dtype))
+        return is_max * (grad / ties).gather(0, rows), None, None
+
+
+class _MaxAggregation(MaxAggregation):
+    """torch_geometric's max aggregation with the leaner backward of `_ScatterMax` (same values and gradients)."""
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor | None = None, ptr: torch.Tensor | None = None,
+                dim_size: int | None = None, dim: int = -2) -> torch.Tensor:
+        if index is None or ptr is not None or dim_size is None or x.dim() != 2 or dim not in (0, -2):
+            return super().forward(x, index, ptr, dim_size, dim)
+        return _ScatterMax.apply(x, index, dim_size)
 
 
 @dataclass
@@ -79,8 +112,8 @@ class GraphEncoder(nn.Module):
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.conv1 = GraphConv(dim, dim, aggr=aggr)
-        self.conv2 = GraphConv(dim, dim, aggr=aggr)
+        self.conv1 = GraphConv(dim, dim, aggr=_MaxAggregation() if aggr == "max" else aggr)
+        self.conv2 = GraphConv(dim, dim, aggr=_MaxAggregation() if aggr == "max" else aggr)
         self.dropout = dropout
 
     def reset_parameters(self) -> None:
@@ -117,6 +150,6 @@ class GraphEncoder(nn.Module):
         union_edges = (edge_index[:, None] + offsets).permute(2, 0, 1, 3).reshape(2, -1)  # (2, 2PE)
         h = self.encode(union, union_edges, generator)
         e = edge_features(h, union_edges)
-        h = F.normalize(h.float(), dim=1).view(pairs, 2, n, -1)
-        e = F.normalize(e.float(), dim=1).view(pairs, 2, num_e, -1)
-        return EncodedGraphs(nodes1=h[:, 0], nodes2=h[:, 1], edges1=e[:, 0], edges2=e[:, 1])
+        h1, h2 = F.normalize(h.float(), dim=1).view(pairs, 2, n, -1).unbind(1)  # unbind: one backward copy
+        e1, e2 = F.normalize(e.float(), dim=1).view(pairs, 2, num_e, -1).unbind(1)
+        return EncodedGraphs(nodes1=h1, nodes2=h2, edges1=e1, edges2=e2)

@@ -18,6 +18,7 @@ that ranks draw different noise), in this order per step: node noise (B, B); the
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -61,11 +62,43 @@ def pool_tokens(hidden: torch.Tensor, mask: torch.Tensor | None = None, masked: 
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
+def _host_exponential(shape: tuple[int, ...], generator: torch.Generator, chunk: int = 1 << 16) -> torch.Tensor:
+    """Exp(1) draws in float32 as torch's CPU ``exponential_`` makes them, element for element, leaving the generator
+    in the same state, about 3x faster. That kernel draws one 64-bit word per element, keeps its low 53 bits as a
+    double u in [0, 1) and returns -log1p(-u), one element at a time; here the same steps run vectorised over chunks.
+    `gumbel` uses it only after `_host_exponential_matches` has checked the equality on the running torch."""
+    out = torch.empty(shape, dtype=torch.float32)
+    flat = out.view(-1)
+    words = torch.empty(min(chunk, flat.numel()), dtype=torch.int64)
+    uniform = torch.empty(words.shape, dtype=torch.float64)
+    for lo in range(0, flat.numel(), chunk):
+        num = min(chunk, flat.numel() - lo)
+        w, u = words[:num], uniform[:num]
+        w.random_(generator=generator).bitwise_and_((1 << 53) - 1)  # random_ on int64: the word mod 2^63
+        u.copy_(w).mul_(2.0 ** -53)
+        flat[lo:lo + num] = u.neg_().log1p_().neg_()
+    return out
+
+
+@functools.cache
+def _host_exponential_matches() -> bool:
+    """Whether `_host_exponential` reproduces ``exponential_`` (values and generator state) on this torch build."""
+    draws = []
+    for vectorised in (False, True):
+        gen = torch.Generator().manual_seed(20260101)
+        e = _host_exponential((5000,), gen, chunk=1024) if vectorised else torch.empty(5000).exponential_(generator=gen)
+        draws.append((e, gen.get_state()))
+    return torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
+
+
 def gumbel(shape: tuple[int, ...], scale: float, generator: torch.Generator,
            device: torch.device | str = "cpu") -> torch.Tensor:
     """Gumbel(0, scale) samples in float32 as ``-scale * log(E)``, E ~ Exp(1) drawn from generator."""
-    e = torch.empty(shape, device=device, dtype=torch.float32).exponential_(generator=generator)
-    return -scale * torch.log(e.clamp_min(torch.finfo(torch.float32).tiny))
+    if generator.device.type == "cpu" and torch.device(device).type == "cpu" and _host_exponential_matches():
+        e = _host_exponential(shape, generator)  # the (6, E, E) edge noise is a tenth of a step at B = 128
+    else:
+        e = torch.empty(shape, device=device, dtype=torch.float32).exponential_(generator=generator)
+    return e.clamp_min_(torch.finfo(torch.float32).tiny).log_().mul_(-scale)  # in place: no (6, E, E) temporaries
 
 
 def _dist_info() -> tuple[bool, int, int]:
@@ -172,10 +205,11 @@ class MultiGraphAlignmentLoss(nn.Module):
         # (6, 2, E); graph 2 reuses graph 1's topology (stacked views: no index tensor to copy to a device)
         edges = torch.stack([topo[0], topo[3], topo[1], topo[3], topo[2], topo[3]])
         enc = self.gnn(first, second, edges, generator=gen)
-        unary = -(enc.nodes1 @ enc.nodes2.transpose(1, 2) + node_noise - 0.5)  # (6, B, B)
+        # -(cos + G - 0.5) and -0.5 (<e1, e2> + G - 0.5), in place on the products (no (6, E, E) temporaries)
+        unary = (enc.nodes1 @ enc.nodes2.transpose(1, 2)).add_(node_noise).sub_(0.5).neg_()  # (6, B, B)
         num_e = edges.shape[2]
         edge_noise = gumbel((6, num_e, num_e), self.noise_scale, gen, device)
-        quadratic = -0.5 * (enc.edges1 @ enc.edges2.transpose(1, 2) + edge_noise - 0.5)  # (6, E, E)
+        quadratic = (enc.edges1 @ enc.edges2.transpose(1, 2)).add_(edge_noise).sub_(0.5).mul_(-0.5)  # (6, E, E)
         return unary, quadratic, edges
 
     def forward(self, image: torch.Tensor, response: torch.Tensor, extended: torch.Tensor) -> AlignmentOutput:

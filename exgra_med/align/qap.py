@@ -10,20 +10,29 @@ Backends:
   few starts (unary-only assignment, uniform point, seeded random matchings), then a best-improvement
   local search (moves and swaps of one or two rows, dropping rows). The linear step is a partial
   assignment, solved exactly as scipy's assignment on ``min(gradient, 0)`` (non-negative pairs dropped).
-  Every problem and start runs in one batch; only the assignment calls leave the device.
+  Every problem and start runs in one batch; only the assignment calls leave the device. ``pairs`` picks how
+  the quadratic costs are held (``exgra_med.align.pairs``): per edge pair ("sparse", the default) or as the
+  earlier dense table ("dense"); the two run the same iterations.
 - ``"exhaustive"``: enumerates every partial matching (n <= 8); the reference answer in tests.
 - ``"lpmp"``: LPMP's dual-decomposition solver through the optional ``lpmp_py`` package.
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["BACKENDS", "paid_edge_pairs", "qap_objective", "solve_partial_qap"]
+from exgra_med.align.pairs import PAIR_TABLES, DensePairTable, SparsePairTable
+
+PairTable = DensePairTable | SparsePairTable
+
+__all__ = ["BACKENDS", "PAIR_ARRANGEMENTS", "paid_edge_pairs", "qap_objective", "solve_partial_qap"]
 
 BACKENDS = ("ipfp", "exhaustive", "lpmp")
+PAIR_ARRANGEMENTS = tuple(PAIR_TABLES)  # ipfp's quadratic-cost arrangements (`exgra_med.align.pairs`)
 _LPMP_PARAMS = {"maxIter": 100, "primalComputationInterval": 10, "timeout": 1000}
 _EXHAUSTIVE_MAX_N = 8
 # On an accelerator the local search reads its convergence flag on the host only every few rounds.
@@ -73,72 +82,15 @@ def _assign(cost: np.ndarray) -> np.ndarray:
     return maps
 
 
-class _PairTable:
-    """Quadratic costs regrouped per graph-1 edge: table[p, a, u, v] = sum of q_ab over b = (u, v).
-
-    Index n2 stands for "unmatched" (zero cost). Parallel graph-1 edges are merged into their first copy
-    (the other copies' rows stay zero), so ``eid`` can map a node pair (s, t) to one row; row E1 is zero.
-    """
-
-    def __init__(self, quadratic: torch.Tensor, edges1: torch.Tensor, edges2: torch.Tensor, n1: int,
-                 n2: int) -> None:
-        prob, e1n, e2n = quadratic.shape
-        dev, self.m, self.n1, self.e1n = quadratic.device, n2 + 1, n1, e1n
-        m = self.m
-        self.src, self.dst = edges1[:, 0], edges1[:, 1]  # (P, E1)
-        key = self.src * n1 + self.dst
-        first = (key[:, :, None] == key[:, None, :]).int().argmax(2)  # first edge with the same pair
-        per_edge = torch.zeros(prob, e1n, m * m, device=dev, dtype=quadratic.dtype)
-        per_edge.scatter_add_(2, (edges2[:, 0] * m + edges2[:, 1])[:, None, :].expand(prob, e1n, e2n), quadratic)
-        table = torch.zeros(prob, e1n + 1, m * m, device=dev, dtype=quadratic.dtype)
-        table.scatter_add_(1, first[:, :, None].expand(-1, -1, m * m), per_edge)
-        self.flat = table.view(prob, -1)
-        self.table = table.view(prob, e1n + 1, m, m)
-        self.eid = torch.full((prob, n1 * n1), e1n, device=dev, dtype=torch.long).scatter_(1, key, first)
-        self._bound: tuple[torch.Tensor, ...] | None = None
-
-    def _bind(self, prob: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # Per-instance views for problems prob (N,), memoised for the prob tensor of the current solve.
-        if self._bound is None or self._bound[0] is not prob:
-            src, dst = self.src[prob], self.dst[prob]  # (N, E1)
-            eye = torch.eye(self.n1, device=prob.device, dtype=self.flat.dtype)
-            inc_s, inc_t = eye[src].transpose(1, 2), eye[dst].transpose(1, 2)  # (N, n1, E1) incidences
-            base = (prob[:, None] * (self.e1n + 1) + torch.arange(self.e1n, device=prob.device)) * self.m
-            self._bound = (prob, src, dst, inc_s, inc_t, base * self.m)  # base: flat offset of (p, a)
-        return self._bound[1:]
-
-    def gradient(self, maps: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
-        """(K + K^T) y for matchings given as maps (N, n1) of problems prob (N,): (N, n1, m)."""
-        src, dst, inc_s, inc_t, base = self._bind(prob)
-        ps, pt = maps.gather(1, src)[:, :, None], maps.gather(1, dst)[:, :, None]  # (N, E1, 1)
-        cols = torch.arange(self.m, device=maps.device)
-        row_s = torch.take(self.flat, base[:, :, None] + cols * self.m + pt)  # Q(a, u, p[t_a]) (N, E1, m)
-        row_t = torch.take(self.flat, base[:, :, None] + ps * self.m + cols)  # Q(a, p[s_a], u)
-        return inc_s @ row_s + inc_t @ row_t
-
-    def uniform_gradient(self) -> torch.Tensor:
-        """(K + K^T) applied to the all-ones matrix: (P, n1, m)."""
-        prob, dev = self.src.shape[0], self.flat.device
-        by_s, by_t = self.table[:, :-1].sum(3), self.table[:, :-1].sum(2)  # (P, E1, m)
-        out = torch.zeros(prob, self.n1, self.m, device=dev, dtype=self.flat.dtype)
-        out.scatter_add_(1, self.src[:, :, None].expand_as(by_s), by_s)
-        return out.scatter_add_(1, self.dst[:, :, None].expand_as(by_t), by_t)
-
-    def quadratic_value(self, maps: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
-        """Quadratic part of the objective of maps (N, n1): (N,)."""
-        src, dst = self.src[prob], self.dst[prob]
-        a = torch.arange(self.e1n, device=maps.device)[None, :]
-        return self.table[prob[:, None], a, maps.gather(1, src), maps.gather(1, dst)].sum(1)
-
-    def edge_row(self, prob: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Flat offset of the table block of graph-1 edge (s, t) (the zero row if absent); (N, ...) indices."""
-        p = prob.view(-1, *([1] * (s.dim() - 1)))
-        a = torch.take(self.eid, p * self.n1 * self.n1 + s * self.n1 + t)
-        return (p * (self.e1n + 1) + a) * self.m
-
-    def at_row(self, row: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """table[row][u, v] for offsets from edge_row (broadcast)."""
-        return torch.take(self.flat, (row + u) * self.m + v)
+@functools.lru_cache(maxsize=32)
+def _random_starts(shape: tuple[int, int, int], seed: int, count: int) -> tuple[np.ndarray, ...]:
+    """The seeded random starting matchings (count arrays (P, n1)): they depend on the shape and seed only, so
+    every solve of a training run reuses them instead of solving the same random assignments again."""
+    gen = torch.Generator().manual_seed(seed)
+    starts = tuple(_assign(-torch.rand(shape, generator=gen).numpy()) for _ in range(count))
+    for maps in starts:
+        maps.flags.writeable = False
+    return starts
 
 
 def _to_device(array: np.ndarray, dev: torch.device) -> torch.Tensor:
@@ -154,7 +106,7 @@ def _one_hot(maps: torch.Tensor, n2: int) -> torch.Tensor:
     return out.scatter_(2, maps[:, :, None], 1.0)[:, :, :n2]
 
 
-def _frank_wolfe(c: torch.Tensor, tab: _PairTable, prob: torch.Tensor, x: torch.Tensor, gq: torch.Tensor,
+def _frank_wolfe(c: torch.Tensor, tab: PairTable, prob: torch.Tensor, x: torch.Tensor, gq: torch.Tensor,
                  max_iter: int, tol: float, patience: int) -> tuple[torch.Tensor, torch.Tensor]:
     """IPFP from points x (N, n1, n2) with gq = (K + K^T) x; returns the best vertices visited (maps, value).
 
@@ -177,13 +129,21 @@ def _frank_wolfe(c: torch.Tensor, tab: _PairTable, prob: torch.Tensor, x: torch.
         maps_host[host_active] = _assign(packed[host_active, :-1].reshape(-1, n1, n2))
         maps = _to_device(maps_host, dev)
         y = _one_hot(maps, n2)
-        gqy = tab.gradient(maps, prob)[:, :, :n2]
+        if isinstance(tab, SparsePairTable) and not host_active.all():
+            # A stopped start's step is the empty matching, whose gradient is zero: compute the others' only.
+            live = _to_device(np.flatnonzero(host_active), dev)
+            gqy = torch.zeros(num, n1, n2 + 1, device=dev, dtype=x.dtype)
+            gqy[live] = tab.gradient(maps[live], prob[live])
+            gqy = gqy[:, :, :n2]
+        else:
+            gqy = tab.gradient(maps, prob)[:, :, :n2]
         half_yky = 0.5 * (y * gqy).sum((1, 2))  # y^T K y
         f_y = (c * y).sum((1, 2)) + half_yky
         better = active & (f_y < best_f)
         best_f = torch.where(better, f_y, best_f)
         best_maps = torch.where(better[:, None], maps, best_maps)
-        slope = (grad * (y - x)).sum((1, 2))
+        y_minus_x = y - x
+        slope = (grad * y_minus_x).sum((1, 2))
         curv = half_yky - (x * gqy).sum((1, 2)) + 0.5 * (x * gq).sum((1, 2))  # (y - x)^T K (y - x)
         step = torch.where(curv > 0, (-slope / (2 * curv).clamp_min(1e-12)).clamp(0.0, 1.0),
                            (slope + curv < 0).to(x.dtype))
@@ -191,12 +151,12 @@ def _frank_wolfe(c: torch.Tensor, tab: _PairTable, prob: torch.Tensor, x: torch.
         stall = torch.where(better, torch.zeros_like(stall), stall + 1)
         active = active & (slope < -tol) & (stall < patience)
         step = torch.where(active, step, torch.zeros_like(step))[:, None, None]
-        x, gq = x + step * (y - x), gq + step * (gqy - gq)
+        x, gq = x + step * y_minus_x, gq + step * (gqy - gq)
     return best_maps, best_f
 
 
-def _local_search(c: torch.Tensor, tab: _PairTable, prob: torch.Tensor, maps: torch.Tensor,
-                  max_rounds: int, check_every: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def _local_search_dense(c: torch.Tensor, tab: PairTable, prob: torch.Tensor, maps: torch.Tensor,
+                        max_rounds: int, check_every: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Best-improvement descent from maps (N, n1); returns (maps, objective values).
 
     Convergence is read on the host every `check_every` rounds (a host sync on an accelerator); a round
@@ -250,17 +210,96 @@ def _local_search(c: torch.Tensor, tab: _PairTable, prob: torch.Tensor, maps: to
     return maps, value
 
 
+def _take_rows(handle: torch.Tensor | tuple[torch.Tensor, ...],
+               keep: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Rows keep of an edge handle from `edge_row` (a tensor, or a tuple of tensors for the sparse table)."""
+    return tuple(t[keep] for t in handle) if isinstance(handle, tuple) else handle[keep]
+
+
+def _local_search_sparse(c: torch.Tensor, tab: PairTable, prob: torch.Tensor, maps: torch.Tensor,
+                         max_rounds: int, check_every: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_local_search_dense` with the same moves, scores and choices, computed with less work.
+
+    The edge correction is nonzero only where row r holding column j is a graph-1 neighbour of row i, so it
+    is evaluated at those (i, r) pairs only (2 E1 per problem and mode, not n1 m) and written into a zero
+    tensor; the per-row costs are read by broadcasting instead of gathers. Every score is the same float
+    expression of the same values as in `_local_search_dense`. A start that did not improve in a round never
+    changes again, so when convergence is read every round (the host) it leaves the batch. Maps and values
+    are those of `_local_search_dense`.
+    """
+    num, n1 = maps.shape
+    n2, dev = c.shape[2], c.device
+    m = n2 + 1
+    c_ext = torch.cat([c, torch.zeros(num, n1, 1, device=dev, dtype=c.dtype)], 2)
+    rows, cols = torch.arange(n1, device=dev), torch.arange(m, device=dev)
+    value = c_ext.gather(2, maps[:, :, None]).sum((1, 2)) + tab.quadratic_value(maps, prob)
+    out_maps, out_value = maps.clone(), value.clone()
+    # Ordered graph-1 neighbour pairs (i, r), both directions: (N, 2 E1), and their edges' handles (N, 1, 2 E1).
+    pair_i = torch.cat([tab.src, tab.dst], 1)[prob]
+    pair_r = torch.cat([tab.dst, tab.src], 1)[prob]
+    ir, ri = tab.edge_row(prob, pair_i[:, None], pair_r[:, None]), tab.edge_row(prob, pair_r[:, None], pair_i[:, None])
+    work = torch.arange(num, device=dev)  # the starts still descending
+    i_col = rows[None, None, :, None]
+    for rnd in range(max_rounds):
+        num = work.shape[0]
+        lin = (c_ext + tab.gradient(maps, prob)).view(num, n1, m)  # cost of row i at column u, others fixed
+        owner = torch.full((num, m), n1, device=dev, dtype=torch.long).scatter_(1, maps, rows.expand(num, -1))
+        owner[:, n2] = n1
+        r = owner[:, None, None, :]  # (N, 1, 1, m): the row holding column j
+        noop_i, valid_r = r == i_col, (r < n1) & (r != i_col)  # (N, 1, n1, m)
+        r_safe = torch.where(r < n1, r, torch.zeros_like(r)).view(num, 1, m)
+        old = maps[:, :, None]  # (N, n1, 1)
+        # Per-row costs: at(i, j), at(i, old_i), at(r, j), at(r, new_r) with new_r = old_i (mode 0) or n2 (mode 1).
+        at_ij, at_io = lin[:, None], lin.gather(2, old)[:, None]
+        flat = lin.view(num, n1 * m)
+        at_rj = flat.gather(1, r_safe[:, 0] * m + cols)[:, None, None]  # (N, 1, 1, m)
+        at_rnew = torch.stack([flat.gather(1, (r_safe * m + old).view(num, -1)).view(num, n1, m),
+                               flat.gather(1, r_safe[:, 0] * m + n2)[:, None].expand(num, n1, m)], 1)
+        # Edge correction at the neighbour pairs, as `_local_search_dense` writes it.
+        o1 = maps.gather(1, pair_i)[:, None]  # (N, 1, 2E1): i's old column
+        j1 = maps.gather(1, pair_r)[:, None]  # the column r holds
+        new_r = torch.cat([o1, torch.full_like(o1, n2)], 1)  # (N, 2, 2E1)
+        q = tab.at_row
+        corr_pairs = (q(ir, j1, new_r) - q(ir, o1, new_r) + q(ri, new_r, j1) - q(ri, new_r, o1)
+                      + (q(ir, o1, j1) - q(ir, j1, j1) + q(ri, j1, o1) - q(ri, j1, j1)))
+        corr = torch.zeros(num, 2, n1 * m, device=dev, dtype=lin.dtype)
+        corr.scatter_(2, (pair_i[:, None] * m + j1).expand(num, 2, -1), corr_pairs)
+        delta = at_ij - at_io
+        delta = delta + torch.where(valid_r, at_rnew - at_rj + corr.view(num, 2, n1, m), torch.zeros_like(delta))
+        delta = torch.where(noop_i, torch.full_like(delta, torch.inf), delta).flatten(1)
+        best_delta, move = delta.min(1)
+        improve = best_delta < -1e-6
+        if (rnd + 1) % check_every == 0 and not bool(improve.any()):
+            break
+        bidx = torch.arange(num, device=dev)
+        mode, ci, cj = move // (n1 * m), (move // m) % n1, move % m
+        cr = owner[bidx, cj]
+        cvalid = (cr < n1) & (cr != ci)
+        cr = torch.where(cvalid, cr, torch.zeros_like(cr))
+        cnew = torch.where(mode == 0, maps[bidx, ci], torch.full_like(ci, n2))
+        upd = maps.clone()
+        upd[bidx, cr] = torch.where(cvalid, cnew, upd[bidx, cr])
+        upd[bidx, ci] = cj
+        maps = torch.where(improve[:, None], upd, maps)
+        value = torch.where(improve, value + best_delta, value)
+        if check_every == 1 and not bool(improve.all()):  # drop the converged starts (their results are final)
+            out_maps[work], out_value[work] = maps, value
+            keep = improve.nonzero().squeeze(1)
+            work, maps, value, prob, c_ext = work[keep], maps[keep], value[keep], prob[keep], c_ext[keep]
+            pair_i, pair_r, ir, ri = pair_i[keep], pair_r[keep], _take_rows(ir, keep), _take_rows(ri, keep)
+    out_maps[work], out_value[work] = maps, value
+    return out_maps, out_value
+
+
 def _ipfp(unary: torch.Tensor, quadratic: torch.Tensor, edges1: torch.Tensor, edges2: torch.Tensor,
           num_starts: int, max_iter: int, seed: int, tol: float, local_search_rounds: int,
-          patience: int) -> torch.Tensor:
+          patience: int, pairs: str) -> torch.Tensor:
     nprob, n1, n2 = unary.shape
     dev = unary.device
     c = unary.detach().float()
-    tab = _PairTable(quadratic.detach().float(), edges1.to(dev), edges2.to(dev), n1, n2)
+    tab = PAIR_TABLES[pairs](quadratic.detach().float(), edges1.to(dev), edges2.to(dev), n1, n2)
     # Starts: unary-only assignment, (if num_starts > 1) the uniform point, then seeded random matchings.
-    gen = torch.Generator().manual_seed(seed)
-    start_maps = [_assign(c.cpu().numpy())]
-    start_maps += [_assign(-torch.rand(c.shape, generator=gen).numpy()) for _ in range(num_starts - 2)]
+    start_maps = [_assign(c.cpu().numpy()), *_random_starts(tuple(c.shape), seed, num_starts - 2)]
     maps0 = _to_device(np.concatenate(start_maps), dev)  # (S_d * P, n1), start-major
     prob = torch.arange(nprob, device=dev).repeat(len(start_maps))
     x, gq = _one_hot(maps0, n2), tab.gradient(maps0, prob)[:, :, :n2]
@@ -278,7 +317,8 @@ def _ipfp(unary: torch.Tensor, quadratic: torch.Tensor, edges1: torch.Tensor, ed
     maps, value = torch.where(keep_start[:, None], maps0, maps), torch.where(keep_start, f0, value)
     if local_search_rounds > 0:
         check_every = 1 if dev.type == "cpu" else _DEVICE_CHECK_EVERY
-        maps, value = _local_search(cost, tab, prob, maps, local_search_rounds, check_every)
+        local_search = _local_search_sparse if pairs == "sparse" else _local_search_dense
+        maps, value = local_search(cost, tab, prob, maps, local_search_rounds, check_every)
     best = value.view(-1, nprob).argmin(0)  # (P,)
     return _one_hot(maps.view(-1, nprob, n1)[best, torch.arange(nprob, device=dev)], n2)
 
@@ -303,7 +343,7 @@ def _exhaustive(unary: torch.Tensor, quadratic: torch.Tensor, edges1: torch.Tens
         raise ValueError(f"backend='exhaustive' enumerates every partial matching; n <= {_EXHAUSTIVE_MAX_N} "
                          f"only, got {n1} x {n2}")
     c = torch.cat([unary.detach().double().cpu(), torch.zeros(nprob, n1, 1, dtype=torch.float64)], 2)
-    tab = _PairTable(quadratic.detach().double().cpu(), edges1.cpu(), edges2.cpu(), n1, n2)
+    tab = DensePairTable(quadratic.detach().double().cpu(), edges1.cpu(), edges2.cpu(), n1, n2)
     all_maps = torch.from_numpy(_enumerate_partial_matchings(n1, n2))  # (M, n1)
     best = torch.zeros(nprob, n1, dtype=torch.long)
     for p in range(nprob):
@@ -336,14 +376,17 @@ def _lpmp(unary: torch.Tensor, quadratic: torch.Tensor, edges1: torch.Tensor,
 def solve_partial_qap(unary: torch.Tensor, quadratic: torch.Tensor, edges1: torch.Tensor,
                       edges2: torch.Tensor, backend: str = "ipfp", num_starts: int = 4, max_iter: int = 30,
                       seed: int = 0, tol: float = 1e-6, local_search_rounds: int = 50,
-                      patience: int = 3, solve_on: str | None = None) -> torch.Tensor:
+                      patience: int = 3, solve_on: str | None = None, pairs: str = "sparse") -> torch.Tensor:
     """Solve B partial graph-matching problems at once; returns 0/1 matchings (B, n1, n2).
 
     unary (B, n1, n2), quadratic (B, E1, E2), edges1 (B, 2, E1), edges2 (B, 2, E2) long (row 0 sources,
     row 1 targets; edges1 loop-free). The result has unary's dtype and device. The other arguments tune
     ipfp: starts, Frank-Wolfe steps, seed of the random starts, descent tolerance, local-search rounds,
     and Frank-Wolfe steps without a better vertex before a start stops. `solve_on` ("cpu", "cuda", ...) runs
-    the solver on another device than the inputs' (one transfer each way; None: the inputs' device).
+    the solver on another device than the inputs' (one transfer each way; None: the inputs' device). `pairs`
+    arranges ipfp's quadratic costs (`exgra_med.align.pairs`): "sparse" (per edge pair, work linear in the
+    edges) or "dense" (the earlier (E1, m, m) table per problem, cubic in n); same iterates up to the order of
+    float32 additions within a gradient entry.
     """
     edges1, edges2 = edges1.long(), edges2.long()
     _check(unary, quadratic, edges1, edges2)
@@ -353,15 +396,17 @@ def solve_partial_qap(unary: torch.Tensor, quadratic: torch.Tensor, edges1: torc
     if target.type != unary.device.type or target.index not in (None, unary.device.index):
         x = solve_partial_qap(unary.detach().to(target), quadratic.detach().to(target), edges1.to(target),
                               edges2.to(target), backend, num_starts, max_iter, seed, tol, local_search_rounds,
-                              patience)
+                              patience, pairs=pairs)
         return x.to(dtype=unary.dtype, device=unary.device)
     with torch.no_grad():
         if backend == "ipfp":
             if num_starts < 1 or max_iter < 1 or patience < 1 or local_search_rounds < 0:
                 raise ValueError("num_starts, max_iter, patience must be >= 1 and local_search_rounds >= 0; "
                                  f"got {num_starts}, {max_iter}, {patience}, {local_search_rounds}")
+            if pairs not in PAIR_TABLES:
+                raise ValueError(f"unknown pair-cost arrangement pairs={pairs!r}; choose one of {PAIR_ARRANGEMENTS}")
             x = _ipfp(unary, quadratic, edges1, edges2, num_starts, max_iter, seed, tol, local_search_rounds,
-                      patience)
+                      patience, pairs)
         elif backend == "exhaustive":
             x = _exhaustive(unary, quadratic, edges1, edges2)
         elif backend == "lpmp":

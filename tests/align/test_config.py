@@ -41,7 +41,8 @@ def test_defaults_are_the_reference_values():
         "contrastive_loss_type": "infonce", "simi_type": "average", "ot_eps": 0.1, "ot_max_iter": 500,
         "k": 5, "lambda_val": 80.0, "scale_invariant": False, "relative_lambda": 0.5, "undo_loss_scale": False,
         "noise_scale": 0.05,
-        "dropout": 0.1, "masked_mean": False, "global_batch": False, "solver": "ipfp", "solve_on": None, "seed": 0,
+        "dropout": 0.1, "masked_mean": False, "global_batch": False, "solver": "ipfp", "solve_on": None,
+        "solver_pairs": "sparse", "seed": 0,
     }
     assert not cfg.enabled
     assert all(f.metadata["help"] for f in dataclasses.fields(AlignmentConfig))
@@ -56,6 +57,7 @@ def test_defaults_are_the_reference_values():
     ({"contrastive_loss_type": "triplet"}, "contrastive_loss_type"),
     ({"simi_type": "max"}, "simi_type"),
     ({"solver": "gurobi"}, "align_solver"),
+    ({"solver_pairs": "csr"}, "align_solver_pairs"),
     ({"alpha": "1"}, "alpha"),
     ({"contrastive": 1}, "contrastive"),
     ({"multi_graph": True}, "--multi_graph needs --contrastive"),
@@ -108,6 +110,8 @@ def test_loss_modules_are_built_from_the_config():
     assert (loss.dim, loss.k, loss.lambda_val, loss.noise_scale, loss.seed) == (8, 3, 10.0, 0.2, 4)
     assert loss.global_batch and loss.scale_invariant_grad and loss.relative_lambda == 0.25
     assert loss.gnn.dropout == 0.3 and loss.solver_kwargs == {"backend": "exhaustive"}
+    dense = build_alignment_loss(AlignmentConfig(contrastive=True, multi_graph=True, solver_pairs="dense"), 8)
+    assert dense.solver_kwargs == {"backend": "ipfp", "pairs": "dense"}
     ablation = build_alignment_loss(AlignmentConfig(contrastive=True, contrastive_loss_type="siglip",
                                                     simi_type="OT", ot_eps=0.2, ot_max_iter=9), 8)
     assert isinstance(ablation, ContrastiveAlignmentLoss)
