@@ -62,7 +62,10 @@ class AlignedVLM(nn.Module):
                              "--simi_type average")
         self.vlm = vlm
         self.alignment_config = config
-        self.alignment = build_alignment_loss(config, text_hidden_size(vlm))
+        with torch.random.fork_rng(devices=[]):
+            # Seeded by the run's seed: the same initial head whatever loading drew before (ZeRO-3, FSDP, DDP).
+            torch.manual_seed(config.seed)
+            self.alignment = build_alignment_loss(config, text_hidden_size(vlm))
         if self.alignment is not None:
             self.alignment.to(next(vlm.parameters()).dtype)
         # FSDP wraps these layer classes (accelerate reads them from the model it is given).
