@@ -6,8 +6,8 @@ loss (METHOD section 4, `loss = lm_loss + alpha * align_loss`):
   of the forward that computes the LM loss, the output of `get_image_features`), mean over all tokens of all of that
   sample's images;
 - text nodes: the response and extended texts through the model's language model (`after_de`, its last hidden
-  states; one extra pass over the 2B texts, right padded, under the model's activation checkpointing) or its input
-  embeddings, mean over tokens (padding included unless `masked_mean`, as the reference).
+  states; one extra pass with both texts of a sample packed in one row, under the model's activation checkpointing)
+  or its input embeddings, mean over tokens (padding included unless `masked_mean`, as the reference).
 The head's weights and options are saved beside the model in their own files (`ALIGNMENT_WEIGHTS`,
 `ALIGNMENT_CONFIG`), so a trained folder is still a plain checkpoint of the base architecture.
 """
@@ -151,11 +151,27 @@ class AlignedVLM(nn.Module):
 
     def encode_text_pairs(self, ids1: torch.Tensor, mask1: torch.Tensor, ids2: torch.Tensor,
                           mask2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both texts of every sample in ONE extra pass: the 2B texts right padded to the longer length (causal
-        attention leaves each text's own positions as in a pass of its own)."""
+        """Token features of both texts of every sample, (B, T1, D) and (B, T2, D), from ONE extra pass.
+
+        `after_de` with sdpa / eager attention: each sample's two texts side by side in one row (T1 + T2), positions
+        restarting at the second text and a block-causal mask, as in `ExGraMedForConditionalGeneration`: the same
+        hidden states as a pass per text, for the tokens of the texts only. Otherwise (flash attention, or a sliding
+        window shorter than a text) the 2B texts right padded to the longer length.
+        """
         t1, t2, b = ids1.shape[1], ids2.shape[1], ids1.shape[0]
+        if not self.alignment_config.after_de:
+            return self.encode_texts(ids1, mask1), self.encode_texts(ids2, mask2)
+        text_config = self.config.get_text_config()
+        impl = getattr(text_config, "_attn_implementation", None)
+        window = getattr(text_config, "sliding_window", None)
+        if impl in ("sdpa", "eager") and (window is None or window >= max(t1, t2)):
+            ids = torch.cat([ids1, ids2], dim=1)  # (B, T1 + T2)
+            mask, positions = block_causal_mask(mask1, mask2, impl, self.get_input_embeddings().weight.dtype)
+            hidden = self.language_model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                         use_cache=False).last_hidden_state
+            return hidden[:, :t1], hidden[:, t1:]
         t = max(t1, t2)
-        pad_id = self.config.get_text_config().pad_token_id or 0
+        pad_id = text_config.pad_token_id or 0
 
         def pad(x: torch.Tensor, value: int) -> torch.Tensor:
             return torch.cat([x, x.new_full((b, t - x.shape[1]), value)], dim=1) if x.shape[1] < t else x
@@ -180,6 +196,25 @@ class AlignedVLM(nn.Module):
         response = pool_tokens(response_hidden, response_mask, masked=options.masked_mean)  # (B, D)
         extended = pool_tokens(extended_hidden, extended_mask, masked=options.masked_mean)  # (B, D)
         return self.alignment(image, response.to(image.dtype), extended.to(image.dtype))
+
+
+def block_causal_mask(mask1: torch.Tensor, mask2: torch.Tensor, impl: str,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(4D attention mask (B, 1, L, L), position ids (B, L)) of two texts per row, L = T1 + T2: each token sees the
+    non-padding tokens of its own text up to itself; positions restart at the second text. sdpa takes the boolean
+    mask (True = attend), eager an additive one."""
+    t1, t2, dev = mask1.shape[1], mask2.shape[1], mask1.device
+    positions = torch.cat([torch.arange(t1, device=dev), torch.arange(t2, device=dev)])
+    segment = torch.cat([torch.zeros(t1, device=dev, dtype=torch.long), torch.ones(t2, device=dev, dtype=torch.long)])
+    causal = (segment[:, None] == segment[None, :]) & (positions[None, :] <= positions[:, None])  # (L, L)
+    keys = torch.cat([mask1, mask2], dim=1).bool()  # (B, L)
+    allowed = causal[None] & keys[:, None, :]  # (B, L queries, L keys)
+    # A query with no visible key (a text that starts with padding) attends to itself: finite, unused.
+    allowed = allowed | (torch.eye(t1 + t2, device=dev, dtype=torch.bool)[None] & ~allowed.any(dim=2, keepdim=True))
+    mask = allowed[:, None]
+    if impl == "eager":
+        mask = torch.zeros(mask.shape, device=dev, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
+    return mask, positions.expand(mask1.shape[0], -1)
 
 
 # --- the head's files --------------------------------------------------------------------------------------

@@ -124,3 +124,20 @@ def test_head_files_round_trip_and_a_mismatched_head_is_not_loaded(tiny_vlm, tmp
 def test_the_ot_ablation_needs_equal_token_counts_and_is_refused(tiny_vlm):
     with pytest.raises(ValueError, match="--simi_type OT"):
         _model(tiny_vlm("qwen2_5_vl"), AlignmentConfig(contrastive=True, simi_type="OT"))
+
+
+@pytest.mark.parametrize("long_texts", [False, True])
+def test_the_packed_text_pass_equals_a_pass_per_text(arch, tiny_vlm, long_texts):
+    """Both texts of a sample in one row (block-causal mask, restarting positions) give each text's own hidden states;
+    texts longer than Gemma 3's sliding window (64 in the tiny model) take the padded 2B-row pass, equal too."""
+    model = _model(tiny_vlm(arch)).eval()
+    g = torch.Generator().manual_seed(0)
+    t1, t2 = (70, 90) if long_texts else (7, 12)
+    ids1, ids2 = torch.randint(10, 300, (3, t1), generator=g), torch.randint(10, 300, (3, t2), generator=g)
+    mask1, mask2 = torch.ones(3, t1, dtype=torch.long), torch.ones(3, t2, dtype=torch.long)
+    mask1[0, 5:], mask1[2, 3:], mask2[1, t2 - 3:] = 0, 0, 0
+    with torch.no_grad():
+        first, second = model.encode_text_pairs(ids1, mask1, ids2, mask2)
+        alone1, alone2 = model.encode_texts(ids1, mask1), model.encode_texts(ids2, mask2)
+    torch.testing.assert_close(first[mask1.bool()], alone1[mask1.bool()], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(second[mask2.bool()], alone2[mask2.bool()], rtol=1e-4, atol=1e-5)
