@@ -141,10 +141,35 @@ class NativeTrainer(VQAScoringTrainer):
         if model.base_vlm is not model.vlm:
             raise UserError(f"{resume_from_checkpoint}: resuming a LoRA run of a native VLM is not supported (its "
                             "checkpoints hold merged weights); start a new run from it with --model_name_or_path")
-        base = model.base_vlm
-        saved = type(base).from_pretrained(resume_from_checkpoint, dtype=base.dtype)
-        base.load_state_dict(saved.state_dict())
-        load_alignment_head(model, resume_from_checkpoint)
+        load_native_weights(model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        """`--load_best_model_at_end` without DeepSpeed / FSDP (whose own checkpoints the Trainer reads): the best
+        checkpoint's native weights and head (a LoRA run: merged weights, adapters zeroed)."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            super()._load_best_model()
+            return
+        logger.info("loading the best model from %s (score %s)", self.state.best_model_checkpoint,
+                    self.state.best_metric)
+        load_native_weights(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
+
+
+def load_native_weights(model: AlignedVLM, folder: str | Path) -> None:
+    """Load a saved native folder (weights in the model's own format, head file) into `model`. Under LoRA the saved
+    weights hold the adapters folded in: they go to the base layers and the adapters are zeroed (the same model)."""
+    base = model.base_vlm
+    saved = type(base).from_pretrained(folder, dtype=base.dtype).state_dict()
+    own = base.state_dict()
+    state = {k: saved[k.replace(".base_layer.", ".")] for k in own if ".lora_" not in k}
+    missing = [k for k in own if ".lora_" not in k and k.replace(".base_layer.", ".") not in saved]
+    if missing:
+        raise ValueError(f"{folder}: the saved weights lack {missing[:3]} ... of this model")
+    base.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        for name, param in base.named_parameters():
+            if ".lora_B." in name:
+                param.zero_()
+    load_alignment_head(model, folder)
 
 
 def _pad_id(tokenizer) -> int:

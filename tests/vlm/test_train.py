@@ -134,6 +134,24 @@ def test_lora_folds_into_a_plain_checkpoint_and_training_continues_from_it(tiny_
     emb = next(k for k in weights if k.endswith("embed_tokens.weight"))
     assert torch.equal(weights[emb], initial[emb])  # LoRA leaves the rest of the LLM alone
 
+    # Loading the merged folder into a LoRA-wrapped model (the best checkpoint at the end of a LoRA run): base layers
+    # take the merged weights, adapters are zeroed, so the model computes what the saved one does.
+    from exgra_med.align.config import AlignmentConfig
+    from exgra_med.train.args import ModelArguments
+    from exgra_med.vlm.head import AlignedVLM
+    from exgra_med.vlm.train import load_native_weights, set_native_trainable
+
+    wrapped = AlignedVLM(AutoModelForImageTextToText.from_pretrained(folder), AlignmentConfig())
+    set_native_trainable(wrapped, ModelArguments(model_name_or_path=str(folder), lora_enable=True, lora_r=4))
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    load_native_weights(wrapped, lora)
+    merged = {k.replace(".base_layer.", "."): v for k, v in wrapped.base_vlm.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(merged[k], weights[k]) for k in weights)
+    assert all(not p.any() for n, p in wrapped.named_parameters() if "lora_B" in n)
+
     # Fine-tuning from the stage-2 output (alignment off, the saved head ignored): plain LM training.
     finetune = tmp_path / "finetune"
     assert main(train_args(lora, easy_vqa_dir / "train.json", easy_vqa_dir / "images", finetune, 1,
@@ -152,3 +170,44 @@ def test_llava_only_flags_are_refused_in_one_line(tiny_vlm, easy_vqa_dir, tmp_pa
     assert err.startswith("exgra-med train: error: --vision_tower") and "transformers-native VLM" in err
     assert cli(["train", *base, "--simi_type", "OT", "--multi_graph", "False"]) == 2
     assert "--simi_type OT" in capsys.readouterr().err
+
+
+def test_fine_tuning_scores_val_keeps_the_best_checkpoint_and_scores_test(tiny_vlm, easy_vqa_dir, tmp_path):
+    """In-training VQA scoring through the model's chat template; --load_best_model_at_end restores the best
+    checkpoint's native weights; the test answers are what the saved model answers."""
+    from exgra_med.eval.generate import generate_answers
+    from exgra_med.train.main import main
+    from exgra_med.vlm.inference import NativeVLM
+
+    records = {name: json.loads((easy_vqa_dir / f"{name}.json").read_text())[:6] for name in ("val", "test")}
+    for name, rows in records.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(rows))
+    out = tmp_path / "ft"
+    argv = train_args(tiny_vlm("qwen2_5_vl"), easy_vqa_dir / "train.json", easy_vqa_dir / "images", out, 4,
+                      "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
+                      "--load_best_model_at_end", "True", "--metric_for_best_model", "eval_val_average",
+                      "--evaluate_on_val", "True", "--val_data_path", str(tmp_path / "val.json"),
+                      "--evaluate_on_test", "True", "--test_data_path", str(tmp_path / "test.json"),
+                      "--eval_max_new_tokens", "4", "--eval_batch_size", "4", "--learning_rate", "3e-3",
+                      alignment=False)
+    assert main(argv) == 0
+    state = json.loads((out / "trainer_state.json").read_text())
+    evals = [h for h in state["log_history"] if "eval_val_average" in h]
+    assert [h["step"] for h in evals] == [2, 4]
+    best = state["best_model_checkpoint"]
+    assert best.endswith("checkpoint-4" if evals[1]["eval_val_average"] > evals[0]["eval_val_average"]
+                         else "checkpoint-2")
+    final, kept = _load_weights(out), _load_weights(Path(best))
+    assert all(torch.equal(final[k], kept[k]) for k in final)  # the saved model is the best checkpoint
+    step2, step4 = _load_weights(out / "checkpoint-2"), _load_weights(out / "checkpoint-4")
+    assert any(not torch.equal(step2[k], step4[k]) for k in step2)  # so which one was kept matters
+    lines = [json.loads(x) for x in (out / "test_answers.jsonl").read_text().splitlines()]
+    native = NativeVLM.load(str(out), device="cpu")
+    again = generate_answers(native, native.processor, None, records["test"], 1, max_new_tokens=4,
+                             image_folder=easy_vqa_dir / "images")
+    assert [x["text"] for x in lines] == [again[str(r["id"])] for r in records["test"]]
+    assert json.loads((out / "test_results.json").read_text())["eval_test_average"] >= 0
+
+
+def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return AutoModelForImageTextToText.from_pretrained(folder).state_dict()
