@@ -211,3 +211,29 @@ def test_fine_tuning_scores_val_keeps_the_best_checkpoint_and_scores_test(tiny_v
 
 def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
     return AutoModelForImageTextToText.from_pretrained(folder).state_dict()
+
+
+@pytest.mark.slow
+def test_a_resumed_stage2_run_ends_with_the_weights_of_the_uninterrupted_run(tiny_vlm, easy_vqa_dir, tmp_path):
+    import shutil
+
+    from exgra_med.train.main import main
+
+    model, data, images = tiny_vlm("gemma3"), easy_vqa_dir / "instruct.json", easy_vqa_dir / "images"
+    full = tmp_path / "full"
+    extra = ("--save_strategy", "steps", "--save_steps", "2", "--per_device_train_batch_size", "3")
+    assert main(train_args(model, data, images, full, 4, *extra)) == 0
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")  # a run killed after its step-2 checkpoint
+    assert main(train_args(model, data, images, resumed, 4, *extra, "--resume_from_checkpoint", "auto")) == 0
+    a, b = _load_weights(full), _load_weights(resumed)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+    from safetensors.torch import load_file
+
+    ha, hb = load_file(str(full / ALIGNMENT_WEIGHTS)), load_file(str(resumed / ALIGNMENT_WEIGHTS))
+    assert all(torch.equal(ha[k], hb[k]) for k in ha)
+    losses = [[h["align_loss"] for h in log_history(run) if "align_loss" in h and h["step"] > 2]
+              for run in (full, resumed)]
+    assert losses[0] == losses[1] and len(losses[0]) == 2  # the same alignment noise after the resume
