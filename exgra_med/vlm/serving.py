@@ -19,6 +19,10 @@ from exgra_med.serve.batching import Job
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine, Message
 from exgra_med.vlm.inference import CHAT_TEMPLATE, CHAT_TEMPLATE_NAME, NativeVLM
 
+# Kept unquantised under --load-4bit / --load-8bit: the vision encoders (Qwen's `visual`, SigLIP `vision_tower`), the
+# projectors / mergers and the output head.
+QUANT_SKIP_MODULES = ("visual", "vision_tower", "multi_modal_projector", "merger", "lm_head")
+
 
 class NativeInferenceEngine(InferenceEngine):
     """An `InferenceEngine` over a `NativeVLM`; at most one image per conversation, as the LLaVA engine."""
@@ -46,6 +50,8 @@ class NativeInferenceEngine(InferenceEngine):
         device = device or default_device()
         dtype = resolve_dtype(dtype, device)
         quant = quantization_config(load_4bit, load_8bit, compute_dtype=dtype)
+        if quant is not None:  # the vision encoder, projector and output head stay in full precision
+            quant.llm_int8_skip_modules = list(QUANT_SKIP_MODULES)
         native = NativeVLM.load(folder, dtype, device, quantization_config=quant,
                                 image_aspect_ratio=image_aspect_ratio)
         name = (os.path.basename(os.path.normpath(path)) if os.path.exists(path) else path) or "exgra-med"

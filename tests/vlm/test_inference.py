@@ -189,3 +189,50 @@ def test_chat_in_a_terminal_answers_like_the_engine(tiny_vlm, easy_vqa_dir):
         term.send("/exit")
     finally:
         assert term.close() == 0
+
+
+def test_quantised_serving_keeps_the_vision_side_unquantised(tiny_vlm, monkeypatch):
+    """--load-4bit: bitsandbytes is asked to leave the vision encoder, projector / merger and head in full precision
+    (the loading itself needs CUDA; here it is intercepted)."""
+    import torch
+
+    pytest.importorskip("bitsandbytes")
+    from exgra_med.vlm import inference
+
+    seen = {}
+
+    def fake_load(cls, path, dtype=None, device=None, attn_implementation="sdpa", quantization_config=None,
+                  image_aspect_ratio="square"):
+        seen["config"] = quantization_config
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(inference.NativeVLM, "load", classmethod(fake_load))
+    with pytest.raises(RuntimeError, match="stop here"):
+        InferenceEngine.from_path(str(tiny_vlm("qwen2_5_vl")), load_4bit=True, device="cuda")
+    config = seen["config"]
+    assert config.load_in_4bit and set(config.llm_int8_skip_modules) == {
+        "visual", "vision_tower", "multi_modal_projector", "merger", "lm_head"}
+
+
+def test_a_hub_id_in_the_cache_is_served_and_evaluated(tiny_vlm, easy_vqa_dir, questions, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from tests.conftest import publish_to_hub_cache
+
+    cache = tmp_path / "hub"
+    publish_to_hub_cache(cache, tiny_vlm("gemma3"), "acme/tiny-gemma3")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    engine = InferenceEngine.from_path("acme/tiny-gemma3", device="cpu")
+    assert isinstance(engine, NativeInferenceEngine) and engine.name == "acme/tiny-gemma3"
+    engine.close()
+    qfile = tmp_path / "q.json"
+    qfile.write_text(json.dumps(questions[:3]))
+    answers = tmp_path / "a.jsonl"
+    assert cli(["generate-vqa", "--model", "acme/tiny-gemma3", "--question-file", str(qfile), "--image-folder",
+                str(easy_vqa_dir / "images"), "--answers-file", str(answers), "--max-new-tokens", "3", "--quiet"]) == 0
+    line = json.loads(answers.read_text().splitlines()[0])
+    assert line["metadata"]["generation"]["model"] == "acme/tiny-gemma3"
+    assert line["metadata"]["generation"]["conv_mode"] == "chat_template"
