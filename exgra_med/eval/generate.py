@@ -271,9 +271,9 @@ def resolve_conv_mode(args: argparse.Namespace) -> str:
     from exgra_med.vlm.inference import CHAT_TEMPLATE_NAME
 
     if resolve_native(args.model) is not None:
-        if args.conv_mode not in (None, CHAT_TEMPLATE_NAME):
-            raise UserError(f"--conv-mode {args.conv_mode}: {args.model} is a transformers-native VLM; it is "
-                            "prompted with its own chat template (drop --conv-mode)")
+        if args.conv_mode not in (None, CHAT_TEMPLATE_NAME):  # e.g. scripts/eval_vqa.sh's `simple`
+            logger.warning("--conv-mode %s ignored: %s is a transformers-native VLM, prompted with its own chat "
+                           "template", args.conv_mode, args.model)
         args.conv_mode = CHAT_TEMPLATE_NAME
         return args.conv_mode
 

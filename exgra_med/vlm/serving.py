@@ -7,6 +7,7 @@ end-of-sequence tokens instead of a stop string) differ.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 
@@ -18,6 +19,8 @@ from exgra_med.errors import UserError
 from exgra_med.serve.batching import Job
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine, Message
 from exgra_med.vlm.inference import CHAT_TEMPLATE, CHAT_TEMPLATE_NAME, NativeVLM
+
+logger = logging.getLogger(__name__)
 
 # Kept unquantised under --load-4bit / --load-8bit: the vision encoders (Qwen's `visual`, SigLIP `vision_tower`), the
 # projectors / mergers and the output head.
@@ -45,8 +48,8 @@ class NativeInferenceEngine(InferenceEngine):
         if vision_tower:
             raise UserError(f"--vision-tower: {path} is a transformers-native VLM with its own vision encoder")
         if template not in (None, CHAT_TEMPLATE_NAME):
-            raise UserError(f"--conv-template {template}: {path} is a transformers-native VLM; it is prompted with "
-                            "its own chat template")
+            logger.warning("--conv-template %s ignored: %s is a transformers-native VLM, prompted with its own chat "
+                           "template", template, path)
         device = device or default_device()
         dtype = resolve_dtype(dtype, device)
         quant = quantization_config(load_4bit, load_8bit, compute_dtype=dtype)
