@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import bench_align, bench_data, bench_generate, bench_serve, bench_step
+from benchmarks import bench_align, bench_data, bench_generate, bench_serve, bench_step, bench_vlm
 from exgra_med.io import write_text_atomic
 
 ALIGN_TARGET_MS = 50.0
@@ -72,6 +72,12 @@ GPU_NOTES = """- Model FLOPs count forward + backward of the LLM (6 N per token 
   DeepSpeed ZeRO-2, stage 2 with the alignment under DDP, FSDP and ZeRO-3, then batched bf16 answers and scoring.
 """
 
+
+VLM_NOTES = """A Qwen2.5-VL-shaped model (window-attention vision transformer with 2x2 merger, mrope LLM) at small width
+on the CPU, records through its processor and chat template. "extra LLM tokens" is the `after_de` pass's tokens (both
+alignment texts of each sample, packed in one row) over the step's sequence tokens: the method's own extra LLM
+forward + backward, which the ratio tracks. Activation checkpointing covers that pass too. A 7B-shaped bf16 GPU row is
+not recorded yet (no GPU was lent to this run)."""
 
 GPU_RESULTS = Path(__file__).with_name("gpu")
 
@@ -140,6 +146,7 @@ def report(quick: bool) -> str:
     serve_rows = bench_serve.run(quick=quick, threads=1)
     memory = bench_step.peak_memory(quick=quick)
     data_rows = bench_data.run(quick=quick)
+    vlm_rows = bench_vlm.run(quick=quick)
     b16, b64 = bench_align.step_ms(align_rows, 16), bench_align.step_ms(align_rows, 64)
     step = step_rows[0]
     speedup = gen_rows[-1]["speedup"]
@@ -196,6 +203,12 @@ def report(quick: bool) -> str:
             "## Data loading (`python -m benchmarks.bench_data`)",
             "",
             bench_data.markdown(data_rows),
+            "",
+            "## Native VLM stage-2 step with / without the alignment head (`python -m benchmarks.bench_vlm`)",
+            "",
+            bench_vlm.to_markdown(vlm_rows),
+            "",
+            VLM_NOTES,
             "",
             NOTES,
             gpu_section(),

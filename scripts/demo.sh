@@ -6,8 +6,12 @@
 #   bash scripts/demo.sh            (make demo runs this inside .venv)
 # Variables: DEMO_DIR (default runs/demo), TOWER_STEPS, STAGE1_STEPS, STAGE2_STEPS, FINETUNE_STEPS, BATCH, STAGE2_BATCH,
 # DEMO_IMAGES, SEED. Finished stages are skipped on a rerun (and a killed stage resumes from its checkpoint).
+#   DEMO_ARCH=qwen2_5_vl|gemma3|llava_onevision: the same demo on a transformers-native VLM (scripts/demo_vlm.sh).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ -n "${DEMO_ARCH:-}" ] && [ "$DEMO_ARCH" != llava ]; then
+  exec bash scripts/demo_vlm.sh
+fi
 
 DEMO_DIR=${DEMO_DIR:-runs/demo}
 TOWER_STEPS=${TOWER_STEPS:-600}

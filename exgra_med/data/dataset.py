@@ -70,12 +70,14 @@ def alignment_text(turns: Sequence[dict]) -> str:
 
 
 def tokenize_segments(
-    segments: Sequence[Segment], tokenizer: PreTrainedTokenizerBase, where: str = "conversation"
+    segments: Sequence[Segment], tokenizer: PreTrainedTokenizerBase, where: str = "conversation",
+    add_special_tokens: bool = True,
 ) -> tuple[list[int], list[int]]:
     """Tokenize the joined segments once; label each token by the segment its characters fall in.
 
-    Tokens without characters (BOS, EOS added by the tokenizer) are masked. Raises
-    `TokenizationMismatchError` (naming `where`) when a token covers target and non-target text.
+    Tokens without characters (BOS, EOS added by the tokenizer) are masked; `add_special_tokens=False` for text that
+    already holds them (a chat template's rendering). Raises `TokenizationMismatchError` (naming `where`) when a token
+    covers target and non-target text.
     """
     text = "".join(s.text for s in segments)
     is_target = np.zeros(len(text), dtype=bool)
@@ -83,7 +85,7 @@ def tokenize_segments(
     for seg in segments:
         is_target[pos : pos + len(seg.text)] = seg.target
         pos += len(seg.text)
-    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     labels = []
     for token_id, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
         if not 0 <= start <= end <= len(text):

@@ -163,20 +163,20 @@ def check_record_images(
 
     The first failure raises `ImageLoadError` naming `source`, the record and the file.
     """
-    from exgra_med.data.records import record_label
+    from exgra_med.data.records import record_images, record_label
 
     folder = Path(image_folder)
     if not folder.is_dir():
         raise ImageLoadError(f"image folder not found: {folder}")
-    indices = [i for i, r in enumerate(records) if "image" in r]
-    count = len(indices)
+    pairs = [(i, name) for i, r in enumerate(records) for name in record_images(r)]
+    count = len(pairs)
     if progress:
         from tqdm.auto import tqdm
 
-        indices = tqdm(indices, desc="checking images", unit="img", mininterval=2.0)
-    for i in indices:
+        pairs = tqdm(pairs, desc="checking images", unit="img", mininterval=2.0)
+    for i, name in pairs:
         try:
-            image_header(folder / records[i]["image"], max_pixels)
+            image_header(folder / name, max_pixels)
         except ImageLoadError as e:
             raise type(e)(f"{source}: {record_label(records[i], i)}: field 'image': {e}") from e
     return count

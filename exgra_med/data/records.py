@@ -4,6 +4,8 @@ A record is ``{"id", "image"?, "conversations": [{"from": "human"|"gpt", "value"
 "conversations_long"?: [...]}``. `conversations` alternates human/gpt, starting with a human turn and
 ending with a gpt turn; when `image` is given, the first human turn holds the single `<image>`
 placeholder. `conversations_long` (METHOD section 3) has the same turns with extended gpt answers.
+Records for transformers-native VLMs (`multi_image=True`) may list several images (`"image": [path, ...]`, e.g. the
+views of one study); their human turns then hold one `<image>` per listed image, in order.
 The reference's misspelled keys `conversatons` / `conversatons_long` are accepted and renamed.
 """
 
@@ -51,10 +53,34 @@ def _check_turns(turns: Any, field: str, where: str) -> None:
         raise RecordError(f"{where}: field {field!r} must end with a gpt turn (it has {len(turns)} turns)")
 
 
-def validate_record(record: Any, index: int, source: str = "<records>", require_long: bool = False) -> dict:
+def record_images(record: dict) -> list[str]:
+    """The image paths of a (validated) record: none, its one `image`, or its list of images."""
+    image = record.get("image")
+    if image is None:
+        return []
+    return list(image) if isinstance(image, list) else [image]
+
+
+def _check_image_list(record: dict, image_counts: list[int], where: str) -> None:
+    images = record["image"]
+    if not images or not all(isinstance(i, str) and i for i in images):
+        raise RecordError(f"{where}: field 'image' must be a non-empty string or a non-empty list of them, "
+                          f"got {images!r}")
+    in_answers = sum(image_counts[1::2])
+    if in_answers or sum(image_counts) != len(images):
+        raise RecordError(
+            f"{where}: field 'conversations': the human turns must hold one {DEFAULT_IMAGE_TOKEN} per listed image "
+            f"({len(images)}) and gpt turns none (counts per turn: {image_counts})"
+        )
+
+
+def validate_record(
+    record: Any, index: int, source: str = "<records>", require_long: bool = False, multi_image: bool = False
+) -> dict:
     """Check one record against the schema; returns a shallow copy with misspelled keys renamed.
 
-    Raises `RecordError` naming `source`, the record id (or index) and the offending field.
+    `multi_image`: `image` may be a list (transformers-native VLMs). Raises `RecordError` naming `source`, the record
+    id (or index) and the offending field.
     """
     if not isinstance(record, dict):
         raise RecordError(f"{source}: record #{index} must be an object, got {type(record).__name__}")
@@ -69,7 +95,14 @@ def validate_record(record: Any, index: int, source: str = "<records>", require_
     _check_turns(turns, "conversations", where)
 
     image_counts = [turn["value"].count(DEFAULT_IMAGE_TOKEN) for turn in turns]
-    if "image" in record:
+    if isinstance(record.get("image"), list):
+        if not multi_image:
+            raise RecordError(
+                f"{where}: field 'image' lists {len(record['image'])} images; several images per record need a "
+                "transformers-native VLM (--model_name_or_path a Qwen2.5-VL / Gemma 3 / LLaVA-OneVision folder)"
+            )
+        _check_image_list(record, image_counts, where)
+    elif "image" in record:
         if not isinstance(record["image"], str) or not record["image"]:
             raise RecordError(f"{where}: field 'image' must be a non-empty string, got {record['image']!r}")
         if image_counts[0] != 1 or sum(image_counts) != 1:
@@ -95,10 +128,11 @@ def validate_record(record: Any, index: int, source: str = "<records>", require_
     return record
 
 
-def load_records(path: str | os.PathLike, require_long: bool = False) -> list[dict]:
-    """Read a JSON list (or JSON-lines, `.jsonl`) of records and validate every one of them."""
+def load_records(path: str | os.PathLike, require_long: bool = False, multi_image: bool = False) -> list[dict]:
+    """Read a JSON list (or JSON-lines, `.jsonl`) of records and validate every one of them (`multi_image`: see
+    `validate_record`)."""
     path = Path(path)
     data = read_jsonl(path) if path.suffix == ".jsonl" else read_json(path)
     if not isinstance(data, list):
         raise RecordError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    return [validate_record(r, i, str(path), require_long) for i, r in enumerate(data)]
+    return [validate_record(r, i, str(path), require_long, multi_image) for i, r in enumerate(data)]

@@ -147,8 +147,19 @@ def generate_answers(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    was_training = model.training
+    from exgra_med.vlm.inference import as_native
+
+    native = as_native(model, tokenizer)  # a transformers-native VLM: its processor and chat template
+    was_training = getattr(model, "training", False)
     model.eval()
+    if native is not None:
+        native.encoder.image_aspect_ratio = image_aspect_ratio
+        try:
+            return native.answer_records(records, batch_size, max_new_tokens, image_folder=image_folder,
+                                         temperature=temperature, on_batch=on_batch, errors=errors, progress=progress,
+                                         generate_kwargs=generate_kwargs)
+        finally:
+            model.train(was_training)
     n_img, start_end = model.num_image_tokens, bool(model.config.mm_use_im_start_end)
     encoded = [
         tokenizer(build_prompt(r, conv_mode, n_img, start_end), add_special_tokens=True)["input_ids"] for r in records
@@ -254,8 +265,17 @@ def check_provenance(path: str | os.PathLike, rows: Sequence[dict], expected: di
 
 def resolve_conv_mode(args: argparse.Namespace) -> str:
     """`--conv-mode`, else the template the checkpoint was trained with, else `simple` (the reference's eval prompt);
-    stored back into `args`."""
+    `chat_template` for a transformers-native VLM (its own template). Stored back into `args`."""
     from exgra_med.model.checkpoint import recorded_conv_template
+    from exgra_med.vlm.detect import resolve_native
+    from exgra_med.vlm.inference import CHAT_TEMPLATE_NAME
+
+    if resolve_native(args.model) is not None:
+        if args.conv_mode not in (None, CHAT_TEMPLATE_NAME):  # e.g. scripts/eval_vqa.sh's `simple`
+            logger.warning("--conv-mode %s ignored: %s is a transformers-native VLM, prompted with its own chat "
+                           "template", args.conv_mode, args.model)
+        args.conv_mode = CHAT_TEMPLATE_NAME
+        return args.conv_mode
 
     if args.conv_mode is None:
         args.conv_mode = recorded_conv_template(args.model) or "simple"
@@ -289,7 +309,8 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype | None]
 def add_model_args(parser: argparse.ArgumentParser, max_new_tokens: int = 1024, temperature: float = 0.0) -> None:
     """Flags shared by `generate-vqa`, `zero-shot` and `grounding-audit`: the model, its device and the decoding
     settings (defaults: the reference's for the command)."""
-    parser.add_argument("--model", required=True, help="ExGra-Med checkpoint folder or Hub id")
+    parser.add_argument("--model", required=True,
+                        help="ExGra-Med checkpoint or transformers-native VLM folder, or a Hub id")
     parser.add_argument("--image-folder", default=None, help="folder the records' image paths are relative to")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--conv-mode", default=None, choices=sorted(TEMPLATES),
@@ -318,6 +339,15 @@ def load_model(args: argparse.Namespace):
     torch.manual_seed(args.seed)
     resolve_conv_mode(args)
     device, dtype = _device_and_dtype(args.device, args.dtype)
+    from exgra_med.vlm.detect import resolve_native
+
+    native = resolve_native(args.model)
+    if native is not None:
+        from exgra_med.vlm.inference import NativeVLM
+
+        model = NativeVLM.load(native, dtype, device, args.attn_implementation,
+                               image_aspect_ratio=args.image_aspect_ratio)
+        return model, model.processor, model.processor.image_processor
     return load_pretrained(args.model, dtype=dtype, attn_implementation=args.attn_implementation, device=device)
 
 

@@ -1,6 +1,7 @@
 """Offline factory for tiny random models (tests, demo, benchmarks): `exgra-med make-tiny-model`.
 
-Writes three loadable folders, so that tiny runs exercise exactly the paths real checkpoints take:
+`--arch qwen2_5_vl|gemma3|llava_onevision` writes a transformers-native VLM (`exgra_med.vlm.tiny`); the default,
+`llava`, writes three loadable folders, so that tiny runs exercise exactly the paths real checkpoints take:
   OUT/llm/      a causal LM + its tokenizer (plain, like a Vicuna folder)
   OUT/vision/   a CLIP vision model + image processor, or an open_clip (BiomedCLIP-style) folder
   OUT/          the assembled ExGra-Med model (tokenizer with image tokens, image processor)
@@ -173,19 +174,25 @@ def make_tiny_model(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: exgra-med make-tiny-model --out DIR [--vision clip|biomedclip] [--llm llama|mistral|qwen2]."""
+    """CLI: exgra-med make-tiny-model --out DIR [--arch llava|qwen2_5_vl|gemma3|llava_onevision]
+    [--vision clip|biomedclip] [--llm llama|mistral|qwen2]."""
+    from exgra_med.vlm.tiny import ARCHES, TinySize, make_tiny_vlm
+
     p = argparse.ArgumentParser(
         prog="exgra-med make-tiny-model", description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--vision", choices=VISION_TYPES, default="clip")
-    p.add_argument("--llm", choices=LLM_TYPES, default="llama")
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--patch-size", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=128, help="LLM hidden size")
+    p.add_argument("--arch", choices=("llava", *ARCHES), default="llava",
+                   help="llava: this project's LLaVA-style model from parts (OUT/llm, OUT/vision); the others: a "
+                   "transformers-native VLM folder with its processor and chat template")
+    p.add_argument("--vision", choices=VISION_TYPES, default="clip", help="(llava)")
+    p.add_argument("--llm", choices=LLM_TYPES, default="llama", help="(llava)")
+    p.add_argument("--image-size", type=int, default=32, help="(llava)")
+    p.add_argument("--patch-size", type=int, default=8, help="(llava)")
+    p.add_argument("--hidden", type=int, default=None, help="LLM hidden size (default: 128 llava, 64 native)")
     p.add_argument("--layers", type=int, default=2, help="LLM layers")
-    p.add_argument("--vision-hidden", type=int, default=128)
+    p.add_argument("--vision-hidden", type=int, default=None, help="default: 128 llava, 32 native")
     p.add_argument("--vision-layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
@@ -193,6 +200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dense-connector", default="none", choices=("none", "sti", "sci", "dci"))
     p.add_argument("--no-im-start-end", action="store_true", help="plain image placeholder (no <im_start>/<im_end>)")
     args = p.parse_args(argv)
+    if args.arch != "llava":
+        size = TinySize(hidden=args.hidden or 64, layers=args.layers, heads=args.heads,
+                        vision_hidden=args.vision_hidden or 32, vision_layers=args.vision_layers)
+        out = make_tiny_vlm(args.out, args.arch, args.seed, size)
+        print(f"tiny {args.arch} model written to {out} (loads with AutoModelForImageTextToText / AutoProcessor)")
+        return 0
     options = ConnectorOptions(
         mm_projector_type=args.projector,
         mm_dense_connector_type=args.dense_connector,
@@ -204,9 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.llm,
         args.image_size,
         args.patch_size,
-        args.hidden,
+        args.hidden or 128,
         args.layers,
-        args.vision_hidden,
+        args.vision_hidden or 128,
         args.vision_layers,
         args.heads,
         args.seed,

@@ -40,12 +40,14 @@ class ServerClosingError(RuntimeError):
 
 @dataclass(eq=False)  # jobs compare by identity
 class Job:
-    """One request: prompt ids (T,), optional pixels (3, H, W), decoding settings; its output arrives in `events`."""
+    """One request: prompt ids (T,), optional pixels (3, H, W), decoding settings; its output arrives in `events`.
+    A native VLM's request carries its processor output in `encoded` instead of `pixels` (`exgra_med.vlm`)."""
 
     input_ids: list[int]
     pixels: torch.Tensor | None
     settings: object  # GenerationSettings (engine.py imports this module)
     template: ConversationTemplate
+    encoded: object | None = None
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: list[int] = field(default_factory=list)
@@ -248,24 +250,15 @@ class BatchScheduler:
 
     @torch.inference_mode()
     def _run(self, jobs: list[Job]) -> None:
-        from exgra_med.eval.generate import left_pad
-
         engine = self.engine
-        tokenizer = engine.tokenizer
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        ids, mask = left_pad([j.input_ids for j in jobs], pad_id)  # (B, T)
-        images = [j.pixels for j in jobs if j.pixels is not None]
-        pixels = torch.stack(images).to(engine.device) if images else None  # (B_img, 3, H, W)
         kwargs = engine.generate_kwargs(jobs[0].settings)
         kwargs.pop("stop_strings", None)  # each row's AnswerFilter finds the stop string
         kwargs.pop("tokenizer", None)
         kwargs["max_new_tokens"] = max(j.settings.max_new_tokens for j in jobs)
-        eos = tokenizer.eos_token_id
-        eos_ids = {eos} if eos is not None else set()
-        streamer = _RowStreamer(jobs, tokenizer, eos_ids)
+        eos_ids = set(engine.eos_token_ids)
+        streamer = _RowStreamer(jobs, engine.tokenizer, eos_ids)
         criteria = StoppingCriteriaList([_RowsDone(jobs, self._closing)])
         if any(j.settings.min_new_tokens for j in jobs):
             kwargs["logits_processor"] = LogitsProcessorList([_RowMinTokens(jobs, eos_ids)])
-        engine.model.generate(ids.to(engine.device), pixels, mask.to(engine.device), streamer=streamer,
-                              stopping_criteria=criteria, **kwargs)
+        engine.generate_rows(jobs, streamer=streamer, stopping_criteria=criteria, **kwargs)
         streamer.end()

@@ -108,9 +108,19 @@ class InferenceEngine:
         **limits,
     ) -> InferenceEngine:
         """Load either checkpoint layout (see `exgra_med.serve.loading.load_model`) and wrap it. `template` defaults
-        to the one the checkpoint was trained with, else `llava_med`; `limits` are the constructor's serving bounds."""
+        to the one the checkpoint was trained with, else `llava_med`; `limits` are the constructor's serving bounds.
+        A transformers-native VLM folder gets a `exgra_med.vlm.serving.NativeInferenceEngine`."""
         from exgra_med.model.checkpoint import recorded_conv_template
         from exgra_med.serve.loading import load_model
+        from exgra_med.vlm.detect import resolve_native
+
+        native = resolve_native(path)
+        if native is not None:
+            from exgra_med.vlm.serving import NativeInferenceEngine
+
+            return NativeInferenceEngine.load(path, native, vision_tower=vision_tower, template=template,
+                                              load_4bit=load_4bit, load_8bit=load_8bit, device=device, dtype=dtype,
+                                              image_aspect_ratio=image_aspect_ratio, **limits)
 
         template = template or recorded_conv_template(path) or "llava_med"
         model, tokenizer, processor = load_model(
@@ -206,6 +216,23 @@ class InferenceEngine:
         return pixels.unsqueeze(0).to(self.device, tower_dtype)
 
     # --- generation --------------------------------------------------------------------------------------
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """The tokens that end an answer (the tokenizer's end of sequence)."""
+        eos = self.tokenizer.eos_token_id
+        return {eos} if eos is not None else set()
+
+    def generate_rows(self, jobs: Sequence[Job], **generate_kwargs) -> None:
+        """Decode `jobs` together: their prompts left padded, their images stacked (the batching worker's call)."""
+        from exgra_med.eval.generate import left_pad
+
+        tokenizer = self.tokenizer
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        ids, mask = left_pad([j.input_ids for j in jobs], pad_id)  # (B, T)
+        images = [j.pixels for j in jobs if j.pixels is not None]
+        pixels = torch.stack(images).to(self.device) if images else None  # (B_img, 3, H, W)
+        self.model.generate(ids.to(self.device), pixels, mask.to(self.device), **generate_kwargs)
+
     def generate_kwargs(self, settings: GenerationSettings) -> dict:
         """`generate` keyword arguments for `settings` (greedy or sampled, stop string, pad/eos ids)."""
         kwargs = {

@@ -16,7 +16,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """--model, --vision-tower, --conv-template, --load-4bit/--load-8bit, --device, --dtype and decoding flags."""
     p.add_argument("--model", required=True,
-                   help="ExGra-Med checkpoint or released reference-layout folder, or a Hub id (owner/name[@rev])")
+                   help="ExGra-Med checkpoint, released reference-layout folder or transformers-native VLM folder, "
+                   "or a Hub id (owner/name[@rev])")
     p.add_argument("--vision-tower", default=None, help="local vision tower folder (reference-layout checkpoints)")
     p.add_argument("--conv-template", default=None, choices=sorted(TEMPLATES),
                    help="prompt template (default: the one the checkpoint was trained with, else llava_med)")

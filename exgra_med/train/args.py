@@ -46,7 +46,8 @@ class ModelArguments(AlignmentArguments):
     """What model to build or load, and how it is connected and aligned (the alignment flags: `AlignmentArguments`)."""
 
     model_name_or_path: str = field(
-        metadata={"help": "local causal-LM folder (Vicuna/LLaVA weights) or an ExGra-Med checkpoint"}
+        metadata={"help": "local causal-LM folder (Vicuna/LLaVA weights), an ExGra-Med checkpoint, or a "
+                          "transformers-native VLM folder (Qwen2.5-VL, Gemma 3, LLaVA-OneVision, ...)"}
     )
     vision_tower: str | None = field(
         default=None, metadata={"help": "local CLIP/SigLIP folder, or local-dir:BIOMEDCLIP_DIR"}

@@ -69,10 +69,12 @@ def _looks_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
 
 
-def validate_inputs(model_args: ModelArguments, data_args: DataArguments, alignment: bool) -> list[dict]:
+def validate_inputs(model_args: ModelArguments, data_args: DataArguments, alignment: bool,
+                    multi_image: bool = False) -> list[dict]:
     """Everything that can be checked before a model is loaded: the model and vision-tower folders, every record
-    (schema, and `conversations_long` with the alignment), the image folder and every image's header (existence,
-    format, canvas size), unless `--skip_image_check`. Returns the validated records; errors name file and record."""
+    (schema, and `conversations_long` with the alignment; `multi_image`: image lists allowed), the image folder and
+    every image's header (existence, format, canvas size), unless `--skip_image_check`. Returns the validated records;
+    errors name file and record."""
     from exgra_med.data.images import check_record_images
     from exgra_med.data.records import RecordError, load_records
     from exgra_med.errors import UserError
@@ -82,7 +84,7 @@ def validate_inputs(model_args: ModelArguments, data_args: DataArguments, alignm
         local = path.removeprefix("local-dir:") if path else None
         if local and (_looks_local(local) or path.startswith("local-dir:")) and not os.path.exists(local):
             raise UserError(f"{flag} {path}: no such file or folder")
-    records = load_records(data_args.data_path, require_long=alignment)
+    records = load_records(data_args.data_path, require_long=alignment, multi_image=multi_image)
     if not records:
         raise RecordError(f"{data_args.data_path}: holds no records; nothing to train on")
     n_images = sum("image" in r for r in records)
@@ -261,7 +263,14 @@ def _resume_arg(value: str | None, output_dir: str) -> str | None:
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> ExGraMedTrainer:
-    """Run one training stage and save its result in `output_dir`."""
+    """Run one training stage and save its result in `output_dir` (a transformers-native VLM: `exgra_med.vlm.train`)."""
+    from exgra_med.vlm.detect import resolve_native
+
+    native = resolve_native(model_args.model_name_or_path)
+    if native is not None:
+        from exgra_med.vlm.train import train_native
+
+        return train_native(native, model_args, data_args, training_args)
     set_seed(training_args.seed)
     check_environment(model_args, training_args)
     alignment = model_args.alignment_config(seed=training_args.seed).enabled

@@ -1,0 +1,253 @@
+"""`AlignedVLM`: the ExGra-Med alignment objective as a head on any transformers-native VLM.
+
+The model itself stays what `AutoModelForImageTextToText` loaded; the head only adds the alignment loss to its LM
+loss (METHOD section 4, `loss = lm_loss + alpha * align_loss`):
+- image node of a sample: the model's own image features after its projector / merger (`image_outputs.pooler_output`
+  of the forward that computes the LM loss, the output of `get_image_features`), mean over all tokens of all of that
+  sample's images;
+- text nodes: the response and extended texts through the model's language model (`after_de`, its last hidden
+  states; one extra pass with both texts of a sample packed in one row, under the model's activation checkpointing)
+  or its input embeddings, mean over tokens (padding included unless `masked_mean`, as the reference).
+The head's weights and options are saved beside the model in their own files (`ALIGNMENT_WEIGHTS`,
+`ALIGNMENT_CONFIG`), so a trained folder is still a plain checkpoint of the base architecture.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import ModelOutput
+
+from exgra_med.align.config import AlignmentConfig, build_alignment_loss
+from exgra_med.io import atomic_file, read_json, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+ALIGNMENT_WEIGHTS = "exgra_med_alignment.safetensors"
+ALIGNMENT_CONFIG = "exgra_med_alignment.json"
+# Batch keys that are the head's, not the model's.
+HEAD_INPUTS = ("images_per_sample", "response_ids", "response_mask", "extended_ids", "extended_mask", "ids",
+               "num_items_in_batch")
+
+
+@dataclass
+class AlignedVLMOutput(ModelOutput):
+    """`loss` is what the optimiser sees; `lm_loss` and `align_loss` are its parts, `align_parts` the alignment's."""
+
+    loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    align_loss: torch.FloatTensor | None = None
+    align_parts: dict[str, torch.FloatTensor] | None = None
+    logits: torch.FloatTensor | None = None
+
+
+def text_hidden_size(vlm: nn.Module) -> int:
+    """The language model's hidden size D (the image features after the projector have it too)."""
+    return int(vlm.config.get_text_config().hidden_size)
+
+
+class AlignedVLM(nn.Module):
+    """A native VLM (`vlm`, possibly wrapped by PEFT) and the alignment head `config` names (None when it is off)."""
+
+    def __init__(self, vlm: nn.Module, config: AlignmentConfig):
+        super().__init__()
+        if config.enabled and not config.multi_graph and config.simi_type != "average":
+            raise ValueError(f"--simi_type {config.simi_type} needs image tokens of one length per sample; native "
+                             "VLMs (dynamic resolution, several images) support the contrastive ablation with "
+                             "--simi_type average")
+        self.vlm = vlm
+        self.alignment_config = config
+        with torch.random.fork_rng(devices=[]):
+            # Seeded by the run's seed: the same initial head whatever loading drew before (ZeRO-3, FSDP, DDP).
+            torch.manual_seed(config.seed)
+            self.alignment = build_alignment_loss(config, text_hidden_size(vlm))
+        if self.alignment is not None:
+            self.alignment.to(next(vlm.parameters()).dtype)
+        # FSDP wraps these layer classes (accelerate reads them from the model it is given).
+        self._no_split_modules = sorted(getattr(self.base_vlm, "_no_split_modules", None) or [])
+
+    # --- what the Trainer and PEFT read from a model -------------------------------------------------------
+    @property
+    def base_vlm(self) -> nn.Module:
+        """The transformers model (PEFT's wrapping removed)."""
+        get_base = getattr(self.vlm, "get_base_model", None)
+        return get_base() if callable(get_base) else self.vlm
+
+    @property
+    def config(self):
+        return self.base_vlm.config
+
+    @property
+    def generation_config(self):
+        return self.base_vlm.generation_config
+
+    @property
+    def language_model(self) -> nn.Module:
+        """The decoder the text nodes go through (with LoRA layers when PEFT wraps the model)."""
+        return self.base_vlm.get_decoder()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.base_vlm.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.base_vlm.get_output_embeddings()
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
+                                        offload: bool = False) -> None:
+        """The model's activation checkpointing; the extra text pass goes through the same layers, so it applies."""
+        self.base_vlm.activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers=every_n_layers,
+                                                      offload=offload)
+
+    def enable_input_require_grads(self) -> None:
+        self.base_vlm.enable_input_require_grads()
+
+    # --- forward -------------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.LongTensor | None = None, images_per_sample: list[int] | None = None,
+                response_ids: torch.LongTensor | None = None, response_mask: torch.Tensor | None = None,
+                extended_ids: torch.LongTensor | None = None, extended_mask: torch.Tensor | None = None,
+                **model_inputs: Any) -> AlignedVLMOutput:
+        """The model's forward (LM loss with `labels`), plus `alpha * align_loss` when alignment texts are given."""
+        for key in ("ids", "num_items_in_batch"):
+            model_inputs.pop(key, None)
+        out = self.vlm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **model_inputs)
+        align = None
+        if self.alignment is not None and response_ids is not None and labels is not None:
+            image = self.image_nodes(getattr(out, "image_outputs", None), images_per_sample, input_ids.shape[0])
+            align = self.alignment_loss(image, response_ids, response_mask, extended_ids, extended_mask)
+        loss = out.loss if align is None else out.loss + self.alignment_config.alpha * align.loss
+        return AlignedVLMOutput(loss=loss, lm_loss=out.loss, align_loss=None if align is None else align.loss,
+                                align_parts=None if align is None else dict(align.parts), logits=out.logits)
+
+    def image_nodes(self, image_outputs, images_per_sample: list[int] | None, batch_size: int) -> torch.Tensor:
+        """(B, D): each sample's image features (after the projector), mean over the tokens of all its images."""
+        if image_outputs is None or getattr(image_outputs, "pooler_output", None) is None:
+            raise ValueError(f"{type(self.base_vlm).__name__} returned no image features (image_outputs); the "
+                             "alignment needs every sample of the batch to hold an image")
+        features = image_outputs.pooler_output
+        per_image = list(features) if isinstance(features, (list, tuple)) else list(features.unbind(0))
+        counts = [int(c) for c in (images_per_sample or [1] * batch_size)]
+        if len(counts) != batch_size or min(counts) < 1 or sum(counts) != len(per_image):
+            raise ValueError(f"the alignment needs at least one image per sample: images per sample {counts}, "
+                             f"{len(per_image)} image feature sets from the model")
+        nodes, start = [], 0
+        for n in counts:
+            tokens = torch.cat([f.reshape(-1, f.shape[-1]) for f in per_image[start:start + n]])  # (N, D)
+            nodes.append(tokens.mean(0))
+            start += n
+        return torch.stack(nodes)  # (B, D)
+
+    def encode_texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Token features of alignment texts (B, T, D): the language model's last hidden states (`after_de`) or the
+        input embeddings."""
+        if self.alignment_config.after_de:
+            return self.language_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        return self.get_input_embeddings()(ids)
+
+    def encode_text_pairs(self, ids1: torch.Tensor, mask1: torch.Tensor, ids2: torch.Tensor,
+                          mask2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token features of both texts of every sample, (B, T1, D) and (B, T2, D), from ONE extra pass.
+
+        `after_de` with sdpa / eager attention: each sample's two texts side by side in one row (T1 + T2), positions
+        restarting at the second text and a block-causal mask, as in `ExGraMedForConditionalGeneration`: the same
+        hidden states as a pass per text, for the tokens of the texts only. Otherwise (flash attention, or a sliding
+        window shorter than a text) the 2B texts right padded to the longer length.
+        """
+        t1, t2, b = ids1.shape[1], ids2.shape[1], ids1.shape[0]
+        if not self.alignment_config.after_de:
+            return self.encode_texts(ids1, mask1), self.encode_texts(ids2, mask2)
+        text_config = self.config.get_text_config()
+        impl = getattr(text_config, "_attn_implementation", None)
+        window = getattr(text_config, "sliding_window", None)
+        if impl in ("sdpa", "eager") and (window is None or window >= max(t1, t2)):
+            ids = torch.cat([ids1, ids2], dim=1)  # (B, T1 + T2)
+            mask, positions = block_causal_mask(mask1, mask2, impl, self.get_input_embeddings().weight.dtype)
+            hidden = self.language_model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                         use_cache=False).last_hidden_state
+            return hidden[:, :t1], hidden[:, t1:]
+        t = max(t1, t2)
+        pad_id = text_config.pad_token_id or 0
+
+        def pad(x: torch.Tensor, value: int) -> torch.Tensor:
+            return torch.cat([x, x.new_full((b, t - x.shape[1]), value)], dim=1) if x.shape[1] < t else x
+
+        hidden = self.encode_texts(torch.cat([pad(ids1, pad_id), pad(ids2, pad_id)]),
+                                   torch.cat([pad(mask1, 0), pad(mask2, 0)]))  # (2B, T, D)
+        return hidden[:b, :t1], hidden[b:, :t2]
+
+    def alignment_loss(self, image: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor,
+                       extended_ids: torch.Tensor | None, extended_mask: torch.Tensor | None):
+        """The configured objective over the image nodes (B, D), the response and (multi-graph) extended texts."""
+        from exgra_med.align import pool_tokens
+
+        options = self.alignment_config
+        if not options.multi_graph:  # contrastive ablation: "average" similarity of the pooled image node
+            text = self.encode_texts(response_ids, response_mask)
+            return self.alignment(image[:, None, :], text, response_mask)
+        if extended_ids is None:
+            raise ValueError("multi_graph alignment needs extended_ids (records need `conversations_long`)")
+        response_hidden, extended_hidden = self.encode_text_pairs(response_ids, response_mask, extended_ids,
+                                                                  extended_mask)
+        response = pool_tokens(response_hidden, response_mask, masked=options.masked_mean)  # (B, D)
+        extended = pool_tokens(extended_hidden, extended_mask, masked=options.masked_mean)  # (B, D)
+        return self.alignment(image, response.to(image.dtype), extended.to(image.dtype))
+
+
+def block_causal_mask(mask1: torch.Tensor, mask2: torch.Tensor, impl: str,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(4D attention mask (B, 1, L, L), position ids (B, L)) of two texts per row, L = T1 + T2: each token sees the
+    non-padding tokens of its own text up to itself; positions restart at the second text. sdpa takes the boolean
+    mask (True = attend), eager an additive one."""
+    t1, t2, dev = mask1.shape[1], mask2.shape[1], mask1.device
+    positions = torch.cat([torch.arange(t1, device=dev), torch.arange(t2, device=dev)])
+    segment = torch.cat([torch.zeros(t1, device=dev, dtype=torch.long), torch.ones(t2, device=dev, dtype=torch.long)])
+    causal = (segment[:, None] == segment[None, :]) & (positions[None, :] <= positions[:, None])  # (L, L)
+    keys = torch.cat([mask1, mask2], dim=1).bool()  # (B, L)
+    allowed = causal[None] & keys[:, None, :]  # (B, L queries, L keys)
+    # A query with no visible key (a text that starts with padding) attends to itself: finite, unused.
+    allowed = allowed | (torch.eye(t1 + t2, device=dev, dtype=torch.bool)[None] & ~allowed.any(dim=2, keepdim=True))
+    mask = allowed[:, None]
+    if impl == "eager":
+        mask = torch.zeros(mask.shape, device=dev, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
+    return mask, positions.expand(mask1.shape[0], -1)
+
+
+# --- the head's files --------------------------------------------------------------------------------------
+def save_alignment_head(state: dict[str, torch.Tensor], out_dir: str | Path, config: AlignmentConfig,
+                        hidden_size: int) -> None:
+    """Write the head's weights (`alignment.*` keys stripped) and options beside a saved model."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    with atomic_file(out_dir / ALIGNMENT_WEIGHTS) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+    write_json_atomic(out_dir / ALIGNMENT_CONFIG, {"alignment_config": config.to_dict(), "hidden_size": hidden_size})
+
+
+def read_head_config(folder: str | Path) -> dict | None:
+    """The saved head's options (`alignment_config`, `hidden_size`), None when the folder holds no head."""
+    path = Path(folder) / ALIGNMENT_CONFIG
+    return read_json(path) if path.is_file() else None
+
+
+def load_alignment_head(model: AlignedVLM, folder: str | Path) -> bool:
+    """Load a saved head into `model.alignment` when both exist and fit; returns whether it was loaded."""
+    path = Path(folder) / ALIGNMENT_WEIGHTS
+    if model.alignment is None or not path.is_file():
+        return False
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    try:
+        model.alignment.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        logger.warning("%s: the saved alignment head does not fit the configured one (%s); starting it afresh",
+                       path, str(e).splitlines()[0])
+        return False
+    logger.info("alignment head loaded from %s", path)
+    return True

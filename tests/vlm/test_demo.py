@@ -1,0 +1,32 @@
+"""`DEMO_ARCH=<arch> bash scripts/demo.sh` runs the demo on a tiny native VLM (a few steps per stage here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_demo_on_a_native_vlm(tmp_path):
+    demo = tmp_path / "demo"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1", "DEMO_ARCH": "gemma3", "DEMO_DIR": str(demo), "STAGE2_STEPS": "2",
+           "FINETUNE_STEPS": "2", "STAGE2_BATCH": "4", "BATCH": "4", "DEMO_IMAGES": "40", "TEST_QUESTIONS": "8",
+           "MASTER_PORT": "29571"}
+    result = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh")], capture_output=True, text=True, env=env,
+                            timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "tiny gemma3 model" in result.stdout
+    for row in ("| model |", "| majority answer |", "| real images |", "| shuffled images |"):
+        assert row in result.stdout
+    assert json.loads((demo / "stage2" / "config.json").read_text())["model_type"] == "gemma3"
+    assert (demo / "stage2" / "exgra_med_alignment.safetensors").is_file()  # stage 2 trained the alignment head
+    answers = (demo / "finetune" / "test_answers.jsonl").read_text().splitlines()
+    assert len(answers) == len(json.loads((demo / "finetune" / "test_questions.json").read_text())) > 0
