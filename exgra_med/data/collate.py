@@ -1,9 +1,15 @@
-"""Batching `SupervisedDataset` items: right padding, attention masks, stacked images.
+"""Batching `SupervisedDataset` items: right padding, attention masks, stacked images (or one packed row).
 
 Images: when any item of the batch has `pixel_values`, the batch holds `pixel_values` (B, 3, H, W)
 with zeros in the rows of text-only items, and `image_mask` (B,) telling which rows are real images
 (text-only items have no `<im_patch>` tokens, so the model never uses those zero rows). A batch
 without any image has neither key.
+
+Padding-free (`padding_free=True`): `input_ids`, `labels` and `position_ids` are ONE row (1, L) holding the samples
+one after the other (transformers' `DataCollatorWithFlattening`: positions restart at 0 per sample, each sample's
+first label is IGNORE_INDEX so that no sample learns to predict the next one's start), and there is no
+`attention_mask`; the model confines attention to each sample from the position ids (`exgra_med.model.packing`).
+Images and the alignment texts keep their per-sample layout.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import DataCollatorWithFlattening, PreTrainedTokenizerBase
 
 from exgra_med.constants import IGNORE_INDEX
 
@@ -36,30 +42,42 @@ def pad_right(
 
 
 class DataCollator:
-    """Collate dataset items into a batch; pads with the tokenizer's pad id (labels with IGNORE_INDEX)."""
+    """Collate dataset items into a batch; pads with the tokenizer's pad id (labels with IGNORE_INDEX), or packs
+    the samples into one row (`padding_free=True`)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None, padding_free: bool = False
+    ) -> None:
         if tokenizer.pad_token_id is None:
             raise ValueError(
                 "the tokenizer has no pad token; call exgra_med.model.tokenizer.prepare_tokenizer first (training does)"
             )
+        if padding_free and pad_to_multiple_of:
+            raise ValueError("padding_free batches are not padded: drop pad_to_multiple_of")
         self.pad_token_id = int(tokenizer.pad_token_id)
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.padding_free = padding_free
+        self._flatten = DataCollatorWithFlattening(return_tensors="pt", separator_id=IGNORE_INDEX)
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        """Batch: input_ids, labels, attention_mask (B, T); ids; images and alignment texts if present."""
+        """Batch: input_ids, labels, attention_mask (B, T) (padding-free: input_ids, labels, position_ids (1, L));
+        ids; images and alignment texts if present."""
         if not items:
             raise ValueError("cannot collate an empty batch")
-        input_ids, attention_mask = pad_right(
-            [x["input_ids"] for x in items], self.pad_token_id, self.pad_to_multiple_of
-        )
-        labels, _ = pad_right([x["labels"] for x in items], IGNORE_INDEX, self.pad_to_multiple_of)
-        batch: dict[str, Any] = {
-            "input_ids": input_ids,
-            "labels": labels,
-            "attention_mask": attention_mask,
-            "ids": [x.get("id") for x in items],
-        }
+        ids = [x.get("id") for x in items]
+        if self.padding_free:
+            empty = [i for i, x in zip(ids, items) if len(x["input_ids"]) == 0]
+            if empty:
+                raise ValueError(f"cannot pack samples without tokens (ids {empty})")
+            batch: dict[str, Any] = dict(self._flatten([{"input_ids": x["input_ids"], "labels": x["labels"]}
+                                                        for x in items]))  # input_ids, labels, position_ids
+            batch["ids"] = ids
+        else:
+            input_ids, attention_mask = pad_right(
+                [x["input_ids"] for x in items], self.pad_token_id, self.pad_to_multiple_of
+            )
+            labels, _ = pad_right([x["labels"] for x in items], IGNORE_INDEX, self.pad_to_multiple_of)
+            batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "ids": ids}
         with_image = [x.get("pixel_values") is not None for x in items]
         if any(with_image):
             shapes = {tuple(x["pixel_values"].shape) for x, has in zip(items, with_image) if has}

@@ -3,6 +3,9 @@
 In stage 2 the same forward also computes the ExGra-Med alignment loss (METHOD section 4) and returns
 `loss = lm_loss + alpha * align_loss`, both parts (and the alignment's own parts) as tensors for the trainer to log.
 The alignment options are `config.alignment_config` (`exgra_med.align.AlignmentConfig`).
+
+Batches come padded (`attention_mask` (B, T)) or padding-free (`exgra_med.model.packing`: one row (1, L),
+`position_ids` restarting per sample, no mask); both give the same losses.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from exgra_med.model.connector import (
     num_image_tokens,
     select_features,
 )
+from exgra_med.model.packing import flatten_padded, is_packed, segment_index, segment_mean, unflatten
 from exgra_med.model.vision import VisionTower
 
 if TYPE_CHECKING:
@@ -159,16 +163,20 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
         return self.mm_projector(feats.to(proj_dtype))  # (B, N, D)
 
     def merge_image_features(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, segments: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token embeddings with every `<im_patch>` position replaced by an image feature, in order.
 
         Returns (inputs_embeds (B, T, D), image_features (B_img, N, D) or None). Each sample either holds no image
-        token or exactly N of them; images are matched to the samples that hold tokens, in batch order.
+        token or exactly N of them; images are matched to the samples that hold tokens, in batch order. A packed
+        row (1, L) gives `segments` (L,), the sample of each token (`exgra_med.model.packing.segment_index`).
         """
         embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
         image_mask = input_ids == self.config.image_token_id  # (B, T)
-        per_sample = image_mask.sum(dim=1)
+        if segments is None:
+            per_sample = image_mask.sum(dim=1)
+        else:  # one row of samples: count each sample's image tokens
+            per_sample = torch.bincount(segments[image_mask[0]], minlength=int(segments[-1]) + 1)
         if pixel_values is None:
             if bool(image_mask.any()):
                 raise ValueError(
@@ -196,6 +204,7 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         image_mask: torch.BoolTensor | None = None,
         response_ids: torch.LongTensor | None = None,
@@ -210,19 +219,29 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
         """LM forward on merged image+text embeddings; adds `alpha * align_loss` when alignment inputs are given.
 
         `pixel_values` holds one image per sample holding image tokens, or one per sample with `image_mask`
-        (B,) marking the real ones (the collator's layout).
+        (B,) marking the real ones (the collator's layout). A padding-free batch (one row, `position_ids` restarting
+        per sample, no `attention_mask`) keeps its images and alignment texts per sample.
         """
         kwargs.pop("num_items_in_batch", None)  # the trainer averages per step; see ExGraMedTrainer
         kwargs.pop("ids", None)
+        packed = is_packed(position_ids, attention_mask)
+        segments = segment_index(position_ids) if packed else None  # (L,) sample of each token
+        if packed:
+            if use_cache or cache is not None:
+                raise ValueError("a padding-free batch cannot use a KV cache")
+            # transformers detects the packed samples from the position ids only when no cache is given: the
+            # LLM's config default (use_cache=True) would build one and give a causal mask ACROSS the samples.
+            use_cache = False
         if pixel_values is not None and image_mask is not None:
             # The collator pads image-less samples with zero images; keep only the real ones.
             pixel_values = pixel_values[image_mask] if bool(image_mask.any()) else None
         image_features = None
         if inputs_embeds is None:
-            inputs_embeds, image_features = self.merge_image_features(input_ids, pixel_values)
+            inputs_embeds, image_features = self.merge_image_features(input_ids, pixel_values, segments)
         out = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
+            position_ids=position_ids,
             labels=labels,
             cache=cache,
             use_cache=use_cache,
@@ -231,9 +250,12 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
         lm_loss = out.loss
         align = None
         if self.alignment is not None and response_ids is not None and labels is not None:
-            if image_features is None or image_features.shape[0] != input_ids.shape[0]:
+            num_samples = int(segments[-1]) + 1 if packed else input_ids.shape[0]
+            if image_features is None or image_features.shape[0] != num_samples:
                 raise ValueError("the alignment loss needs exactly one image per sample in the batch")
-            align = self.alignment_loss(image_features, response_ids, response_mask, extended_ids, extended_mask)
+            align = self.alignment_loss(
+                image_features, response_ids, response_mask, extended_ids, extended_mask, packed=packed
+            )
         loss = lm_loss if align is None else lm_loss + self.config.alignment_config.alpha * align.loss
         return ExGraMedOutput(
             loss=loss,
@@ -245,6 +267,12 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
             hidden_states=out.hidden_states,
             image_hidden_states=image_features,
         )
+
+    def encode_packed_texts(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """LLM last hidden states of texts packed in one row (1, L), positions restarting at 0 per text: transformers
+        confines attention to each text (`exgra_med.model.packing`). Returns (L, D)."""
+        decoder = self.language_model.get_decoder()
+        return decoder(input_ids=ids, position_ids=position_ids, use_cache=False).last_hidden_state[0]
 
     def encode_texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Token features of alignment texts: LLM last hidden states (`after_de`) or input embeddings. (B, T, D)."""
@@ -306,22 +334,41 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
         response_mask: torch.Tensor,
         extended_ids: torch.Tensor | None,
         extended_mask: torch.Tensor | None,
+        packed: bool = False,
     ) -> AlignmentOutput:
-        """The configured alignment objective over image tokens, response text and (multi-graph) extended text."""
+        """The configured alignment objective over image tokens, response text and (multi-graph) extended text.
+
+        `packed` (a padding-free batch): the `after_de` LLM pass over the texts runs padding-free as well whenever
+        the objective ignores padding (masked text means, the contrastive ablations); the reference's unmasked mean
+        averages the padding positions' states too, so it keeps the padded pass.
+        """
         from exgra_med.align import pool_tokens
 
         options = self.config.alignment_config
+        pack_texts = packed and options.after_de
         if not options.multi_graph:
-            text = self.encode_texts(response_ids, response_mask)
+            if pack_texts:
+                row, positions, _ = flatten_padded(response_ids, response_mask)
+                text = unflatten(self.encode_packed_texts(row, positions), response_mask)  # (B, T, D), 0 at padding
+            else:
+                text = self.encode_texts(response_ids, response_mask)
             return self.alignment(image_features, text, response_mask)
         if extended_ids is None:
             raise ValueError("multi_graph alignment needs extended_ids (records need `conversations_long`)")
+        image = image_features.mean(dim=1)  # (B, D)
+        if pack_texts and options.masked_mean:
+            b = response_ids.shape[0]
+            row1, pos1, seg1 = flatten_padded(response_ids, response_mask)
+            row2, pos2, seg2 = flatten_padded(extended_ids, extended_mask)
+            # The 2B texts in one row (responses, then extended captions), each attending to itself only.
+            hidden = self.encode_packed_texts(torch.cat([row1, row2], 1), torch.cat([pos1, pos2], 1))  # (L, D)
+            texts = segment_mean(hidden, torch.cat([seg1, seg2 + b]), 2 * b)  # (2B, D): masked means
+            return self.alignment(image, texts[:b].to(image.dtype), texts[b:].to(image.dtype))
         response_hidden, extended_hidden = self.encode_text_pairs(
             response_ids, response_mask, extended_ids, extended_mask
         )
         response = pool_tokens(response_hidden, response_mask, masked=options.masked_mean)  # (B, D)
         extended = pool_tokens(extended_hidden, extended_mask, masked=options.masked_mean)  # (B, D)
-        image = image_features.mean(dim=1)  # (B, D)
         return self.alignment(image, response.to(image.dtype), extended.to(image.dtype))
 
     # --- generation --------------------------------------------------------------------------------------

@@ -124,3 +124,8 @@ class TrainingArguments(transformers.TrainingArguments):
     model_max_length: int = field(default=2048, metadata={"help": "truncate conversations to this many tokens"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep alignment inputs (must stay False)"})
     report_to: str = field(default="none", metadata={"help": "logging integrations (none, tensorboard, wandb)"})
+    padding_free: bool = field(
+        default=False,
+        metadata={"help": "pack each micro-batch into one row without padding (positions restart per sample); same "
+                  "loss as padded, less compute when lengths vary"},
+    )
