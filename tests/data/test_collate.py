@@ -62,3 +62,26 @@ def test_inconsistent_batches_raise(word_tokenizer):
         DataCollator(word_tokenizer)([_item(2), odd])
     with pytest.raises(ValueError, match="response_ids is present in some items"):
         DataCollator(word_tokenizer)([_item(2, text=1), _item(2)])
+
+
+def test_padding_free_packs_one_row_with_restarting_positions(word_tokenizer):
+    """As transformers' DataCollatorWithFlattening: one row, positions from 0 per sample, each sample's first label
+    masked (it would be predicted from the previous sample); images and alignment texts stay per sample."""
+    items = [_item(3, text=2, rid="a"), _item(2, image=False, text=1, rid="b"), _item(4, text=3, rid="c")]
+    batch = DataCollator(word_tokenizer, padding_free=True)(items)
+    assert "attention_mask" not in batch and batch["ids"] == ["a", "b", "c"]
+    assert batch["input_ids"].tolist() == [[10, 11, 12, 10, 11, 10, 11, 12, 13]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    x = IGNORE_INDEX
+    assert batch["labels"].tolist() == [[x, 101, 102, x, 101, x, 101, 102, 103]]
+    assert batch["image_mask"].tolist() == [True, False, True] and batch["pixel_values"].shape == (3, 3, 4, 4)
+    padded = DataCollator(word_tokenizer)(items)
+    for key in ("response_ids", "response_mask", "extended_ids", "extended_mask", "pixel_values"):
+        assert torch.equal(batch[key], padded[key]), key
+
+
+def test_padding_free_refuses_padding_and_empty_samples(word_tokenizer):
+    with pytest.raises(ValueError, match="drop pad_to_multiple_of"):
+        DataCollator(word_tokenizer, pad_to_multiple_of=8, padding_free=True)
+    with pytest.raises(ValueError, match=r"without tokens \(ids \['e'\]\)"):
+        DataCollator(word_tokenizer, padding_free=True)([_item(2), _item(0, rid="e")])
