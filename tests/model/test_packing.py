@@ -6,8 +6,16 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaModel, MambaConfig, MistralConfig, MistralModel, Qwen2Config, Qwen2Model
-from transformers import RwkvConfig
+from transformers import (
+    LlamaConfig,
+    LlamaModel,
+    MambaConfig,
+    MistralConfig,
+    MistralModel,
+    Qwen2Config,
+    Qwen2Model,
+    RwkvConfig,
+)
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from exgra_med.data.collate import DataCollator
