@@ -4,8 +4,8 @@ In stage 2 the same forward also computes the ExGra-Med alignment loss (METHOD s
 `loss = lm_loss + alpha * align_loss`, both parts (and the alignment's own parts) as tensors for the trainer to log.
 The alignment options are `config.alignment_config` (`exgra_med.align.AlignmentConfig`).
 
-Batches come padded (`attention_mask` (B, T)) or padding-free (`exgra_med.model.packing`: one row (1, L),
-`position_ids` restarting per sample, no mask); both give the same losses.
+Batches come padded (`attention_mask` (B, T)) or padding-free (`exgra_med.model.packing`: samples side by side in
+rows (R, C), `position_ids` restarting per sample, no mask); both give the same losses.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ from exgra_med.model.connector import (
     num_image_tokens,
     select_features,
 )
-from exgra_med.model.packing import flatten_padded, is_packed, segment_index, segment_mean, unflatten
+from exgra_med.model.packing import is_packed, pack_texts, packs_in_one_row, segment_index
 from exgra_med.model.vision import VisionTower
 
 if TYPE_CHECKING:
     from exgra_med.align.loss import AlignmentOutput
+    from exgra_med.model.packing import PackedTexts
 
 logger = logging.getLogger(__name__)
 
@@ -168,15 +169,15 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
         """Token embeddings with every `<im_patch>` position replaced by an image feature, in order.
 
         Returns (inputs_embeds (B, T, D), image_features (B_img, N, D) or None). Each sample either holds no image
-        token or exactly N of them; images are matched to the samples that hold tokens, in batch order. A packed
-        row (1, L) gives `segments` (L,), the sample of each token (`exgra_med.model.packing.segment_index`).
+        token or exactly N of them; images are matched to the samples that hold tokens, in batch order. Packed rows
+        (R, C) give `segments` (R * C,), the sample of each token (`exgra_med.model.packing.segment_index`).
         """
         embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
         image_mask = input_ids == self.config.image_token_id  # (B, T)
         if segments is None:
             per_sample = image_mask.sum(dim=1)
-        else:  # one row of samples: count each sample's image tokens
-            per_sample = torch.bincount(segments[image_mask[0]], minlength=int(segments[-1]) + 1)
+        else:  # rows of packed samples: count each sample's image tokens
+            per_sample = torch.bincount(segments[image_mask.flatten()], minlength=int(segments[-1]) + 1)
         if pixel_values is None:
             if bool(image_mask.any()):
                 raise ValueError(
@@ -205,6 +206,7 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
+        row_order: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         image_mask: torch.BoolTensor | None = None,
         response_ids: torch.LongTensor | None = None,
@@ -219,8 +221,9 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
         """LM forward on merged image+text embeddings; adds `alpha * align_loss` when alignment inputs are given.
 
         `pixel_values` holds one image per sample holding image tokens, or one per sample with `image_mask`
-        (B,) marking the real ones (the collator's layout). A padding-free batch (one row, `position_ids` restarting
-        per sample, no `attention_mask`) keeps its images and alignment texts per sample.
+        (B,) marking the real ones (the collator's layout). A padding-free batch (rows of samples, `position_ids`
+        restarting per sample, no `attention_mask`) keeps its images and alignment texts per sample in batch order;
+        `row_order` (B,) lists the samples in the order the rows hold them (default: batch order).
         """
         kwargs.pop("num_items_in_batch", None)  # the trainer averages per step; see ExGraMedTrainer
         kwargs.pop("ids", None)
@@ -229,15 +232,31 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
         if packed:
             if use_cache or cache is not None:
                 raise ValueError("a padding-free batch cannot use a KV cache")
+            impl = self.language_model.config._attn_implementation
+            if position_ids.shape[0] > 1 and packs_in_one_row(impl):
+                raise ValueError(f"{impl} reads packed samples from one row only; got {position_ids.shape[0]} rows "
+                                 "(DataCollator(..., padding_free=True, one_row=True))")
             # transformers detects the packed samples from the position ids only when no cache is given: the
             # LLM's config default (use_cache=True) would build one and give a causal mask ACROSS the samples.
             use_cache = False
+        reordered = packed and row_order is not None and pixel_values is not None
+        if reordered:
+            # The images go into the rows in the rows' sample order; their features come back in batch order below.
+            if pixel_values.shape[0] != row_order.shape[0]:
+                raise ValueError(f"row_order lists {row_order.shape[0]} samples but pixel_values holds "
+                                 f"{pixel_values.shape[0]} images; give one per sample (image_mask marks the real)")
+            has_image = image_mask if image_mask is not None else torch.ones_like(row_order, dtype=torch.bool)
+            image_rows = row_order[has_image[row_order]]  # batch index of each image, in row order
+            pixel_values = pixel_values[row_order]
+            image_mask = has_image[row_order]
         if pixel_values is not None and image_mask is not None:
             # The collator pads image-less samples with zero images; keep only the real ones.
             pixel_values = pixel_values[image_mask] if bool(image_mask.any()) else None
         image_features = None
         if inputs_embeds is None:
             inputs_embeds, image_features = self.merge_image_features(input_ids, pixel_values, segments)
+            if reordered and image_features is not None:
+                image_features = image_features[torch.argsort(image_rows)]  # (B_img, N, D) in batch order
         out = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -250,7 +269,7 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
         lm_loss = out.loss
         align = None
         if self.alignment is not None and response_ids is not None and labels is not None:
-            num_samples = int(segments[-1]) + 1 if packed else input_ids.shape[0]
+            num_samples = response_ids.shape[0] if packed else input_ids.shape[0]  # packed: fillers are segments too
             if image_features is None or image_features.shape[0] != num_samples:
                 raise ValueError("the alignment loss needs exactly one image per sample in the batch")
             align = self.alignment_loss(
@@ -268,11 +287,15 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
             image_hidden_states=image_features,
         )
 
-    def encode_packed_texts(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """LLM last hidden states of texts packed in one row (1, L), positions restarting at 0 per text: transformers
-        confines attention to each text (`exgra_med.model.packing`). Returns (L, D)."""
+    def encode_packed_texts(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, PackedTexts]:
+        """LLM last hidden states of right-padded texts (N, T) computed padding-free: the texts packed into rows
+        with positions restarting per text (`exgra_med.model.packing.pack_texts`), so that transformers confines
+        attention to each text. Returns the packed features (R, C, D) and the layout to pool or unpack them."""
+        one_row = packs_in_one_row(self.language_model.config._attn_implementation)
+        packed = pack_texts(ids, mask, one_row, fill_value=self.config.text_config.pad_token_id or 0)
         decoder = self.language_model.get_decoder()
-        return decoder(input_ids=ids, position_ids=position_ids, use_cache=False).last_hidden_state[0]
+        hidden = decoder(input_ids=packed.ids, position_ids=packed.position_ids, use_cache=False).last_hidden_state
+        return hidden, packed
 
     def encode_texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Token features of alignment texts: LLM last hidden states (`after_de`) or input embeddings. (B, T, D)."""
@@ -345,24 +368,23 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
         from exgra_med.align import pool_tokens
 
         options = self.config.alignment_config
-        pack_texts = packed and options.after_de
+        packed_texts = packed and options.after_de
         if not options.multi_graph:
-            if pack_texts:
-                row, positions, _ = flatten_padded(response_ids, response_mask)
-                text = unflatten(self.encode_packed_texts(row, positions), response_mask)  # (B, T, D), 0 at padding
+            if packed_texts:
+                hidden, layout = self.encode_packed_texts(response_ids, response_mask)
+                text = layout.unpacked(hidden, tuple(response_ids.shape))  # (B, T, D), zeros at padding
             else:
                 text = self.encode_texts(response_ids, response_mask)
             return self.alignment(image_features, text, response_mask)
         if extended_ids is None:
             raise ValueError("multi_graph alignment needs extended_ids (records need `conversations_long`)")
         image = image_features.mean(dim=1)  # (B, D)
-        if pack_texts and options.masked_mean:
-            b = response_ids.shape[0]
-            row1, pos1, seg1 = flatten_padded(response_ids, response_mask)
-            row2, pos2, seg2 = flatten_padded(extended_ids, extended_mask)
-            # The 2B texts in one row (responses, then extended captions), each attending to itself only.
-            hidden = self.encode_packed_texts(torch.cat([row1, row2], 1), torch.cat([pos1, pos2], 1))  # (L, D)
-            texts = segment_mean(hidden, torch.cat([seg1, seg2 + b]), 2 * b)  # (2B, D): masked means
+        if packed_texts and options.masked_mean:
+            b, t = response_ids.shape[0], max(response_ids.shape[1], extended_ids.shape[1])
+            ids = torch.cat([_pad_right(response_ids, t, 0), _pad_right(extended_ids, t, 0)])  # (2B, T)
+            mask = torch.cat([_pad_right(response_mask, t, 0), _pad_right(extended_mask, t, 0)])
+            hidden, layout = self.encode_packed_texts(ids, mask)  # the 2B texts, each attending to itself only
+            texts = layout.pooled(hidden, 2 * b)  # (2B, D): masked means
             return self.alignment(image, texts[:b].to(image.dtype), texts[b:].to(image.dtype))
         response_hidden, extended_hidden = self.encode_text_pairs(
             response_ids, response_mask, extended_ids, extended_mask

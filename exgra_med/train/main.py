@@ -32,6 +32,7 @@ from exgra_med.model.loading import (
     load_projector,
     save_projector,
 )
+from exgra_med.model.packing import packs_in_one_row
 from exgra_med.train.args import DataArguments, ModelArguments, TrainingArguments
 from exgra_med.train.recipes import RECIPE_SUFFIXES, RecipeError, parse_with_recipe, write_resolved_recipe
 from exgra_med.train.trainer import ExGraMedTrainer
@@ -247,6 +248,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         alignment=model.alignment is not None,
         records=records if (model.alignment is not None) == alignment else None,
     )
+    # Padding-free rows: one row for attention that skips the other samples' keys, else rows of bounded length.
+    one_row = packs_in_one_row(model.language_model.config._attn_implementation)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("%d training records; %.2fM trainable parameters", len(dataset), n_train / 1e6)
     trainer = VQAScoringTrainer(
@@ -254,7 +257,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         args=training_args,
         train_dataset=dataset,
         eval_dataset=val_split,
-        data_collator=DataCollator(tokenizer, padding_free=training_args.padding_free),
+        data_collator=DataCollator(tokenizer, padding_free=training_args.padding_free, one_row=one_row),
         processing_class=tokenizer,
         projector_only=model_args.tune_mm_mlp_adapter,
         image_processor=processor,

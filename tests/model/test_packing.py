@@ -21,7 +21,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from exgra_med.data.collate import DataCollator
 from exgra_med.data.dataset import SupervisedDataset
 from exgra_med.model.loading import ConnectorOptions, build_from_parts
-from exgra_med.model.packing import PaddingFreeError, check_padding_free, segment_index, segment_mean
+from exgra_med.model.packing import PaddingFreeError, check_padding_free, pack_texts, segment_index, segment_mean
 
 LENGTHS = (3, 5, 1, 4)  # samples of one packed row
 
@@ -94,6 +94,26 @@ def test_segment_mean_is_the_masked_mean_of_each_sample():
     torch.testing.assert_close(means, expected)
 
 
+def test_packed_texts_pool_and_unpack_like_the_padded_texts():
+    """`pack_texts` rows (first-fit within the longest text, or one row): per-text means equal the masked means of
+    the padded texts, and unpacking restores the padded layout."""
+    from exgra_med.align import pool_tokens
+
+    mask = torch.zeros(5, 6, dtype=torch.long)
+    for i, n in enumerate((6, 2, 3, 0, 4)):  # a text may be empty
+        mask[i, :n] = 1
+    ids = torch.randint(1, 50, (5, 6)) * mask
+    for one_row in (False, True):
+        packed = pack_texts(ids, mask, one_row)
+        assert packed.ids.shape == ((1, 15) if one_row else (3, 6))  # rows [0], [4, 1], [2] + filler
+        hidden = packed.ids[..., None].float() * torch.tensor([1.0, -2.0])  # (R, C, 2) features of the ids
+        padded = ids[..., None].float() * torch.tensor([1.0, -2.0])
+        torch.testing.assert_close(packed.pooled(hidden, 5), pool_tokens(padded, mask, masked=True))
+        torch.testing.assert_close(packed.unpacked(hidden, (5, 6)), padded * mask[..., None])
+        seg = segment_index(packed.position_ids)
+        assert int(seg[-1]) + 1 == (4 if one_row else 5)  # the empty text has no segment; the filler has one
+
+
 ALIGNMENTS = {
     "lm_only": None,
     "multi_graph_masked_mean": dict(contrastive=True, multi_graph=True, after_de=True, masked_mean=True),
@@ -109,10 +129,10 @@ def _items(tiny_model_dir, easy_vqa_dir, tmp_path, alignment, n=5):
     model, tokenizer, processor = build_from_parts(str(tiny_model_dir / "llm"), str(tiny_model_dir / "vision"),
                                                    options, dtype=torch.float32)
     records = json.loads((easy_vqa_dir / "instruct.json").read_text())[:n]
-    # Lengths that differ a lot, as in instruction data: one record gets a long extra turn.
+    # Lengths that differ a lot, as in instruction data: one record gets a long extra turn (twice the others).
     for key in ("conversations", "conversations_long"):
         turns = records[1][key]
-        records[1][key] = turns + [dict(turns[0], value="Describe the image. " * 8), turns[1]]
+        records[1][key] = turns + [dict(turns[0], value="Describe the image. " * 30), turns[1]]
     if not alignment:  # a text-only sample among image samples (the alignment needs an image per sample)
         records[2].pop("image")
         records[2]["conversations"][0]["value"] = records[2]["conversations"][0]["value"].replace("<image>", "")
@@ -142,8 +162,12 @@ def _step(model, batch):
     return out, seen.get("inputs"), grads, rows
 
 
+@pytest.mark.parametrize("one_row", [False, True], ids=["rows", "one_row"])
 @pytest.mark.parametrize("name", list(ALIGNMENTS))
-def test_packed_and_padded_batches_give_equal_losses_and_gradients(tiny_model_dir, easy_vqa_dir, tmp_path, name):
+def test_packed_and_padded_batches_give_equal_losses_and_gradients(tiny_model_dir, easy_vqa_dir, tmp_path, name,
+                                                                   one_row):
+    """The same samples padded and packed (rows within the longest sample, as for sdpa / eager; or one row, as for
+    flash / flex attention): equal losses, alignment inputs (in batch order) and gradients."""
     model, tokenizer, items = _items(tiny_model_dir, easy_vqa_dir, tmp_path, ALIGNMENTS[name])
     if name.startswith("lora"):
         from peft import LoraConfig, get_peft_model
@@ -159,21 +183,25 @@ def test_packed_and_padded_batches_give_equal_losses_and_gradients(tiny_model_di
     if hasattr(model.alignment, "generator_for"):
         model.alignment.generator_for(torch.device("cpu"))
         model._test_rng = model.alignment.get_rng_state()
+    packed_batch = DataCollator(tokenizer, padding_free=True, one_row=one_row)(items)
     padded_batch = DataCollator(tokenizer)(items)
-    packed_batch = DataCollator(tokenizer, padding_free=True)(items)
+    assert one_row or packed_batch["row_order"].tolist() != list(range(len(items)))  # rows reorder the LM samples
     padded, padded_inputs, padded_grads, padded_rows = _step(model, padded_batch)
     packed, packed_inputs, packed_grads, packed_rows = _step(model, packed_batch)
 
     b, t = padded_batch["input_ids"].shape
     total = int(padded_batch["attention_mask"].sum())
-    assert total < 0.8 * b * t  # the padded batch is mostly padding-free tokens, but far from all
-    assert packed_rows[0] == (1, total)  # the LM pass ran on one row of real tokens
+    assert total < 0.8 * b * t  # the padded batch holds much padding
+    rows, width = packed_rows[0]
+    assert (rows, width) == ((1, total) if one_row else (rows, t)) and rows * width < 0.8 * b * t
+    assert rows > 1 or one_row  # rows: several samples share a row
     if ALIGNMENTS[name] and (ALIGNMENTS[name].get("masked_mean") or not ALIGNMENTS[name]["multi_graph"]):
-        n_text = int(padded_batch["response_mask"].sum())
-        if ALIGNMENTS[name]["multi_graph"]:
-            n_text += int(padded_batch["extended_mask"].sum())
-        assert packed_rows[1] == (1, n_text)  # ... and so did the text pass
-
+        # ... and so did the text pass (its layout follows the LLM's attention: sdpa here, so rows)
+        keys = ("response_mask", "extended_mask") if ALIGNMENTS[name]["multi_graph"] else ("response_mask",)
+        n_text = sum(int(padded_batch[k].sum()) for k in keys)
+        padded_text = b * sum(padded_batch[k].shape[1] for k in keys)
+        text_rows, text_width = packed_rows[1]
+        assert n_text <= text_rows * text_width <= padded_text
     torch.testing.assert_close(packed.lm_loss, padded.lm_loss, rtol=1e-5, atol=1e-6)
     if model.alignment is not None:
         torch.testing.assert_close(packed.align_loss, padded.align_loss, rtol=0, atol=1e-6)
@@ -191,8 +219,13 @@ def test_packed_and_padded_batches_give_equal_losses_and_gradients(tiny_model_di
     assert any(g.abs().sum() > 0 for n, g in padded_grads.items() if "language_model" in n)
 
 
-def test_packed_batch_refuses_a_cache(tiny_model_dir, easy_vqa_dir, tmp_path):
+def test_packed_batch_refuses_a_cache_and_flash_attention_rows(tiny_model_dir, easy_vqa_dir, tmp_path):
     model, tokenizer, items = _items(tiny_model_dir, easy_vqa_dir, tmp_path, None, n=3)
     batch = DataCollator(tokenizer, padding_free=True)(items)
+    assert batch["input_ids"].shape[0] > 1
     with pytest.raises(ValueError, match="padding-free batch cannot use a KV cache"):
         model(**batch, use_cache=True)
+    # flash-attention's varlen path reads packed samples from one row only: several rows would attend across samples
+    model.language_model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match=r"flash_attention_2 reads packed samples from one row only; got \d rows"):
+        model(**batch)
