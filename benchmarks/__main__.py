@@ -46,15 +46,19 @@ NOTES = """## Reading these figures
 - DataLoader workers do not help on 2 cores: they compete with the training threads for the same cores.
 """
 
-PACKING_NOTES = """- Length mix: modelled on LLaVA-Med's instruct data (1-5 question/answer rounds, log-normal questions and answers,
+PACKING_NOTES = """\
+- Length mix: modelled on LLaVA-Med's instruct data (1-5 question/answer rounds, log-normal questions and answers,
   256 image tokens; see `benchmarks/bench_packing.py`), not measured from it. "LM tokens computed / real" is what
   each arrangement feeds the LLM per real token: padded, the micro-batch times its longest sample; padding-free,
   rows no longer than the longest sample, packed first-fit decreasing (what sdpa / eager train on: their masks are
-  dense, so one row of 16 samples would cost far more attention than it saves). This ratio of the two is the
+  dense, so one row of 16 samples would cost far more attention than it saves). The quotient of the two is the
   arithmetic saved; the speed-up follows it, less the parts that do not shrink (vision tower, alignment solver).
-- All samples in ONE row (flash-attention's varlen layout, the GPU path) computes exactly the real tokens, but under
-  sdpa / eager its (L, L) mask costs more than it saves (`--one-row` adds it to the table).
-- The speed-up ranges are wide: per-round ratios on this shared CPU vary by 2x and more; the medians are the figures.
+- With the alignment, the `after_de` pass over the response and extended texts (as long as the conversations in
+  this mix) is packed too, against the padded pass that pads each sample's two texts to the batch's longest.
+- All samples in ONE row (flash-attention's varlen layout, the GPU path) computes exactly the real tokens, but
+  under sdpa / eager its (L, L) mask costs more than it saves (`--one-row` adds it to the table).
+- Per-round ratios on this shared CPU vary by 2x and more (the range column); the medians are the figures, and the
+  ratio of this process's CPU time, less disturbed by the other tenants, is given beside them.
 """
 
 GPU_NOTES = """- Model FLOPs count forward + backward of the LLM (6 N per token + causal attention), the frozen vision
