@@ -56,7 +56,8 @@ PACKING_NOTES = """\
 - With the alignment, the `after_de` pass over the response and extended texts (as long as the conversations in
   this mix) is packed too, against the padded pass that pads each sample's two texts to the batch's longest.
 - All samples in ONE row (flash-attention's varlen layout, the GPU path) computes exactly the real tokens, but
-  under sdpa / eager its (L, L) mask costs more than it saves (`--one-row` adds it to the table).
+  under sdpa / eager its dense (L, L) mask makes attention cost L^2 (L ~ 16 x 611 tokens here: 2.4x the padded
+  batch's 16 x 1565^2, more than the padding saves on this small model); `--one-row` adds it to the table.
 - Per-round ratios on this shared CPU vary by 2x and more (the range column); the medians are the figures, and the
   ratio of this process's CPU time, less disturbed by the other tenants, is given beside them.
 """

@@ -27,7 +27,7 @@ from exgra_med.model.connector import (
     num_image_tokens,
     select_features,
 )
-from exgra_med.model.packing import is_packed, pack_texts, packs_in_one_row, segment_index
+from exgra_med.model.packing import images_in_row_order, is_packed, pack_texts, packs_in_one_row, segment_index
 from exgra_med.model.vision import VisionTower
 
 if TYPE_CHECKING:
@@ -240,15 +240,8 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
             # LLM's config default (use_cache=True) would build one and give a causal mask ACROSS the samples.
             use_cache = False
         reordered = packed and row_order is not None and pixel_values is not None
-        if reordered:
-            # The images go into the rows in the rows' sample order; their features come back in batch order below.
-            if pixel_values.shape[0] != row_order.shape[0]:
-                raise ValueError(f"row_order lists {row_order.shape[0]} samples but pixel_values holds "
-                                 f"{pixel_values.shape[0]} images; give one per sample (image_mask marks the real)")
-            has_image = image_mask if image_mask is not None else torch.ones_like(row_order, dtype=torch.bool)
-            image_rows = row_order[has_image[row_order]]  # batch index of each image, in row order
-            pixel_values = pixel_values[row_order]
-            image_mask = has_image[row_order]
+        if reordered:  # the images go into the rows in row order; their features come back in batch order below
+            pixel_values, image_mask, image_rows = images_in_row_order(pixel_values, image_mask, row_order)
         if pixel_values is not None and image_mask is not None:
             # The collator pads image-less samples with zero images; keep only the real ones.
             pixel_values = pixel_values[image_mask] if bool(image_mask.any()) else None

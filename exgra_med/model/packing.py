@@ -93,6 +93,19 @@ def segment_index(position_ids: torch.Tensor) -> torch.Tensor:
     return (position_ids.flatten() == 0).cumsum(0) - 1
 
 
+def images_in_row_order(
+    pixel_values: torch.Tensor, image_mask: torch.Tensor | None, row_order: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One image per sample (B, 3, H, W) in batch order, `image_mask` (B,) marking the real ones (None: all) ->
+    the images and mask in `row_order`, and the batch index of each real image in row order (argsort of it puts
+    image features back in batch order)."""
+    if pixel_values.shape[0] != row_order.shape[0]:
+        raise ValueError(f"row_order lists {row_order.shape[0]} samples but pixel_values holds "
+                         f"{pixel_values.shape[0]} images; give one per sample (image_mask marks the real ones)")
+    has_image = image_mask if image_mask is not None else torch.ones_like(row_order, dtype=torch.bool)
+    return pixel_values[row_order], has_image[row_order], row_order[has_image[row_order]]
+
+
 def segment_mean(hidden: torch.Tensor, segments: torch.Tensor, num_segments: int) -> torch.Tensor:
     """Mean over the tokens of each segment: (L, D) features, (L,) segment index -> (num_segments, D) in float32
     (zeros for a segment without tokens). Equal to `pool_tokens(padded, mask, masked=True)` of the same texts."""
