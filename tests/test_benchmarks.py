@@ -21,10 +21,11 @@ def test_quick_benchmarks_write_a_report(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
-    for heading in ("## Targets", "## Alignment loss and solver", "## Stage-2 training step", "## Answer generation"):
+    for heading in ("## Targets", "## Alignment loss and solver", "## Stage-2 training step", "## Answer generation",
+                    "## Padding-free training batches"):
         assert heading in text
     verdicts = re.findall(r"\| (met|NOT met) \|", text)
-    assert len(verdicts) == 4
+    assert len(verdicts) == 6
     ms = float(re.search(r"B = 16 \(1 thread\) \| <= 50 ms \| ([0-9.]+) ms", text).group(1))
     assert ms > 0
     assert float(re.search(r"B = 64 \(1 thread\) \| <= 100 ms \| ([0-9.]+) ms", text).group(1)) > 0

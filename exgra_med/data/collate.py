@@ -1,9 +1,18 @@
-"""Batching `SupervisedDataset` items: right padding, attention masks, stacked images.
+"""Batching `SupervisedDataset` items: right padding, attention masks, stacked images (or one packed row).
 
 Images: when any item of the batch has `pixel_values`, the batch holds `pixel_values` (B, 3, H, W)
 with zeros in the rows of text-only items, and `image_mask` (B,) telling which rows are real images
 (text-only items have no `<im_patch>` tokens, so the model never uses those zero rows). A batch
 without any image has neither key.
+
+Padding-free (`padding_free=True`): `input_ids`, `labels` and `position_ids` are rows (R, C) holding the samples one
+after the other (each row as transformers' `DataCollatorWithFlattening` makes it: positions restart at 0 per sample,
+each sample's first label is IGNORE_INDEX so that no sample learns to predict the next one's start), and there is no
+`attention_mask`; the model confines attention to each sample from the position ids (`exgra_med.model.packing`).
+`one_row=True` (flash / flex attention): all samples in one row. Otherwise (sdpa, eager, whose masks are dense):
+`pack_rows` packs them into rows no longer than the longest sample, each topped up with a filler segment (pad
+tokens, positions from 0, labels IGNORE_INDEX). `row_order` (B,) lists the samples in the order the rows hold them;
+images, alignment texts and `ids` keep the batch order and their per-sample layout.
 """
 
 from __future__ import annotations
@@ -12,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import DataCollatorWithFlattening, PreTrainedTokenizerBase
 
 from exgra_med.constants import IGNORE_INDEX
 
@@ -35,31 +44,70 @@ def pad_right(
     return out, mask
 
 
-class DataCollator:
-    """Collate dataset items into a batch; pads with the tokenizer's pad id (labels with IGNORE_INDEX)."""
+def pack_rows(lengths: Sequence[int], one_row: bool = False) -> list[list[int]]:
+    """Rows of sample indices for a padding-free batch: all samples in order in one row (`one_row`), or first-fit
+    decreasing into rows no longer than the longest sample (deterministic: ties keep the sample order)."""
+    if one_row or len(lengths) <= 1:
+        return [list(range(len(lengths)))]
+    capacity = max(lengths)
+    rows: list[list[int]] = []
+    filled: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, used in enumerate(filled):
+            if used + lengths[i] <= capacity:
+                rows[r].append(i)
+                filled[r] += lengths[i]
+                break
+        else:
+            rows.append([i])
+            filled.append(lengths[i])
+    return rows
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None) -> None:
+
+class DataCollator:
+    """Collate dataset items into a batch; pads with the tokenizer's pad id (labels with IGNORE_INDEX), or packs
+    the samples into rows without padding (`padding_free=True`; all in one row with `one_row=True`)."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        pad_to_multiple_of: int | None = None,
+        padding_free: bool = False,
+        one_row: bool = False,
+    ) -> None:
         if tokenizer.pad_token_id is None:
             raise ValueError(
                 "the tokenizer has no pad token; call exgra_med.model.tokenizer.prepare_tokenizer first (training does)"
             )
+        if padding_free and pad_to_multiple_of:
+            raise ValueError("padding_free batches are not padded: drop pad_to_multiple_of")
         self.pad_token_id = int(tokenizer.pad_token_id)
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.padding_free = padding_free
+        self.one_row = one_row
+        self._flatten = DataCollatorWithFlattening(return_tensors="pt", separator_id=IGNORE_INDEX)
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        """Batch: input_ids, labels, attention_mask (B, T); ids; images and alignment texts if present."""
+        """Batch: input_ids, labels, attention_mask (B, T) (padding-free: input_ids, labels, position_ids (R, C));
+        ids; images and alignment texts if present."""
         if not items:
             raise ValueError("cannot collate an empty batch")
-        input_ids, attention_mask = pad_right(
-            [x["input_ids"] for x in items], self.pad_token_id, self.pad_to_multiple_of
-        )
-        labels, _ = pad_right([x["labels"] for x in items], IGNORE_INDEX, self.pad_to_multiple_of)
-        batch: dict[str, Any] = {
-            "input_ids": input_ids,
-            "labels": labels,
-            "attention_mask": attention_mask,
-            "ids": [x.get("id") for x in items],
-        }
+        if self.padding_free:
+            empty = [x.get("id") for x in items if len(x["input_ids"]) == 0]
+            if empty:
+                raise ValueError(f"cannot pack samples without tokens (ids {empty})")
+            rows = pack_rows([len(x["input_ids"]) for x in items], self.one_row)
+            order = [i for row in rows for i in row]
+            batch: dict[str, Any] = self._pack([len(row) for row in rows], [items[i] for i in order])
+            batch["row_order"] = torch.tensor(order, dtype=torch.long)
+            batch["ids"] = [x.get("id") for x in items]
+        else:
+            input_ids, attention_mask = pad_right(
+                [x["input_ids"] for x in items], self.pad_token_id, self.pad_to_multiple_of
+            )
+            labels, _ = pad_right([x["labels"] for x in items], IGNORE_INDEX, self.pad_to_multiple_of)
+            batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+                     "ids": [x.get("id") for x in items]}
         with_image = [x.get("pixel_values") is not None for x in items]
         if any(with_image):
             shapes = {tuple(x["pixel_values"].shape) for x, has in zip(items, with_image) if has}
@@ -86,3 +134,20 @@ class DataCollator:
                     [x[key] for x in items], self.pad_token_id, self.pad_to_multiple_of
                 )
         return batch
+
+    def _pack(self, row_sizes: list[int], items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """input_ids, labels, position_ids (R, C) of `items` (in row order), `row_sizes[r]` samples in row r."""
+        rows, start = [], 0
+        for size in row_sizes:
+            rows.append(self._flatten([{"input_ids": x["input_ids"], "labels": x["labels"]}
+                                       for x in items[start:start + size]]))
+            start += size
+        width = max(row["input_ids"].shape[1] for row in rows)
+        out: dict[str, list[torch.Tensor]] = {"input_ids": [], "labels": [], "position_ids": []}
+        for row in rows:
+            tail = width - row["input_ids"].shape[1]  # filler: its own segment, ignored by the loss
+            fill = {"input_ids": torch.full((tail,), self.pad_token_id), "labels": torch.full((tail,), IGNORE_INDEX),
+                    "position_ids": torch.arange(tail)}
+            for key in out:
+                out[key].append(torch.cat([row[key][0], fill[key].to(row[key].dtype)]))
+        return {key: torch.stack(values) for key, values in out.items()}

@@ -3,6 +3,9 @@
 In stage 2 the same forward also computes the ExGra-Med alignment loss (METHOD section 4) and returns
 `loss = lm_loss + alpha * align_loss`, both parts (and the alignment's own parts) as tensors for the trainer to log.
 The alignment options are `config.alignment_config` (`exgra_med.align.AlignmentConfig`).
+
+Batches come padded (`attention_mask` (B, T)) or padding-free (`exgra_med.model.packing`: samples side by side in
+rows (R, C), `position_ids` restarting per sample, no mask); both give the same losses.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from exgra_med.model.connector import (
     num_image_tokens,
     select_features,
 )
+from exgra_med.model.packing import images_in_row_order, is_packed, pack_texts, packs_in_one_row, segment_index
 from exgra_med.model.vision import VisionTower
 
 if TYPE_CHECKING:
     from exgra_med.align.loss import AlignmentOutput
+    from exgra_med.model.packing import PackedTexts
 
 logger = logging.getLogger(__name__)
 
@@ -159,16 +164,20 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
         return self.mm_projector(feats.to(proj_dtype))  # (B, N, D)
 
     def merge_image_features(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, segments: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token embeddings with every `<im_patch>` position replaced by an image feature, in order.
 
         Returns (inputs_embeds (B, T, D), image_features (B_img, N, D) or None). Each sample either holds no image
-        token or exactly N of them; images are matched to the samples that hold tokens, in batch order.
+        token or exactly N of them; images are matched to the samples that hold tokens, in batch order. Packed rows
+        (R, C) give `segments` (R * C,), the sample of each token (`exgra_med.model.packing.segment_index`).
         """
         embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
         image_mask = input_ids == self.config.image_token_id  # (B, T)
-        per_sample = image_mask.sum(dim=1)
+        if segments is None:
+            per_sample = image_mask.sum(dim=1)
+        else:  # rows of packed samples: count each sample's image tokens
+            per_sample = torch.bincount(segments[image_mask.flatten()], minlength=int(segments[-1]) + 1)
         if pixel_values is None:
             if bool(image_mask.any()):
                 raise ValueError(
@@ -196,6 +205,8 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        row_order: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         image_mask: torch.BoolTensor | None = None,
         response_ids: torch.LongTensor | None = None,
@@ -210,19 +221,39 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
         """LM forward on merged image+text embeddings; adds `alpha * align_loss` when alignment inputs are given.
 
         `pixel_values` holds one image per sample holding image tokens, or one per sample with `image_mask`
-        (B,) marking the real ones (the collator's layout).
+        (B,) marking the real ones (the collator's layout). A padding-free batch (rows of samples, `position_ids`
+        restarting per sample, no `attention_mask`) keeps its images and alignment texts per sample in batch order;
+        `row_order` (B,) lists the samples in the order the rows hold them (default: batch order).
         """
         kwargs.pop("num_items_in_batch", None)  # the trainer averages per step; see ExGraMedTrainer
         kwargs.pop("ids", None)
+        packed = is_packed(position_ids, attention_mask)
+        segments = segment_index(position_ids) if packed else None  # (L,) sample of each token
+        if packed:
+            if use_cache or cache is not None:
+                raise ValueError("a padding-free batch cannot use a KV cache")
+            impl = self.language_model.config._attn_implementation
+            if position_ids.shape[0] > 1 and packs_in_one_row(impl):
+                raise ValueError(f"{impl} reads packed samples from one row only; got {position_ids.shape[0]} rows "
+                                 "(DataCollator(..., padding_free=True, one_row=True))")
+            # transformers detects the packed samples from the position ids only when no cache is given: the
+            # LLM's config default (use_cache=True) would build one and give a causal mask ACROSS the samples.
+            use_cache = False
+        reordered = packed and row_order is not None and pixel_values is not None
+        if reordered:  # the images go into the rows in row order; their features come back in batch order below
+            pixel_values, image_mask, image_rows = images_in_row_order(pixel_values, image_mask, row_order)
         if pixel_values is not None and image_mask is not None:
             # The collator pads image-less samples with zero images; keep only the real ones.
             pixel_values = pixel_values[image_mask] if bool(image_mask.any()) else None
         image_features = None
         if inputs_embeds is None:
-            inputs_embeds, image_features = self.merge_image_features(input_ids, pixel_values)
+            inputs_embeds, image_features = self.merge_image_features(input_ids, pixel_values, segments)
+            if reordered and image_features is not None:
+                image_features = image_features[torch.argsort(image_rows)]  # (B_img, N, D) in batch order
         out = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
+            position_ids=position_ids,
             labels=labels,
             cache=cache,
             use_cache=use_cache,
@@ -231,9 +262,12 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
         lm_loss = out.loss
         align = None
         if self.alignment is not None and response_ids is not None and labels is not None:
-            if image_features is None or image_features.shape[0] != input_ids.shape[0]:
+            num_samples = response_ids.shape[0] if packed else input_ids.shape[0]  # packed: fillers are segments too
+            if image_features is None or image_features.shape[0] != num_samples:
                 raise ValueError("the alignment loss needs exactly one image per sample in the batch")
-            align = self.alignment_loss(image_features, response_ids, response_mask, extended_ids, extended_mask)
+            align = self.alignment_loss(
+                image_features, response_ids, response_mask, extended_ids, extended_mask, packed=packed
+            )
         loss = lm_loss if align is None else lm_loss + self.config.alignment_config.alpha * align.loss
         return ExGraMedOutput(
             loss=loss,
@@ -245,6 +279,16 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
             hidden_states=out.hidden_states,
             image_hidden_states=image_features,
         )
+
+    def encode_packed_texts(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, PackedTexts]:
+        """LLM last hidden states of right-padded texts (N, T) computed padding-free: the texts packed into rows
+        with positions restarting per text (`exgra_med.model.packing.pack_texts`), so that transformers confines
+        attention to each text. Returns the packed features (R, C, D) and the layout to pool or unpack them."""
+        one_row = packs_in_one_row(self.language_model.config._attn_implementation)
+        packed = pack_texts(ids, mask, one_row, fill_value=self.config.text_config.pad_token_id or 0)
+        decoder = self.language_model.get_decoder()
+        hidden = decoder(input_ids=packed.ids, position_ids=packed.position_ids, use_cache=False).last_hidden_state
+        return hidden, packed
 
     def encode_texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Token features of alignment texts: LLM last hidden states (`after_de`) or input embeddings. (B, T, D)."""
@@ -306,22 +350,40 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
         response_mask: torch.Tensor,
         extended_ids: torch.Tensor | None,
         extended_mask: torch.Tensor | None,
+        packed: bool = False,
     ) -> AlignmentOutput:
-        """The configured alignment objective over image tokens, response text and (multi-graph) extended text."""
+        """The configured alignment objective over image tokens, response text and (multi-graph) extended text.
+
+        `packed` (a padding-free batch): the `after_de` LLM pass over the texts runs padding-free as well whenever
+        the objective ignores padding (masked text means, the contrastive ablations); the reference's unmasked mean
+        averages the padding positions' states too, so it keeps the padded pass.
+        """
         from exgra_med.align import pool_tokens
 
         options = self.config.alignment_config
+        packed_texts = packed and options.after_de
         if not options.multi_graph:
-            text = self.encode_texts(response_ids, response_mask)
+            if packed_texts:
+                hidden, layout = self.encode_packed_texts(response_ids, response_mask)
+                text = layout.unpacked(hidden, tuple(response_ids.shape))  # (B, T, D), zeros at padding
+            else:
+                text = self.encode_texts(response_ids, response_mask)
             return self.alignment(image_features, text, response_mask)
         if extended_ids is None:
             raise ValueError("multi_graph alignment needs extended_ids (records need `conversations_long`)")
+        image = image_features.mean(dim=1)  # (B, D)
+        if packed_texts and options.masked_mean:
+            b, t = response_ids.shape[0], max(response_ids.shape[1], extended_ids.shape[1])
+            ids = torch.cat([_pad_right(response_ids, t, 0), _pad_right(extended_ids, t, 0)])  # (2B, T)
+            mask = torch.cat([_pad_right(response_mask, t, 0), _pad_right(extended_mask, t, 0)])
+            hidden, layout = self.encode_packed_texts(ids, mask)  # the 2B texts, each attending to itself only
+            texts = layout.pooled(hidden, 2 * b)  # (2B, D): masked means
+            return self.alignment(image, texts[:b].to(image.dtype), texts[b:].to(image.dtype))
         response_hidden, extended_hidden = self.encode_text_pairs(
             response_ids, response_mask, extended_ids, extended_mask
         )
         response = pool_tokens(response_hidden, response_mask, masked=options.masked_mean)  # (B, D)
         extended = pool_tokens(extended_hidden, extended_mask, masked=options.masked_mean)  # (B, D)
-        image = image_features.mean(dim=1)  # (B, D)
         return self.alignment(image, response.to(image.dtype), extended.to(image.dtype))
 
     # --- generation --------------------------------------------------------------------------------------

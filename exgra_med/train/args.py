@@ -141,6 +141,11 @@ class TrainingArguments(transformers.TrainingArguments):
     model_max_length: int = field(default=2048, metadata={"help": "truncate conversations to this many tokens"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep alignment inputs (must stay False)"})
     report_to: str = field(default="none", metadata={"help": "logging integrations (none, tensorboard, wandb)"})
+    padding_free: bool = field(
+        default=False,
+        metadata={"help": "pack each micro-batch into one row without padding (positions restart per sample); same "
+                  "loss as padded, less compute when lengths vary"},
+    )
     group_by_modality_length: bool = field(
         default=False,
         metadata={"help": "batches of one modality (image or text-only) and similar lengths, seeded (LLaVA's flag)"},

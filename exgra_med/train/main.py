@@ -32,6 +32,7 @@ from exgra_med.model.loading import (
     load_projector,
     save_projector,
 )
+from exgra_med.model.packing import packs_in_one_row
 from exgra_med.train.args import DataArguments, ModelArguments, TrainingArguments
 from exgra_med.train.recipes import RECIPE_SUFFIXES, RecipeError, parse_with_recipe, write_resolved_recipe
 from exgra_med.train.trainer import ExGraMedTrainer
@@ -164,6 +165,8 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments):
         # does this itself; on CPU it does not, and ZeRO-3 then sees one rank).
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     model_path = resolve_path(model_args.model_name_or_path, "model", require=("config.json",))  # or a Hub id
+    if training_args.padding_free:  # from the config alone, before any weights are read
+        check_llm_packs(model_path, model_args.attn_implementation)
     if is_exgra_med_checkpoint(model_path):
         model, tokenizer, processor = load_pretrained(
             model_path, dtype=dtype, attn_implementation=model_args.attn_implementation,
@@ -203,6 +206,24 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments):
 
         apply_liger(model, **(training_args.liger_kernel_config or {}))
     return model, tokenizer, processor
+
+
+def check_padding_free_flags(model_args: ModelArguments, training_args: TrainingArguments) -> None:
+    """`--padding_free True` needs an attention implementation that confines attention to each packed sample."""
+    from exgra_med.model.packing import check_attention_packs
+
+    if training_args.padding_free:
+        check_attention_packs(model_args.attn_implementation)
+
+
+def check_llm_packs(model_path: str, attn_implementation: str) -> None:
+    """Refuse `--padding_free True` for an LLM (plain folder or inside an ExGra-Med checkpoint) that cannot pack."""
+    from transformers import AutoConfig
+
+    from exgra_med.model.packing import check_padding_free
+
+    config = AutoConfig.from_pretrained(model_path)
+    check_padding_free(getattr(config, "text_config", config), attn_implementation)
 
 
 def set_trainable(model, model_args: ModelArguments, activation_checkpointing: bool = False) -> None:
@@ -273,6 +294,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         return train_native(native, model_args, data_args, training_args)
     set_seed(training_args.seed)
     check_environment(model_args, training_args)
+    check_padding_free_flags(model_args, training_args)
     alignment = model_args.alignment_config(seed=training_args.seed).enabled
     records = validate_inputs(model_args, data_args, alignment)
     # Fine-tuning: VQA answers generated on val at each evaluation (eval_val_*), on test at the end (eval_test_*).
@@ -293,6 +315,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         alignment=model.alignment is not None,
         records=records if (model.alignment is not None) == alignment else None,
     )
+    # Padding-free rows: one row for attention that skips the other samples' keys, else rows of bounded length.
+    one_row = packs_in_one_row(model.language_model.config._attn_implementation)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("%d training records; %.2fM trainable parameters", len(dataset), n_train / 1e6)
     trainer = VQAScoringTrainer(
@@ -300,7 +324,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         args=training_args,
         train_dataset=dataset,
         eval_dataset=val_split,
-        data_collator=DataCollator(tokenizer),
+        data_collator=DataCollator(tokenizer, padding_free=training_args.padding_free, one_row=one_row),
         processing_class=tokenizer,
         projector_only=model_args.tune_mm_mlp_adapter,
         image_processor=processor,

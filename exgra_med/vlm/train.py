@@ -31,14 +31,21 @@ PROJECTOR_NAMES = ("multi_modal_projector", "merger", "deepstack_merger_list", "
 _PEFT_PREFIX = "base_model.model."
 
 
-def check_native_flags(model_args: ModelArguments) -> None:
-    """Refuse the LLaVA-only flags (one line naming the flag) before anything is loaded."""
+def check_native_flags(model_args: ModelArguments, training_args: TrainingArguments | None = None) -> None:
+    """Refuse the LLaVA-only flags and the options the native path does not offer yet (padding-free batches,
+    QLoRA, Liger kernels), one line naming the flag, before anything is loaded."""
     fixed = {"vision_tower": None, "pretrain_mm_mlp_adapter": None, "tune_mm_mlp_adapter": False,
              "mm_dense_connector_type": "none"}
     for flag, default in fixed.items():
         if getattr(model_args, flag) != default:
             raise UserError(f"--{flag} {getattr(model_args, flag)}: {model_args.model_name_or_path} is a "
                             "transformers-native VLM with its own vision encoder and projector; drop the flag")
+    not_yet = {"bits": (model_args, 16), "padding_free": (training_args, False),
+               "use_liger_kernel": (training_args, False)}
+    for flag, (args, default) in not_yet.items():
+        if args is not None and getattr(args, flag, default) != default:
+            raise UserError(f"--{flag} {getattr(args, flag)}: not available for transformers-native VLMs "
+                            f"({model_args.model_name_or_path}) yet; it applies to the LLaVA-style model")
 
 
 def projector_modules(vlm: nn.Module) -> list[tuple[str, nn.Module | nn.Parameter]]:
@@ -187,7 +194,7 @@ def train_native(path: str, model_args: ModelArguments, data_args: DataArguments
     from exgra_med.vlm.data import ChatEncoder, NativeCollator, NativeDataset, stop_strings
 
     set_seed(training_args.seed)
-    check_native_flags(model_args)
+    check_native_flags(model_args, training_args)
     alignment = model_args.alignment_config(seed=training_args.seed)
     if alignment.enabled and not alignment.multi_graph and alignment.simi_type != "average":
         raise UserError(f"--simi_type {alignment.simi_type}: native VLMs support the contrastive ablation with "
