@@ -165,6 +165,36 @@ def generate_answers(
         tokenizer(build_prompt(r, conv_mode, n_img, start_end), add_special_tokens=True)["input_ids"] for r in records
     ]
     order = sorted(range(len(records)), key=lambda i: -len(encoded[i]))  # stable: ties keep question order
+    gen_kwargs = {"strip_role_prefix": strip_role_prefix, **(generate_kwargs or {})}
+
+    def prepare(i: int) -> torch.Tensor | None:
+        record = records[i]
+        return _pixels(record, image_folder, image_processor, image_aspect_ratio) if "image" in record else None
+
+    def generate(batch: list[int], pixels: list[torch.Tensor | None]) -> list[str]:
+        images = [p for p in pixels if p is not None]
+        return generate_batch(model, tokenizer, [encoded[i] for i in batch], torch.stack(images) if images else None,
+                              conv_mode, max_new_tokens, temperature, **gen_kwargs)
+
+    try:
+        return answer_in_batches(records, order, batch_size, prepare, generate, on_batch=on_batch, errors=errors,
+                                 progress=progress)
+    finally:
+        model.train(was_training)
+
+
+def answer_in_batches(
+    records: Sequence[dict], order: Sequence[int], batch_size: int, prepare: Callable[[int], Any],
+    generate: Callable[[list[int], list[Any]], list[str]], *, on_batch: BatchCallback | None = None,
+    errors: dict[str, str] | None = None, progress: bool = False,
+) -> dict[str, str]:
+    """`{str(id): answer}` for `records` taken in `order`, `batch_size` at a time (shared by the LLaVA and the native
+    paths): `prepare(i)` reads record i's inputs (its image), `generate(indices, prepared)` answers a batch.
+
+    `on_batch` is called after each batch with its `(record, text)` pairs. With an `errors` dict, a record whose
+    image cannot be read, or whose generation fails alone, is recorded there (`id -> message`) and skipped (a failed
+    batch is retried one question at a time); without it, errors raise, an unreadable image naming its record.
+    """
     answers: dict[str, str] = {}
     bar = None
     if progress:
@@ -173,12 +203,9 @@ def generate_answers(
         bar = tqdm(total=len(order), desc="answers", unit="q")
     try:
         for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            done = _run_batch(model, tokenizer, image_processor, records, encoded, batch, conv_mode, max_new_tokens,
-                              image_folder, image_aspect_ratio, temperature, errors,
-                              {"strip_role_prefix": strip_role_prefix, **(generate_kwargs or {})})
-            for record, text in done:
-                answers[str(record["id"])] = text
+            batch = list(order[start : start + batch_size])
+            done = _answer_batch(records, batch, prepare, generate, errors)
+            answers.update({str(record["id"]): text for record, text in done})
             if on_batch is not None and done:
                 on_batch(done)
             if bar is not None:
@@ -186,18 +213,15 @@ def generate_answers(
     finally:
         if bar is not None:
             bar.close()
-        model.train(was_training)
     return answers
 
 
-def _run_batch(model, tokenizer, processor, records, encoded, batch, conv_mode, max_new_tokens, image_folder,
-               aspect_ratio, temperature, errors, generate_kwargs) -> list[tuple[dict, str]]:
-    keep, images = [], []
+def _answer_batch(records, batch, prepare, generate, errors) -> list[tuple[dict, str]]:
+    keep, prepared = [], []
     for i in batch:
         record = records[i]
         try:
-            if "image" in record:
-                images.append(_pixels(record, image_folder, processor, aspect_ratio))
+            prepared.append(prepare(i))
             keep.append(i)
         except Exception as e:
             if errors is None:
@@ -205,10 +229,8 @@ def _run_batch(model, tokenizer, processor, records, encoded, batch, conv_mode, 
             errors[str(record.get("id"))] = f"image: {type(e).__name__}: {e}"
     if not keep:
         return []
-    pixels = torch.stack(images) if images else None  # (B_img, 3, H, W)
     try:
-        texts = generate_batch(model, tokenizer, [encoded[i] for i in keep], pixels, conv_mode, max_new_tokens,
-                               temperature, **generate_kwargs)
+        texts = generate(keep, prepared)
     except Exception as e:
         if errors is None:
             raise
@@ -218,8 +240,7 @@ def _run_batch(model, tokenizer, processor, records, encoded, batch, conv_mode, 
         logger.warning("batch of %d failed (%s); retrying its questions one by one", len(keep), e)
         out: list[tuple[dict, str]] = []
         for i in keep:
-            out += _run_batch(model, tokenizer, processor, records, encoded, [i], conv_mode, max_new_tokens,
-                              image_folder, aspect_ratio, temperature, errors, generate_kwargs)
+            out += _answer_batch(records, [i], prepare, generate, errors)
         return out
     return [(records[i], t) for i, t in zip(keep, texts)]
 

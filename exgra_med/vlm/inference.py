@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ from transformers import GenerationConfig
 from exgra_med.conversation import GPT, HUMAN, ConversationTemplate
 from exgra_med.data.images import DEFAULT_ASPECT_RATIO
 from exgra_med.data.records import record_images
+from exgra_med.eval.generate import BatchCallback, answer_in_batches
 from exgra_med.vlm.data import ChatEncoder, Encoded, collate_encoded, record_messages, stop_strings
 
 logger = logging.getLogger(__name__)
@@ -30,8 +31,6 @@ logger = logging.getLogger(__name__)
 # model's end-of-sequence tokens end an answer).
 CHAT_TEMPLATE = ConversationTemplate("chat_template", "plain", "", ("", ""), "")
 CHAT_TEMPLATE_NAME = CHAT_TEMPLATE.name
-
-BatchCallback = Callable[[list[tuple[dict, str]]], None]
 
 
 class NativeVLM:
@@ -164,52 +163,12 @@ class NativeVLM:
                                       add_special_tokens=False)["input_ids"]) for r in records]
         order = sorted(range(len(records)), key=lambda i: -lengths[i])
         config = self.generation_config(max_new_tokens, temperature)
-        answers: dict[str, str] = {}
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(order), desc="answers", unit="q")
-        try:
-            for start in range(0, len(order), batch_size):
-                batch = order[start:start + batch_size]
-                done = self._run_batch(records, batch, image_folder, config, errors, generate_kwargs or {})
-                answers.update({str(r["id"]): t for r, t in done})
-                if on_batch is not None and done:
-                    on_batch(done)
-                if bar is not None:
-                    bar.update(len(batch))
-        finally:
-            if bar is not None:
-                bar.close()
-        return answers
-
-    def _run_batch(self, records, batch, image_folder, config, errors, generate_kwargs) -> list[tuple[dict, str]]:
-        keep, encoded = [], []
-        for i in batch:
-            try:
-                encoded.append(self.encode_record(records[i], image_folder))
-                keep.append(i)
-            except Exception as e:
-                if errors is None:
-                    raise
-                errors[str(records[i].get("id"))] = f"image: {type(e).__name__}: {e}"
-        if not keep:
-            return []
-        try:
-            texts = self.decode(self.generate(encoded, config, **generate_kwargs))
-        except Exception as e:
-            if errors is None:
-                raise
-            if len(keep) == 1:
-                errors[str(records[keep[0]].get("id"))] = f"generation: {type(e).__name__}: {e}"
-                return []
-            logger.warning("batch of %d failed (%s); retrying its questions one by one", len(keep), e)
-            out: list[tuple[dict, str]] = []
-            for i in keep:
-                out += self._run_batch(records, [i], image_folder, config, errors, generate_kwargs)
-            return out
-        return [(records[i], t) for i, t in zip(keep, texts)]
+        kwargs = generate_kwargs or {}
+        return answer_in_batches(
+            records, order, batch_size, lambda i: self.encode_record(records[i], image_folder),
+            lambda batch, encoded: self.decode(self.generate(encoded, config, **kwargs)),
+            on_batch=on_batch, errors=errors, progress=progress,
+        )
 
 
 def as_native(model, processor) -> NativeVLM | None:
