@@ -38,7 +38,7 @@ from exgra_med.data.images import (
     load_image,
     preprocess_image,
 )
-from exgra_med.data.records import RecordError, load_records
+from exgra_med.data.records import RecordError, load_records, record_label
 
 logger = logging.getLogger(__name__)
 
@@ -162,9 +162,7 @@ class SupervisedDataset(Dataset):
         return len(self.records)
 
     def _where(self, index: int) -> str:
-        record = self.records[index]
-        name = f"record {record['id']!r}" if record.get("id") is not None else f"record #{index}"
-        return f"{self.data_path}: {name}"
+        return f"{self.data_path}: {record_label(self.records[index], index)}"
 
     def _load_pixels(self, index: int) -> torch.Tensor:
         path = self.image_folder / self.records[index]["image"]

@@ -33,7 +33,7 @@ from exgra_med.conversation import Segment
 from exgra_med.data.collate import pad_right
 from exgra_med.data.dataset import TokenizationMismatchError, alignment_text, tokenize_segments
 from exgra_med.data.images import DEFAULT_ASPECT_RATIO, ImageLoadError, expand2square, load_image
-from exgra_med.data.records import RecordError, load_records, record_images
+from exgra_med.data.records import RecordError, load_records, record_images, record_label
 
 logger = logging.getLogger(__name__)
 
@@ -222,9 +222,7 @@ class NativeDataset(Dataset):
         return len(self.records)
 
     def _where(self, index: int) -> str:
-        record = self.records[index]
-        name = f"record {record['id']!r}" if record.get("id") is not None else f"record #{index}"
-        return f"{self.data_path}: {name}"
+        return f"{self.data_path}: {record_label(self.records[index], index)}"
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record, where = self.records[index], self._where(index)
