@@ -27,7 +27,14 @@ from exgra_med.model.connector import (
     num_image_tokens,
     select_features,
 )
-from exgra_med.model.packing import images_in_row_order, is_packed, pack_texts, packs_in_one_row, segment_index
+from exgra_med.model.packing import (
+    block_causal_mask,
+    images_in_row_order,
+    is_packed,
+    pack_texts,
+    packs_in_one_row,
+    segment_index,
+)
 from exgra_med.model.vision import VisionTower
 
 if TYPE_CHECKING:
@@ -316,24 +323,9 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
         window = getattr(text_cfg, "sliding_window", None)
         if impl in ("sdpa", "eager") and (window is None or window >= max(t1, t2)):
             ids = torch.cat([ids1, ids2], dim=1)  # (B, T1 + T2)
-            dev = ids.device
-            positions = torch.cat([torch.arange(t1, device=dev), torch.arange(t2, device=dev)])
-            segment = torch.cat(
-                [torch.zeros(t1, device=dev, dtype=torch.long), torch.ones(t2, device=dev, dtype=torch.long)]
-            )
-            causal = (segment[:, None] == segment[None, :]) & (positions[None, :] <= positions[:, None])  # (L, L)
-            keys = torch.cat([mask1, mask2], dim=1).bool()  # (B, L)
-            allowed = causal[None] & keys[:, None, :]  # (B, L queries, L keys)
-            # A query with no visible key (a text that starts with padding) attends to itself: finite, unused.
-            allowed = allowed | (
-                torch.eye(ids.shape[1], device=dev, dtype=torch.bool)[None] & ~allowed.any(dim=2, keepdim=True)
-            )
-            mask = allowed[:, None]  # (B, 1, L, L): True = attend (sdpa)
-            if impl == "eager":
-                dtype = self.get_input_embeddings().weight.dtype
-                mask = torch.zeros(mask.shape, device=dev, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
+            mask, positions = block_causal_mask(mask1, mask2, impl, self.get_input_embeddings().weight.dtype)
             hidden = self.language_model.get_decoder()(
-                input_ids=ids, attention_mask=mask, position_ids=positions.expand(ids.shape[0], -1)
+                input_ids=ids, attention_mask=mask, position_ids=positions
             ).last_hidden_state
             return hidden[:, :t1], hidden[:, t1:]
         b, t = ids1.shape[0], max(t1, t2)

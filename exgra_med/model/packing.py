@@ -158,3 +158,22 @@ def pack_texts(ids: torch.Tensor, mask: torch.Tensor, one_row: bool, fill_value:
     flat = torch.full_like(owner_t, fill_value, dtype=ids.dtype)
     flat[keep] = ids[owner_t[keep], position_t[keep]]
     return PackedTexts(flat.view(len(rows), width), position_t.view(len(rows), width), owner_t, position_t)
+
+
+def block_causal_mask(mask1: torch.Tensor, mask2: torch.Tensor, impl: str,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(4D attention mask (B, 1, L, L), position ids (B, L)) of two texts per row, L = T1 + T2: each token sees the
+    non-padding tokens of its own text up to itself; positions restart at the second text. sdpa takes the boolean
+    mask (True = attend), eager an additive one."""
+    t1, t2, dev = mask1.shape[1], mask2.shape[1], mask1.device
+    positions = torch.cat([torch.arange(t1, device=dev), torch.arange(t2, device=dev)])
+    segment = torch.cat([torch.zeros(t1, device=dev, dtype=torch.long), torch.ones(t2, device=dev, dtype=torch.long)])
+    causal = (segment[:, None] == segment[None, :]) & (positions[None, :] <= positions[:, None])  # (L, L)
+    keys = torch.cat([mask1, mask2], dim=1).bool()  # (B, L)
+    allowed = causal[None] & keys[:, None, :]  # (B, L queries, L keys)
+    # A query with no visible key (a text that starts with padding) attends to itself: finite, unused.
+    allowed = allowed | (torch.eye(t1 + t2, device=dev, dtype=torch.bool)[None] & ~allowed.any(dim=2, keepdim=True))
+    mask = allowed[:, None]
+    if impl == "eager":
+        mask = torch.zeros(mask.shape, device=dev, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
+    return mask, positions.expand(mask1.shape[0], -1)
