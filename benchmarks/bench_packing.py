@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.bench_step import print_peak_rss_increase
 from exgra_med.constants import IGNORE_INDEX
 from exgra_med.data.collate import DataCollator
 from exgra_med.model.loading import ConnectorOptions, load_pretrained
@@ -153,10 +154,6 @@ def run(quick: bool = False, threads: int = 2, one_row: bool = False) -> list[di
 
 def _peak_rss_child(quick: bool, aligned: bool, name: str) -> None:
     """In a fresh process: the peak RSS increase (MiB) over two training steps, sampled every 2 ms."""
-    import threading
-
-    import psutil
-
     torch.set_num_threads(2)
     torch.manual_seed(0)
     model, tokenizer, alignment = _model(quick)
@@ -165,24 +162,11 @@ def _peak_rss_child(quick: bool, aligned: bool, name: str) -> None:
     batch = DataCollator(tokenizer, **ARRANGEMENTS[name])(items)
     batch.pop("ids")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    proc = psutil.Process()
-    base = proc.memory_info().rss
-    peak, done = [base], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    for _ in range(2):
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    done.set()
-    sampler.join()
-    print((peak[0] - base) / 2**20)
+    with print_peak_rss_increase():
+        for _ in range(2):
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
 
 def peak_memory(quick: bool = False) -> list[dict]:

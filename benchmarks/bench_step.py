@@ -10,9 +10,11 @@ one batched pass) so that the gain of batching is visible.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -87,14 +89,22 @@ def _prepared(quick: bool):
 
 def _peak_rss_child(quick: bool, aligned: bool) -> None:
     """Run in a fresh process: print the peak RSS increase (MiB) over two training steps, sampled every 2 ms."""
-    import threading
-
-    import psutil
-
     torch.set_num_threads(2)
     torch.manual_seed(0)
     model, alignment, batch = _prepared(quick)
     model.alignment = alignment if aligned else None
+    with print_peak_rss_increase():
+        _interleaved(model, batch, {"step": (model.alignment, lambda m, b: m(**b).loss)}, repeats=1)
+
+
+@contextlib.contextmanager
+def print_peak_rss_increase() -> Iterator[None]:
+    """Print the peak increase (MiB) of this process's resident memory during the block, sampled every 2 ms (the
+    last line of a `peak_memory` child process)."""
+    import threading
+
+    import psutil
+
     proc = psutil.Process()
     base = proc.memory_info().rss
     peak, done = [base], threading.Event()
@@ -106,9 +116,11 @@ def _peak_rss_child(quick: bool, aligned: bool) -> None:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    _interleaved(model, batch, {"step": (model.alignment, lambda m, b: m(**b).loss)}, repeats=1)
-    done.set()
-    sampler.join()
+    try:
+        yield
+    finally:
+        done.set()
+        sampler.join()
     print((peak[0] - base) / 2**20)
 
 
