@@ -80,3 +80,29 @@ def test_recorded_gpu_runs_render():
     text = gpu_section()
     assert "MFU" in text and "| lm_only | sdpa | 16 x 514 |" in text
     assert "| 514 | 32 + 64 |" in text  # the sweep over alignment text lengths
+
+
+def test_yes_no_probe_answers_follow_the_fact_and_the_negation():
+    import random
+
+    from benchmarks.probe_yes_no import closed_questions, sample
+
+    questions = closed_questions()
+    assert any(" not " in q for q in questions) and all(q.endswith('"No").') for q in questions)
+    rng = random.Random(0)
+    samples = [sample(rng, questions) for _ in range(400)]
+    for question, fact, yes in samples:
+        asked = [w for w in fact.split() if w in question.lower()]
+        negated = " not " in question or " no " in question
+        assert yes == ((len(asked) == len(fact.split())) != negated), (question, fact, yes)
+    assert 0.4 < sum(yes for _, _, yes in samples) / len(samples) < 0.6  # balanced: no answer prior
+
+
+def test_yes_no_probe_trains_and_reports(capsys):
+    from benchmarks.probe_yes_no import main
+
+    assert main(["--steps", "2", "--every", "1", "--batch", "4", "--image-tokens", "3", "--hidden", "32"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "3 image tokens" in lines[0] and len(lines) == 4
+    step, loss, accuracy, _ = lines[-1].split()
+    assert step == "2" and 0 < float(loss) < 5 and 0 <= float(accuracy) <= 100
