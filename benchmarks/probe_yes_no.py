@@ -24,33 +24,33 @@ import time
 
 import torch
 
-NEGATION = re.compile(r"\b(not|no)\b")
-
 
 def closed_questions() -> list[str]:
     """easy-VQA's yes/no question texts, with the suffix `exgra-med prepare easy-vqa` adds."""
     import easy_vqa
 
+    from exgra_med.data.prepare.easy_vqa import question_text
     from exgra_med.data.prepare.vqa import CLOSED_YES_NO_SUFFIX, is_yes_no
 
     questions, answers, _ = easy_vqa.get_train_questions()
-    texts = {q.strip()[:1].upper() + q.strip()[1:] for q, a in zip(questions, answers) if is_yes_no(a)}
+    texts = {question_text(q) for q, a in zip(questions, answers) if is_yes_no(a)}
     return sorted(t + CLOSED_YES_NO_SUFFIX for t in texts)
 
 
 def sample(rng: random.Random, questions: list[str]) -> tuple[str, str, bool]:
     """(question, the fact the answer states first, answer is yes); half the facts match the question."""
-    from exgra_med.data.prepare.easy_vqa import COLORS, SHAPES
+    from exgra_med.data.prepare.easy_vqa import COLORS, NEGATION, SHAPES
 
     question = rng.choice(questions)
-    words = re.findall(r"[a-z]+", question.split(" (")[0].lower())
+    core = question.split(" (")[0].lower()  # without the yes/no suffix, whose "No" is not a negation
+    words = re.findall(r"[a-z]+", core)
     asked_colors, asked_shapes = [w for w in words if w in COLORS], [w for w in words if w in SHAPES]
     color, shape = rng.choice(COLORS), rng.choice(SHAPES)
     if rng.random() < 0.5:
         color, shape = (asked_colors or [color])[0], (asked_shapes or [shape])[0]
     match = all(c == color for c in asked_colors) and all(s == shape for s in asked_shapes)
     fact = " ".join(([color] if asked_colors else []) + ([shape] if asked_shapes else []))
-    return question, fact, match != bool(NEGATION.search(question.split(" (")[0].lower()))
+    return question, fact, match != bool(NEGATION.search(core))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,7 +45,7 @@ DESCRIBE_REQUESTS = (
     "Provide a concise description of the image.",
     "Explain what is shown in the image.",
 )
-_NEGATION = re.compile(r"\b(not|no)\b")
+NEGATION = re.compile(r"\b(not|no)\b")  # a yes/no question that asks for absence
 
 
 @dataclass
@@ -72,7 +72,7 @@ def image_facts(qas: Sequence[tuple[str, str]]) -> ImageFacts:
     for question, answer in qas:
         words = [w for w in re.findall(r"[a-z]+", question.lower()) if w in SHAPES or w in COLORS]
         if is_yes_no(answer):
-            present = (answer.strip().lower() == "yes") != bool(_NEGATION.search(question.lower()))
+            present = (answer.strip().lower() == "yes") != bool(NEGATION.search(question.lower()))
             for word in words:
                 if present:
                     assert_value(word)
@@ -114,7 +114,8 @@ def _sentence(answer: str) -> str:
     return f"{answer.strip().capitalize()}."
 
 
-def _question(text: str) -> str:
+def question_text(text: str) -> str:
+    """An easy-VQA question as the prepared records write it (first letter capitalised)."""
     return text.strip()[:1].upper() + text.strip()[1:]
 
 
@@ -184,7 +185,7 @@ def prepare(
                     make_vqa_record(
                         f"easyvqa-{split}-{index}",
                         f"{split}_{image_id}.png",
-                        _question(text),
+                        question_text(text),
                         answer,
                         answer_type,
                     )
@@ -220,7 +221,7 @@ def prepare(
         qas = rng.sample(train_qas[image_id], min(max_turns, len(train_qas[image_id])))
         short, long = [], []
         for turn, (question, answer) in enumerate(qas):
-            human = _question(question) + (f"\n{DEFAULT_IMAGE_TOKEN}" if turn == 0 else "")
+            human = question_text(question) + (f"\n{DEFAULT_IMAGE_TOKEN}" if turn == 0 else "")
             short += [{"from": "human", "value": human}, {"from": "gpt", "value": _sentence(answer)}]
             long += [
                 {"from": "human", "value": human},
