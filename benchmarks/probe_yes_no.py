@@ -7,11 +7,13 @@ trained on the yes/no word only. Facts are drawn so that half match the question
 goes, `--image-tokens N` puts N stand-ins: random vectors at the scale of the word embeddings (fresh every sample), so
 the context has the demo's length. It measures how fast the compare-and-negate step is learned as a function of the
 LLM's initial weight std, the learning rate, the template (the demo's `llava_med`, whose system prompt is ~30 tokens,
-or the short `mistral`) and the number of image tokens (the demo has 64 + 2 delimiters). Seeded; fresh samples every
-step; accuracy on 512 fresh questions.
+or the short `mistral`) and the number of image tokens (the demo has 64 + 2 delimiters). `--start-tokens N --hold H
+--ramp R` is a curriculum: N stand-ins for the first H steps, then linearly more until `--image-tokens` after R more
+steps. Seeded; fresh samples every step; accuracy on 512 fresh questions, always with `--image-tokens` stand-ins.
 
     python -m benchmarks.probe_yes_no --init-std 0.1 --template mistral --image-tokens 0
     python -m benchmarks.probe_yes_no --init-std 0.1 --template llava_med --image-tokens 66   (the demo's context)
+    python -m benchmarks.probe_yes_no --image-tokens 66 --start-tokens 0 --hold 500 --ramp 700 --steps 1600
 Results: results/yes_no_probe.md.
 """
 
@@ -66,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--template", default="llava_med", help="chat template (the demo's: llava_med)")
     p.add_argument("--image-tokens", type=int, default=66, help="stand-ins where the image goes (the demo: 64 + 2)")
     p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--start-tokens", type=int, default=None, help="curriculum: stand-ins in the first --hold steps")
+    p.add_argument("--hold", type=int, default=0, help="curriculum: steps with --start-tokens stand-ins")
+    p.add_argument("--ramp", type=int, default=0, help="curriculum: steps from --start-tokens to --image-tokens")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
@@ -74,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
+    if args.start_tokens is not None and not 0 <= args.start_tokens <= args.image_tokens:
+        p.error("--start-tokens must be between 0 and --image-tokens")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
@@ -92,7 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False).input_ids
 
-    def scores(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def stand_ins_at(step: int) -> int:
+        """Image stand-ins of training step `step` (the curriculum's, or --image-tokens)."""
+        if args.start_tokens is None:
+            return args.image_tokens
+        done = min(1.0, max(0, step - args.hold) / max(1, args.ramp))
+        return round(args.start_tokens + done * (args.image_tokens - args.start_tokens))
+
+    def scores(n: int, image_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits of the first token of " no" / " yes" where the answer word starts, and the answers."""
         rows, answers = [], []
         for _ in range(n):
@@ -101,15 +115,15 @@ def main(argv: list[str] | None = None) -> int:
                 "<image>")
             rows.append((encode(before), encode(after) + encode(f" {fact} ,")))
             answers.append(int(yes))
-        length = max(len(a) + args.image_tokens + len(b) for a, b in rows)
+        length = max(len(a) + image_tokens + len(b) for a, b in rows)
         ids = torch.full((n, length), tokenizer.pad_token_id)
         mask = torch.zeros(n, length, dtype=torch.long)
         image = torch.zeros(n, length, dtype=torch.bool)
         for i, (a, b) in enumerate(rows):
             ids[i, : len(a)] = torch.tensor(a)
-            ids[i, len(a) + args.image_tokens : len(a) + args.image_tokens + len(b)] = torch.tensor(b)
-            image[i, len(a) : len(a) + args.image_tokens] = True
-            mask[i, : len(a) + args.image_tokens + len(b)] = 1
+            ids[i, len(a) + image_tokens : len(a) + image_tokens + len(b)] = torch.tensor(b)
+            image[i, len(a) : len(a) + image_tokens] = True
+            mask[i, : len(a) + image_tokens + len(b)] = 1
         inputs = embed(ids)
         stand_ins = torch.randn(inputs.shape) * embed.weight.std().detach()
         inputs = torch.where(image[..., None], stand_ins, inputs)
@@ -119,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"init std {args.init_std}, lr {args.lr}, template {args.template}, {args.image_tokens} image tokens, "
           f"LLM {args.layers} layers x {args.hidden} ({args.heads} heads)")
-    print("step  train loss  accuracy  seconds")
+    print("step  train image tokens  train loss  accuracy  seconds")
     start, running = time.time(), None
     for step in range(1, args.steps + 1):
-        logits, answers = scores(args.batch)
+        logits, answers = scores(args.batch, stand_ins_at(step))
         loss = torch.nn.functional.cross_entropy(logits, answers)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -131,9 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         if step % args.every == 0:
             with torch.no_grad():
-                logits, answers = scores(512)
+                logits, answers = scores(512, args.image_tokens)
             accuracy = (logits.argmax(1) == answers).float().mean().item()
-            print(f"{step:4d}  {running:10.3f}  {100 * accuracy:8.1f}  {time.time() - start:7.0f}", flush=True)
+            print(f"{step:4d}  {stand_ins_at(step):18d}  {running:10.3f}  {100 * accuracy:8.1f}  "
+                  f"{time.time() - start:7.0f}", flush=True)
     return 0
 
 

@@ -8,6 +8,8 @@
 # BALANCE_YES_NO=1 fine-tunes on train.json with its yes/no questions balanced (`exgra-med subsample
 # --balance-yes-no`: per question text as many yes as no answers), which takes the wording's prior away from the
 # yes/no answers (86% of easy-VQA's are predicted by the question alone); measured in the README's demo section.
+# FINETUNE_DATA=F fine-tunes on the VQA records of F instead of DEMO_DIR/data/train.json (e.g. the rationale answers
+# of `python -m benchmarks.rationale_answers`); FINETUNE_OUT (default DEMO_DIR/finetune) keeps such a run apart.
 # Variables: DEMO_DIR, FINETUNE_STEPS (default 600), BATCH (32), FINETUNE_LR (3e-3), TEST_QUESTIONS
 # (seeded subset of test.json, default 600; 0 = all), EVAL_BATCH (16), MAX_NEW_TOKENS (8), SEED.
 set -euo pipefail
@@ -20,7 +22,7 @@ TEST_QUESTIONS=${TEST_QUESTIONS:-600}
 EVAL_BATCH=${EVAL_BATCH:-16}
 SEED=${SEED:-0}
 DATA="$DEMO_DIR/data"
-OUT="$DEMO_DIR/finetune"
+OUT=${FINETUNE_OUT:-$DEMO_DIR/finetune}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 export NPROC_PER_NODE=${NPROC_PER_NODE:-1} MASTER_PORT=${MASTER_PORT:-29512}
 [ -f "$DEMO_DIR/stage2/config.json" ] || { echo "demo_finetune.sh: no stage-2 checkpoint in $DEMO_DIR/stage2" >&2; exit 2; }
@@ -34,7 +36,11 @@ CPU_ARGS=(--bf16 False --activation_checkpointing False --dataloader_num_workers
           --evaluate_on_val False --evaluate_on_test False)
 
 TRAIN_DATA=()
-if [ "${BALANCE_YES_NO:-0}" = 1 ]; then
+if [ -n "${FINETUNE_DATA:-}" ]; then
+  [ -f "$FINETUNE_DATA" ] || { echo "demo_finetune.sh: FINETUNE_DATA=$FINETUNE_DATA not found" >&2; exit 2; }
+  [ "${BALANCE_YES_NO:-0}" = 1 ] && { echo "demo_finetune.sh: set FINETUNE_DATA or BALANCE_YES_NO, not both" >&2; exit 2; }
+  TRAIN_DATA=(--data_path "$FINETUNE_DATA")
+elif [ "${BALANCE_YES_NO:-0}" = 1 ]; then
   mkdir -p "$OUT.data"
   [ -f "$OUT.data/train_balanced.json" ] || \
     exgra-med subsample --in "$DATA/train.json" --out "$OUT.data/train_balanced.json" --balance-yes-no --seed "$SEED"

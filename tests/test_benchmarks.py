@@ -104,5 +104,74 @@ def test_yes_no_probe_trains_and_reports(capsys):
     assert main(["--steps", "2", "--every", "1", "--batch", "4", "--image-tokens", "3", "--hidden", "32"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "3 image tokens" in lines[0] and len(lines) == 4
-    step, loss, accuracy, _ = lines[-1].split()
-    assert step == "2" and 0 < float(loss) < 5 and 0 <= float(accuracy) <= 100
+    step, stand_ins, loss, accuracy, _ = lines[-1].split()
+    assert step == "2" and stand_ins == "3" and 0 < float(loss) < 5 and 0 <= float(accuracy) <= 100
+
+
+def test_yes_no_probe_curriculum_grows_the_image_stand_ins(capsys):
+    from benchmarks.probe_yes_no import main
+
+    args = ["--steps", "5", "--every", "1", "--batch", "2", "--image-tokens", "8", "--hidden", "32",
+            "--start-tokens", "0", "--hold", "1", "--ramp", "2"]
+    assert main(args) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [(r[0], r[1]) for r in rows] == [("1", "0"), ("2", "4"), ("3", "8"), ("4", "8"), ("5", "8")]
+    with pytest.raises(SystemExit):
+        main(["--image-tokens", "4", "--start-tokens", "5"])
+
+
+def test_yes_no_bound_follows_the_comparison_only_where_it_beats_the_question_prior():
+    from benchmarks.yes_no_bound import expected_closed_accuracy
+    from exgra_med.data.prepare.vqa import make_vqa_record
+
+    def records(question: str, answers: list[str], start: int) -> list[dict]:
+        return [make_vqa_record(start + i, "x.png", question, a, "CLOSED") for i, a in enumerate(answers)]
+
+    # "red" has a prior share of 7/8 ("no"), "not red" of 3/4 ("yes"); an open record is left out.
+    train = records("Is there a red shape?", ["no"] * 7 + ["yes"], 0) + records("Is there not a red shape?",
+                                                                              ["yes"] * 3 + ["no"], 10)
+    test = (records("Is there a red shape?", ["no", "no"], 20) + records("Is there not a red shape?", ["yes", "no"], 30)
+            + [make_vqa_record(40, "x.png", "What color is the shape?", "red", "OPEN")])
+    assert expected_closed_accuracy(train, test, 0.5) == 75.0  # the prior: 3 of 4 right
+    assert abs(expected_closed_accuracy(train, test, 0.8) - 90.0) < 1e-9  # (2 + 0.8 + 0.8) / 4: only "not red" follows
+    assert abs(expected_closed_accuracy(train, test, 0.9) - 90.0) < 1e-9  # both follow the comparison
+    assert expected_closed_accuracy(train, test, 1.0) == 100.0
+    with pytest.raises(ValueError, match="reliability"):
+        expected_closed_accuracy(train, test, 0.4)
+    with pytest.raises(ValueError, match="no CLOSED"):
+        expected_closed_accuracy(train, test[-1:], 0.9)
+
+
+def test_yes_no_bound_cli_prints_the_table(tmp_path, capsys):
+    import json
+
+    from benchmarks.yes_no_bound import main
+    from exgra_med.data.prepare.vqa import make_vqa_record
+
+    answers = ["no", "no", "yes"]
+    train = [make_vqa_record(i, "x.png", "Is there a red shape?", a, "CLOSED") for i, a in enumerate(answers)]
+    (tmp_path / "train.json").write_text(json.dumps(train))
+    (tmp_path / "test.json").write_text(json.dumps(train[:2]))
+    assert main(["--train", str(tmp_path / "train.json"), "--test", str(tmp_path / "test.json"),
+                 "--reliability", "0.5", "0.9"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("2 yes/no test questions") and out[-2:] == ["| 50% | 100.0 |", "| 90% | 90.0 |"]
+
+
+def test_rationale_answers_name_the_question_word_then_the_image_word():
+    from benchmarks.rationale_answers import rationale_answers
+    from exgra_med.data.prepare.vqa import make_vqa_record
+
+    records = [
+        make_vqa_record(0, "a.png", "What color is the shape?", "blue", "OPEN"),
+        make_vqa_record(1, "a.png", "Is there a red shape?", "no", "CLOSED"),
+        make_vqa_record(2, "a.png", "Is there not a blue shape?", "no", "CLOSED"),
+        make_vqa_record(3, "a.png", "Is there a circle?", "yes", "CLOSED"),  # tells the shape of a.png
+        make_vqa_record(4, "b.png", "Is there not a triangle?", "yes", "CLOSED"),  # b.png: shape unknown
+        make_vqa_record(5, "a.png", "Does the image contain a blue circle?", "yes", "CLOSED"),  # names two words
+    ]
+    out, changed = rationale_answers(records)
+    answers = [r["conversations"][1]["value"] for r in out]
+    assert answers == ["blue", "red , blue , no", "blue , blue , no", "circle , circle , yes", "yes", "yes"]
+    assert changed == 3 and records[1]["conversations"][1]["value"] == "no"  # the input is not modified
+    assert all("yes" not in a.rsplit(",", 1)[0] and "no" not in a.rsplit(",", 1)[0] for a in answers[1:4])

@@ -29,7 +29,8 @@ def _answer(record: Mapping[str, Any]) -> str:
     return reference_answer(record).strip().lower()
 
 
-def _question(record: Mapping[str, Any]) -> str:
+def question_key(record: Mapping[str, Any]) -> str:
+    """The key the question prior is kept under: the question text lower-cased, without `<image>`."""
     return question_text(dict(record)).lower()
 
 
@@ -62,15 +63,21 @@ def majority_predictions(train: Sequence[Mapping], test: Sequence[Mapping]) -> d
     return {str(r["id"]): _fallback(majority, r) for r in test}
 
 
+def answer_counts_per_question(train: Sequence[Mapping]) -> dict[str, Counter]:
+    """`{question_key: Counter of the question's training answers (lower-cased, stripped)}`."""
+    per_question: dict[str, Counter] = defaultdict(Counter)
+    for record in train:
+        per_question[question_key(record)][_answer(record)] += 1
+    return dict(per_question)
+
+
 def question_prior_predictions(train: Sequence[Mapping], test: Sequence[Mapping]) -> dict[str, str]:
     """`{test id: most frequent training answer of the same question}` (majority of its type if unseen)."""
     majority = majority_answers(train)
-    per_question: dict[str, Counter] = defaultdict(Counter)
-    for record in train:
-        per_question[_question(record)][_answer(record)] += 1
+    per_question = answer_counts_per_question(train)
     out = {}
     for record in test:
-        counts = per_question.get(_question(record))
+        counts = per_question.get(question_key(record))
         out[str(record["id"])] = _most_common(counts) if counts else _fallback(majority, record)
     return out
 

@@ -154,6 +154,33 @@ def test_demo_finetune_prints_model_baselines_and_grounding_audit(tiny_model_dir
 
 
 @pytest.mark.slow
+def test_demo_finetune_takes_another_train_file_and_output_folder(tiny_model_dir, easy_vqa_dir, tmp_path):
+    from benchmarks.rationale_answers import rationale_answers
+
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "stage2").symlink_to(tiny_model_dir)
+    data = _small_data(easy_vqa_dir, demo / "data", {"train": 64, "val": 4, "test": 40})
+    records, changed = rationale_answers(json.loads((data / "train.json").read_text()))
+    assert changed > 0
+    train = tmp_path / "train_rationale.json"
+    train.write_text(json.dumps(records))
+    env = dict(DEMO_DIR=str(demo), FINETUNE_STEPS="1", BATCH="4", TEST_QUESTIONS="8", MASTER_PORT="29564",
+               FINETUNE_DATA=str(train), FINETUNE_OUT=str(tmp_path / "ft_rationale"))
+    result = subprocess.run(["bash", str(REPO / "scripts" / "demo_finetune.sh")], capture_output=True, text=True,
+                            check=False, env=_env(**env))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"data_path: {train}" in (tmp_path / "ft_rationale" / "train_recipe.yaml").read_text()
+    assert len((tmp_path / "ft_rationale" / "test_answers_8.jsonl").read_text().splitlines()) == 8
+    assert not (demo / "finetune").exists()
+
+    env.update(FINETUNE_DATA=str(tmp_path / "missing.json"))
+    result = subprocess.run(["bash", str(REPO / "scripts" / "demo_finetune.sh")], capture_output=True, text=True,
+                            check=False, env=_env(**env))
+    assert result.returncode == 2 and "missing.json not found" in result.stderr
+
+
+@pytest.mark.slow
 def test_two_ranks_shard_and_gather_val_and_test_answers(tiny_model_dir, easy_vqa_dir, tmp_path):
     data = _small_data(easy_vqa_dir, tmp_path / "data", {"train": 16, "val": 5, "test": 5})
     out = tmp_path / "ft"
