@@ -42,9 +42,10 @@ def closed_questions() -> list[str]:
 def sample(rng: random.Random, questions: list[str]) -> tuple[str, str, bool]:
     """(question, the fact the answer states first, answer is yes); half the facts match the question."""
     from exgra_med.data.prepare.easy_vqa import COLORS, NEGATION, SHAPES
+    from exgra_med.data.prepare.vqa import CLOSED_YES_NO_SUFFIX
 
     question = rng.choice(questions)
-    core = question.split(" (")[0].lower()  # without the yes/no suffix, whose "No" is not a negation
+    core = question.removesuffix(CLOSED_YES_NO_SUFFIX).lower()  # the suffix's "No" is not a negation
     words = re.findall(r"[a-z]+", core)
     asked_colors, asked_shapes = [w for w in words if w in COLORS], [w for w in words if w in SHAPES]
     color, shape = rng.choice(COLORS), rng.choice(SHAPES)

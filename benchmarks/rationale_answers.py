@@ -25,9 +25,11 @@ FORMAT = "{question} , {image} , {answer}"
 
 
 def _question(record: dict) -> str:
+    """The question without `<image>` and without the yes/no suffix (whose "No" is not a negation)."""
+    from exgra_med.data.prepare.vqa import CLOSED_YES_NO_SUFFIX
     from exgra_med.eval.generate import question_text
 
-    return question_text(record).split(" (Answer")[0]
+    return question_text(record).removesuffix(CLOSED_YES_NO_SUFFIX)
 
 
 def rationale_answers(records: Sequence[dict], fmt: str = FORMAT) -> tuple[list[dict], int]:

@@ -121,7 +121,7 @@ def test_yes_no_probe_curriculum_grows_the_image_stand_ins(capsys):
 
 
 def test_yes_no_bound_follows_the_comparison_only_where_it_beats_the_question_prior():
-    from benchmarks.yes_no_bound import expected_closed_accuracy
+    from benchmarks.yes_no_bound import expected_closed_accuracies
     from exgra_med.data.prepare.vqa import make_vqa_record
 
     def records(question: str, answers: list[str], start: int) -> list[dict]:
@@ -132,14 +132,15 @@ def test_yes_no_bound_follows_the_comparison_only_where_it_beats_the_question_pr
                                                                               ["yes"] * 3 + ["no"], 10)
     test = (records("Is there a red shape?", ["no", "no"], 20) + records("Is there not a red shape?", ["yes", "no"], 30)
             + [make_vqa_record(40, "x.png", "What color is the shape?", "red", "OPEN")])
-    assert expected_closed_accuracy(train, test, 0.5) == 75.0  # the prior: 3 of 4 right
-    assert abs(expected_closed_accuracy(train, test, 0.8) - 90.0) < 1e-9  # (2 + 0.8 + 0.8) / 4: only "not red" follows
-    assert abs(expected_closed_accuracy(train, test, 0.9) - 90.0) < 1e-9  # both follow the comparison
-    assert expected_closed_accuracy(train, test, 1.0) == 100.0
+    prior, only_not_red, both, perfect = expected_closed_accuracies(train, test, [0.5, 0.8, 0.9, 1.0])
+    assert prior == 75.0  # the prior: 3 of 4 right
+    assert abs(only_not_red - 90.0) < 1e-9  # (2 + 0.8 + 0.8) / 4: only "not red" follows
+    assert abs(both - 90.0) < 1e-9  # both follow the comparison
+    assert perfect == 100.0
     with pytest.raises(ValueError, match="reliability"):
-        expected_closed_accuracy(train, test, 0.4)
+        expected_closed_accuracies(train, test, [0.9, 0.4])
     with pytest.raises(ValueError, match="no CLOSED"):
-        expected_closed_accuracy(train, test[-1:], 0.9)
+        expected_closed_accuracies(train, test[-1:], [0.9])
 
 
 def test_yes_no_bound_cli_prints_the_table(tmp_path, capsys):
