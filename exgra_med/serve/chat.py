@@ -98,15 +98,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(loaded, int):
         return loaded
     engine, settings = loaded
-    session = ChatSession(engine, settings)
+    try:
+        return _converse(ChatSession(engine, settings), args.image)
+    finally:
+        # Stop the batching thread before the interpreter finalises (a daemon thread left inside torch then can
+        # abort the process at exit).
+        engine.close()
+
+
+def _converse(session: ChatSession, image: str | None) -> int:
     print(RESEARCH_USE_NOTICE)
-    if args.image:
+    if image:
         try:
-            session.set_image(args.image)
+            session.set_image(image)
         except ImageLoadError as e:
             print(f"exgra-med chat: {e}", file=sys.stderr)
             return 2
-        print(f"(image loaded: {args.image})")
+        print(f"(image loaded: {image})")
     print("Type a question; /image PATH, /clear, /exit.")
     while True:
         try:

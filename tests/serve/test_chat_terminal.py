@@ -106,3 +106,16 @@ def test_quantised_loading_on_cpu_exits_with_a_message(tiny_model_dir, capsys, m
     assert main(["--model", str(tiny_model_dir), "--load-4bit"]) == 2
     err = capsys.readouterr().err
     assert re.search(r"--load-4bit needs a CUDA GPU .* none was found", err), err
+
+
+def test_chat_stops_its_batching_thread_before_returning(tiny_model_dir, capsys, monkeypatch):
+    """A daemon thread left inside torch at interpreter exit can abort the process (seen as exit code -6)."""
+    import io
+    import threading
+
+    from exgra_med.serve.chat import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What colour is the shape?\n/exit\n"))
+    assert main(["--model", str(tiny_model_dir), "--max-new-tokens", "2"]) == 0
+    assert "ASSISTANT:" in capsys.readouterr().out
+    assert not [t for t in threading.enumerate() if t.name == "exgra-med-batcher" and t.is_alive()]
