@@ -16,6 +16,7 @@ logger = logging.getLogger(__name__)
 PROJECTOR_TYPES = ("linear", "identity", "mlpNx_gelu")
 DENSE_CONNECTOR_TYPES = ("none", "sti", "sci", "dci")
 VISION_TOWER_TYPES = ("hf", "open_clip")
+SELECT_FEATURES = ("patch", "cls_patch", "cls")
 
 
 def check_projector_type(name: str) -> None:
@@ -45,8 +46,13 @@ class ExGraMedConfig(PreTrainedConfig):
     # Where the vision tower was loaded from (informational; the reference's `mm_vision_tower`).
     mm_vision_tower: str | None = None
     mm_vision_select_layer: int = -2
+    # Which tokens of that layer enter the projector: `patch` (the reference: CLS dropped), `cls_patch`, `cls`.
+    mm_vision_select_feature: str = "patch"
     mm_projector_type: str = "mlp2x_gelu"
     mm_dense_connector_type: str = "none"
+    # Average pooling of the patch grid before the projector, s x s patches per image token (1: none, the
+    # reference; LLaVA-NeXT's name). Fewer image tokens make a shorter LLM context.
+    mm_spatial_pool_stride: int = 1
     # Group size of the DCI connector on BiomedCLIP (number of blocks averaged per group).
     num_l: int = 6
     mm_use_im_start_end: bool = True
@@ -82,6 +88,21 @@ class ExGraMedConfig(PreTrainedConfig):
             raise ValueError(
                 f"mm_dense_connector_type must be one of {DENSE_CONNECTOR_TYPES}, got {self.mm_dense_connector_type!r}"
             )
+        if self.mm_vision_select_feature not in SELECT_FEATURES:
+            raise ValueError(
+                f"mm_vision_select_feature must be one of {SELECT_FEATURES}, got {self.mm_vision_select_feature!r}"
+            )
+        if self.mm_vision_select_feature != "patch" and (
+            self.mm_dense_connector_type != "none" or self.mm_spatial_pool_stride != 1
+        ):
+            raise ValueError(
+                f"mm_vision_select_feature={self.mm_vision_select_feature!r} combines with neither a dense connector "
+                "nor spatial pooling (both work on the patch grid)"
+            )
+        if self.mm_spatial_pool_stride < 1:
+            raise ValueError(f"mm_spatial_pool_stride must be >= 1, got {self.mm_spatial_pool_stride}")
+        if self.mm_spatial_pool_stride > 1 and self.mm_dense_connector_type == "sti":
+            raise ValueError("mm_spatial_pool_stride > 1 does not combine with the sti dense connector")
         if self.vision_tower_type not in VISION_TOWER_TYPES:
             raise ValueError(f"vision_tower_type must be one of {VISION_TOWER_TYPES}, got {self.vision_tower_type!r}")
         if self.num_l < 1:

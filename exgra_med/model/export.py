@@ -19,6 +19,10 @@ def check_exportable(model: ExGraMedForConditionalGeneration) -> None:
         problems.append(f"mm_projector_type={cfg.mm_projector_type!r} (LLaVA has a 2-layer GELU MLP)")
     if cfg.mm_dense_connector_type != "none":
         problems.append(f"mm_dense_connector_type={cfg.mm_dense_connector_type!r} (LLaVA has no dense connector)")
+    if cfg.mm_vision_select_feature == "cls":
+        problems.append("mm_vision_select_feature='cls' (LLaVA feeds the patches, with or without CLS)")
+    if cfg.mm_spatial_pool_stride != 1:
+        problems.append(f"mm_spatial_pool_stride={cfg.mm_spatial_pool_stride} (LLaVA does not pool image tokens)")
     if cfg.vision_tower_type != "hf" or cfg.vision_config.get("model_type") != "clip_vision_model":
         problems.append("the vision tower is not an HF CLIP vision model")
     if problems:
@@ -35,7 +39,8 @@ def to_hf_llava_config(model: ExGraMedForConditionalGeneration) -> LlavaConfig:
         image_token_index=cfg.image_token_id,
         image_seq_length=model.num_image_tokens,
         projector_hidden_act="gelu",
-        vision_feature_select_strategy="default",
+        # "default" drops the CLS token (our `patch`), "full" keeps it (`cls_patch`).
+        vision_feature_select_strategy="full" if cfg.mm_vision_select_feature == "cls_patch" else "default",
         vision_feature_layer=cfg.mm_vision_select_layer,
         multimodal_projector_bias=True,
         tie_word_embeddings=bool(cfg.text_config.tie_word_embeddings),

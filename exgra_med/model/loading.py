@@ -37,7 +37,9 @@ class ConnectorOptions:
     mm_projector_type: str = "mlp2x_gelu"
     mm_dense_connector_type: str = "none"
     num_l: int = 6
+    mm_spatial_pool_stride: int = 1
     mm_vision_select_layer: int = -2
+    mm_vision_select_feature: str = "patch"
     mm_use_im_start_end: bool = True
     freeze_vision_tower: bool = True
     # The alignment objective: an AlignmentConfig, or a dict of its fields / legacy flat keys (contrastive, ...).
@@ -84,9 +86,11 @@ def build_from_parts(
         vision_tower_type=tower_type,
         mm_vision_tower=vision_tower_path,
         mm_vision_select_layer=options.mm_vision_select_layer,
+        mm_vision_select_feature=options.mm_vision_select_feature,
         mm_projector_type=options.mm_projector_type,
         mm_dense_connector_type=options.mm_dense_connector_type,
         num_l=options.num_l,
+        mm_spatial_pool_stride=options.mm_spatial_pool_stride,
         mm_use_im_start_end=options.mm_use_im_start_end,
         image_token_id=tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_PATCH_TOKEN),
         im_start_token_id=tokenizer.convert_tokens_to_ids(DEFAULT_IM_START_TOKEN)

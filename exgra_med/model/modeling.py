@@ -23,8 +23,10 @@ from exgra_med.align.config import build_alignment_loss
 from exgra_med.model.config import ExGraMedConfig
 from exgra_med.model.connector import (
     build_projector,
+    check_pool_stride,
     connector_input_dim,
     num_image_tokens,
+    pool_patches,
     select_features,
 )
 from exgra_med.model.packing import (
@@ -101,6 +103,12 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
         else:
             _mark_initialized(vision_tower)
         self.vision_tower = vision_tower
+        check_pool_stride(vision_tower.num_patches, config.mm_spatial_pool_stride)
+        if config.mm_vision_select_feature != "patch" and not vision_tower.has_cls:
+            raise ValueError(
+                f"mm_vision_select_feature={config.mm_vision_select_feature!r} needs a vision tower with a CLS token "
+                f"({config.vision_tower_type} {config.vision_config.get('model_type', '')} has none)"
+            )
         in_dim = connector_input_dim(config.mm_dense_connector_type, vision_tower.hidden_size)
         self.mm_projector = build_projector(config.mm_projector_type, in_dim, config.text_config.hidden_size)
         if language_model is None:
@@ -151,7 +159,11 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
     @property
     def num_image_tokens(self) -> int:
         """Image tokens each image occupies in the LLM input."""
-        return num_image_tokens(self.config.mm_dense_connector_type, self.vision_tower.num_patches)
+        cfg = self.config
+        return num_image_tokens(
+            cfg.mm_dense_connector_type, self.vision_tower.num_patches, cfg.mm_spatial_pool_stride,
+            cfg.mm_vision_select_feature,
+        )
 
     # --- image features ----------------------------------------------------------------------------------
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -166,7 +178,9 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
                 self.config.mm_dense_connector_type,
                 self.config.num_l,
                 open_clip=self.config.vision_tower_type == "open_clip",
+                select_feature=self.config.mm_vision_select_feature,
             )
+            feats = pool_patches(feats, self.config.mm_spatial_pool_stride)
         proj_dtype = next(self.mm_projector.parameters(), feats).dtype
         return self.mm_projector(feats.to(proj_dtype))  # (B, N, D)
 

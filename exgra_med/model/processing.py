@@ -24,7 +24,10 @@ def image_token_count(config) -> int:
 
     with torch.device("meta"):
         tower = VisionTower(config.vision_config, config.vision_tower_type)
-    return num_image_tokens(config.mm_dense_connector_type, tower.num_patches)
+    return num_image_tokens(
+        config.mm_dense_connector_type, tower.num_patches, config.mm_spatial_pool_stride,
+        config.mm_vision_select_feature,
+    )
 
 
 class ExGraMedProcessor(ProcessorMixin):

@@ -10,7 +10,7 @@ import transformers
 
 from exgra_med.align.config import AlignmentConfig, flag_name
 from exgra_med.data.images import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
-from exgra_med.model.config import DENSE_CONNECTOR_TYPES, check_projector_type
+from exgra_med.model.config import DENSE_CONNECTOR_TYPES, SELECT_FEATURES, check_projector_type
 from exgra_med.model.quantization import QUANT_BITS, QUANT_TYPES
 
 
@@ -55,7 +55,16 @@ class ModelArguments(AlignmentArguments):
     mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "linear | identity | mlp{N}x_gelu"})
     mm_dense_connector_type: str = field(default="none", metadata={"help": "none | sti | sci | dci"})
     num_l: int = field(default=6, metadata={"help": "DCI group size on BiomedCLIP"})
+    mm_spatial_pool_stride: int = field(
+        default=1,
+        metadata={"help": "average s x s patches of the vision grid into one image token (1: none, the reference)"},
+    )
     mm_vision_select_layer: int = field(default=-2, metadata={"help": "vision hidden layer fed to the projector"})
+    mm_vision_select_feature: str = field(
+        default="patch",
+        metadata={"help": "tokens of that layer fed to the projector: patch (CLS dropped, the reference) | "
+                          "cls_patch | cls (one token per image)"},
+    )
     mm_use_im_start_end: bool = field(default=True, metadata={"help": "wrap image tokens in <im_start>/<im_end>"})
     tune_mm_mlp_adapter: bool = field(
         default=False, metadata={"help": "stage 1: train and save only the projector (+ <im_start>/<im_end> rows)"}
@@ -92,6 +101,10 @@ class ModelArguments(AlignmentArguments):
         check_projector_type(self.mm_projector_type)
         if self.mm_dense_connector_type not in DENSE_CONNECTOR_TYPES:
             raise ValueError(f"--mm_dense_connector_type must be one of {DENSE_CONNECTOR_TYPES}")
+        if self.mm_vision_select_feature not in SELECT_FEATURES:
+            raise ValueError(f"--mm_vision_select_feature must be one of {SELECT_FEATURES}")
+        if self.mm_spatial_pool_stride < 1:
+            raise ValueError(f"--mm_spatial_pool_stride must be >= 1, got {self.mm_spatial_pool_stride}")
         if self.tune_mm_mlp_adapter and self.lora_enable:
             raise ValueError("--tune_mm_mlp_adapter (stage 1) trains only the projector; drop --lora_enable")
 

@@ -190,7 +190,9 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments):
             mm_projector_type=model_args.mm_projector_type,
             mm_dense_connector_type=model_args.mm_dense_connector_type,
             num_l=model_args.num_l,
+            mm_spatial_pool_stride=model_args.mm_spatial_pool_stride,
             mm_vision_select_layer=model_args.mm_vision_select_layer,
+            mm_vision_select_feature=model_args.mm_vision_select_feature,
             mm_use_im_start_end=model_args.mm_use_im_start_end,
             alignment=alignment,
         )

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from exgra_med.model.config import ExGraMedConfig
-from exgra_med.model.connector import build_projector, connector_input_dim, num_image_tokens, select_features
+from exgra_med.model.connector import (
+    build_projector,
+    check_pool_stride,
+    connector_input_dim,
+    num_image_tokens,
+    pool_patches,
+    select_features,
+)
 from exgra_med.model.vision import VisionOutput
 
 
@@ -66,3 +73,53 @@ def test_dci_on_open_clip_groups_num_l_blocks():
     assert torch.all(feats[..., 2:4] == 1.0) and torch.all(feats[..., 4:] == 4.0)
     with pytest.raises(ValueError, match="lower num_l"):
         select_features(out, -2, "dci", num_l=7, open_clip=True)
+
+
+def test_pool_patches_averages_grid_blocks_in_row_major_order():
+    # A 4 x 4 grid of patches whose single channel holds the patch index 0..15 (row-major), a second channel 1.
+    feats = torch.stack([torch.arange(16.0), torch.ones(16)], dim=-1)[None]  # (1, 16, 2)
+    pooled = pool_patches(feats, 2)
+    assert pooled.shape == (1, 4, 2) == (1, num_image_tokens("none", 16, 2), 2)
+    # Blocks {0,1,4,5}, {2,3,6,7}, {8,9,12,13}, {10,11,14,15}.
+    assert pooled[0, :, 0].tolist() == [2.5, 4.5, 10.5, 12.5]
+    assert pooled[0, :, 1].tolist() == [1.0] * 4
+    assert pool_patches(feats, 4)[0, :, 0].tolist() == [7.5]
+    assert pool_patches(feats, 1) is feats
+    assert num_image_tokens("none", 64, 8) == 1 and num_image_tokens("dci", 64, 2) == 16
+
+
+@pytest.mark.parametrize(("patches", "stride", "message"), [(16, 3, "4 x 4"), (12, 2, "not square"), (16, 0, "4 x 4")])
+def test_pool_stride_must_divide_the_grid(patches, stride, message):
+    with pytest.raises(ValueError, match=f"mm_spatial_pool_stride={stride} .*{message}"):
+        check_pool_stride(patches, stride)
+
+
+def test_config_checks_the_pool_stride():
+    assert ExGraMedConfig().mm_spatial_pool_stride == 1  # the reference: no pooling
+    with pytest.raises(ValueError, match="mm_spatial_pool_stride must be >= 1"):
+        ExGraMedConfig(mm_spatial_pool_stride=0)
+    with pytest.raises(ValueError, match="sti"):
+        ExGraMedConfig(mm_spatial_pool_stride=2, mm_dense_connector_type="sti")
+
+
+def test_select_feature_cls_and_cls_patch():
+    out = _hf_output()
+    cls = select_features(out, -2, select_feature="cls")
+    assert cls.shape == (1, 1, 4) and torch.all(cls == -1.0)
+    both = select_features(out, -1, select_feature="cls_patch")
+    assert both.shape == (1, 17, 4) and torch.all(both[:, 0] == -1.0) and torch.all(both[:, 1:] == 24.0)
+    assert num_image_tokens("none", 16, select_feature="cls") == 1
+    assert num_image_tokens("none", 16, select_feature="cls_patch") == 17
+    no_cls = VisionOutput(out.layers, 24, has_cls=False)
+    with pytest.raises(ValueError, match="needs a vision tower with a CLS token"):
+        select_features(no_cls, -2, select_feature="cls")
+
+
+def test_config_checks_the_select_feature():
+    assert ExGraMedConfig().mm_vision_select_feature == "patch"  # the reference
+    with pytest.raises(ValueError, match="mm_vision_select_feature must be one of"):
+        ExGraMedConfig(mm_vision_select_feature="pooled")
+    with pytest.raises(ValueError, match="combines with neither"):
+        ExGraMedConfig(mm_vision_select_feature="cls", mm_dense_connector_type="dci")
+    with pytest.raises(ValueError, match="combines with neither"):
+        ExGraMedConfig(mm_vision_select_feature="cls_patch", mm_spatial_pool_stride=2)

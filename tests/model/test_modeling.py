@@ -155,3 +155,72 @@ def test_build_from_parts_adds_tokens_and_resizes(tiny_model_dir):
     assert isinstance(model.mm_projector, torch.nn.Linear)
     assert processor.crop_size["height"] == 32
     assert all(not p.requires_grad for p in model.vision_tower.parameters())
+
+
+def test_spatial_pooling_averages_patch_blocks_before_the_projector(tmp_path):
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from exgra_med.model.connector import select_features
+
+    out = make_tiny_model(
+        tmp_path / "pooled", patch_size=4, hidden=64, layers=1, options=ConnectorOptions(mm_spatial_pool_stride=2)
+    )
+    model, tokenizer, _ = load_pretrained(str(out), dtype=torch.float32)
+    assert model.config.mm_spatial_pool_stride == 2 and model.num_image_tokens == (32 // 4 // 2) ** 2 == 16
+    pixels = torch.randn(1, 3, 32, 32)
+    grid = select_features(model.vision_tower(pixels), -2).reshape(1, 8, 8, -1)  # (1, 8, 8, C) patch grid
+    first_block = grid[0, :2, :2].reshape(4, -1).mean(0)  # the top-left 2 x 2 patches
+    last_block = grid[0, 6:, 6:].reshape(4, -1).mean(0)
+    feats = model.get_image_features(pixels)
+    assert feats.shape == (1, 16, 64)
+    torch.testing.assert_close(feats[0, 0], model.mm_projector(first_block))
+    torch.testing.assert_close(feats[0, -1], model.mm_projector(last_block))
+    ids = _prompt_ids(tokenizer, 16)
+    assert torch.isfinite(model(input_ids=ids, pixel_values=pixels, labels=ids).loss)
+    # The processor expands <image> into the pooled count, from the checkpoint's config.
+    processor = AutoProcessor.from_pretrained(out)
+    text = processor(text="<image>\nWhat colour?", images=[Image.new("RGB", (32, 32))])
+    assert int((text["input_ids"] == model.config.image_token_id).sum()) == 16
+    with pytest.raises(ValueError, match="mm_spatial_pool_stride=2"):
+        check_exportable(model)
+    with pytest.raises(ValueError, match="mm_spatial_pool_stride=3 must divide"):
+        make_tiny_model(tmp_path / "bad", patch_size=4, options=ConnectorOptions(mm_spatial_pool_stride=3))
+
+
+def test_cls_patch_model_equals_llava_with_the_full_strategy(tmp_path):
+    out = make_tiny_model(
+        tmp_path / "full", hidden=64, layers=1, options=ConnectorOptions(mm_vision_select_feature="cls_patch")
+    )
+    model, tokenizer, _ = load_pretrained(str(out), dtype=torch.float32)
+    assert model.num_image_tokens == (32 // 8) ** 2 + 1
+    llava = to_hf_llava(model)
+    assert llava.config.vision_feature_select_strategy == "full"
+    ids = _prompt_ids(tokenizer, model.num_image_tokens)
+    pixels = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(
+        model(input_ids=ids, pixel_values=pixels).logits, llava(input_ids=ids, pixel_values=pixels).logits,
+        rtol=0, atol=1e-5,
+    )
+
+
+def test_cls_model_feeds_one_token_per_image(tmp_path):
+    out = make_tiny_model(
+        tmp_path / "cls", hidden=64, layers=1,
+        options=ConnectorOptions(mm_vision_select_feature="cls", mm_vision_select_layer=-1),
+    )
+    model, tokenizer, _ = load_pretrained(str(out), dtype=torch.float32)
+    assert model.num_image_tokens == 1
+    pixels = torch.randn(2, 3, 32, 32)
+    cls = model.vision_tower(pixels).layers[-1][:, :1]
+    torch.testing.assert_close(model.get_image_features(pixels), model.mm_projector(cls))
+    ids = _prompt_ids(tokenizer, 1)
+    gen = model.generate(ids, pixels[:1], max_new_tokens=3, do_sample=False, eos_token_id=None)
+    assert gen.shape == (1, 3)
+    with pytest.raises(ValueError, match="mm_vision_select_feature='cls'"):
+        check_exportable(model)
+    with pytest.raises(ValueError, match="needs a vision tower with a CLS token"):
+        make_tiny_model(
+            tmp_path / "bm", vision="biomedclip", image_size=64, hidden=64, layers=1,
+            options=ConnectorOptions(mm_vision_select_feature="cls"),
+        )
