@@ -10,13 +10,14 @@
 # yes/no answers (86% of easy-VQA's are predicted by the question alone); measured in the README's demo section.
 # FINETUNE_DATA=F fine-tunes on the VQA records of F instead of DEMO_DIR/data/train.json (e.g. the rationale answers
 # of `python -m benchmarks.rationale_answers`); FINETUNE_OUT (default DEMO_DIR/finetune) keeps such a run apart.
-# Variables: DEMO_DIR, FINETUNE_STEPS (default 600), BATCH (32), FINETUNE_LR (3e-3), TEST_QUESTIONS
-# (seeded subset of test.json, default 600; 0 = all), EVAL_BATCH (16), MAX_NEW_TOKENS (8), SEED.
+# Variables: DEMO_DIR, FINETUNE_STEPS (default 1200), BATCH (32), FINETUNE_LR (3e-3), TEST_QUESTIONS
+# (seeded subset of test.json, default 600; 0 = all), EVAL_BATCH (16), MAX_NEW_TOKENS (8), SEED, CONV_MODE (the
+# template of fine-tuning and evaluation; default: the one the stage-2 checkpoint was trained with).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 DEMO_DIR=${DEMO_DIR:-runs/demo}
-FINETUNE_STEPS=${FINETUNE_STEPS:-600}
+FINETUNE_STEPS=${FINETUNE_STEPS:-1200}
 BATCH=${BATCH:-32}
 TEST_QUESTIONS=${TEST_QUESTIONS:-600}
 EVAL_BATCH=${EVAL_BATCH:-16}
@@ -27,6 +28,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_T
 export NPROC_PER_NODE=${NPROC_PER_NODE:-1} MASTER_PORT=${MASTER_PORT:-29512}
 [ -f "$DEMO_DIR/stage2/config.json" ] || { echo "demo_finetune.sh: no stage-2 checkpoint in $DEMO_DIR/stage2" >&2; exit 2; }
 [ -f "$DATA/test.json" ] || { echo "demo_finetune.sh: no prepared easy-VQA in $DATA" >&2; exit 2; }
+CONV_MODE=${CONV_MODE:-$(python -c "import json,sys; print(json.load(open(sys.argv[1])).get('conv_template') or 'llava_med')" "$DEMO_DIR/stage2/config.json")}
 
 # The GPU recipe, made small: no per-epoch val scoring or checkpoints, a fixed number of steps.
 CPU_ARGS=(--bf16 False --activation_checkpointing False --dataloader_num_workers 0 --seed "$SEED"
@@ -50,7 +52,7 @@ echo "== fine-tune: $DEMO_DIR/stage2 on easy-VQA ($FINETUNE_STEPS steps of $BATC
 start=$SECONDS
 if [ ! -f "$OUT/model.safetensors" ]; then
   MODEL_PATH="$DEMO_DIR/stage2" DATA_DIR="$DATA" OUTPUT_DIR="$OUT" LR="${FINETUNE_LR:-3e-3}" \
-    bash scripts/finetune.sh easy-vqa "${CPU_ARGS[@]}" "${TRAIN_DATA[@]}"
+    bash scripts/finetune.sh easy-vqa "${CPU_ARGS[@]}" --conv_template "$CONV_MODE" "${TRAIN_DATA[@]}"
 fi
 echo "   fine-tuning took $((SECONDS - start)) s"
 
@@ -67,7 +69,7 @@ start=$SECONDS
 # The tiny model has only ever seen the training template, so it answers in that format (GPU checkpoints
 # use the reference's `simple` evaluation prompt, the default of generate-vqa).
 exgra-med generate-vqa --model "$OUT" --question-file "$QUESTIONS" --image-folder "$DATA/images" \
-  --conv-mode "${CONV_MODE:-llava_med}" --answers-file "$OUT/test_answers_$TEST_QUESTIONS.jsonl" --batch-size "$EVAL_BATCH" --max-new-tokens "${MAX_NEW_TOKENS:-8}" --quiet
+  --conv-mode "$CONV_MODE" --answers-file "$OUT/test_answers_$TEST_QUESTIONS.jsonl" --batch-size "$EVAL_BATCH" --max-new-tokens "${MAX_NEW_TOKENS:-8}" --quiet
 echo "   generation took $((SECONDS - start)) s"
 
 echo "== scores (reference metrics)"
@@ -80,5 +82,5 @@ exgra-med vqa-baselines --train "$DATA/train.json" --test "$QUESTIONS" --candida
 echo
 echo "== grounding audit: the same questions with real, blank and shuffled images"
 exgra-med grounding-audit --model "$OUT" --question-file "$QUESTIONS" --image-folder "$DATA/images" \
-  --candidate "$DATA/candidate.json" --train "$DATA/train.json" --conv-mode "${CONV_MODE:-llava_med}" \
+  --candidate "$DATA/candidate.json" --train "$DATA/train.json" --conv-mode "$CONV_MODE" \
   --batch-size "$EVAL_BATCH" --max-new-tokens "${MAX_NEW_TOKENS:-8}" --quiet --out "$OUT/grounding_audit.json"

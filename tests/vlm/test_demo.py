@@ -30,3 +30,28 @@ def test_demo_on_a_native_vlm(tmp_path):
     assert (demo / "stage2" / "exgra_med_alignment.safetensors").is_file()  # stage 2 trained the alignment head
     answers = (demo / "finetune" / "test_answers.jsonl").read_text().splitlines()
     assert len(answers) == len(json.loads((demo / "finetune" / "test_questions.json").read_text())) > 0
+
+
+@pytest.mark.slow
+def test_demo_reads_each_image_as_its_cls_token_in_the_short_template(tmp_path):
+    """`bash scripts/demo.sh` (the default, ExGra-Med's own model) end to end at toy scale: the LLM gets one image
+    token (the tower's last-layer CLS) and the `mistral` template through stage 2, fine-tuning and evaluation."""
+    demo = tmp_path / "demo"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1", "DEMO_DIR": str(demo), "TOWER_STEPS": "2", "STAGE1_STEPS": "2",
+           "STAGE2_STEPS": "2", "FINETUNE_STEPS": "2", "STAGE2_BATCH": "4", "BATCH": "4", "DEMO_IMAGES": "40",
+           "TEST_QUESTIONS": "8", "MASTER_PORT": "29573"}
+    env.pop("DEMO_ARCH", None)
+    result = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh")], capture_output=True, text=True, env=env,
+                            timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for row in ("| model |", "| question prior |", "| real images |", "| blank images |", "| shuffled images |"):
+        assert row in result.stdout
+    for stage in ("stage2", "finetune"):
+        config = json.loads((demo / stage / "config.json").read_text())
+        assert (config["mm_vision_select_feature"], config["mm_vision_select_layer"]) == ("cls", -1)
+        assert config["conv_template"] == "mistral"
+    answer = json.loads((demo / "finetune" / "test_answers_8.jsonl").read_text().splitlines()[0])
+    assert answer["metadata"]["generation"]["conv_mode"] == "mistral"
+    audit = json.loads((demo / "finetune" / "grounding_audit.json").read_text())
+    assert audit["questions"] == 8 and set(audit["answers"]) == {"real images", "blank images", "shuffled images"}
