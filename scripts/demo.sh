@@ -5,7 +5,7 @@
 #
 #   bash scripts/demo.sh            (make demo runs this inside .venv)
 # Variables: DEMO_DIR (default runs/demo), TOWER_STEPS, STAGE1_STEPS, STAGE2_STEPS, FINETUNE_STEPS, BATCH, STAGE2_BATCH,
-# DEMO_IMAGES, SEED, TEMPLATE (mistral). Finished stages are skipped on a rerun (and a killed stage resumes from its checkpoint).
+# DEMO_IMAGES, SEED, VISION_FLAGS, TEMPLATE (llava_med). Finished stages are skipped on a rerun (and a killed stage resumes from its checkpoint).
 #   DEMO_ARCH=qwen2_5_vl|gemma3|llava_onevision: the same demo on a transformers-native VLM (scripts/demo_vlm.sh).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -14,29 +14,29 @@ if [ -n "${DEMO_ARCH:-}" ] && [ "$DEMO_ARCH" != llava ]; then
 fi
 
 DEMO_DIR=${DEMO_DIR:-runs/demo}
-TOWER_STEPS=${TOWER_STEPS:-1500}
+TOWER_STEPS=${TOWER_STEPS:-600}
 STAGE1_STEPS=${STAGE1_STEPS:-300}
 STAGE2_STEPS=${STAGE2_STEPS:-400}
 BATCH=${BATCH:-32}                 # stage 1 and fine-tuning
 STAGE2_BATCH=${STAGE2_BATCH:-16}   # the alignment's graph matching grows with the batch; 16 keeps the demo short
-FINETUNE_STEPS=${FINETUNE_STEPS:-1200}
+FINETUNE_STEPS=${FINETUNE_STEPS:-600}
 DEMO_IMAGES=${DEMO_IMAGES:-4000}
 SEED=${SEED:-0}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 export NPROC_PER_NODE=${NPROC_PER_NODE:-1} MASTER_PORT=${MASTER_PORT:-29511}
 
-# The tiny LLM reads each image as one token, the CLS token of the tower's last layer (the feature the contrastive
-# pre-training trains), in the short `mistral` template; the README's demo section has the measurements behind
-# this. Real towers keep the reference's connector (penultimate layer, patches) and template.
-VISION_ARGS=(--mm_vision_select_layer -1 --mm_vision_select_feature cls)
-TEMPLATE=${TEMPLATE:-mistral}
+# VISION_FLAGS: connector flags of stages 1 and 2 (default: the reference's, 64 patch tokens of the penultimate
+# layer); e.g. "--mm_vision_select_layer -1 --mm_vision_select_feature cls" feeds one token per image (the README's
+# demo section has what it measured). TEMPLATE: the prompt template of stage 2, fine-tuning and evaluation.
+read -r -a VISION_ARGS <<< "${VISION_FLAGS:-}"
+TEMPLATE=${TEMPLATE:-llava_med}
 
 CPU_ARGS=(--bf16 False --activation_checkpointing False --dataloader_num_workers 0 --seed "$SEED"
           --gradient_accumulation_steps 1 --logging_steps 25
           --save_steps 200 --warmup_steps 20 --lr_scheduler_type cosine_with_min_lr
           --lr_scheduler_kwargs '{"min_lr_rate": 0.1}' --max_grad_norm 1.0 --resume_from_checkpoint auto)
 
-echo "== 1/6 tiny model (offline; CLIP tower 32 px, patch 4; the LLM gets its CLS token) -> $DEMO_DIR/tiny"
+echo "== 1/6 tiny model (offline; CLIP tower 32 px, patch 4: 64 image tokens) -> $DEMO_DIR/tiny"
 [ -f "$DEMO_DIR/tiny/config.json" ] || exgra-med make-tiny-model --out "$DEMO_DIR/tiny" --image-size 32 --patch-size 4 --seed "$SEED"
 
 echo "== 2/6 easy-VQA data -> $DEMO_DIR/data"
@@ -51,13 +51,13 @@ export MODEL_PATH="$DEMO_DIR/tiny/llm" VISION_TOWER="$DEMO_DIR/tower" IMAGE_FOLD
 
 echo "== 4/6 stage 1: projector only ($STAGE1_STEPS steps)"
 [ -f "$DEMO_DIR/stage1/mm_projector.safetensors" ] || DATA_PATH="$DEMO_DIR/data/alignment.json" OUTPUT_DIR="$DEMO_DIR/stage1" \
-  bash scripts/stage1.sh "${CPU_ARGS[@]}" "${VISION_ARGS[@]}" --per_device_train_batch_size "$BATCH" \
+  bash scripts/stage1.sh "${CPU_ARGS[@]}" ${VISION_ARGS[@]+"${VISION_ARGS[@]}"} --per_device_train_batch_size "$BATCH" \
   --max_steps "$STAGE1_STEPS" --learning_rate 3e-3
 
 echo "== 5/6 stage 2: projector + LLM with the ExGra-Med alignment ($STAGE2_STEPS steps)"
 [ -f "$DEMO_DIR/stage2/model.safetensors" ] || \
   DATA_PATH="$DEMO_DIR/data/instruct.json" PROJECTOR="$DEMO_DIR/stage1" OUTPUT_DIR="$DEMO_DIR/stage2" \
-  bash scripts/stage2.sh ${DEMO_STAGE2_FLAGS:-} "${CPU_ARGS[@]}" "${VISION_ARGS[@]}" --conv_template "$TEMPLATE" \
+  bash scripts/stage2.sh ${DEMO_STAGE2_FLAGS:-} "${CPU_ARGS[@]}" ${VISION_ARGS[@]+"${VISION_ARGS[@]}"} --conv_template "$TEMPLATE" \
   --per_device_train_batch_size "$STAGE2_BATCH" --max_steps "$STAGE2_STEPS" --learning_rate 3e-3
 
 echo "   reload the stage-2 checkpoint and answer three test questions:"

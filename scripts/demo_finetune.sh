@@ -10,14 +10,14 @@
 # yes/no answers (86% of easy-VQA's are predicted by the question alone); measured in the README's demo section.
 # FINETUNE_DATA=F fine-tunes on the VQA records of F instead of DEMO_DIR/data/train.json (e.g. the rationale answers
 # of `python -m benchmarks.rationale_answers`); FINETUNE_OUT (default DEMO_DIR/finetune) keeps such a run apart.
-# Variables: DEMO_DIR, FINETUNE_STEPS (default 1200), BATCH (32), FINETUNE_LR (3e-3), TEST_QUESTIONS
+# Variables: DEMO_DIR, FINETUNE_STEPS (default 600), BATCH (32), FINETUNE_LR (3e-3), TEST_QUESTIONS
 # (seeded subset of test.json, default 600; 0 = all), EVAL_BATCH (16), MAX_NEW_TOKENS (8), SEED, CONV_MODE (the
 # template of fine-tuning and evaluation; default: the one the stage-2 checkpoint was trained with).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 DEMO_DIR=${DEMO_DIR:-runs/demo}
-FINETUNE_STEPS=${FINETUNE_STEPS:-1200}
+FINETUNE_STEPS=${FINETUNE_STEPS:-600}
 BATCH=${BATCH:-32}
 TEST_QUESTIONS=${TEST_QUESTIONS:-600}
 EVAL_BATCH=${EVAL_BATCH:-16}

@@ -33,14 +33,16 @@ def test_demo_on_a_native_vlm(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_reads_each_image_as_its_cls_token_in_the_short_template(tmp_path):
-    """`bash scripts/demo.sh` (the default, ExGra-Med's own model) end to end at toy scale: the LLM gets one image
-    token (the tower's last-layer CLS) and the `mistral` template through stage 2, fine-tuning and evaluation."""
+def test_demo_takes_connector_flags_and_a_template(tmp_path):
+    """`bash scripts/demo.sh` (ExGra-Med's own model) end to end at toy scale with VISION_FLAGS and TEMPLATE: the LLM
+    gets one image token (the tower's last-layer CLS) and the `mistral` template through stage 2, fine-tuning and
+    evaluation."""
     demo = tmp_path / "demo"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": "1", "DEMO_DIR": str(demo), "TOWER_STEPS": "2", "STAGE1_STEPS": "2",
            "STAGE2_STEPS": "2", "FINETUNE_STEPS": "2", "STAGE2_BATCH": "4", "BATCH": "4", "DEMO_IMAGES": "40",
-           "TEST_QUESTIONS": "8", "MASTER_PORT": "29573"}
+           "TEST_QUESTIONS": "8", "MASTER_PORT": "29573", "TEMPLATE": "mistral",
+           "VISION_FLAGS": "--mm_vision_select_layer -1 --mm_vision_select_feature cls"}
     env.pop("DEMO_ARCH", None)
     result = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh")], capture_output=True, text=True, env=env,
                             timeout=1200)

@@ -1,0 +1,92 @@
+"""A demo model's easy-VQA scores by question kind, under each image condition of a grounding audit.
+
+The demo's table has two columns, closed (yes/no) and open; this splits them by what a question asks: the open
+questions whose answer is a colour or a shape, and the yes/no questions that name a colour or a shape, asked for
+presence ("is there a red shape?") or for absence ("is there not a red shape?"). Scores are the in-training metric
+of the table (closed accuracy by the reference's rule, open recall), per kind, for the real, blank and shuffled
+images of `exgra-med grounding-audit --out` (or one answers file of `exgra-med generate-vqa`).
+
+    python -m benchmarks.easy_vqa_breakdown --questions runs/demo/finetune/test_questions.json \\
+        --audit runs/demo/finetune/grounding_audit.json
+Results: README, demo section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Mapping, Sequence
+
+KIND_ORDER = (
+    "open: colour", "open: shape", "open: other",
+    "yes/no: colour", "yes/no: colour, negated", "yes/no: shape", "yes/no: shape, negated",
+)
+
+
+def question_kind(record: Mapping) -> str:
+    """The kind of an easy-VQA record: what an open question's answer is, what a yes/no question names."""
+    from exgra_med.constants import DEFAULT_IMAGE_TOKEN
+    from exgra_med.data.prepare.easy_vqa import COLORS, NEGATION, SHAPES
+    from exgra_med.data.prepare.vqa import CLOSED_YES_NO_SUFFIX
+    from exgra_med.eval.metrics import reference_answer
+
+    if str(record.get("answer_type", "")).upper() == "OPEN":
+        answer = reference_answer(record).strip().lower()
+        return "open: colour" if answer in COLORS else "open: shape" if answer in SHAPES else "open: other"
+    question = record["conversations"][0]["value"].replace(DEFAULT_IMAGE_TOKEN, "").replace(CLOSED_YES_NO_SUFFIX, "")
+    words = set(re.findall(r"[a-z]+", question.lower()))
+    attribute = "shape" if words & set(SHAPES) else "colour"
+    return f"yes/no: {attribute}{', negated' if NEGATION.search(question.lower()) else ''}"
+
+
+def breakdown(
+    questions: Sequence[Mapping], answers: Mapping[str, Mapping[str, str]]
+) -> dict[str, dict[str, tuple[int, float]]]:
+    """{kind: {condition: (questions, score in %)}} for `answers` = {condition: {question id: answer text}}."""
+    from exgra_med.eval.metrics import vqa_train_metrics
+
+    by_kind: dict[str, list[Mapping]] = {}
+    for record in questions:
+        by_kind.setdefault(question_kind(record), []).append(record)
+    table = {}
+    for kind in [k for k in KIND_ORDER if k in by_kind]:
+        records = by_kind[kind]
+        ids = [str(r["id"]) for r in records]
+        row = {}
+        for condition, texts in answers.items():
+            missing = [i for i in ids if i not in texts]
+            if missing:
+                raise ValueError(f"{condition}: no answer for question(s) {missing[:5]}")
+            scores = vqa_train_metrics(records, {i: texts[i] for i in ids})
+            row[condition] = (len(records), scores["open_recall" if kind.startswith("open") else "closed_accuracy"])
+        table[kind] = row
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from exgra_med.eval.metrics import load_predictions
+    from exgra_med.io import read_json
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.easy_vqa_breakdown", description=__doc__.splitlines()[0])
+    p.add_argument("--questions", required=True, help="the VQA records answered (e.g. finetune/test_questions.json)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--audit", help="JSON of `exgra-med grounding-audit --out` (answers per image condition)")
+    source.add_argument("--answers", help="answers JSONL of `exgra-med generate-vqa`")
+    args = p.parse_args(argv)
+    questions = read_json(args.questions)
+    answers = read_json(args.audit)["answers"] if args.audit else {"answers": load_predictions(args.answers)}
+    try:
+        table = breakdown(questions, answers)
+    except ValueError as e:
+        p.exit(2, f"easy_vqa_breakdown: {e}\n")
+    conditions = list(answers)
+    print("| question kind | questions | " + " | ".join(conditions) + " |")
+    print("|---|---:|" + "---:|" * len(conditions))
+    for kind, row in table.items():
+        scores = " | ".join(f"{row[c][1]:.1f}" for c in conditions)
+        print(f"| {kind} | {next(iter(row.values()))[0]} | {scores} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
