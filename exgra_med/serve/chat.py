@@ -31,10 +31,10 @@ ASSISTANT_PREFIX = "ASSISTANT: "
 class ChatSession:
     """One terminal conversation: history, current image, streamed replies written to `out`."""
 
-    def __init__(self, engine: InferenceEngine, settings: GenerationSettings, out: TextIO = sys.stdout):
+    def __init__(self, engine: InferenceEngine, settings: GenerationSettings, out: TextIO | None = None):
         self.engine = engine
         self.settings = settings
-        self.out = out
+        self.out = out if out is not None else sys.stdout  # looked up now: sys.stdout may be replaced after import
         self.history: list[Message] = []
         self.image: Image.Image | None = None
 
