@@ -2,7 +2,9 @@
 
 The demo's table has two columns, closed (yes/no) and open; this splits them by what a question asks: the open
 questions whose answer is a colour or a shape, and the yes/no questions that name a colour or a shape, asked for
-presence ("is there a red shape?") or for absence ("is there not a red shape?"). Scores are the in-training metric
+presence ("is there a red shape?") or for absence ("is there not a red shape?"), each split by its true answer
+(a model that answers "no" whatever it is asked scores 100% on the "no" rows and 0% on the "yes" ones, which an
+accuracy per kind alone can hide behind easy-VQA's skewed answers). Scores are the in-training metric
 of the table (closed accuracy by the reference's rule, open recall), per kind, for the real, blank and shuffled
 images of `exgra-med grounding-audit --out` (or one answers file of `exgra-med generate-vqa`).
 
@@ -17,14 +19,15 @@ import argparse
 import re
 from collections.abc import Mapping, Sequence
 
-KIND_ORDER = (
-    "open: colour", "open: shape", "open: other",
-    "yes/no: colour", "yes/no: colour, negated", "yes/no: shape", "yes/no: shape, negated",
+KIND_ORDER = ("open: colour", "open: shape", "open: other") + tuple(
+    f"yes/no: {attribute}{negated}, truth {truth}"
+    for attribute in ("colour", "shape") for negated in ("", ", negated") for truth in ("yes", "no")
 )
 
 
 def question_kind(record: Mapping) -> str:
-    """The kind of an easy-VQA record: what an open question's answer is, what a yes/no question names."""
+    """The kind of an easy-VQA record: what an open question's answer is; what a yes/no question names, whether it
+    asks for absence, and its true answer."""
     from exgra_med.constants import DEFAULT_IMAGE_TOKEN
     from exgra_med.data.prepare.easy_vqa import COLORS, NEGATION, SHAPES
     from exgra_med.data.prepare.vqa import CLOSED_YES_NO_SUFFIX
@@ -36,7 +39,8 @@ def question_kind(record: Mapping) -> str:
     question = record["conversations"][0]["value"].replace(DEFAULT_IMAGE_TOKEN, "").replace(CLOSED_YES_NO_SUFFIX, "")
     words = set(re.findall(r"[a-z]+", question.lower()))
     attribute = "shape" if words & set(SHAPES) else "colour"
-    return f"yes/no: {attribute}{', negated' if NEGATION.search(question.lower()) else ''}"
+    negated = ", negated" if NEGATION.search(question.lower()) else ""
+    return f"yes/no: {attribute}{negated}, truth {reference_answer(record).strip().lower()}"
 
 
 def breakdown(
@@ -49,7 +53,7 @@ def breakdown(
     for record in questions:
         by_kind.setdefault(question_kind(record), []).append(record)
     table = {}
-    for kind in [k for k in KIND_ORDER if k in by_kind]:
+    for kind in [k for k in KIND_ORDER if k in by_kind] + sorted(set(by_kind) - set(KIND_ORDER)):
         records = by_kind[kind]
         ids = [str(r["id"]) for r in records]
         row = {}

@@ -17,29 +17,21 @@ Results: README, demo section.
 from __future__ import annotations
 
 import argparse
-import re
 from collections import defaultdict
 from collections.abc import Sequence
 
-FORMAT = "{question} , {image} , {answer}"
-
-
-def _question(record: dict) -> str:
-    """The question without `<image>` and without the yes/no suffix (whose "No" is not a negation)."""
-    from exgra_med.data.prepare.vqa import CLOSED_YES_NO_SUFFIX
-    from exgra_med.eval.generate import question_text
-
-    return question_text(record).removesuffix(CLOSED_YES_NO_SUFFIX)
+FORMAT = "{asked} , {seen} , {answer}"
 
 
 def rationale_answers(records: Sequence[dict], fmt: str = FORMAT) -> tuple[list[dict], int]:
-    """Copies of `records` with rationale answers for the yes/no ones; returns them and how many changed."""
-    from exgra_med.data.prepare.easy_vqa import COLORS, SHAPES, image_facts
-    from exgra_med.eval.metrics import reference_answer
+    """Copies of `records` with rationale answers for the yes/no ones; returns them and how many changed.
+    (`exgra_med.data.prepare.easy_vqa.rationale_train_records` is the demo's version: the comparison and the
+    question's mode written out too, yes/no balanced, fewer open questions.)"""
+    from exgra_med.data.prepare.easy_vqa import image_facts, rationale_answer, record_question
 
     per_image: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for record in records:
-        per_image[record["image"]].append((_question(record), reference_answer(record)))
+        per_image[record["image"]].append((record_question(record), str(record["conversations"][1]["value"])))
     facts = {image: image_facts(qas) for image, qas in per_image.items()}
     out, changed = [], 0
     for record in records:
@@ -47,15 +39,11 @@ def rationale_answers(records: Sequence[dict], fmt: str = FORMAT) -> tuple[list[
         out.append(record)
         if str(record.get("answer_type", "")).upper() != "CLOSED":
             continue
-        named = [w for w in re.findall(r"[a-z]+", _question(record).lower()) if w in SHAPES or w in COLORS]
-        if len(named) != 1:
-            continue
-        seen = facts[record["image"]].shape if named[0] in SHAPES else facts[record["image"]].color
-        if seen is None:
-            continue
-        answer = record["conversations"][1]["value"]
-        record["conversations"][1]["value"] = fmt.format(question=named[0], image=seen, answer=answer)
-        changed += 1
+        answer = rationale_answer(record_question(record), record["conversations"][1]["value"],
+                                  facts[record["image"]], fmt)
+        if answer is not None:
+            record["conversations"][1]["value"] = answer
+            changed += 1
     return out, changed
 
 
@@ -65,7 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.rationale_answers", description=__doc__.splitlines()[0])
     p.add_argument("--in", dest="src", required=True, help="prepared easy-VQA train.json")
     p.add_argument("--out", required=True, help="where the rewritten records go")
-    p.add_argument("--format", default=FORMAT, help="answer format with {question}, {image} and {answer}")
+    p.add_argument(
+        "--format", default=FORMAT, help="answer format with {asked}, {seen}, {comparison}, {mode} and {answer}"
+    )
     args = p.parse_args(argv)
     records = read_json(args.src)
     out, changed = rationale_answers(records, args.format)

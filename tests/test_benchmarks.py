@@ -194,16 +194,16 @@ def test_easy_vqa_breakdown_scores_each_question_kind_per_condition(tmp_path, ca
         make_vqa_record(6, "a.png", "Is there no triangle?" + CLOSED_YES_NO_SUFFIX, "yes", "CLOSED"),
     ]
     assert [question_kind(q) for q in questions] == [
-        "open: colour", "open: shape", "open: shape", "yes/no: colour", "yes/no: colour, negated", "yes/no: shape",
-        "yes/no: shape, negated",
+        "open: colour", "open: shape", "open: shape", "yes/no: colour, truth no", "yes/no: colour, negated, truth no",
+        "yes/no: shape, truth yes", "yes/no: shape, negated, truth yes",
     ]
     real = {"0": "blue", "1": "circle", "2": "triangle", "3": "no", "4": "no", "5": "yes", "6": "no"}
     blank = {"0": "red", "1": "circle", "2": "circle", "3": "yes", "4": "yes", "5": "yes", "6": "yes"}
     table = breakdown(questions, {"real": real, "blank": blank})
     assert table["open: colour"] == {"real": (1, 100.0), "blank": (1, 0.0)}
     assert table["open: shape"] == {"real": (2, 50.0), "blank": (2, 100.0)}
-    assert table["yes/no: colour"]["real"] == (1, 100.0) and table["yes/no: shape, negated"]["real"] == (1, 0.0)
-    assert table["yes/no: shape, negated"]["blank"] == (1, 100.0)
+    assert table["yes/no: colour, truth no"]["real"] == (1, 100.0)
+    assert table["yes/no: shape, negated, truth yes"] == {"real": (1, 0.0), "blank": (1, 100.0)}
 
     (tmp_path / "q.json").write_text(json.dumps(questions))
     (tmp_path / "audit.json").write_text(json.dumps({"answers": {"real images": real, "blank images": blank}}))
