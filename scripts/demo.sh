@@ -5,7 +5,11 @@
 #
 #   bash scripts/demo.sh            (make demo runs this inside .venv)
 # Variables: DEMO_DIR (default runs/demo), TOWER_STEPS, STAGE1_STEPS, STAGE2_STEPS, FINETUNE_STEPS, BATCH, STAGE2_BATCH,
-# DEMO_IMAGES, SEED, VISION_FLAGS, TEMPLATE (llava_med). Finished stages are skipped on a rerun (and a killed stage resumes from its checkpoint).
+# DEMO_IMAGES, SEED, VISION_FLAGS, TEMPLATE, RATIONALE, FINETUNE_LR. Finished stages are skipped on a rerun (and a
+# killed stage resumes from its checkpoint).
+#   VISION_FLAGS= TEMPLATE=llava_med RATIONALE=0 FINETUNE_LR=3e-3 FINETUNE_STEPS=600 TOWER_STEPS=600 STAGE1_STEPS=300:
+#   the reference's connector (64 patch tokens), template and fine-tuning data, as the demo was before (the README's
+#   demo section has what each reaches).
 #   DEMO_ARCH=qwen2_5_vl|gemma3|llava_onevision: the same demo on a transformers-native VLM (scripts/demo_vlm.sh).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -14,33 +18,38 @@ if [ -n "${DEMO_ARCH:-}" ] && [ "$DEMO_ARCH" != llava ]; then
 fi
 
 DEMO_DIR=${DEMO_DIR:-runs/demo}
-TOWER_STEPS=${TOWER_STEPS:-600}
-STAGE1_STEPS=${STAGE1_STEPS:-300}
+TOWER_STEPS=${TOWER_STEPS:-1000}
+STAGE1_STEPS=${STAGE1_STEPS:-100}
 STAGE2_STEPS=${STAGE2_STEPS:-400}
 BATCH=${BATCH:-32}                 # stage 1 and fine-tuning
 STAGE2_BATCH=${STAGE2_BATCH:-16}   # the alignment's graph matching grows with the batch; 16 keeps the demo short
-FINETUNE_STEPS=${FINETUNE_STEPS:-600}
+FINETUNE_STEPS=${FINETUNE_STEPS:-2000}
 DEMO_IMAGES=${DEMO_IMAGES:-4000}
 SEED=${SEED:-0}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 export NPROC_PER_NODE=${NPROC_PER_NODE:-1} MASTER_PORT=${MASTER_PORT:-29511}
 
-# VISION_FLAGS: connector flags of stages 1 and 2 (default: the reference's, 64 patch tokens of the penultimate
-# layer); e.g. "--mm_vision_select_layer -1 --mm_vision_select_feature cls" feeds one token per image (the README's
-# demo section has what it measured). TEMPLATE: the prompt template of stage 2, fine-tuning and evaluation.
-read -r -a VISION_ARGS <<< "${VISION_FLAGS:-}"
-TEMPLATE=${TEMPLATE:-llava_med}
+# VISION_FLAGS: connector flags of stages 1 and 2. Default: one image token, the CLS token of the tower's last layer
+# (the feature its contrastive pre-training trains), in a short context; set it empty for the reference's connector
+# (64 patch tokens of the penultimate layer). TEMPLATE: the prompt template of stage 2, fine-tuning and evaluation
+# (default mistral, whose prompt is short; the reference's is llava_med). RATIONALE=1 (default) fine-tunes on
+# data/train_rationale.json (`exgra-med prepare easy-vqa --rationale`: yes/no balanced and answered with the
+# comparison in words, "red , blue , different , absent , yes"); RATIONALE=0 on train.json as the reference.
+read -r -a VISION_ARGS <<< "${VISION_FLAGS---mm_vision_select_layer -1 --mm_vision_select_feature cls}"
+TEMPLATE=${TEMPLATE:-mistral}
+RATIONALE=${RATIONALE:-1}
 
 CPU_ARGS=(--bf16 False --activation_checkpointing False --dataloader_num_workers 0 --seed "$SEED"
           --gradient_accumulation_steps 1 --logging_steps 25
           --save_steps 200 --warmup_steps 20 --lr_scheduler_type cosine_with_min_lr
           --lr_scheduler_kwargs '{"min_lr_rate": 0.1}' --max_grad_norm 1.0 --resume_from_checkpoint auto)
 
-echo "== 1/6 tiny model (offline; CLIP tower 32 px, patch 4: 64 image tokens) -> $DEMO_DIR/tiny"
+echo "== 1/6 tiny model (offline; CLIP tower 32 px, patch 4: a CLS token and 64 patch tokens) -> $DEMO_DIR/tiny"
 [ -f "$DEMO_DIR/tiny/config.json" ] || exgra-med make-tiny-model --out "$DEMO_DIR/tiny" --image-size 32 --patch-size 4 --seed "$SEED"
 
 echo "== 2/6 easy-VQA data -> $DEMO_DIR/data"
-[ -f "$DEMO_DIR/data/test.json" ] || exgra-med prepare easy-vqa --out "$DEMO_DIR/data" --max-images "$DEMO_IMAGES" --seed "$SEED"
+[ -f "$DEMO_DIR/data/train_rationale.json" ] || exgra-med prepare easy-vqa --out "$DEMO_DIR/data" \
+  --max-images "$DEMO_IMAGES" --seed "$SEED" --rationale
 
 echo "== 3/6 vision tower: contrastive (CLIP) pre-training on the demo's image-caption pairs ($TOWER_STEPS steps)"
 [ -f "$DEMO_DIR/tower/config.json" ] || exgra-med pretrain-tower --tower "$DEMO_DIR/tiny/vision" --tokenizer "$DEMO_DIR/tiny/llm" \
@@ -79,7 +88,11 @@ for line in open(sys.argv[2]):
 PY
 
 echo "== 6/6 fine-tune on easy-VQA, answer the test questions, score against baselines"
-DEMO_DIR="$DEMO_DIR" BATCH="$BATCH" SEED="$SEED" FINETUNE_STEPS="$FINETUNE_STEPS" bash scripts/demo_finetune.sh
+if [ "$RATIONALE" = 1 ]; then
+  export FINETUNE_DATA=${FINETUNE_DATA:-$DEMO_DIR/data/train_rationale.json} MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-32}
+fi
+DEMO_DIR="$DEMO_DIR" BATCH="$BATCH" SEED="$SEED" FINETUNE_STEPS="$FINETUNE_STEPS" FINETUNE_LR="${FINETUNE_LR:-1e-3}" \
+  bash scripts/demo_finetune.sh
 
 echo
 echo "stage-1 projector   : $DEMO_DIR/stage1/mm_projector.safetensors"
