@@ -23,7 +23,7 @@ STAGE1_STEPS=${STAGE1_STEPS:-100}
 STAGE2_STEPS=${STAGE2_STEPS:-400}
 BATCH=${BATCH:-32}                 # stage 1 and fine-tuning
 STAGE2_BATCH=${STAGE2_BATCH:-16}   # the alignment's graph matching grows with the batch; 16 keeps the demo short
-FINETUNE_STEPS=${FINETUNE_STEPS:-2000}
+FINETUNE_STEPS=${FINETUNE_STEPS:-1700}
 DEMO_IMAGES=${DEMO_IMAGES:-4000}
 SEED=${SEED:-0}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
@@ -91,10 +91,11 @@ echo "== 6/6 fine-tune on easy-VQA, answer the test questions, score against bas
 if [ "$RATIONALE" = 1 ]; then
   export FINETUNE_DATA=${FINETUNE_DATA:-$DEMO_DIR/data/train_rationale.json} MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-32}
 fi
-DEMO_DIR="$DEMO_DIR" BATCH="$BATCH" SEED="$SEED" FINETUNE_STEPS="$FINETUNE_STEPS" FINETUNE_LR="${FINETUNE_LR:-1e-3}" \
+DEMO_DIR="$DEMO_DIR" BATCH="$BATCH" SEED="$SEED" FINETUNE_STEPS="$FINETUNE_STEPS" FINETUNE_LR="${FINETUNE_LR:-1.5e-3}" \
   bash scripts/demo_finetune.sh
 
 echo
 echo "stage-1 projector   : $DEMO_DIR/stage1/mm_projector.safetensors"
 echo "stage-2 checkpoint  : $DEMO_DIR/stage2"
 echo "fine-tuned VQA model: $DEMO_DIR/finetune"
+echo "demo took $SECONDS s (stages finished by an earlier run are skipped)"

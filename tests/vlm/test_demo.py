@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,7 @@ def test_demo_defaults_read_one_cls_token_and_fine_tune_on_rationale_answers(tmp
     result = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh")], capture_output=True, text=True, env=env,
                             timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(r"^demo took \d+ s", result.stdout, re.M)
     for row in ("| model |", "| question prior |", "| real images |", "| blank images |", "| shuffled images |"):
         assert row in result.stdout
     for stage in ("stage2", "finetune"):
