@@ -140,8 +140,8 @@ def rationale_train_records(records: Sequence[dict], seed: int, open_fraction: f
     seeded `open_fraction` of its open questions, in input order. Each image's facts come from all its `records`.
 
     Why (README, demo section): the demo's tiny random LLM does not learn to compare a word of the question with the
-    image when it must answer yes/no at once, nor when yes/no makes a fifth or less of its data; it does with the
-    steps written out and the yes/no questions in the majority."""
+    image when it must answer yes/no at once; with the steps written out it does, within the demo's budget when four
+    in five of its questions are yes/no (not with half of them open)."""
     from exgra_med.data.prepare.subsample import balance_yes_no
 
     if not 0.0 <= open_fraction <= 1.0:
