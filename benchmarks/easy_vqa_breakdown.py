@@ -28,18 +28,16 @@ KIND_ORDER = ("open: colour", "open: shape", "open: other") + tuple(
 def question_kind(record: Mapping) -> str:
     """The kind of an easy-VQA record: what an open question's answer is; what a yes/no question names, whether it
     asks for absence, and its true answer."""
-    from exgra_med.constants import DEFAULT_IMAGE_TOKEN
-    from exgra_med.data.prepare.easy_vqa import COLORS, NEGATION, SHAPES
-    from exgra_med.data.prepare.vqa import CLOSED_YES_NO_SUFFIX
+    from exgra_med.data.prepare.easy_vqa import COLORS, NEGATION, SHAPES, record_question
     from exgra_med.eval.metrics import reference_answer
 
     if str(record.get("answer_type", "")).upper() == "OPEN":
         answer = reference_answer(record).strip().lower()
         return "open: colour" if answer in COLORS else "open: shape" if answer in SHAPES else "open: other"
-    question = record["conversations"][0]["value"].replace(DEFAULT_IMAGE_TOKEN, "").replace(CLOSED_YES_NO_SUFFIX, "")
-    words = set(re.findall(r"[a-z]+", question.lower()))
+    question = record_question(record)
+    words = set(re.findall(r"[a-z]+", question))
     attribute = "shape" if words & set(SHAPES) else "colour"
-    negated = ", negated" if NEGATION.search(question.lower()) else ""
+    negated = ", negated" if NEGATION.search(question) else ""
     return f"yes/no: {attribute}{negated}, truth {reference_answer(record).strip().lower()}"
 
 

@@ -17,7 +17,6 @@ Results: README, demo section.
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
 from collections.abc import Sequence
 
 FORMAT = "{asked} , {seen} , {answer}"
@@ -27,12 +26,9 @@ def rationale_answers(records: Sequence[dict], fmt: str = FORMAT) -> tuple[list[
     """Copies of `records` with rationale answers for the yes/no ones; returns them and how many changed.
     (`exgra_med.data.prepare.easy_vqa.rationale_train_records` is the demo's version: the comparison and the
     question's mode written out too, yes/no balanced, fewer open questions.)"""
-    from exgra_med.data.prepare.easy_vqa import image_facts, rationale_answer, record_question
+    from exgra_med.data.prepare.easy_vqa import facts_per_image, rationale_answer, record_question
 
-    per_image: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for record in records:
-        per_image[record["image"]].append((record_question(record), str(record["conversations"][1]["value"])))
-    facts = {image: image_facts(qas) for image, qas in per_image.items()}
+    facts = facts_per_image(records)
     out, changed = [], 0
     for record in records:
         record = {**record, "conversations": [dict(t) for t in record["conversations"]]}

@@ -127,10 +127,19 @@ def rationale_answer(question: str, answer: str, facts: ImageFacts, fmt: str = R
     same, absent, yes = named[0] == seen, bool(NEGATION.search(question.lower())), answer.strip().lower() == "yes"
     if yes != (same != absent):
         return None
+    same_word, different_word, present_word, absent_word = RATIONALE_WORDS
     return fmt.format(
-        asked=named[0], seen=seen, comparison="same" if same else "different",
-        mode="absent" if absent else "present", answer="yes" if yes else "no",
+        asked=named[0], seen=seen, comparison=same_word if same else different_word,
+        mode=absent_word if absent else present_word, answer="yes" if yes else "no",
     )
+
+
+def facts_per_image(records: Sequence[dict]) -> dict[str, ImageFacts]:
+    """`image_facts` of each image, from all the (question, answer) pairs of `records` about it."""
+    per_image: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for record in records:
+        per_image[record["image"]].append((record_question(record), str(record["conversations"][1]["value"])))
+    return {image: image_facts(qas) for image, qas in per_image.items()}
 
 
 def rationale_train_records(records: Sequence[dict], seed: int, open_fraction: float = 0.25) -> list[dict]:
@@ -146,10 +155,7 @@ def rationale_train_records(records: Sequence[dict], seed: int, open_fraction: f
 
     if not 0.0 <= open_fraction <= 1.0:
         raise ValueError(f"open_fraction must be in [0, 1], got {open_fraction}")
-    per_image: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for record in records:
-        per_image[record["image"]].append((record_question(record), str(record["conversations"][1]["value"])))
-    facts = {image: image_facts(qas) for image, qas in per_image.items()}
+    facts = facts_per_image(records)
     balanced = balance_yes_no(records, seed)
     open_ids = [i for i, r in enumerate(balanced) if str(r.get("answer_type", "")).upper() != "CLOSED"]
     drop_open = set(open_ids) - set(
