@@ -46,22 +46,17 @@ echo "== 4/5 fine-tune on easy-VQA ($FINETUNE_STEPS steps of $BATCH, no alignmen
   bash scripts/stage2_vlm.sh --no-alignment "${CPU_ARGS[@]}" --per_device_train_batch_size "$BATCH" \
   --max_steps "$FINETUNE_STEPS" --learning_rate 3e-3
 
-echo "== 5/5 answers on $TEST_QUESTIONS test questions, scores, baselines, grounding audit"
+echo "== 5/5 grounding audit on $TEST_QUESTIONS test questions (real, blank, shuffled images; baselines), scores"
 OUT="$DEMO_DIR/finetune"
 QUESTIONS="$OUT/test_questions.json"
 FRACTION=$(python -c "import json,sys; n=len(json.load(open(sys.argv[1]))); print(min(1.0, $TEST_QUESTIONS / n))" "$DATA/test.json")
 exgra-med subsample --in "$DATA/test.json" --out "$QUESTIONS" --fraction "$FRACTION" --seed "$SEED"
-exgra-med generate-vqa --model "$OUT" --question-file "$QUESTIONS" --image-folder "$DATA/images" \
-  --answers-file "$OUT/test_answers.jsonl" --batch-size 16 --max-new-tokens 8 --quiet
-exgra-med score --gt "$QUESTIONS" --pred "$OUT/test_answers.jsonl" --candidate "$DATA/candidate.json" \
-  --json "$OUT/test_scores.json"
-echo
-exgra-med vqa-baselines --train "$DATA/train.json" --test "$QUESTIONS" --candidate "$DATA/candidate.json" \
-  --pred "$OUT/test_answers.jsonl"
-echo
 exgra-med grounding-audit --model "$OUT" --question-file "$QUESTIONS" --image-folder "$DATA/images" \
   --candidate "$DATA/candidate.json" --train "$DATA/train.json" --batch-size 16 --max-new-tokens 8 --quiet \
-  --out "$OUT/grounding_audit.json"
+  --answers-file "$OUT/test_answers.jsonl" --out "$OUT/grounding_audit.json"
+echo
+exgra-med score --gt "$QUESTIONS" --pred "$OUT/test_answers.jsonl" --candidate "$DATA/candidate.json" \
+  --json "$OUT/test_scores.json"
 echo
 echo "stage-2 checkpoint  : $DEMO_DIR/stage2 (+ exgra_med_alignment.safetensors, the alignment head)"
 echo "fine-tuned VQA model: $DEMO_DIR/finetune (AutoModelForImageTextToText.from_pretrained loads it as $DEMO_ARCH)"

@@ -7,7 +7,8 @@
 # Variables: MODEL_PATH (checkpoint), DATA_DIR (prepared test.json + candidate.json + images/),
 # QUESTION_FILE (default $DATA_DIR/test.json), IMAGE_FOLDER, CANDIDATE, OUT_DIR (answers + scores),
 # NUM_CHUNKS (default: number of visible GPUs, or 1), BATCH_SIZE (default 16), TRAIN_FILE (training records: adds
-# the answer-prior baselines to the grounding audit), GROUNDING_AUDIT (default 1; 0 skips the audit).
+# the answer-prior baselines to the grounding audit), GROUNDING_AUDIT (default 1; 0 skips the audit; it reuses the
+# real-image answers and answers the blank and shuffled images).
 # A rerun resumes: every chunk skips the questions it has already answered.
 set -euo pipefail
 
@@ -41,5 +42,5 @@ if [ "${GROUNDING_AUDIT:-1}" != "0" ]; then
   echo "== grounding audit (real, blank and shuffled images) -> ${ANSWERS%.jsonl}_grounding.json"
   exgra-med grounding-audit --model "$MODEL_PATH" --question-file "$QUESTION_FILE" --image-folder "$IMAGE_FOLDER" \
     --candidate "$CANDIDATE" ${TRAIN_FILE:+--train "$TRAIN_FILE"} --batch-size "$BATCH_SIZE" --conv-mode simple \
-    --out "${ANSWERS%.jsonl}_grounding.json" "$@"
+    --answers-file "$ANSWERS" --out "${ANSWERS%.jsonl}_grounding.json" "$@"
 fi

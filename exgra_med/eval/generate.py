@@ -284,6 +284,34 @@ def check_provenance(path: str | os.PathLike, rows: Sequence[dict], expected: di
         )
 
 
+def pending_questions(
+    path: str | os.PathLike, questions: Sequence[dict], generation: dict
+) -> tuple[list[dict], list[dict]]:
+    """(the complete lines already in the answers file `path`, the `questions` it does not answer yet). Refuses
+    (`check_provenance`) a file written with other settings than `generation`; a torn last line is cut off."""
+    rows = read_answer_lines(path, repair=True)
+    check_provenance(path, rows, generation)
+    done = {str(r["question_id"]) for r in rows}
+    return rows, [r for r in questions if str(r["id"]) not in done]
+
+
+def append_answers(
+    path: str | os.PathLike, generation: dict, model, tokenizer, image_processor, records: Sequence[dict], *,
+    model_id: str, **generate_kwargs: Any,
+) -> dict[str, str]:
+    """`generate_answers` for `records`, each batch appended to the answers file `path` (flushed and synced) as
+    lines of `model_id` recording `generation`, so that an interrupted run resumes with `pending_questions`."""
+    with Path(path).open("a", encoding="utf-8") as f:
+
+        def write(batch: list[tuple[dict, str]]) -> None:
+            f.write("".join(json.dumps(answer_line(r, t, model_id, generation), ensure_ascii=False) + "\n"
+                            for r, t in batch))
+            f.flush()
+            os.fsync(f.fileno())
+
+        return generate_answers(model, tokenizer, image_processor, records, on_batch=write, **generate_kwargs)
+
+
 def resolve_conv_mode(args: argparse.Namespace) -> str:
     """`--conv-mode`, else the template the checkpoint was trained with, else `simple` (the reference's eval prompt);
     `chat_template` for a transformers-native VLM (its own template). Stored back into `args`."""
@@ -400,10 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.restart and out.exists():
         logger.info("--restart: replacing %s", out)
         out.unlink()
-    rows = read_answer_lines(out, repair=True)
-    check_provenance(out, rows, generation)
-    done = {str(r["question_id"]) for r in rows}
-    todo = [r for r in questions if str(r["id"]) not in done]
+    _, todo = pending_questions(out, questions, generation)
     logger.info("%s chunk %d/%d: %d questions, %d already answered, %d to go", args.question_file,
                 args.chunk_idx, args.num_chunks, len(questions), len(questions) - len(todo), len(todo))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -411,20 +436,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.touch()
         return 0
     model, tokenizer, processor = load_model(args)
-    model_id = Path(args.model).name
-    with out.open("a", encoding="utf-8") as f:
-
-        def write(batch: list[tuple[dict, str]]) -> None:
-            f.write("".join(json.dumps(answer_line(r, t, model_id, generation), ensure_ascii=False) + "\n"
-                            for r, t in batch))
-            f.flush()
-            os.fsync(f.fileno())
-
-        generate_answers(
-            model, tokenizer, processor, todo, args.batch_size, args.conv_mode, args.max_new_tokens,
-            image_folder=args.image_folder, image_aspect_ratio=args.image_aspect_ratio,
-            strip_role_prefix=args.strip_role_prefix, temperature=args.temperature, on_batch=write,
-            progress=not args.quiet,
-        )
+    append_answers(
+        out, generation, model, tokenizer, processor, todo, model_id=Path(args.model).name,
+        batch_size=args.batch_size, conv_mode=args.conv_mode,
+        max_new_tokens=args.max_new_tokens, image_folder=args.image_folder,
+        image_aspect_ratio=args.image_aspect_ratio, strip_role_prefix=args.strip_role_prefix,
+        temperature=args.temperature, progress=not args.quiet,
+    )
     print(f"{len(todo)} answers written to {out}")
     return 0

@@ -4,6 +4,10 @@ each scored with the reference VQA metrics beside the answer-prior baselines.
 
 A model that reads the image scores clearly higher with the real images than with blank or shuffled ones; equal
 scores mean its answers come from the question alone, whatever the headline number.
+
+`--answers-file F` shares the real-image answers with `generate-vqa`: the answers F already holds are used (when
+`generate-vqa` or an earlier audit wrote them with the same model and decoding settings; other settings are refused),
+the missing ones are generated and appended in its format, so that an evaluation answers the real images once.
 """
 
 from __future__ import annotations
@@ -20,13 +24,24 @@ from PIL import Image
 
 from exgra_med.data.images import load_image
 from exgra_med.eval.baselines import format_comparison, majority_predictions, question_prior_predictions, summarize
-from exgra_med.eval.generate import add_model_args, generate_answers, load_model, load_questions
+from exgra_med.eval.generate import (
+    add_model_args,
+    append_answers,
+    generate_answers,
+    load_model,
+    load_questions,
+    pending_questions,
+    provenance,
+    resolve_conv_mode,
+)
 from exgra_med.eval.metrics import score_vqa
 from exgra_med.io import read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
 CONDITIONS = ("real images", "blank images", "shuffled images")
+# grounding-audit's flags that generate-vqa lacks: not part of an answers file's recorded settings
+AUDIT_ONLY = ("candidate", "train", "out")
 
 
 def shuffled_images(records: Sequence[Mapping[str, Any]], seed: int) -> list[dict]:
@@ -67,11 +82,19 @@ def changed_fraction(reference: Mapping[str, str], other: Mapping[str, str]) -> 
 
 def audit(
     model, tokenizer, processor, questions: Sequence[dict], candidates, *, image_folder: str | Path | None,
-    train: Sequence[Mapping] | None = None, seed: int = 0, **generate_kwargs,
+    train: Sequence[Mapping] | None = None, seed: int = 0, real_answers: Mapping[str, str] | None = None,
+    **generate_kwargs,
 ) -> dict[str, Any]:
     """Answers under each condition, their scores (overall / closed / open) and how many answers the image
-    changes; the majority and question-prior baselines when training records are given."""
+    changes; the majority and question-prior baselines when training records are given. `real_answers`
+    (`{str(id): answer}` for every question, e.g. from an answers file) are used instead of answering the real
+    images again."""
     answers: dict[str, dict[str, str]] = {}
+    if real_answers is not None:
+        missing = [str(q["id"]) for q in questions if str(q["id"]) not in real_answers]
+        if missing:
+            raise ValueError(f"real_answers lacks {len(missing)} of the questions, e.g. id {missing[0]!r}")
+        answers["real images"] = {str(q["id"]): real_answers[str(q["id"])] for q in questions}
     with tempfile.TemporaryDirectory(prefix="grounding-audit-") as tmp:
         variants = {
             "real images": [dict(q) for q in questions],
@@ -79,6 +102,8 @@ def audit(
             "shuffled images": shuffled_images(questions, seed),
         }
         for name, records in variants.items():
+            if name in answers:
+                continue
             logger.info("answering %d questions with %s", len(records), name)
             answers[name] = generate_answers(model, tokenizer, processor, records, image_folder=image_folder,
                                              **generate_kwargs)
@@ -122,17 +147,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--candidate", required=True, help='candidate.json ({"0": [answers]}) of the data set')
     parser.add_argument("--train", default=None, help="training records: adds the answer-prior baselines")
     parser.add_argument("--out", default=None, help="write the audit (scores, answers) as JSON here")
+    parser.add_argument("--answers-file", default=None,
+                        help="the real-image answers (generate-vqa's JSON lines): used where present, the missing ones "
+                        "generated and appended")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     questions = load_questions(args.question_file)
     candidates = read_json(args.candidate)
     train = read_json(args.train) if args.train else None
+    todo = []
+    if args.answers_file:
+        resolve_conv_mode(args)
+        # the settings generate-vqa records (the audit's own flags do not change an answer)
+        generation = provenance(argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in AUDIT_ONLY}))
+        _, todo = pending_questions(args.answers_file, questions, generation)
+        logger.info("%s: %d of the %d real-image answers to generate", args.answers_file, len(todo), len(questions))
     model, tokenizer, processor = load_model(args)
+    decoding = dict(batch_size=args.batch_size, conv_mode=args.conv_mode, max_new_tokens=args.max_new_tokens,
+                    image_aspect_ratio=args.image_aspect_ratio, temperature=args.temperature, progress=not args.quiet,
+                    strip_role_prefix=args.strip_role_prefix)
+    real = None
+    if args.answers_file:
+        Path(args.answers_file).parent.mkdir(parents=True, exist_ok=True)
+        if todo:
+            append_answers(args.answers_file, generation, model, tokenizer, processor, todo,
+                           model_id=Path(args.model).name, image_folder=args.image_folder, **decoding)
+        rows, _ = pending_questions(args.answers_file, questions, generation)
+        real = {str(r["question_id"]): r["text"] for r in rows}
     result = audit(
         model, tokenizer, processor, questions, candidates, image_folder=args.image_folder, train=train,
-        seed=args.seed, batch_size=args.batch_size, conv_mode=args.conv_mode, max_new_tokens=args.max_new_tokens,
-        image_aspect_ratio=args.image_aspect_ratio, temperature=args.temperature, progress=not args.quiet,
-        strip_role_prefix=args.strip_role_prefix,
+        seed=args.seed, real_answers=real, **decoding,
     )
     print(format_audit(result))
     if args.out:

@@ -82,6 +82,43 @@ def test_cli_prints_the_table_and_writes_json(tiny_model_dir, easy_vqa_dir, ques
     assert saved["questions"] == 6 and set(saved["answers"]) == set(CONDITIONS)
 
 
+
+def test_cli_shares_the_real_image_answers_with_generate_vqa(tiny_model_dir, easy_vqa_dir, questions, tmp_path):
+    from exgra_med.errors import UserError
+    from exgra_med.eval import generate
+
+    qfile, half = tmp_path / "questions.json", tmp_path / "half.json"
+    qfile.write_text(json.dumps(questions[:6]))
+    half.write_text(json.dumps(questions[:3]))
+    model_args = ["--model", str(tiny_model_dir), "--image-folder", str(easy_vqa_dir / "images"), "--quiet"]
+    common = [*model_args, "--max-new-tokens", "3"]
+    full, partial = tmp_path / "full.jsonl", tmp_path / "partial.jsonl"
+    assert generate.main([*common, "--question-file", str(qfile), "--answers-file", str(full)]) == 0
+    assert generate.main([*common, "--question-file", str(half), "--answers-file", str(partial)]) == 0
+    lines = [json.loads(line) for line in full.read_text().splitlines()]
+    expected = {str(r["question_id"]): r["text"] for r in lines}
+    # A marked answer proves the audit reads the file instead of answering the real images again.
+    lines[0]["text"] = "MARKED"
+    full.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    questions_args = ["--question-file", str(qfile), "--candidate", str(easy_vqa_dir / "candidate.json")]
+    audit_args = [*common, *questions_args]
+    out = tmp_path / "audit.json"
+    assert main([*audit_args, "--answers-file", str(full), "--out", str(out)]) == 0
+    real = json.loads(out.read_text())["answers"]["real images"]
+    assert real == {**expected, str(lines[0]["question_id"]): "MARKED"}
+    assert len(full.read_text().splitlines()) == 6
+
+    # Three answers present: the other three are generated and appended in generate-vqa's format.
+    assert main([*audit_args, "--answers-file", str(partial), "--out", str(out)]) == 0
+    appended = [json.loads(line) for line in partial.read_text().splitlines()]
+    assert len(appended) == 6 and {str(r["question_id"]): r["text"] for r in appended} == expected
+    assert appended[-1]["metadata"] == lines[0]["metadata"]
+    assert json.loads(out.read_text())["answers"]["real images"] == expected
+
+    with pytest.raises(UserError, match=r"full\.jsonl: holds 6 answers .*max_new_tokens: 3 there, 4 now"):
+        main([*model_args, "--max-new-tokens", "4", *questions_args, "--answers-file", str(full)])
+
+
 @pytest.mark.slow
 def test_eval_vqa_script_runs_the_audit(tiny_model_dir, easy_vqa_dir, questions, tmp_path):
     import os
@@ -105,3 +142,4 @@ def test_eval_vqa_script_runs_the_audit(tiny_model_dir, easy_vqa_dir, questions,
     assert "| shuffled images |" in proc.stdout and "| question prior |" in proc.stdout
     audit = json.loads((out / "test_answers_grounding.json").read_text())
     assert audit["questions"] == 6 and (out / "test_answers_scores.json").is_file()
+    assert "0 of the 6 real-image answers to generate" in proc.stderr  # generate-vqa-multi's, reused

@@ -129,32 +129,11 @@ def test_finetune_script_runs_on_cpu(tiny_model_dir, easy_vqa_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_finetune_prints_model_baselines_and_grounding_audit(tiny_model_dir, easy_vqa_dir, tmp_path):
-    demo = tmp_path / "demo"
-    demo.mkdir()
-    (demo / "stage2").symlink_to(tiny_model_dir)
-    _small_data(easy_vqa_dir, demo / "data", {"train": 64, "val": 4, "test": 40})
-    result = subprocess.run(
-        ["bash", str(REPO / "scripts" / "demo_finetune.sh")],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=_env(DEMO_DIR=str(demo), FINETUNE_STEPS="2", BATCH="4", TEST_QUESTIONS="12", MASTER_PORT="29562"),
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "| system | overall | closed | open |" in result.stdout
-    for row in ("| model |", "| majority answer |", "| question prior |"):
-        assert row in result.stdout
-    answers = (demo / "finetune" / "test_answers_12.jsonl").read_text().splitlines()
-    assert len(answers) == len(json.loads((demo / "finetune" / "test_questions.json").read_text())) == 12
-    for row in ("| real images |", "| blank images |", "| shuffled images |"):  # the grounding audit
-        assert row in result.stdout
-    audit = json.loads((demo / "finetune" / "grounding_audit.json").read_text())
-    assert audit["questions"] == 12 and set(audit["answers_changed_vs_real"]) == {"blank images", "shuffled images"}
-
-
-@pytest.mark.slow
-def test_demo_finetune_takes_another_train_file_and_output_folder(tiny_model_dir, easy_vqa_dir, tmp_path):
+def test_demo_finetune_on_another_train_file_prints_the_grounding_audit_and_scores(
+    tiny_model_dir, easy_vqa_dir, tmp_path
+):
+    """One run: fine-tuning on FINETUNE_DATA into FINETUNE_OUT, then the audit (real-image answers written as
+    generate-vqa writes them) and the reference metrics of those answers."""
     from benchmarks.rationale_answers import rationale_answers
 
     demo = tmp_path / "demo"
@@ -165,14 +144,28 @@ def test_demo_finetune_takes_another_train_file_and_output_folder(tiny_model_dir
     assert changed > 0
     train = tmp_path / "train_rationale.json"
     train.write_text(json.dumps(records))
-    env = dict(DEMO_DIR=str(demo), FINETUNE_STEPS="1", BATCH="4", TEST_QUESTIONS="8", MASTER_PORT="29564",
-               FINETUNE_DATA=str(train), FINETUNE_OUT=str(tmp_path / "ft_rationale"))
+    out = tmp_path / "ft_rationale"
+    env = dict(DEMO_DIR=str(demo), FINETUNE_STEPS="2", BATCH="4", TEST_QUESTIONS="12", MASTER_PORT="29562",
+               FINETUNE_DATA=str(train), FINETUNE_OUT=str(out))
     result = subprocess.run(["bash", str(REPO / "scripts" / "demo_finetune.sh")], capture_output=True, text=True,
                             check=False, env=_env(**env))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"data_path: {train}" in (tmp_path / "ft_rationale" / "train_recipe.yaml").read_text()
-    assert len((tmp_path / "ft_rationale" / "test_answers_8.jsonl").read_text().splitlines()) == 8
+    assert f"data_path: {train}" in (out / "train_recipe.yaml").read_text()
     assert not (demo / "finetune").exists()
+    assert "| system | overall | closed | open |" in result.stdout
+    for row in ("| real images |", "| blank images |", "| shuffled images |", "| majority answer |",
+                "| question prior |"):
+        assert row in result.stdout
+    answers = [json.loads(line) for line in (out / "test_answers_12.jsonl").read_text().splitlines()]
+    questions = json.loads((out / "test_questions.json").read_text())
+    assert len(answers) == len(questions) == 12
+    assert answers[0]["metadata"]["generation"]["conv_mode"] == "llava_med"  # the stage-2 checkpoint's template
+    audit = json.loads((out / "grounding_audit.json").read_text())
+    assert audit["questions"] == 12 and set(audit["answers_changed_vs_real"]) == {"blank images", "shuffled images"}
+    assert audit["answers"]["real images"] == {str(a["question_id"]): a["text"] for a in answers}
+    scores = json.loads((out / "test_scores.json").read_text())
+    assert scores["closed_accuracy"] == audit["rows"]["real images"]["closed_accuracy"]
+    assert scores["recall"] == audit["rows"]["real images"]["recall"]
 
     env.update(FINETUNE_DATA=str(tmp_path / "missing.json"))
     result = subprocess.run(["bash", str(REPO / "scripts" / "demo_finetune.sh")], capture_output=True, text=True,
