@@ -1,9 +1,11 @@
 """`exgra-med <command> [args]`: a thin dispatcher; each command is a typed `main(argv)` elsewhere.
 
 Commands are imported lazily so that `exgra-med --help` stays fast and optional dependencies are
-only needed by the commands that use them. A user mistake (`exgra_med.errors.is_user_error`) ends with one line on
-stderr and exit code 2; other exceptions are bugs and keep their traceback. `exgra-med --debug <command>` (or
-`EXGRA_MED_DEBUG=1`) shows the traceback of every error.
+only needed by the commands that use them; the commands in `LIGHT_COMMANDS` also run without registering the model
+with transformers' Auto classes (`exgra_med/__init__.py` leaves that to this dispatcher in the console script).
+A user mistake (`exgra_med.errors.is_user_error`) ends with one line on stderr and exit code 2; other exceptions are
+bugs and keep their traceback. `exgra-med --debug <command>` (or `EXGRA_MED_DEBUG=1`) shows the traceback of every
+error.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve-api": ("exgra_med.serve.api:main", "OpenAI-compatible /v1/chat/completions server"),
 }
 
+# Commands that load no model: run without importing torch and transformers for the registration (about 10 s).
+LIGHT_COMMANDS = frozenset({"prepare", "subsample", "score", "vqa-baselines", "data-efficiency", "plot"})
+
 
 def _usage() -> str:
     width = max(len(name) for name in COMMANDS)
@@ -83,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"exgra-med: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    if name not in LIGHT_COMMANDS:
+        import exgra_med.model  # noqa: F401 - the Auto-class registration that the console script defers
     module_name, func_name = COMMANDS[name][0].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
     return run_command(func, rest, f"exgra-med {name}", debug)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from exgra_med.cli import COMMANDS, main
+from exgra_med.cli import COMMANDS, LIGHT_COMMANDS, main
 
 
 def test_usage_lists_every_command(capsys):
@@ -29,19 +31,38 @@ def test_each_command_has_help(name, capsys):
     assert "usage" in capsys.readouterr().out.lower()
 
 
+# The installed console script (next to the interpreter): what users run.
+EXGRA_MED = str(Path(sys.executable).parent / "exgra-med")
+
+
 def test_console_script_is_installed():
-    proc = subprocess.run([sys.executable, "-m", "exgra_med.cli", "--version"], capture_output=True, text=True)
+    proc = subprocess.run([EXGRA_MED, "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip()
 
 
-def _run(*argv: str, env_debug: bool = False) -> subprocess.CompletedProcess:
-    import os
+def test_light_commands_start_without_torch_and_the_others_register_the_model():
+    """The console script runs subsample, score, ... without importing torch and transformers (exgra_med/__init__.py
+    leaves the Auto-class registration to the commands that load models); `import exgra_med` elsewhere registers
+    (tests/model/test_auto_classes.py)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPROFILEIMPORTTIME="1")
 
+    def imported(*argv: str) -> set[str]:
+        proc = subprocess.run([EXGRA_MED, *argv], capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time")}
+
+    for name in sorted(LIGHT_COMMANDS):
+        modules = imported(name, "--help")
+        assert "exgra_med.cli" in modules and not {"torch", "transformers", "exgra_med.model"} & modules, name
+    assert {"transformers", "exgra_med.model"} <= imported("generate-vqa", "--help")
+
+
+def _run(*argv: str, env_debug: bool = False) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     env.pop("EXGRA_MED_DEBUG", None)
     if env_debug:
         env["EXGRA_MED_DEBUG"] = "1"
-    return subprocess.run([sys.executable, "-m", "exgra_med.cli", *argv], capture_output=True, text=True, env=env)
+    return subprocess.run([EXGRA_MED, *argv], capture_output=True, text=True, env=env)
 
 
 def test_user_mistakes_end_in_one_line_and_exit_2(tmp_path):

@@ -136,3 +136,11 @@ def load_records(path: str | os.PathLike, require_long: bool = False, multi_imag
     if not isinstance(data, list):
         raise RecordError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     return [validate_record(r, i, str(path), require_long, multi_image) for i, r in enumerate(data)]
+
+
+def question_text(record: dict) -> str:
+    """The first human turn of a VQA record without the `<image>` token (`conversatons` accepted)."""
+    turns = record.get("conversations", record.get("conversatons"))
+    if not isinstance(turns, list) or not turns or not isinstance(turns[0], dict) or "value" not in turns[0]:
+        raise ValueError(f"record {record.get('id')!r}: needs 'conversations' with a human turn")
+    return str(turns[0]["value"]).replace(DEFAULT_IMAGE_TOKEN, "").strip()

@@ -16,7 +16,7 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from exgra_med.eval.generate import question_text
+from exgra_med.data.records import question_text
 from exgra_med.eval.metrics import load_predictions, reference_answer, score_vqa
 from exgra_med.io import read_json
 

@@ -34,6 +34,7 @@ from exgra_med.constants import DEFAULT_IMAGE_TOKEN
 from exgra_med.conversation import TEMPLATES, get_template
 from exgra_med.data.dataset import image_placeholder
 from exgra_med.data.images import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO, load_image, preprocess_image
+from exgra_med.data.records import question_text
 from exgra_med.errors import UserError, one_line
 from exgra_med.eval.launch import get_chunk, read_answer_lines
 from exgra_med.io import read_json
@@ -43,14 +44,6 @@ logger = logging.getLogger(__name__)
 
 # (record, answer text) of the questions answered by one batch.
 BatchCallback = Callable[[list[tuple[dict, str]]], None]
-
-
-def question_text(record: dict) -> str:
-    """The first human turn of a VQA record without the `<image>` token (`conversatons` accepted)."""
-    turns = record.get("conversations", record.get("conversatons"))
-    if not isinstance(turns, list) or not turns or not isinstance(turns[0], dict) or "value" not in turns[0]:
-        raise ValueError(f"record {record.get('id')!r}: needs 'conversations' with a human turn")
-    return str(turns[0]["value"]).replace(DEFAULT_IMAGE_TOKEN, "").strip()
 
 
 def display_prompt(record: dict) -> str:
