@@ -12,7 +12,7 @@
 # Pre-training runs a fixed number of epochs, as the reference's recipes do (3 epochs of stage 2 there), so a
 # smaller fraction is also fewer steps; the fine-tuning budget is the same for every cell.
 # The committed results (results/data_efficiency.md) used a 600-step tower (TOWER_STEPS, the default here). An
-# existing DEMO_DIR/tower is reused as it is: `make demo` now pre-trains its tower for 1,000 steps, so to reproduce
+# existing DEMO_DIR/tower is reused as it is: `make demo` now pre-trains its tower for 800 steps, so to reproduce
 # those results on a machine that ran the demo, point DEMO_DIR at another folder.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

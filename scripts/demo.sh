@@ -7,7 +7,8 @@
 # Variables: DEMO_DIR (default runs/demo), TOWER_STEPS, STAGE1_STEPS, STAGE2_STEPS, FINETUNE_STEPS, BATCH, STAGE2_BATCH,
 # DEMO_IMAGES, SEED, VISION_FLAGS, TEMPLATE, RATIONALE, FINETUNE_LR. Finished stages are skipped on a rerun (and a
 # killed stage resumes from its checkpoint).
-#   VISION_FLAGS= TEMPLATE=llava_med RATIONALE=0 FINETUNE_LR=3e-3 FINETUNE_STEPS=600 TOWER_STEPS=600 STAGE1_STEPS=300:
+#   VISION_FLAGS= TEMPLATE=llava_med RATIONALE=0 FINETUNE_LR=3e-3 FINETUNE_STEPS=600 TOWER_STEPS=600 STAGE1_STEPS=300
+#   STAGE2_STEPS=400:
 #   the reference's connector (64 patch tokens), template and fine-tuning data, as the demo was before (the README's
 #   demo section has what each reaches).
 #   DEMO_ARCH=qwen2_5_vl|gemma3|llava_onevision: the same demo on a transformers-native VLM (scripts/demo_vlm.sh).
@@ -18,12 +19,12 @@ if [ -n "${DEMO_ARCH:-}" ] && [ "$DEMO_ARCH" != llava ]; then
 fi
 
 DEMO_DIR=${DEMO_DIR:-runs/demo}
-TOWER_STEPS=${TOWER_STEPS:-1000}
+TOWER_STEPS=${TOWER_STEPS:-800}
 STAGE1_STEPS=${STAGE1_STEPS:-100}
-STAGE2_STEPS=${STAGE2_STEPS:-400}
+STAGE2_STEPS=${STAGE2_STEPS:-300}
 BATCH=${BATCH:-32}                 # stage 1 and fine-tuning
 STAGE2_BATCH=${STAGE2_BATCH:-16}   # the alignment's graph matching grows with the batch; 16 keeps the demo short
-FINETUNE_STEPS=${FINETUNE_STEPS:-1700}
+FINETUNE_STEPS=${FINETUNE_STEPS:-1500}
 DEMO_IMAGES=${DEMO_IMAGES:-4000}
 SEED=${SEED:-0}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
