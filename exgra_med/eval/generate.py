@@ -374,6 +374,12 @@ def add_model_args(parser: argparse.ArgumentParser, max_new_tokens: int = 1024, 
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """`generate_answers` keyword arguments from the parsed `add_model_args` flags (after `resolve_conv_mode`)."""
+    return dict(batch_size=args.batch_size, conv_mode=args.conv_mode, max_new_tokens=args.max_new_tokens,
+                image_folder=args.image_folder, image_aspect_ratio=args.image_aspect_ratio,
+                strip_role_prefix=args.strip_role_prefix, temperature=args.temperature, progress=not args.quiet)
+
 def load_model(args: argparse.Namespace):
     """(model, tokenizer, image processor) for the parsed `add_model_args` flags; seeds torch."""
     from exgra_med.model.loading import load_pretrained
@@ -429,12 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.touch()
         return 0
     model, tokenizer, processor = load_model(args)
-    append_answers(
-        out, generation, model, tokenizer, processor, todo, model_id=Path(args.model).name,
-        batch_size=args.batch_size, conv_mode=args.conv_mode,
-        max_new_tokens=args.max_new_tokens, image_folder=args.image_folder,
-        image_aspect_ratio=args.image_aspect_ratio, strip_role_prefix=args.strip_role_prefix,
-        temperature=args.temperature, progress=not args.quiet,
-    )
+    append_answers(out, generation, model, tokenizer, processor, todo, model_id=Path(args.model).name,
+                   **decoding_kwargs(args))
     print(f"{len(todo)} answers written to {out}")
     return 0

@@ -27,6 +27,7 @@ from exgra_med.eval.baselines import format_comparison, majority_predictions, qu
 from exgra_med.eval.generate import (
     add_model_args,
     append_answers,
+    decoding_kwargs,
     generate_answers,
     load_model,
     load_questions,
@@ -155,28 +156,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     questions = load_questions(args.question_file)
     candidates = read_json(args.candidate)
     train = read_json(args.train) if args.train else None
-    todo = []
+    real = None
     if args.answers_file:
         resolve_conv_mode(args)
         # the settings generate-vqa records (the audit's own flags do not change an answer)
         generation = provenance(argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in AUDIT_ONLY}))
-        _, todo = pending_questions(args.answers_file, questions, generation)
+        rows, todo = pending_questions(args.answers_file, questions, generation)  # refused here, before the model loads
+        real = {str(r["question_id"]): r["text"] for r in rows}
         logger.info("%s: %d of the %d real-image answers to generate", args.answers_file, len(todo), len(questions))
     model, tokenizer, processor = load_model(args)
-    decoding = dict(batch_size=args.batch_size, conv_mode=args.conv_mode, max_new_tokens=args.max_new_tokens,
-                    image_aspect_ratio=args.image_aspect_ratio, temperature=args.temperature, progress=not args.quiet,
-                    strip_role_prefix=args.strip_role_prefix)
-    real = None
-    if args.answers_file:
+    decoding = decoding_kwargs(args)
+    if args.answers_file and todo:
         Path(args.answers_file).parent.mkdir(parents=True, exist_ok=True)
-        if todo:
-            append_answers(args.answers_file, generation, model, tokenizer, processor, todo,
-                           model_id=Path(args.model).name, image_folder=args.image_folder, **decoding)
-        rows, _ = pending_questions(args.answers_file, questions, generation)
-        real = {str(r["question_id"]): r["text"] for r in rows}
+        real.update(append_answers(args.answers_file, generation, model, tokenizer, processor, todo,
+                                   model_id=Path(args.model).name, **decoding))
     result = audit(
-        model, tokenizer, processor, questions, candidates, image_folder=args.image_folder, train=train,
-        seed=args.seed, real_answers=real, **decoding,
+        model, tokenizer, processor, questions, candidates, train=train, seed=args.seed, real_answers=real,
+        **decoding,
     )
     print(format_audit(result))
     if args.out:
