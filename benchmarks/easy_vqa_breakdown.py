@@ -6,7 +6,9 @@ presence ("is there a red shape?") or for absence ("is there not a red shape?"),
 (a model that answers "no" whatever it is asked scores 100% on the "no" rows and 0% on the "yes" ones, which an
 accuracy per kind alone can hide behind easy-VQA's skewed answers). Scores are the in-training metric
 of the table (closed accuracy by the reference's rule, open recall), per kind, for the real, blank and shuffled
-images of `exgra-med grounding-audit --out` (or one answers file of `exgra-med generate-vqa`).
+images of `exgra-med grounding-audit --out` (or one answers file of `exgra-med generate-vqa`). For a model fine-tuned
+on rationale answers ("red blue different absent yes", `exgra-med prepare easy-vqa --rationale`) it also counts
+the yes/no answers whose comparison word agrees with the two words before it ("same" exactly when they are equal).
 
     python -m benchmarks.easy_vqa_breakdown --questions runs/demo/finetune/test_questions.json \\
         --audit runs/demo/finetune/grounding_audit.json
@@ -65,6 +67,23 @@ def breakdown(
     return table
 
 
+def comparisons(
+    questions: Sequence[Mapping], answers: Mapping[str, Mapping[str, str]]
+) -> dict[str, tuple[int, int]]:
+    """{condition: (yes/no answers whose comparison agrees with their asked and seen words, yes/no answers in the
+    rationale form)}; conditions without such answers are left out."""
+    from exgra_med.data.prepare.easy_vqa import parse_rationale
+
+    closed_ids = [str(r["id"]) for r in questions if str(r.get("answer_type", "")).upper() == "CLOSED"]
+    counts = {}
+    for condition, texts in answers.items():
+        steps = [s for s in (parse_rationale(texts.get(i, "")) for i in closed_ids) if s is not None]
+        right = sum(s["comparison"] == ("same" if s["asked"] == s["seen"] else "different") for s in steps)
+        if steps:
+            counts[condition] = (right, len(steps))
+    return counts
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from exgra_med.eval.metrics import load_predictions
     from exgra_med.io import read_json
@@ -87,6 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for kind, row in table.items():
         scores = " | ".join(f"{row[c][1]:.1f}" for c in conditions)
         print(f"| {kind} | {next(iter(row.values()))[0]} | {scores} |")
+    for condition, (right, parsed) in comparisons(questions, answers).items():
+        print(f"{condition}: the comparison agrees with the asked and seen words in {right} of the {parsed} yes/no "
+              "answers written as a rationale")
     return 0
 
 

@@ -35,7 +35,7 @@ export NPROC_PER_NODE=${NPROC_PER_NODE:-1} MASTER_PORT=${MASTER_PORT:-29511}
 # (64 patch tokens of the penultimate layer). TEMPLATE: the prompt template of stage 2, fine-tuning and evaluation
 # (default mistral, whose prompt is short; the reference's is llava_med). RATIONALE=1 (default) fine-tunes on
 # data/train_rationale.json (`exgra-med prepare easy-vqa --rationale`: yes/no balanced and answered with the
-# comparison in words, "red , blue , different , absent , yes"); RATIONALE=0 on train.json as the reference.
+# comparison in words, "red blue different absent yes"); RATIONALE=0 on train.json as the reference.
 read -r -a VISION_ARGS <<< "${VISION_FLAGS---mm_vision_select_layer -1 --mm_vision_select_feature cls}"
 TEMPLATE=${TEMPLATE:-mistral}
 RATIONALE=${RATIONALE:-1}

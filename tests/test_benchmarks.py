@@ -181,7 +181,7 @@ def test_rationale_answers_name_the_question_word_then_the_image_word():
 def test_easy_vqa_breakdown_scores_each_question_kind_per_condition(tmp_path, capsys):
     import json
 
-    from benchmarks.easy_vqa_breakdown import breakdown, main, question_kind
+    from benchmarks.easy_vqa_breakdown import breakdown, comparisons, main, question_kind
     from exgra_med.data.prepare.vqa import CLOSED_YES_NO_SUFFIX, make_vqa_record
 
     questions = [
@@ -211,6 +211,15 @@ def test_easy_vqa_breakdown_scores_each_question_kind_per_condition(tmp_path, ca
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "| question kind | questions | real images | blank images |"
     assert out[3] == "| open: shape | 2 | 50.0 | 100.0 |" and len(out) == 2 + 6
+    # rationale answers: the comparison word is checked against the two words before it, per condition
+    rationale = dict(real, **{"3": "red blue different present no", "4": "blue blue different absent no",
+                              "5": "circle circle same present yes", "6": "triangle circle"})
+    assert comparisons(questions, {"real": real, "rationale": rationale}) == {"rationale": (2, 3)}
+    (tmp_path / "audit.json").write_text(json.dumps({"answers": {"real images": rationale}}))
+    assert main(["--questions", str(tmp_path / "q.json"), "--audit", str(tmp_path / "audit.json")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "real images: the comparison agrees with the asked and seen words in 2 of the 3 yes/no answers written as "
+        "a rationale")
     del real["6"]
     with pytest.raises(ValueError, match=r"real: no answer for question\(s\) \['6'\]"):
         breakdown(questions, {"real": real})

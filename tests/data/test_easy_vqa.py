@@ -123,11 +123,11 @@ def test_instruct_records_feed_the_dataset_and_collator(prepared, word_tokenizer
 def test_rationale_answer_works_the_comparison_out_in_words():
     facts = prep.image_facts([("what is the blue shape?", "circle")])
     cases = {
-        ("is there a blue shape?", "yes"): "blue , blue , same , present , yes",
-        ("is there a red shape?", "no"): "red , blue , different , present , no",
-        ("is there not a blue shape?", "no"): "blue , blue , same , absent , no",
-        ("does the image not contain a triangle?", "yes"): "triangle , circle , different , absent , yes",
-        ("is there no circle?", "No"): "circle , circle , same , absent , no",
+        ("is there a blue shape?", "yes"): "blue blue same present yes",
+        ("is there a red shape?", "no"): "red blue different present no",
+        ("is there not a blue shape?", "no"): "blue blue same absent no",
+        ("does the image not contain a triangle?", "yes"): "triangle circle different absent yes",
+        ("is there no circle?", "No"): "circle circle same absent no",
     }
     for (question, answer), expected in cases.items():
         assert prep.rationale_answer(question, answer, facts) == expected
@@ -141,8 +141,12 @@ def test_rationale_answer_works_the_comparison_out_in_words():
 
     for word in prep.RATIONALE_WORDS + prep.COLORS + prep.SHAPES:
         assert "yes" not in word and "no" not in word
-    assert closed_hit("red , blue , different , absent , yes", "no") == 0.0
-    assert closed_hit("red , blue , different , absent , yes", "yes") == 1.0
+    assert closed_hit("red blue different absent yes", "no") == 0.0
+    assert closed_hit("red blue different absent yes", "yes") == 1.0
+    assert prep.parse_rationale("Red blue different absent yes") == {
+        "asked": "red", "seen": "blue", "comparison": "different", "mode": "absent", "answer": "yes"}
+    assert prep.parse_rationale("red , blue , same , present , no")["comparison"] == "same"  # commas accepted
+    assert prep.parse_rationale("blue") is None and prep.parse_rationale("red blue same present no no") is None
 
 
 def test_rationale_train_records_balance_yes_no_and_keep_a_share_of_open_questions():
@@ -157,10 +161,10 @@ def test_rationale_train_records_balance_yes_no_and_keep_a_share_of_open_questio
     out = prep.rationale_train_records(records, seed=0, open_fraction=0.5)
     closed = [r for r in out if r["answer_type"] == "CLOSED"]
     # one "yes" for "is there a red shape?", so one of its six "no" kept; c.png's colour is known from its answer
-    assert sorted(r["conversations"][1]["value"] for r in closed)[1] == "red , red , same , present , yes"
+    assert sorted(r["conversations"][1]["value"] for r in closed)[1] == "red red same present yes"
     assert len(closed) == 2 and [r["id"] for r in closed if r["id"] != "y"][0] in {f"r{i}" for i in range(6)}
     no = next(r for r in closed if r["id"] != "y")
-    assert no["conversations"][1]["value"] == ("red , blue , different , present , no" if no["image"] == "a.png"
+    assert no["conversations"][1]["value"] == ("red blue different present no" if no["image"] == "a.png"
                                                else "no")  # b.png's colour is unknown: answer kept
     assert sum(r["answer_type"] == "OPEN" for r in out) == 4  # round(0.5 * 9)
     order = [[r["id"] for r in records].index(r["id"]) for r in out]
@@ -177,7 +181,7 @@ def test_prepare_writes_the_rationale_fine_tuning_file(tmp_path, capsys):
     train = json.loads((tmp_path / "train.json").read_text())
     finetune = load_records(tmp_path / "train_rationale.json")
     assert finetune == prep.rationale_train_records(train, seed=0)
-    rewritten = [r for r in finetune if r["conversations"][1]["value"].count(" , ") == 4]
+    rewritten = [r for r in finetune if prep.parse_rationale(r["conversations"][1]["value"])]
     assert rewritten and all(r["answer_type"] == "CLOSED" for r in rewritten)
-    answers = [r["conversations"][1]["value"].rsplit(" , ", 1)[1] for r in rewritten]
+    answers = [prep.parse_rationale(r["conversations"][1]["value"])["answer"] for r in rewritten]
     assert 0 < answers.count("yes") < len(answers)

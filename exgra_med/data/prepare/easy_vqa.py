@@ -11,7 +11,7 @@ circle?") say what the shape and colour are. From them this module writes, under
   `candidate.json`: VQA records (METHOD section 6), CLOSED for yes/no answers, OPEN otherwise.
 - with `--rationale`, `train_rationale.json`: the demo's fine-tuning file (`rationale_train_records`): train.json's
   yes/no questions balanced per question text, each answered with the comparison worked out in words
-  ("red , blue , different , absent , yes"), and a seeded share of its open questions.
+  ("red blue different absent yes"), and a seeded share of its open questions.
 
 Pre-training records use only the `train.json` images, so val/test images stay unseen.
 """
@@ -56,8 +56,11 @@ DESCRIBE_REQUESTS = (
 )
 NEGATION = re.compile(r"\b(not|no)\b")  # a yes/no question that asks for absence
 # A yes/no answer worked out in words (`rationale_answer`). No word before the answer contains "yes" or "no", so the
-# reference's closed rule (the reference answer is a substring of the prediction) scores the final word.
-RATIONALE = "{asked} , {seen} , {comparison} , {mode} , {answer}"
+# reference's closed rule (the reference answer is a substring of the prediction) scores the final word. Words only,
+# no separators: the comparison is then predicted at the seen word, right after the asked one (with " , " between
+# them, the demo's 2-layer LLM learned it as a slower per-pair lookup; README, demo section).
+RATIONALE = "{asked} {seen} {comparison} {mode} {answer}"
+RATIONALE_FIELDS = ("asked", "seen", "comparison", "mode", "answer")
 RATIONALE_WORDS = ("same", "different", "present", "absent")
 
 
@@ -115,7 +118,7 @@ def record_question(record: dict) -> str:
 def rationale_answer(question: str, answer: str, facts: ImageFacts, fmt: str = RATIONALE) -> str | None:
     """A yes/no answer with its reasoning in words: the colour or shape the question names, the image's, whether
     they are the same, whether the question asks for presence or absence, then the answer: "Is there not a red
-    shape?" on a blue circle -> "red , blue , different , absent , yes". `question` as `record_question` gives it.
+    shape?" on a blue circle -> "red blue different absent yes". `question` as `record_question` gives it.
     None when the question names no single colour or shape, the image's is unknown, or the facts contradict the
     answer."""
     named = [w for w in re.findall(r"[a-z]+", question.lower()) if w in SHAPES or w in COLORS]
@@ -132,6 +135,13 @@ def rationale_answer(question: str, answer: str, facts: ImageFacts, fmt: str = R
         asked=named[0], seen=seen, comparison=same_word if same else different_word,
         mode=absent_word if absent else present_word, answer="yes" if yes else "no",
     )
+
+
+def parse_rationale(text: str) -> dict[str, str] | None:
+    """The steps of an answer in `RATIONALE`'s form ({"asked": "red", "seen": "blue", "comparison": "different",
+    ...}; commas between the words are accepted), or None when it has not five words."""
+    words = text.replace(",", " ").lower().split()
+    return dict(zip(RATIONALE_FIELDS, words)) if len(words) == len(RATIONALE_FIELDS) else None
 
 
 def facts_per_image(records: Sequence[dict]) -> dict[str, ImageFacts]:
