@@ -72,13 +72,14 @@ def comparisons(
 ) -> dict[str, tuple[int, int]]:
     """{condition: (yes/no answers whose comparison agrees with their asked and seen words, yes/no answers in the
     rationale form)}; conditions without such answers are left out."""
-    from exgra_med.data.prepare.easy_vqa import parse_rationale
+    from exgra_med.data.prepare.easy_vqa import RATIONALE_WORDS, parse_rationale
 
+    same_word, different_word = RATIONALE_WORDS[:2]
     closed_ids = [str(r["id"]) for r in questions if str(r.get("answer_type", "")).upper() == "CLOSED"]
     counts = {}
     for condition, texts in answers.items():
         steps = [s for s in (parse_rationale(texts.get(i, "")) for i in closed_ids) if s is not None]
-        right = sum(s["comparison"] == ("same" if s["asked"] == s["seen"] else "different") for s in steps)
+        right = sum(s["comparison"] == (same_word if s["asked"] == s["seen"] else different_word) for s in steps)
         if steps:
             counts[condition] = (right, len(steps))
     return counts

@@ -380,6 +380,7 @@ def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 image_folder=args.image_folder, image_aspect_ratio=args.image_aspect_ratio,
                 strip_role_prefix=args.strip_role_prefix, temperature=args.temperature, progress=not args.quiet)
 
+
 def load_model(args: argparse.Namespace):
     """(model, tokenizer, image processor) for the parsed `add_model_args` flags; seeds torch."""
     from exgra_med.model.loading import load_pretrained
