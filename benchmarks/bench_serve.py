@@ -31,7 +31,7 @@ def run(quick: bool = False, threads: int = 1) -> list[dict]:
     repeats, max_new_tokens = (2, 16) if quick else (7, 64)
     with tempfile.TemporaryDirectory() as tmp:
         make_tiny_model(Path(tmp) / "model", seed=0)
-        engine = InferenceEngine.from_path(str(Path(tmp) / "model"), device="cpu", max_batch_size=CONCURRENT)
+        engine = InferenceEngine.from_path(str(Path(tmp) / "model"), LoadOptions(device="cpu"), max_batch_size=CONCURRENT)
         # A template without a stop string and an EOS the model never reaches: every answer has the full length.
         engine.template = engine.template.__class__(**{**engine.template.__dict__, "stop_str": ""})
         engine.tokenizer.eos_token_id = None

@@ -2,7 +2,7 @@
 
 A Qwen2.5-VL-shaped model (its vision transformer with window attention and 2x2 merger, mrope LLM; small widths and
 depths on the CPU), random weights, a batch of synthetic easy-VQA-like records rendered through the model's own
-processor and chat template (`exgra_med.vlm.data`), AdamW on the LLM + merger + head. Same module for both
+processor and chat template (`exgra_med.data.chat`), AdamW on the LLM + merger + head. Same module for both
 arrangements, only `model.alignment` differs; steps interleaved in rounds (one of each per round), the ratio is the
 median of the per-round ratios; times are the process's CPU time on one thread (the machine's other tenants stay out of
 them). Rows with and without activation checkpointing (which also covers the extra text pass of the alignment).
@@ -52,12 +52,12 @@ def _prepared(shape: str):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from exgra_med.align.config import AlignmentConfig
+    from exgra_med.data.chat import ChatEncoder, NativeCollator, record_messages, stop_strings
     from exgra_med.data.dataset import alignment_text
+    from exgra_med.model.native.aligned import AlignedVLM
+    from exgra_med.model.native.tiny import TinySize, make_tiny_vlm
+    from exgra_med.model.native.training import set_native_trainable
     from exgra_med.train.args import ModelArguments
-    from exgra_med.vlm.data import ChatEncoder, NativeCollator, record_messages, stop_strings
-    from exgra_med.vlm.head import AlignedVLM
-    from exgra_med.vlm.tiny import TinySize, make_tiny_vlm
-    from exgra_med.vlm.train import set_native_trainable
 
     size, side, batch_size, words = SHAPES[shape]
     with tempfile.TemporaryDirectory() as tmp:

@@ -36,7 +36,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "data-efficiency study: one cell's result file (record) / table + figure (summarize)",
     ),
     "plot": ("exgra_med.eval.plots:main", "loss curves of a run / data-efficiency figure"),
-    "pretrain-tower": ("exgra_med.train.tower:main", "contrastive (CLIP) pre-training of a vision tower on captions"),
     "train": ("exgra_med.train.main:main", "stage-1 / stage-2 pre-training and VQA fine-tuning"),
     "extend-captions": ("exgra_med.data.extend:main", "LLM-written extended captions (resumable, fault tolerant)"),
     "merge-extended": ("exgra_med.data.prepare.merge_extended:main", "merge extended captions as conversations_long"),

@@ -28,17 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from exgra_med.constants import DEFAULT_IMAGE_TOKEN
-from exgra_med.conversation import TEMPLATES, get_template
-from exgra_med.data.dataset import image_placeholder
-from exgra_med.data.images import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO, load_image, preprocess_image
+from exgra_med.conversation import TEMPLATES
+from exgra_med.data.images import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
 from exgra_med.data.records import question_text
 from exgra_med.errors import UserError, one_line
 from exgra_med.eval.launch import get_chunk, read_answer_lines
 from exgra_med.io import read_json
+from exgra_med.model.auto import LoadOptions, backend_for, choose_setting, load_backend, model_family, recorded_settings
+from exgra_med.model.backend import Backend, Prompt
 from exgra_med.model.hub import resolve_path
+from exgra_med.model.native.backend import CHAT_TEMPLATE_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -52,128 +53,52 @@ def display_prompt(record: dict) -> str:
     return f"{text}\n{DEFAULT_IMAGE_TOKEN}" if "image" in record else text
 
 
-def build_prompt(record: dict, conv_mode: str, num_image_tokens: int, mm_use_im_start_end: bool) -> str:
-    """The model prompt of one record: template(question + "\\n" + expanded image placeholder)."""
-    text = question_text(record)
-    if "image" in record:
-        text = f"{text}\n{image_placeholder(num_image_tokens, mm_use_im_start_end)}"
-    return get_template(conv_mode).render([("human", text)], add_generation_prompt=True)
+def generate_batch(backend: Backend, prompts: Sequence[Prompt], max_new_tokens: int = 1024, temperature: float = 0.0,
+                   strip_role_prefix: bool = False, **generate_kwargs) -> list[str]:
+    """Answers of one batch of encoded prompts (left padded, decoded together with the KV cache, cut at the stop
+    string; with `strip_role_prefix`, a leading "Assistant:", which the reference keeps, is dropped)."""
+    return backend.answer_batch(prompts, max_new_tokens, temperature, strip_role_prefix, **generate_kwargs)
 
 
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids padded on the LEFT with `pad_id`, and the (B, T) attention mask."""
-    length = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, length - len(s) :] = torch.as_tensor(list(s), dtype=torch.long)
-            mask[i, length - len(s) :] = 1
-    return ids, mask
-
-
-class StopOnString(StoppingCriteria):
-    """Per-row stop once the decoded tail of the generated tokens contains `stop`."""
-
-    def __init__(self, tokenizer, stop: str, tail_tokens: int = 8) -> None:
-        self.tokenizer, self.stop, self.tail = tokenizer, stop, tail_tokens
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        # input_ids holds only the generated tokens: the model generates from inputs_embeds.
-        tails = self.tokenizer.batch_decode(input_ids[:, -self.tail :], skip_special_tokens=True)
-        return torch.tensor([self.stop in t for t in tails], dtype=torch.bool, device=input_ids.device)
-
-
-def _pad_id(tokenizer) -> int:
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
-        if value is not None:
-            return int(value)
-    raise ValueError("the tokenizer has no pad, eos or unk token to pad prompts with")
-
-
-def _pixels(record: dict, image_folder: str | os.PathLike | None, processor, aspect_ratio: str) -> torch.Tensor:
-    if image_folder is None or processor is None:
-        raise ValueError(f"record {record.get('id')!r} has an image but no image folder / processor was given")
-    return preprocess_image(load_image(Path(image_folder) / record["image"]), processor, aspect_ratio)
-
-
-@torch.inference_mode()
-def generate_batch(
-    model, tokenizer, prompt_ids: Sequence[Sequence[int]], pixel_values: torch.Tensor | None,
-    conv_mode: str = "simple", max_new_tokens: int = 1024, temperature: float = 0.0,
-    strip_role_prefix: bool = False, **generate_kwargs,
-) -> list[str]:
-    """Answers of one batch: left pad, generate (KV cache), decode, cut at the template's stop string (and, with
-    `strip_role_prefix`, drop a leading "Assistant:", which the reference keeps).
-
-    `pixel_values` (B_img, 3, H, W) holds the images of the prompts that contain image tokens, in order.
-    """
-    template = get_template(conv_mode)
-    device = next(model.parameters()).device
-    ids, mask = left_pad(prompt_ids, _pad_id(tokenizer))
-    sampling = temperature > 0
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=sampling, temperature=temperature if sampling else None,
-        top_p=None, top_k=None, num_beams=1, use_cache=True, pad_token_id=_pad_id(tokenizer),
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    stops = StoppingCriteriaList([StopOnString(tokenizer, template.stop_str)]) if template.stop_str else None
-    out = model.generate(
-        ids.to(device), None if pixel_values is None else pixel_values.to(device), mask.to(device),
-        generation_config=config, stopping_criteria=stops, **generate_kwargs,
-    )
-    return [template.clean_answer(t, strip_role_prefix) for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
-
-
-def generate_answers(
-    model, tokenizer, image_processor, records: Sequence[dict], batch_size: int = 16, conv_mode: str = "simple",
-    max_new_tokens: int = 1024, *, image_folder: str | os.PathLike | None = None,
-    image_aspect_ratio: str = DEFAULT_ASPECT_RATIO, strip_role_prefix: bool = False,
-    temperature: float = 0.0, on_batch: BatchCallback | None = None, errors: dict[str, str] | None = None,
-    progress: bool = False, generate_kwargs: dict[str, Any] | None = None,
+def answer_records(
+    backend: Backend, records: Sequence[dict], batch_size: int = 16, max_new_tokens: int = 1024, *,
+    image_folder: str | os.PathLike | None = None, strip_role_prefix: bool = False, temperature: float = 0.0,
+    on_batch: BatchCallback | None = None, errors: dict[str, str] | None = None, progress: bool = False,
+    generate_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, str]:
-    """`{str(id): answer}` for `records`, generated in batches of prompts sorted by length (longest first).
+    """`{str(id): answer}` for `records` (any model family), generated in batches of prompts sorted by length
+    (longest first; ties keep question order).
 
     `on_batch` is called after each batch. With an `errors` dict, a record whose image cannot be read or
     whose generation fails is recorded there (`id -> message`) and skipped; without it, errors raise.
-    `generate_kwargs` go to `model.generate` (e.g. `synced_gpus=True` under ZeRO-3 / FSDP2).
+    `generate_kwargs` go to `generate` (e.g. `synced_gpus=True` under ZeRO-3 / FSDP2).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    from exgra_med.vlm.inference import as_native
-
-    native = as_native(model, tokenizer)  # a transformers-native VLM: its processor and chat template
-    was_training = getattr(model, "training", False)
-    model.eval()
-    if native is not None:
-        native.encoder.image_aspect_ratio = image_aspect_ratio
-        try:
-            return native.answer_records(records, batch_size, max_new_tokens, image_folder=image_folder,
-                                         temperature=temperature, on_batch=on_batch, errors=errors, progress=progress,
-                                         generate_kwargs=generate_kwargs)
-        finally:
-            model.train(was_training)
-    n_img, start_end = model.num_image_tokens, bool(model.config.mm_use_im_start_end)
-    encoded = [
-        tokenizer(build_prompt(r, conv_mode, n_img, start_end), add_special_tokens=True)["input_ids"] for r in records
-    ]
-    order = sorted(range(len(records)), key=lambda i: -len(encoded[i]))  # stable: ties keep question order
-    gen_kwargs = {"strip_role_prefix": strip_role_prefix, **(generate_kwargs or {})}
-
-    def prepare(i: int) -> torch.Tensor | None:
-        record = records[i]
-        return _pixels(record, image_folder, image_processor, image_aspect_ratio) if "image" in record else None
-
-    def generate(batch: list[int], pixels: list[torch.Tensor | None]) -> list[str]:
-        images = [p for p in pixels if p is not None]
-        return generate_batch(model, tokenizer, [encoded[i] for i in batch], torch.stack(images) if images else None,
-                              conv_mode, max_new_tokens, temperature, **gen_kwargs)
-
+    lengths = [backend.question_length(r) for r in records]
+    order = sorted(range(len(records)), key=lambda i: -lengths[i])
+    kwargs = {"strip_role_prefix": strip_role_prefix, **(generate_kwargs or {})}
+    was_training = backend.training
+    backend.eval()
     try:
-        return answer_in_batches(records, order, batch_size, prepare, generate, on_batch=on_batch, errors=errors,
-                                 progress=progress)
+        return answer_in_batches(
+            records, order, batch_size, lambda i: backend.encode_question(records[i], image_folder),
+            lambda batch, prompts: generate_batch(backend, prompts, max_new_tokens, temperature, **kwargs),
+            on_batch=on_batch, errors=errors, progress=progress,
+        )
     finally:
-        model.train(was_training)
+        backend.train(was_training)
+
+
+def generate_answers(
+    model, processing, image_processor, records: Sequence[dict], batch_size: int = 16, conv_mode: str = "simple",
+    max_new_tokens: int = 1024, *, image_aspect_ratio: str = DEFAULT_ASPECT_RATIO, **kwargs: Any,
+) -> dict[str, str]:
+    """`answer_records` for a model in memory (training's VQA scoring, tests): the model with its tokenizer and
+    image processor, or a native VLM with its processor, wrapped in its back end (`exgra_med.model.auto.backend_for`)
+    with the `conv_mode` template and `image_aspect_ratio` preprocessing."""
+    backend = backend_for(model, processing, image_processor, conv_mode, image_aspect_ratio)
+    return answer_records(backend, records, batch_size, max_new_tokens, **kwargs)
 
 
 def answer_in_batches(
@@ -181,8 +106,8 @@ def answer_in_batches(
     generate: Callable[[list[int], list[Any]], list[str]], *, on_batch: BatchCallback | None = None,
     errors: dict[str, str] | None = None, progress: bool = False,
 ) -> dict[str, str]:
-    """`{str(id): answer}` for `records` taken in `order`, `batch_size` at a time (shared by the LLaVA and the native
-    paths): `prepare(i)` reads record i's inputs (its image), `generate(indices, prepared)` answers a batch.
+    """`{str(id): answer}` for `records` taken in `order`, `batch_size` at a time: `prepare(i)` reads record i's
+    inputs (its prompt and image), `generate(indices, prepared)` answers a batch.
 
     `on_batch` is called after each batch with its `(record, text)` pairs. With an `errors` dict, a record whose
     image cannot be read, or whose generation fails alone, is recorded there (`id -> message`) and skipped (a failed
@@ -289,10 +214,10 @@ def pending_questions(
 
 
 def append_answers(
-    path: str | os.PathLike, generation: dict, model, tokenizer, image_processor, records: Sequence[dict], *,
-    model_id: str, **generate_kwargs: Any,
+    path: str | os.PathLike, generation: dict, backend: Backend, records: Sequence[dict], *, model_id: str,
+    **generate_kwargs: Any,
 ) -> dict[str, str]:
-    """`generate_answers` for `records`, each batch appended to the answers file `path` (flushed and synced) as
+    """`answer_records` for `records`, each batch appended to the answers file `path` (flushed and synced) as
     lines of `model_id` recording `generation`, so that an interrupted run resumes with `pending_questions`."""
     with Path(path).open("a", encoding="utf-8") as f:
 
@@ -302,26 +227,24 @@ def append_answers(
             f.flush()
             os.fsync(f.fileno())
 
-        return generate_answers(model, tokenizer, image_processor, records, on_batch=write, **generate_kwargs)
+        return answer_records(backend, records, on_batch=write, **generate_kwargs)
 
 
-def resolve_conv_mode(args: argparse.Namespace) -> str:
-    """`--conv-mode`, else the template the checkpoint was trained with, else `simple` (the reference's eval prompt);
-    `chat_template` for a transformers-native VLM (its own template). Stored back into `args`."""
-    from exgra_med.model.checkpoint import recorded_conv_template
-    from exgra_med.vlm.detect import resolve_native
-    from exgra_med.vlm.inference import CHAT_TEMPLATE_NAME
-
-    if resolve_native(args.model) is not None:
+def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill `--conv-mode` and `--image-aspect-ratio` when not given: what the checkpoint was trained with, else
+    `simple` (the reference's eval prompt) and `square`; `chat_template` for a transformers-native VLM (its own
+    template). A flag that disagrees with the checkpoint wins, with a warning. Stored back into `args`."""
+    recorded = recorded_settings(args.model)
+    if model_family(args.model) == "native":
         if args.conv_mode not in (None, CHAT_TEMPLATE_NAME):  # e.g. scripts/eval_vqa.sh's `simple`
             logger.warning("--conv-mode %s ignored: %s is a transformers-native VLM, prompted with its own chat "
                            "template", args.conv_mode, args.model)
         args.conv_mode = CHAT_TEMPLATE_NAME
-        return args.conv_mode
-
-    if args.conv_mode is None:
-        args.conv_mode = recorded_conv_template(args.model) or "simple"
-    return args.conv_mode
+    else:
+        args.conv_mode = choose_setting("conv_template", args.conv_mode, recorded, "simple", args.model)
+    aspect = getattr(args, "image_aspect_ratio", None)
+    args.image_aspect_ratio = choose_setting("image_aspect_ratio", aspect, recorded, DEFAULT_ASPECT_RATIO, args.model)
+    return args
 
 
 def load_questions(path: str | os.PathLike) -> list[dict]:
@@ -365,8 +288,9 @@ def add_model_args(parser: argparse.ArgumentParser, max_new_tokens: int = 1024, 
     parser.add_argument("--strip-role-prefix", action="store_true",
                         help='drop a leading "Assistant:" from answers (the reference keeps it; moves open EM/F1/'
                              "precision/BLEU, not open recall or closed accuracy)")
-    parser.add_argument("--image-aspect-ratio", default=DEFAULT_ASPECT_RATIO, choices=ASPECT_RATIOS,
-                        help="square: the processor's resize + centre crop (reference); pad: pad to a square first")
+    parser.add_argument("--image-aspect-ratio", default=None, choices=ASPECT_RATIOS,
+                        help="square: the processor's resize + centre crop (reference); pad: pad to a square first "
+                        f"(default: the one the checkpoint was trained with, else {DEFAULT_ASPECT_RATIO})")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     parser.add_argument("--attn-implementation", default="sdpa")
@@ -375,29 +299,20 @@ def add_model_args(parser: argparse.ArgumentParser, max_new_tokens: int = 1024, 
 
 
 def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """`generate_answers` keyword arguments from the parsed `add_model_args` flags (after `resolve_conv_mode`)."""
-    return dict(batch_size=args.batch_size, conv_mode=args.conv_mode, max_new_tokens=args.max_new_tokens,
-                image_folder=args.image_folder, image_aspect_ratio=args.image_aspect_ratio,
+    """`answer_records` keyword arguments from the parsed `add_model_args` flags."""
+    return dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, image_folder=args.image_folder,
                 strip_role_prefix=args.strip_role_prefix, temperature=args.temperature, progress=not args.quiet)
 
 
-def load_model(args: argparse.Namespace):
-    """(model, tokenizer, image processor) for the parsed `add_model_args` flags; seeds torch."""
-    from exgra_med.model.loading import load_pretrained
-
+def load_model(args: argparse.Namespace) -> Backend:
+    """The back end of the model the parsed `add_model_args` flags name (settings from `resolve_settings`); seeds
+    torch."""
     torch.manual_seed(args.seed)
-    resolve_conv_mode(args)
+    resolve_settings(args)
     device, dtype = _device_and_dtype(args.device, args.dtype)
-    from exgra_med.vlm.detect import resolve_native
-
-    native = resolve_native(args.model)
-    if native is not None:
-        from exgra_med.vlm.inference import NativeVLM
-
-        model = NativeVLM.load(native, dtype, device, args.attn_implementation,
-                               image_aspect_ratio=args.image_aspect_ratio)
-        return model, model.processor, model.processor.image_processor
-    return load_pretrained(args.model, dtype=dtype, attn_implementation=args.attn_implementation, device=device)
+    options = LoadOptions(device=device, dtype=dtype, attn_implementation=args.attn_implementation,
+                          template=args.conv_mode, image_aspect_ratio=args.image_aspect_ratio)
+    return load_backend(args.model, options, default_template="simple")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -423,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--model {one_line(e)}") from e
     questions = get_chunk(load_questions(args.question_file), args.num_chunks, args.chunk_idx)
     out = Path(args.answers_file)
-    resolve_conv_mode(args)
+    resolve_settings(args)
     generation = provenance(args)
     if args.restart and out.exists():
         logger.info("--restart: replacing %s", out)
@@ -435,8 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not todo:
         out.touch()
         return 0
-    model, tokenizer, processor = load_model(args)
-    append_answers(out, generation, model, tokenizer, processor, todo, model_id=Path(args.model).name,
-                   **decoding_kwargs(args))
+    backend = load_model(args)
+    append_answers(out, generation, backend, todo, model_id=Path(args.model).name, **decoding_kwargs(args))
     print(f"{len(todo)} answers written to {out}")
     return 0

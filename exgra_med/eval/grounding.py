@@ -26,17 +26,18 @@ from exgra_med.data.images import load_image
 from exgra_med.eval.baselines import format_comparison, majority_predictions, question_prior_predictions, summarize
 from exgra_med.eval.generate import (
     add_model_args,
+    answer_records,
     append_answers,
     decoding_kwargs,
-    generate_answers,
     load_model,
     load_questions,
     pending_questions,
     provenance,
-    resolve_conv_mode,
+    resolve_settings,
 )
 from exgra_med.eval.metrics import score_vqa
 from exgra_med.io import read_json, write_json_atomic
+from exgra_med.model.backend import Backend
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def changed_fraction(reference: Mapping[str, str], other: Mapping[str, str]) -> 
 
 
 def audit(
-    model, tokenizer, processor, questions: Sequence[dict], candidates, *, image_folder: str | Path | None,
+    backend: Backend, questions: Sequence[dict], candidates, *, image_folder: str | Path | None,
     train: Sequence[Mapping] | None = None, seed: int = 0, real_answers: Mapping[str, str] | None = None,
     **generate_kwargs,
 ) -> dict[str, Any]:
@@ -106,8 +107,7 @@ def audit(
             if name in answers:
                 continue
             logger.info("answering %d questions with %s", len(records), name)
-            answers[name] = generate_answers(model, tokenizer, processor, records, image_folder=image_folder,
-                                             **generate_kwargs)
+            answers[name] = answer_records(backend, records, image_folder=image_folder, **generate_kwargs)
     rows = {name: summarize(score_vqa(questions, answers[name], candidates)) for name in CONDITIONS}
     if train is not None:
         rows["majority answer"] = summarize(score_vqa(questions, majority_predictions(train, questions), candidates))
@@ -158,22 +158,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     train = read_json(args.train) if args.train else None
     real = None
     if args.answers_file:
-        resolve_conv_mode(args)
+        resolve_settings(args)
         # the settings generate-vqa records (the audit's own flags do not change an answer)
         generation = provenance(argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in AUDIT_ONLY}))
         rows, todo = pending_questions(args.answers_file, questions, generation)  # refused here, before the model loads
         real = {str(r["question_id"]): r["text"] for r in rows}
         logger.info("%s: %d of the %d real-image answers to generate", args.answers_file, len(todo), len(questions))
-    model, tokenizer, processor = load_model(args)
+    backend = load_model(args)
     decoding = decoding_kwargs(args)
     if args.answers_file and todo:
         Path(args.answers_file).parent.mkdir(parents=True, exist_ok=True)
-        real.update(append_answers(args.answers_file, generation, model, tokenizer, processor, todo,
-                                   model_id=Path(args.model).name, **decoding))
-    result = audit(
-        model, tokenizer, processor, questions, candidates, train=train, seed=args.seed, real_answers=real,
-        **decoding,
-    )
+        real.update(append_answers(args.answers_file, generation, backend, todo, model_id=Path(args.model).name,
+                                   **decoding))
+    result = audit(backend, questions, candidates, train=train, seed=args.seed, real_answers=real, **decoding)
     print(format_audit(result))
     if args.out:
         write_json_atomic(args.out, {**result, "model": args.model})

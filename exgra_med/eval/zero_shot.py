@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from exgra_med.constants import DEFAULT_IMAGE_TOKEN
-from exgra_med.eval.generate import add_model_args, generate_answers, load_model, read_answer_lines
+from exgra_med.eval.generate import add_model_args, answer_records, load_model, read_answer_lines
 from exgra_med.io import read_json, write_json_atomic
+from exgra_med.model.backend import Backend
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def question_files(path: str | os.PathLike) -> tuple[Path, list[Path]]:
     return path, files
 
 
-def evaluate_file(model, tokenizer, processor, path: Path, out_file: Path, args: argparse.Namespace) -> dict:
+def evaluate_file(backend: Backend, path: Path, out_file: Path, args: argparse.Namespace) -> dict:
     """Answer one question file (resuming `out_file`, JSON lines) and return its accuracy summary."""
     records = read_json(path)
     if not isinstance(records, list):
@@ -131,16 +132,12 @@ def evaluate_file(model, tokenizer, processor, path: Path, out_file: Path, args:
             def on_batch(batch: list[tuple[dict, str]]) -> None:
                 write([{**by_id[r["id"]], "question_id": r["id"], **score_item(by_id[r["id"]], t)} for r, t in batch])
 
-            generate_answers(
-                model,
-                tokenizer,
-                processor,
+            answer_records(
+                backend,
                 [to_vqa_record(r, qid) for qid, r in todo],
                 args.batch_size,
-                args.conv_mode,
                 args.max_new_tokens,
                 image_folder=args.image_folder,
-                image_aspect_ratio=args.image_aspect_ratio,
                 temperature=args.temperature,
                 on_batch=on_batch,
                 errors=errors,
@@ -181,11 +178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     root, files = question_files(args.question_file)
-    model, tokenizer, processor = load_model(args)
+    backend = load_model(args)
     per_file = {}
     for path in files:
         rel = path.relative_to(root).as_posix()
-        per_file[rel] = evaluate_file(model, tokenizer, processor, path, args.out / "predictions" / f"{rel}l", args)
+        per_file[rel] = evaluate_file(backend, path, args.out / "predictions" / f"{rel}l", args)
         logger.info(
             "%s: %.2f%% (%d/%d)", rel, per_file[rel]["accuracy"], per_file[rel]["correct"], per_file[rel]["total"]
         )

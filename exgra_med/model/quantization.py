@@ -47,6 +47,29 @@ def bnb_config(bits: int, compute_dtype: torch.dtype, double_quant: bool = True,
     raise ValueError(f"--bits must be 4 or 8 for a quantised model, got {bits}")
 
 
+def inference_bnb_config(bits: int, compute_dtype: torch.dtype | None, skip_modules) -> object | None:
+    """The `BitsAndBytesConfig` of 4- / 8-bit weights for answering (NF4 with double quantisation, the QLoRA
+    format), `skip_modules` unquantised; None for 16 bits. Raises QuantizationUnavailableError (one line: what to
+    do) without a CUDA device or without bitsandbytes."""
+    if bits == 16:
+        return None
+    flag = f"--load-{bits}bit"
+    if not torch.cuda.is_available():
+        raise QuantizationUnavailableError(
+            f"{flag} needs a CUDA GPU (bitsandbytes quantised kernels); none was found. On CPU, drop {flag} "
+            "(the model then loads in float32) or pass --dtype bfloat16 to halve the memory."
+        )
+    try:
+        import bitsandbytes  # noqa: F401 - the capability check
+    except ImportError as e:
+        raise QuantizationUnavailableError(
+            f"{flag} needs bitsandbytes: pip install 'exgra-med[quant]' (or pip install bitsandbytes)"
+        ) from e
+    config = bnb_config(bits, compute_dtype or torch.float16)
+    config.llm_int8_skip_modules = list(skip_modules)
+    return config
+
+
 def _probe(bits: int, device: torch.device, compute_dtype: torch.dtype, quant_type: str) -> None:
     """Quantise a small linear layer on `device`, run it forward and backward (what QLoRA training does)."""
     import bitsandbytes as bnb

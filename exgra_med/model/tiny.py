@@ -1,6 +1,6 @@
 """Offline factory for tiny random models (tests, demo, benchmarks): `exgra-med make-tiny-model`.
 
-`--arch qwen2_5_vl|gemma3|llava_onevision` writes a transformers-native VLM (`exgra_med.vlm.tiny`); the default,
+`--arch qwen2_5_vl|gemma3|llava_onevision` writes a transformers-native VLM (`exgra_med.model.native.tiny`); the default,
 `llava`, writes three loadable folders, so that tiny runs exercise exactly the paths real checkpoints take:
   OUT/llm/      a causal LM + its tokenizer (plain, like a Vicuna folder)
   OUT/vision/   a CLIP vision model + image processor, or an open_clip (BiomedCLIP-style) folder
@@ -176,7 +176,7 @@ def make_tiny_model(
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: exgra-med make-tiny-model --out DIR [--arch llava|qwen2_5_vl|gemma3|llava_onevision]
     [--vision clip|biomedclip] [--llm llama|mistral|qwen2]."""
-    from exgra_med.vlm.tiny import ARCHES, TinySize, make_tiny_vlm
+    from exgra_med.model.native.tiny import ARCHES, TinySize, make_tiny_vlm
 
     p = argparse.ArgumentParser(
         prog="exgra-med make-tiny-model", description=__doc__.splitlines()[0],

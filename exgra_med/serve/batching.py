@@ -2,7 +2,7 @@
 
 Every caller (API request, web user, terminal) submits a `Job` and reads its text pieces from the job's own queue.
 One worker thread takes up to `max_batch_size` waiting jobs with the same sampling settings, left pads their prompts
-and decodes them together with the KV cache (`exgra_med.eval.generate.left_pad`); each row streams through its own
+and decodes them together with the KV cache (the back end's `generate`); each row streams through its own
 `AnswerFilter` and stops on its own (stop string, end of sequence, its token limit, or cancellation), so a batch of 8
 costs about one long answer. More than `max_queue` waiting jobs is refused (`QueueFullError`, HTTP 429). `close()`
 cancels everything within one decoding step.
@@ -23,6 +23,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.generation.streamers import BaseStreamer
 
 from exgra_med.conversation import ConversationTemplate
+from exgra_med.model.backend import Prompt
 from exgra_med.serve.streaming import AnswerFilter
 
 logger = logging.getLogger(__name__)
@@ -40,14 +41,12 @@ class ServerClosingError(RuntimeError):
 
 @dataclass(eq=False)  # jobs compare by identity
 class Job:
-    """One request: prompt ids (T,), optional pixels (3, H, W), decoding settings; its output arrives in `events`.
-    A native VLM's request carries its processor output in `encoded` instead of `pixels` (`exgra_med.vlm`)."""
+    """One request: its encoded prompt (`exgra_med.model.backend.Prompt`: ids and image inputs), decoding settings;
+    its output arrives in `events`."""
 
-    input_ids: list[int]
-    pixels: torch.Tensor | None
+    prompt: Prompt
     settings: object  # GenerationSettings (engine.py imports this module)
     template: ConversationTemplate
-    encoded: object | None = None
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: list[int] = field(default_factory=list)
@@ -58,6 +57,11 @@ class Job:
         self.answer = AnswerFilter(self.template, armed=not self.settings.min_new_tokens)
         self._shown = 0  # characters of the decoded tokens already handed to the filter
         self._decoded = ""  # the generated tokens, decoded
+
+    @property
+    def input_ids(self) -> list[int]:
+        """The prompt's token ids (image tokens included)."""
+        return self.prompt.input_ids
 
     @property
     def sampling_key(self) -> tuple[float, float]:

@@ -10,25 +10,21 @@ bounded queue. Prompts are checked against the model's context and `max_prompt_t
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import torch
 from PIL import Image
 
-from exgra_med.constants import DEFAULT_IMAGE_TOKEN
-from exgra_med.conversation import GPT, HUMAN, ConversationTemplate, get_template
-from exgra_med.data.dataset import image_placeholder
-from exgra_med.data.images import DEFAULT_ASPECT_RATIO, load_image, preprocess_image
+from exgra_med.conversation import ConversationTemplate
+from exgra_med.data.images import load_image
 from exgra_med.errors import UserError
+from exgra_med.model.auto import LoadOptions, load_backend
+from exgra_med.model.backend import Backend, Message
 from exgra_med.serve.batching import BatchScheduler, Job
 
 logger = logging.getLogger(__name__)
-
-Message = tuple[str, str]
 
 
 @dataclass
@@ -66,15 +62,12 @@ class PromptTooLongError(UserError):
 
 
 class InferenceEngine:
-    """A loaded model + tokenizer + image processor with the prompt template used to talk to it."""
+    """A loaded model behind its back end (`exgra_med.model.backend.Backend`: prompt building, image inputs, end of
+    an answer), with a bounded queue and batched decoding in front of it; one engine for every model family."""
 
     def __init__(
         self,
-        model,
-        tokenizer,
-        image_processor,
-        template: str | ConversationTemplate = "llava_med",
-        image_aspect_ratio: str = DEFAULT_ASPECT_RATIO,
+        backend: Backend,
         name: str = "exgra-med",
         max_prompt_tokens: int | None = None,
         max_batch_size: int = 8,
@@ -82,61 +75,41 @@ class InferenceEngine:
     ):
         """`max_prompt_tokens` caps prompts below the model's context; `max_batch_size` requests are decoded
         together, and at most `max_queue` wait (more are refused with `batching.QueueFullError`)."""
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.template = get_template(template) if isinstance(template, str) else template
-        self.image_aspect_ratio = image_aspect_ratio
+        self.backend = backend.eval()
         self.name = name
         self.max_prompt_tokens = max_prompt_tokens
         self.scheduler = BatchScheduler(self, max_batch_size, max_queue)
         # No token spans more characters than the longest vocabulary entry: a text longer than limit x this cannot
         # fit and is refused without tokenizing it.
-        self._max_token_chars = max(max((len(t) for t in tokenizer.get_vocab()), default=1), 1)
+        self._max_token_chars = max(max((len(t) for t in self.tokenizer.get_vocab()), default=1), 1)
 
     @classmethod
-    def from_path(
-        cls,
-        path: str,
-        vision_tower: str | None = None,
-        template: str | None = None,
-        load_4bit: bool = False,
-        load_8bit: bool = False,
-        device: str | None = None,
-        dtype: torch.dtype | None = None,
-        image_aspect_ratio: str = DEFAULT_ASPECT_RATIO,
-        **limits,
-    ) -> InferenceEngine:
-        """Load either checkpoint layout (see `exgra_med.serve.loading.load_model`) and wrap it. `template` defaults
-        to the one the checkpoint was trained with, else `llava_med`; `limits` are the constructor's serving bounds.
-        A transformers-native VLM folder gets a `exgra_med.vlm.serving.NativeInferenceEngine`."""
-        from exgra_med.model.checkpoint import recorded_conv_template
-        from exgra_med.serve.loading import load_model
-        from exgra_med.vlm.detect import resolve_native
-
-        native = resolve_native(path)
-        if native is not None:
-            from exgra_med.vlm.serving import NativeInferenceEngine
-
-            return NativeInferenceEngine.load(path, native, vision_tower=vision_tower, template=template,
-                                              load_4bit=load_4bit, load_8bit=load_8bit, device=device, dtype=dtype,
-                                              image_aspect_ratio=image_aspect_ratio, **limits)
-
-        template = template or recorded_conv_template(path) or "llava_med"
-        model, tokenizer, processor = load_model(
-            path, vision_tower=vision_tower, dtype=dtype, device=device, load_4bit=load_4bit, load_8bit=load_8bit
-        )
+    def from_path(cls, path: str, options: LoadOptions | None = None, **limits) -> InferenceEngine:
+        """Load any model (`exgra_med.model.auto.load_backend`; the prompt template defaults to the one the checkpoint
+        was trained with, else `llava_med`) and wrap it; `limits` are the constructor's serving bounds."""
+        backend = load_backend(path, options, default_template="llava_med")
         # A local folder is served under its name, a Hub id under the id itself (as vLLM does).
         name = (os.path.basename(os.path.normpath(path)) if os.path.exists(path) else path) or "exgra-med"
-        return cls(model, tokenizer, processor, template=template, image_aspect_ratio=image_aspect_ratio, name=name,
-                   **limits)
+        return cls(backend, name=name, **limits)
+
+    # --- the back end's parts, for callers that read them ---------------------------------------------------
+    @property
+    def model(self):
+        return self.backend.model
+
+    @property
+    def tokenizer(self):
+        return self.backend.tokenizer
+
+    @property
+    def template(self) -> ConversationTemplate:
+        """The template answers are cut with (its stop string and role prefix)."""
+        return self.backend.answer_template
 
     @property
     def context_length(self) -> int | None:
         """The language model's context (`max_position_embeddings`), None when the config does not say."""
-        config = getattr(self.model.config, "text_config", self.model.config)
-        value = getattr(config, "max_position_embeddings", None)
-        return int(value) if value else None
+        return self.backend.context_length
 
     def prompt_limit(self, settings: GenerationSettings) -> int | None:
         """The most prompt tokens a request with `settings` may have: the context minus the answer's tokens, and
@@ -174,71 +147,28 @@ class InferenceEngine:
                 f"({self._limit_reason(settings)})"
             )
 
-    @property
-    def device(self) -> torch.device:
-        """Where the inputs go (the embedding matrix's device)."""
-        return self.model.get_input_embeddings().weight.device
-
     # --- prompt ------------------------------------------------------------------------------------------
     def build_prompt(self, messages: Sequence[Message], has_image: bool, system: str | None = None) -> str:
-        """The full prompt text, image placeholder expanded to the model's number of image tokens.
-
-        `system` replaces the template's system prompt (e.g. an API request's system message).
-        """
-        messages = [(role, text) for role, text in messages]
-        if not messages or messages[-1][0] != HUMAN:
-            raise ValueError("the conversation must end with a human message")
-        for role, _ in messages:
-            if role not in (HUMAN, GPT):
-                raise ValueError(f"message role must be {HUMAN!r} or {GPT!r}, got {role!r}")
-        first = next(i for i, (role, _) in enumerate(messages) if role == HUMAN)
-        if has_image:
-            text = messages[first][1]
-            if DEFAULT_IMAGE_TOKEN not in text:
-                text = f"{text}\n{DEFAULT_IMAGE_TOKEN}"
-            placeholder = image_placeholder(self.model.num_image_tokens, self.model.config.mm_use_im_start_end)
-            messages[first] = (HUMAN, text.replace(DEFAULT_IMAGE_TOKEN, placeholder, 1))
-        messages = [(r, t.replace(DEFAULT_IMAGE_TOKEN, "")) for r, t in messages]
-        template = self.template if system is None else dataclasses.replace(self.template, system=system)
-        return template.render(messages, add_generation_prompt=True)
-
-    def encode(self, messages: Sequence[Message], has_image: bool, system: str | None = None) -> torch.LongTensor:
-        """Prompt token ids, (1, T)."""
-        prompt = self.build_prompt(messages, has_image, system)
-        return self.tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)
-
-    def preprocess(self, image: Image.Image | str | os.PathLike) -> torch.Tensor:
-        """A PIL image or an image path (PNG/JPEG/DICOM) -> pixel values (1, 3, H, W) on the model's device."""
-        if not isinstance(image, Image.Image):
-            image = load_image(image)
-        pixels = preprocess_image(image.convert("RGB"), self.image_processor, self.image_aspect_ratio)
-        tower_dtype = next(self.model.vision_tower.parameters()).dtype
-        return pixels.unsqueeze(0).to(self.device, tower_dtype)
+        """The full prompt text, image tokens expanded. `system` replaces the template's system prompt (e.g. an API
+        request's system message)."""
+        return self.backend.prompt_text(messages, has_image, system)
 
     # --- generation --------------------------------------------------------------------------------------
     @property
     def eos_token_ids(self) -> set[int]:
-        """The tokens that end an answer (the tokenizer's end of sequence)."""
-        eos = self.tokenizer.eos_token_id
-        return {eos} if eos is not None else set()
+        """The tokens that end an answer."""
+        return self.backend.eos_token_ids
 
     def generate_rows(self, jobs: Sequence[Job], **generate_kwargs) -> None:
-        """Decode `jobs` together: their prompts left padded, their images stacked (the batching worker's call)."""
-        from exgra_med.eval.generate import left_pad
-
-        tokenizer = self.tokenizer
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        ids, mask = left_pad([j.input_ids for j in jobs], pad_id)  # (B, T)
-        images = [j.pixels for j in jobs if j.pixels is not None]
-        pixels = torch.stack(images).to(self.device) if images else None  # (B_img, 3, H, W)
-        self.model.generate(ids.to(self.device), pixels, mask.to(self.device), **generate_kwargs)
+        """Decode `jobs` together: their prompts left padded with their images (the batching worker's call)."""
+        self.backend.generate([j.prompt for j in jobs], **generate_kwargs)
 
     def generate_kwargs(self, settings: GenerationSettings) -> dict:
         """`generate` keyword arguments for `settings` (greedy or sampled, stop string, pad/eos ids)."""
         kwargs = {
             "max_new_tokens": settings.max_new_tokens,
-            "pad_token_id": self.tokenizer.pad_token_id,
-            "eos_token_id": self.tokenizer.eos_token_id,
+            "pad_token_id": self.backend.pad_token_id,
+            "eos_token_id": sorted(self.eos_token_ids) or None,
         }
         if self.template.stop_str:
             kwargs.update(stop_strings=[self.template.stop_str], tokenizer=self.tokenizer)
@@ -262,11 +192,11 @@ class InferenceEngine:
         """
         settings = settings or GenerationSettings()
         self.check_prompt_text(messages, settings, system)
-        input_ids = self.encode(messages, has_image=image is not None, system=system)
-        self.check_prompt_ids(int(input_ids.shape[1]), settings)
-        pixels = self.preprocess(image)[0] if image is not None else None  # (3, H, W)
-        job = Job(input_ids[0].tolist(), pixels, settings, self.template)
-        return self.scheduler.submit(job)
+        if image is not None and not isinstance(image, Image.Image):
+            image = load_image(image)
+        prompt = self.backend.encode_conversation(messages, image, system)
+        self.check_prompt_ids(len(prompt.input_ids), settings)
+        return self.scheduler.submit(Job(prompt, settings, self.template))
 
     def stream(
         self,

@@ -8,6 +8,7 @@ import torch
 
 from exgra_med.conversation import TEMPLATES
 from exgra_med.data.images import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
+from exgra_med.model.auto import LoadOptions
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -26,8 +27,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     quant.add_argument("--load-8bit", action="store_true", help="8-bit weights (bitsandbytes, CUDA only)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--image-aspect-ratio", default=DEFAULT_ASPECT_RATIO, choices=ASPECT_RATIOS,
-                   help="square: the processor's resize + centre crop (reference); pad: pad to a square first")
+    p.add_argument("--image-aspect-ratio", default=None, choices=ASPECT_RATIOS,
+                   help="square: the processor's resize + centre crop (reference); pad: pad to a square first "
+                   f"(default: the one the checkpoint was trained with, else {DEFAULT_ASPECT_RATIO})")
     p.add_argument("--max-new-tokens", type=int, default=256,
                    help="answer length in tokens: the default and, for the servers, the cap of a request's max_tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
@@ -48,17 +50,20 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
     return GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
 
 
+def load_options(args: argparse.Namespace) -> LoadOptions:
+    """How to load the model, from the parsed flags."""
+    return LoadOptions(
+        device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
+        bits=4 if args.load_4bit else 8 if args.load_8bit else 16, vision_tower=args.vision_tower,
+        template=args.conv_template, image_aspect_ratio=args.image_aspect_ratio,
+    )
+
+
 def engine_from_args(args: argparse.Namespace) -> InferenceEngine:
     """Load the model named by the parsed flags (raises QuantizationUnavailableError on CPU with --load-4bit)."""
     return InferenceEngine.from_path(
         args.model,
-        vision_tower=args.vision_tower,
-        template=args.conv_template,
-        load_4bit=args.load_4bit,
-        load_8bit=args.load_8bit,
-        device=args.device,
-        dtype=DTYPES[args.dtype] if args.dtype else None,
-        image_aspect_ratio=args.image_aspect_ratio,
+        load_options(args),
         max_prompt_tokens=getattr(args, "max_prompt_tokens", None),
         max_batch_size=getattr(args, "max_batch_size", 8),
         max_queue=getattr(args, "max_queue", 32),

@@ -22,6 +22,7 @@ from transformers import HfArgumentParser, set_seed
 
 from exgra_med.data.collate import DataCollator
 from exgra_med.data.dataset import SupervisedDataset
+from exgra_med.model.auto import model_family, resolve_model_path
 from exgra_med.model.delimiters import delimiter_ids, train_only_rows
 from exgra_med.model.hub import resolve_path
 from exgra_med.model.loading import (
@@ -34,6 +35,8 @@ from exgra_med.model.loading import (
 )
 from exgra_med.model.packing import packs_in_one_row
 from exgra_med.train.args import DataArguments, ModelArguments, TrainingArguments
+from exgra_med.train.inputs import resume_arg, validate_inputs
+from exgra_med.train.native import train_native
 from exgra_med.train.recipes import RECIPE_SUFFIXES, RecipeError, parse_with_recipe, write_resolved_recipe
 from exgra_med.train.trainer import ExGraMedTrainer
 from exgra_med.train.vqa_eval import (
@@ -63,44 +66,6 @@ def parse_args_and_recipe(argv: Sequence[str] | None) -> tuple[tuple, dict]:
         raise
     except ValueError as e:  # a dataclass's __post_init__ (ours or TrainingArguments') refused a value
         parser.error(" ".join(str(e).split()))
-
-
-def _looks_local(path: str) -> bool:
-    """A path that cannot be a Hub id (absolute, relative with ./ or ../, ~, or more than one `/`)."""
-    return path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
-
-
-def validate_inputs(model_args: ModelArguments, data_args: DataArguments, alignment: bool,
-                    multi_image: bool = False) -> list[dict]:
-    """Everything that can be checked before a model is loaded: the model and vision-tower folders, every record
-    (schema, and `conversations_long` with the alignment; `multi_image`: image lists allowed), the image folder and
-    every image's header (existence, format, canvas size), unless `--skip_image_check`. Returns the validated records;
-    errors name file and record."""
-    from exgra_med.data.images import check_record_images
-    from exgra_med.data.records import RecordError, load_records
-    from exgra_med.errors import UserError
-
-    for flag, path in (("--model_name_or_path", model_args.model_name_or_path),
-                       ("--vision_tower", model_args.vision_tower)):
-        local = path.removeprefix("local-dir:") if path else None
-        if local and (_looks_local(local) or path.startswith("local-dir:")) and not os.path.exists(local):
-            raise UserError(f"{flag} {path}: no such file or folder")
-    records = load_records(data_args.data_path, require_long=alignment, multi_image=multi_image)
-    if not records:
-        raise RecordError(f"{data_args.data_path}: holds no records; nothing to train on")
-    n_images = sum("image" in r for r in records)
-    if n_images:
-        if data_args.image_folder is None:
-            raise UserError(f"{data_args.data_path}: {n_images} records have an image; pass --image_folder")
-        if not os.path.isdir(data_args.image_folder):
-            raise UserError(f"--image_folder {data_args.image_folder}: no such folder")
-        if data_args.skip_image_check:
-            logger.info("--skip_image_check: the %d images are read only when batches reach them", n_images)
-        else:
-            rank0 = int(os.environ.get("LOCAL_RANK", "0")) == 0
-            check_record_images(records, data_args.image_folder, data_args.data_path, progress=rank0)
-            logger.info("%s: %d records, %d image headers checked", data_args.data_path, len(records), n_images)
-    return records
 
 
 def _dtype(args: TrainingArguments) -> torch.dtype | None:
@@ -266,34 +231,10 @@ def set_trainable(model, model_args: ModelArguments, activation_checkpointing: b
         model.vision_tower.requires_grad_(True)
 
 
-def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest `checkpoint-N` whose `trainer_state.json` exists (the Trainer writes it last, so a run killed while
-    saving leaves an incomplete folder that must not be resumed from)."""
-    done = [p for p in Path(output_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    done = [p for p in done if p.name.split("-")[-1].isdigit()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
-
-
-def _resume_arg(value: str | None, output_dir: str) -> str | None:
-    if value is None or value in ("False", "false", ""):
-        return None
-    if value in ("True", "true", "auto"):
-        found = latest_complete_checkpoint(output_dir)
-        if found is not None:
-            logger.info("resuming from %s", found)
-        return str(found) if found is not None else None
-    return value
-
-
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> ExGraMedTrainer:
-    """Run one training stage and save its result in `output_dir` (a transformers-native VLM: `exgra_med.vlm.train`)."""
-    from exgra_med.vlm.detect import resolve_native
-
-    native = resolve_native(model_args.model_name_or_path)
-    if native is not None:
-        from exgra_med.vlm.train import train_native
-
-        return train_native(native, model_args, data_args, training_args)
+    """Run one training stage and save its result in `output_dir` (a transformers-native VLM: `train.native`)."""
+    if model_family(model_args.model_name_or_path) == "native":
+        return train_native(resolve_model_path(model_args.model_name_or_path), model_args, data_args, training_args)
     set_seed(training_args.seed)
     check_environment(model_args, training_args)
     check_padding_free_flags(model_args, training_args)
@@ -303,7 +244,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     val_split, test_split = vqa_splits(data_args, data_args.image_folder)
     check_eval_schedule(training_args, val_split)
     model, tokenizer, processor = build_model(model_args, training_args)
-    model.config.conv_template = data_args.conv_template  # recorded in every checkpoint: eval and serving use it
+    # Recorded in every checkpoint: evaluation and serving prompt and preprocess as in training.
+    model.config.conv_template = data_args.conv_template
+    model.config.image_aspect_ratio = data_args.image_aspect_ratio
     dataset = SupervisedDataset(
         data_args.data_path,
         data_args.image_folder,
@@ -336,7 +279,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
             image_aspect_ratio=data_args.image_aspect_ratio,
         ),
     )
-    resume = _resume_arg(training_args.resume_from_checkpoint, training_args.output_dir)
+    resume = resume_arg(training_args.resume_from_checkpoint, training_args.output_dir)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_state()
     save_final(trainer, model_args)

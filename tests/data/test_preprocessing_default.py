@@ -15,6 +15,7 @@ from transformers import CLIPImageProcessor
 from exgra_med.data.dataset import SupervisedDataset
 from exgra_med.data.images import DEFAULT_ASPECT_RATIO, preprocess_image
 from exgra_med.eval.generate import add_model_args
+from exgra_med.model.auto import LoadOptions
 from exgra_med.serve.engine import InferenceEngine
 from exgra_med.serve.options import add_model_arguments
 from exgra_med.train.args import DataArguments
@@ -64,11 +65,11 @@ def test_every_entry_point_defaults_to_the_reference_preprocessing(tiny_model_di
     for add in (add_model_args, add_model_arguments):
         parser = argparse.ArgumentParser()
         add(parser)
-        assert parser.parse_args(["--model", "m"]).image_aspect_ratio == "square"
+        assert parser.parse_args(["--model", "m"]).image_aspect_ratio is None  # what the checkpoint recorded
 
-    # The chat / web / API engine: pixels equal to its processor's own output.
-    engine = InferenceEngine.from_path(str(tiny_model_dir), device="cpu", dtype=torch.float32)
-    assert engine.image_aspect_ratio == "square"
+    # The chat / web / API engine of a checkpoint that records nothing: pixels equal to its processor's own output.
+    engine = InferenceEngine.from_path(str(tiny_model_dir), LoadOptions(device="cpu", dtype=torch.float32))
+    assert engine.backend.image_aspect_ratio == "square"
     img = _wide_image()
-    expected = torch.as_tensor(engine.image_processor(images=img, return_tensors="pt")["pixel_values"])
-    assert torch.equal(engine.preprocess(img), expected)
+    expected = torch.as_tensor(engine.backend.image_processor(images=img, return_tensors="pt")["pixel_values"])
+    assert torch.equal(engine.backend.pixels(img), expected[0])

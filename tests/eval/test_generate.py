@@ -10,17 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from exgra_med.eval.generate import (
-    StopOnString,
-    build_prompt,
-    display_prompt,
-    generate_answers,
-    get_chunk,
-    left_pad,
-    main,
-    read_answer_lines,
-)
+from exgra_med.conversation import get_template
+from exgra_med.data.records import question_text
+from exgra_med.eval.generate import display_prompt, generate_answers, get_chunk, main, read_answer_lines
 from exgra_med.eval.launch import chunk_commands, chunk_path, merge_answers
+from exgra_med.model.backend import StopOnString
+from exgra_med.model.llava_backend import LlavaBackend, left_pad
 from exgra_med.model.loading import load_pretrained
 
 LINE_KEYS = {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
@@ -48,6 +43,14 @@ def _cli(tiny_model_dir, easy_vqa_dir, qfile, answers, *extra) -> int:
         "--model", str(tiny_model_dir), "--question-file", str(qfile), "--image-folder", str(easy_vqa_dir / "images"),
         "--answers-file", str(answers), "--max-new-tokens", "3", "--batch-size", "4", "--quiet", *extra,
     ])
+
+
+def build_prompt(record: dict, template: str, num_image_tokens: int, start_end: bool) -> str:
+    """The LLaVA back end's prompt of a VQA record, for a model of `num_image_tokens` image tokens."""
+    model = argparse.Namespace(num_image_tokens=num_image_tokens,
+                               config=argparse.Namespace(mm_use_im_start_end=start_end))
+    backend = LlavaBackend(model, None, None, get_template(template))
+    return backend.render([("human", question_text(record))], "image" in record)
 
 
 def test_prompt_is_the_reference_simple_eval_prompt():
@@ -135,16 +138,24 @@ def test_resume_with_other_settings_refuses_then_restart_replaces(tiny_model_dir
         _cli(tiny_model_dir, easy_vqa_dir, qfile, answers)
 
 
-def test_conv_mode_defaults_to_the_recorded_training_template(tiny_model_dir, tmp_path):
-    from exgra_med.eval.generate import resolve_conv_mode
+def test_settings_default_to_the_recorded_training_settings(tiny_model_dir, tmp_path, caplog):
+    from exgra_med.eval.generate import resolve_settings
     from exgra_med.io import read_json, write_json_atomic
+
+    def resolved(conv_mode=None, aspect=None) -> tuple[str, str]:
+        args = resolve_settings(argparse.Namespace(model=str(model), conv_mode=conv_mode, image_aspect_ratio=aspect))
+        return args.conv_mode, args.image_aspect_ratio
 
     model = tmp_path / "trained"
     shutil.copytree(tiny_model_dir, model, ignore=shutil.ignore_patterns("*.safetensors", "llm", "vision"))
-    assert resolve_conv_mode(argparse.Namespace(model=str(model), conv_mode=None)) == "simple"
-    write_json_atomic(model / "config.json", {**read_json(model / "config.json"), "conv_template": "llava_med"})
-    assert resolve_conv_mode(argparse.Namespace(model=str(model), conv_mode=None)) == "llava_med"
-    assert resolve_conv_mode(argparse.Namespace(model=str(model), conv_mode="simple")) == "simple"
+    assert resolved() == ("simple", "square")  # nothing recorded: the reference's eval prompt and preprocessing
+    config = {**read_json(model / "config.json"), "conv_template": "llava_med", "image_aspect_ratio": "pad"}
+    write_json_atomic(model / "config.json", config)
+    assert resolved() == ("llava_med", "pad")
+    caplog.clear()
+    assert resolved("simple", "square") == ("simple", "square")  # an explicit flag wins, with a warning
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("image_aspect_ratio=pad" in w and "image_aspect_ratio=square" in w for w in warned), warned
 
 
 def test_resume_skips_answered_ids_and_drops_a_torn_line(tiny_model_dir, easy_vqa_dir, questions, tmp_path):

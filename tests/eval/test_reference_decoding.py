@@ -9,8 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from exgra_med.conversation import get_template
 from exgra_med.eval.generate import add_model_args, generate_answers, generate_batch
 from exgra_med.eval.metrics import score_vqa
+from exgra_med.model.backend import Prompt
+from exgra_med.model.llava_backend import LlavaBackend
 from exgra_med.train.args import DataArguments
 from exgra_med.train.vqa_eval import VQAGenerationSettings
 
@@ -25,9 +28,13 @@ class ScriptedModel(nn.Module):
         self.num_image_tokens = 4
         self.config = argparse.Namespace(mm_use_im_start_end=True)
 
-    def generate(self, ids, pixels, mask, generation_config=None, stopping_criteria=None, **kwargs):
+    def get_input_embeddings(self):
+        return nn.Embedding(1, 1)
+
+    def generate(self, input_ids, pixel_values, attention_mask, generation_config=None, stopping_criteria=None,
+                 **kwargs):
         self.configs.append(generation_config)
-        rows = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in self.texts[: ids.shape[0]]]
+        rows = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in self.texts[: input_ids.shape[0]]]
         width = max(map(len, rows))
         pad = self.tokenizer.pad_token_id
         return torch.tensor([r + [pad] * (width - len(r)) for r in rows])
@@ -36,10 +43,11 @@ class ScriptedModel(nn.Module):
 def test_answers_keep_the_role_prefix_by_default(word_tokenizer):
     raw = [" Assistant: yes, it is.\n###Human: more", " Assistant: a red circle###"]
     model = ScriptedModel(word_tokenizer, raw)
-    ids = [[1, 5, 6], [1, 7]]
-    assert generate_batch(model, word_tokenizer, ids, None) == ["Assistant: yes, it is.", "Assistant: a red circle"]
+    backend = LlavaBackend(model, word_tokenizer, None, get_template("simple"))
+    prompts = [Prompt([1, 5, 6]), Prompt([1, 7])]
+    assert generate_batch(backend, prompts) == ["Assistant: yes, it is.", "Assistant: a red circle"]
     assert model.configs[-1].max_new_tokens == 1024 and not model.configs[-1].do_sample
-    assert generate_batch(model, word_tokenizer, ids, None, strip_role_prefix=True) == ["yes, it is.", "a red circle"]
+    assert generate_batch(backend, prompts, strip_role_prefix=True) == ["yes, it is.", "a red circle"]
 
     # Through generate_answers, and what the prefix moves: exact match / F1 of open answers, not recall or
     # closed accuracy.

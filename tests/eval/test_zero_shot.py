@@ -79,9 +79,9 @@ def test_accuracy_per_file_with_failures_counted_wrong_and_dropped(tiny_model_di
     asked: list[str] = []
     decoding: set[tuple] = set()
 
-    def fake_generate(model, tokenizer, prompt_ids, pixel_values, *args, broken=True, **kwargs):
-        decoding.add(tuple(args))  # (conv_mode, max_new_tokens, temperature)
-        prompts = tokenizer.batch_decode(prompt_ids)
+    def fake_generate(backend, prompt_batch, *args, broken=True, **kwargs):
+        decoding.add((backend.template.name, *args))  # (conv_mode, max_new_tokens, temperature)
+        prompts = backend.tokenizer.batch_decode([p.input_ids for p in prompt_batch])
         if broken and any("BROKEN" in p for p in prompts):
             raise RuntimeError("CUDA out of memory (simulated)")
         asked.extend(prompts)

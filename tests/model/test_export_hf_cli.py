@@ -9,6 +9,7 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from exgra_med.cli import main as cli_main
+from exgra_med.model.auto import LoadOptions
 from exgra_med.model.loading import ConnectorOptions
 from exgra_med.model.tiny import make_tiny_model
 from exgra_med.serve.engine import InferenceEngine
@@ -30,15 +31,16 @@ def test_export_loads_in_transformers_with_equal_logits(tiny_model_dir, tmp_path
     assert (out / "model.safetensors").is_file() and (out / "processor_config.json").is_file()
     llava = LlavaForConditionalGeneration.from_pretrained(out).eval()
     processor = AutoProcessor.from_pretrained(out)
-    engine = InferenceEngine.from_path(str(tiny_model_dir), device="cpu", image_aspect_ratio=aspect or "square")
+    engine = InferenceEngine.from_path(str(tiny_model_dir), LoadOptions(device="cpu", image_aspect_ratio=aspect))
     image = _image()
     # The exported chat template + processor produce exactly the prompt our engine builds.
     messages = [{"role": "user", "content": [{"type": "text", "text": QUESTION}, {"type": "image"}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(text=prompt, images=image, return_tensors="pt")
-    ours_ids = engine.encode([("human", QUESTION)], has_image=True)
+    prompt = engine.backend.encode_conversation([("human", QUESTION)], image)
+    ours_ids = torch.tensor([prompt.input_ids])
     assert torch.equal(inputs.input_ids, ours_ids)
-    pixels = engine.preprocess(image)
+    pixels = prompt.images[None]
     torch.testing.assert_close(inputs.pixel_values, pixels)
     with torch.no_grad():
         theirs = llava(**inputs).logits

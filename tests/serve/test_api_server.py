@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from exgra_med.model.auto import LoadOptions
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine
 
 MAX_TOKENS = 6
@@ -69,7 +70,7 @@ def server(tiny_model_dir):
 @pytest.fixture(scope="module")
 def expected(tiny_model_dir):
     """What the same model answers in-process (greedy), for the red test image."""
-    engine = InferenceEngine.from_path(str(tiny_model_dir), device="cpu")
+    engine = InferenceEngine.from_path(str(tiny_model_dir), LoadOptions(device="cpu"))
     image = Image.new("RGB", (40, 30), (220, 30, 30))
     return engine.answer([("human", QUESTION)], image, GenerationSettings(max_new_tokens=MAX_TOKENS)), _png(image)
 
@@ -169,7 +170,7 @@ def test_max_tokens_is_capped_by_the_server_flag():
 
 def test_min_tokens_holds_back_the_end_of_sequence_per_row(tiny_model_dir):
     """`min_new_tokens` keeps a row from ending before its minimum, also beside a row without one in the same batch."""
-    engine = InferenceEngine.from_path(str(tiny_model_dir), device="cpu", max_batch_size=2)
+    engine = InferenceEngine.from_path(str(tiny_model_dir), LoadOptions(device="cpu"), max_batch_size=2)
     try:
         question = [("human", "Describe the image.")]
         free = engine.submit(question, None, GenerationSettings(max_new_tokens=200))

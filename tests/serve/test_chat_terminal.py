@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from exgra_med.model.auto import LoadOptions
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -56,7 +57,7 @@ class Terminal:
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    return InferenceEngine.from_path(str(tiny_model_dir), device="cpu")
+    return InferenceEngine.from_path(str(tiny_model_dir), LoadOptions(device="cpu"))
 
 
 def _reply(term: Terminal, question: str) -> str:

@@ -13,9 +13,10 @@ from PIL import Image
 from exgra_med.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
 from exgra_med.conversation import get_template
 from exgra_med.data.images import load_image
+from exgra_med.model.auto import LoadOptions, load_backend
+from exgra_med.model.quantization import QuantizationUnavailableError
 from exgra_med.serve.batching import QueueFullError, ServerClosingError
 from exgra_med.serve.engine import GenerationInfo, GenerationSettings, InferenceEngine, PromptTooLongError
-from exgra_med.serve.loading import QuantizationUnavailableError, load_model
 from exgra_med.serve.streaming import AnswerFilter
 
 SETTINGS = GenerationSettings(max_new_tokens=6)
@@ -24,7 +25,7 @@ ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    return InferenceEngine.from_path(str(tiny_model_dir), device="cpu")
+    return InferenceEngine.from_path(str(tiny_model_dir), LoadOptions(device="cpu"))
 
 
 def _image() -> Image.Image:
@@ -86,9 +87,10 @@ def test_stream_equals_answer_equals_direct_generation(engine):
     messages = [("human", "What color is the shape?")]
     info = GenerationInfo()
     pieces = list(engine.stream(messages, _image(), SETTINGS, info=info))
-    ids = engine.encode(messages, has_image=True)
+    ids = torch.tensor([engine.backend.encode_conversation(messages, _image()).input_ids])
     raw = engine.model.generate(
-        ids, engine.preprocess(_image()), max_new_tokens=6, do_sample=False, pad_token_id=engine.tokenizer.pad_token_id
+        ids, engine.backend.pixels(_image())[None], max_new_tokens=6, do_sample=False,
+        pad_token_id=engine.tokenizer.pad_token_id,
     )
     expected = engine.template.clean_answer(engine.tokenizer.decode(raw[0], skip_special_tokens=True))
     assert expected and "".join(pieces) == expected
@@ -106,8 +108,8 @@ def test_image_paths_png_and_dicom(engine):
     for name in ("ct_slice.dcm", "red_circle.png"):
         path = ASSETS / name
         assert engine.answer(messages, path, SETTINGS) == engine.answer(messages, load_image(path), SETTINGS)
-    dicom = engine.preprocess(ASSETS / "ct_slice.dcm")
-    assert dicom.shape == (1, 3, 32, 32) and dicom.std() > 0.1
+    dicom = engine.backend.pixels(ASSETS / "ct_slice.dcm")
+    assert dicom.shape == (3, 32, 32) and dicom.std() > 0.1
 
 
 def test_concurrent_requests_are_decoded_in_one_batch_with_their_own_answers(engine):
@@ -143,7 +145,7 @@ def test_a_cancelled_request_leaves_the_others_and_the_queue_is_bounded(engine):
     list(stream)
     assert first.finish_reason == "cancelled" and len(first.generated) < len(second.generated)
 
-    small = InferenceEngine(engine.model, engine.tokenizer, engine.image_processor, max_queue=2)
+    small = InferenceEngine(engine.backend, max_queue=2)
     try:
         with small.scheduler._cond:
             small.submit(messages, None, SETTINGS)
@@ -160,17 +162,17 @@ def test_prompts_beyond_the_context_are_refused_before_tokenizing(engine, monkey
     assert engine.context_length == 2048
     settings = GenerationSettings(max_new_tokens=48)
     calls = []
-    monkeypatch.setattr(engine, "encode", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(engine.backend, "encode_conversation", lambda *a, **k: calls.append(1))
     with pytest.raises(PromptTooLongError, match=r"1000000 characters cannot fit in the 2000 prompt tokens"):
         engine.submit([("human", "word " * 200000)], None, settings)
     with pytest.raises(PromptTooLongError):  # a long history counts too
         engine.submit([("human", "hi"), ("gpt", "x" * 10**6), ("human", "and?")], None, settings)
     assert calls == []
     monkeypatch.undo()
-    n = engine.encode([("human", "Colour?")], has_image=True).shape[1]
+    n = len(engine.backend.encode_conversation([("human", "Colour?")], _image()).input_ids)
     with pytest.raises(PromptTooLongError, match=r"prompt tokens > 1952 allowed"):
         engine.submit([("human", "circle " * 2000)], None, GenerationSettings(max_new_tokens=96))
-    capped = InferenceEngine(engine.model, engine.tokenizer, engine.image_processor, max_prompt_tokens=n + 5)
+    capped = InferenceEngine(engine.backend, max_prompt_tokens=n + 5)
     try:
         with pytest.raises(PromptTooLongError, match="--max-prompt-tokens"):
             capped.submit([("human", "circle " * 40)], _image(), SETTINGS)
@@ -183,8 +185,8 @@ def test_prompts_beyond_the_context_are_refused_before_tokenizing(engine, monkey
 def test_quantised_loading_on_cpu_says_why(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(QuantizationUnavailableError, match="--load-4bit needs a CUDA GPU"):
-        load_model(str(tiny_model_dir), load_4bit=True)
+        load_backend(str(tiny_model_dir), LoadOptions(bits=4))
     with pytest.raises(QuantizationUnavailableError, match="--load-8bit needs a CUDA GPU"):
-        load_model(str(tiny_model_dir), load_8bit=True)
+        load_backend(str(tiny_model_dir), LoadOptions(bits=8))
     with pytest.raises(ValueError, match="neither an ExGra-Med checkpoint"):
-        load_model(str(tiny_model_dir / "vision"))
+        load_backend(str(tiny_model_dir / "vision"), LoadOptions(device="cpu"))

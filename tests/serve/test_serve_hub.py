@@ -14,6 +14,7 @@ import openai
 import pytest
 from PIL import Image
 
+from exgra_med.model.auto import LoadOptions
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine
 
 QUESTION = "What color is the shape?"
@@ -21,7 +22,7 @@ QUESTION = "What color is the shape?"
 
 def test_serve_api_from_a_hub_id(offline_hub, tiny_model_dir):
     image = Image.new("RGB", (40, 30), (220, 30, 30))
-    expected = InferenceEngine.from_path(str(tiny_model_dir), device="cpu").answer(
+    expected = InferenceEngine.from_path(str(tiny_model_dir), LoadOptions(device="cpu")).answer(
         [("human", QUESTION)], image, GenerationSettings(max_new_tokens=6))
     cmd = [sys.executable, "-m", "exgra_med.cli", "serve-api", "--model", "acme/tiny-exgra", "--port", "0",
            "--max-new-tokens", "6", "--device", "cpu"]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from exgra_med.constants import RESEARCH_USE_NOTICE
+from exgra_med.model.auto import LoadOptions
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -42,7 +43,7 @@ def demo(tiny_model_dir):
     """(engine, base URL) of a running demo bound to 127.0.0.1."""
     from exgra_med.serve.web import launch_demo
 
-    engine = InferenceEngine.from_path(str(tiny_model_dir), device="cpu")
+    engine = InferenceEngine.from_path(str(tiny_model_dir), LoadOptions(device="cpu"))
     app, url = launch_demo(engine, "127.0.0.1", _free_port(), SETTINGS, ASSETS)
     assert url.startswith("http://127.0.0.1:")
     yield engine, url

@@ -8,6 +8,7 @@ import socket
 import pytest
 from PIL import Image
 
+from exgra_med.model.auto import LoadOptions
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine
 
 SETTINGS = GenerationSettings(max_new_tokens=4)
@@ -23,7 +24,7 @@ def _free_port() -> int:
 def demo(tiny_model_dir):
     from exgra_med.serve.web import launch_demo
 
-    engine = InferenceEngine.from_path(str(tiny_model_dir), device="cpu")
+    engine = InferenceEngine.from_path(str(tiny_model_dir), LoadOptions(device="cpu"))
     app, url = launch_demo(engine, "127.0.0.1", _free_port(), SETTINGS, examples_dir=None,
                            max_image_bytes=200_000, max_pixels=1_000_000)
     yield app, url, engine
@@ -74,7 +75,7 @@ def test_a_forged_long_history_is_refused(demo):
 def test_uploads_are_deleted_when_the_demo_stops(tiny_model_dir, tmp_path):
     from exgra_med.serve.web import launch_demo
 
-    engine = InferenceEngine.from_path(str(tiny_model_dir), device="cpu")
+    engine = InferenceEngine.from_path(str(tiny_model_dir), LoadOptions(device="cpu"))
     app, url = launch_demo(engine, "127.0.0.1", _free_port(), SETTINGS, examples_dir=None)
     try:
         image = tmp_path / "patient.png"

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from exgra_med.vlm.tiny import ARCHES
+from exgra_med.model.native.tiny import ARCHES
 from tests.vlm.runs import STAGE2_STEPS, train_args
 
 
 @pytest.fixture(scope="session")
 def tiny_vlm(tmp_path_factory):
     """`tiny_vlm(arch)`: the folder of a tiny random `arch` model with its processor (built on first use)."""
-    from exgra_med.vlm.tiny import make_tiny_vlm
+    from exgra_med.model.native.tiny import make_tiny_vlm
 
     built: dict[str, Path] = {}
 

@@ -10,9 +10,7 @@ from PIL import Image
 from transformers import AutoProcessor, GenerationConfig
 
 from exgra_med.constants import IGNORE_INDEX
-from exgra_med.data.dataset import TokenizationMismatchError
-from exgra_med.data.records import RecordError, load_records, validate_record
-from exgra_med.vlm.data import (
+from exgra_med.data.chat import (
     ChatEncoder,
     NativeCollator,
     NativeDataset,
@@ -20,6 +18,8 @@ from exgra_med.vlm.data import (
     record_messages,
     stop_strings,
 )
+from exgra_med.data.dataset import TokenizationMismatchError
+from exgra_med.data.records import RecordError, load_records, validate_record
 
 TURNS = [
     {"from": "human", "value": "What color is the shape?\n<image>"},

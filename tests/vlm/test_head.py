@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from exgra_med.align.config import AlignmentConfig
-from exgra_med.vlm.data import ChatEncoder, NativeCollator, NativeDataset, stop_strings
-from exgra_med.vlm.head import (
+from exgra_med.data.chat import ChatEncoder, NativeCollator, NativeDataset, stop_strings
+from exgra_med.model.native.aligned import (
     ALIGNMENT_CONFIG,
     ALIGNMENT_WEIGHTS,
     AlignedVLM,

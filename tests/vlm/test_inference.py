@@ -16,9 +16,9 @@ from PIL import Image
 
 from exgra_med.cli import main as cli
 from exgra_med.eval.generate import generate_answers
+from exgra_med.model.auto import LoadOptions, load_backend
+from exgra_med.model.native.backend import NativeBackend
 from exgra_med.serve.engine import GenerationInfo, GenerationSettings, InferenceEngine
-from exgra_med.vlm.inference import NativeVLM
-from exgra_med.vlm.serving import NativeInferenceEngine
 
 QUESTIONS = 10
 
@@ -29,7 +29,7 @@ def questions(easy_vqa_dir) -> list[dict]:
 
 
 def test_batched_vqa_answers_equal_batch_1_answers(arch, tiny_vlm, easy_vqa_dir, questions):
-    native = NativeVLM.load(str(tiny_vlm(arch)), device="cpu")
+    native = load_backend(str(tiny_vlm(arch)), LoadOptions(device="cpu"))
     kwargs = {"max_new_tokens": 6, "image_folder": easy_vqa_dir / "images"}
     one = generate_answers(native, native.processor, None, questions, batch_size=1, **kwargs)
     batched = generate_answers(native, native.processor, None, questions, batch_size=4, **kwargs)
@@ -37,7 +37,7 @@ def test_batched_vqa_answers_equal_batch_1_answers(arch, tiny_vlm, easy_vqa_dir,
     assert batched == one
     # Not vacuous: the batch is left padded, and each row's next-token logits (which differ between prompts) are
     # those of the prompt alone.
-    encoded = [native.encode_record(q, easy_vqa_dir / "images") for q in questions[:4]]
+    encoded = [native.encode_question(q, easy_vqa_dir / "images") for q in questions[:4]]
     inputs = native.batch_inputs(encoded)
     assert len({len(e.input_ids) for e in encoded}) > 1 and not inputs["attention_mask"].all()
     with torch.no_grad():
@@ -59,7 +59,7 @@ def test_generate_vqa_score_grounding_audit_and_zero_shot_commands(tiny_vlm, eas
     assert [x["question_id"] for x in sorted(lines, key=lambda x: questions.index(
         next(q for q in questions if q["id"] == x["question_id"])))] == [q["id"] for q in questions]
     assert lines[0]["metadata"]["generation"]["conv_mode"] == "chat_template"  # recorded: the model's template
-    native = NativeVLM.load(str(model), device="cpu")
+    native = load_backend(str(model), LoadOptions(device="cpu"))
     expected = generate_answers(native, native.processor, None, questions, batch_size=1, max_new_tokens=4,
                                 image_folder=images)
     assert {str(x["question_id"]): x["text"] for x in lines} == expected
@@ -95,8 +95,8 @@ def test_generate_vqa_score_grounding_audit_and_zero_shot_commands(tiny_vlm, eas
 
 
 def test_serving_engine_batches_requests_with_the_answers_of_single_requests(arch, tiny_vlm, easy_vqa_dir):
-    engine = InferenceEngine.from_path(str(tiny_vlm(arch)), device="cpu")
-    assert isinstance(engine, NativeInferenceEngine)
+    engine = InferenceEngine.from_path(str(tiny_vlm(arch)), LoadOptions(device="cpu"))
+    assert isinstance(engine.backend, NativeBackend)
     image = easy_vqa_dir / "images" / sorted(os.listdir(easy_vqa_dir / "images"))[0]
     settings = GenerationSettings(max_new_tokens=6)
     asks = ["What color is the shape?", "Is there a circle?", "What shape is it?"]
@@ -109,7 +109,7 @@ def test_serving_engine_batches_requests_with_the_answers_of_single_requests(arc
     info = GenerationInfo()
     text = engine.answer([("human", asks[0]), ("gpt", single[0]), ("human", asks[1])], image, settings, info=info)
     assert isinstance(text, str) and info.completion_tokens <= 6 and info.prompt_tokens > 10
-    assert engine.eos_token_ids == set(NativeVLM.load(str(tiny_vlm(arch))).eos_token_ids)
+    assert engine.eos_token_ids == load_backend(str(tiny_vlm(arch)), LoadOptions(device="cpu")).eos_token_ids
     engine.close()
 
 
@@ -127,7 +127,7 @@ def test_serve_api_and_web_answer_like_the_engine(tiny_vlm, easy_vqa_dir):
 
     model = tiny_vlm("gemma3")
     image = easy_vqa_dir / "images" / sorted(os.listdir(easy_vqa_dir / "images"))[0]
-    engine = InferenceEngine.from_path(str(model), device="cpu")
+    engine = InferenceEngine.from_path(str(model), LoadOptions(device="cpu"))
     expected = engine.answer([("human", "What color is the shape?")], image, GenerationSettings(max_new_tokens=5))
 
     app, url = launch_demo(engine, "127.0.0.1", _free_port(), GenerationSettings(max_new_tokens=5), examples_dir=None)
@@ -174,7 +174,7 @@ def test_chat_in_a_terminal_answers_like_the_engine(tiny_vlm, easy_vqa_dir):
 
     model = tiny_vlm("llava_onevision")
     image = easy_vqa_dir / "images" / sorted(os.listdir(easy_vqa_dir / "images"))[0]
-    engine = InferenceEngine.from_path(str(model), device="cpu")
+    engine = InferenceEngine.from_path(str(model), LoadOptions(device="cpu"))
     settings = GenerationSettings(max_new_tokens=5)
     q1, q2 = "What shape is in the image?", "What color is it?"
     a1 = engine.answer([("human", q1)], image, settings)
@@ -199,19 +199,18 @@ def test_quantised_serving_keeps_the_vision_side_unquantised(tiny_vlm, monkeypat
     import torch
 
     pytest.importorskip("bitsandbytes")
-    from exgra_med.vlm import inference
+    from exgra_med.model import auto
 
     seen = {}
 
-    def fake_load(cls, path, dtype=None, device=None, attn_implementation="sdpa", quantization_config=None,
-                  image_aspect_ratio="square"):
+    def fake_load(path, dtype=None, device=None, attn_implementation="sdpa", quantization_config=None):
         seen["config"] = quantization_config
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(inference.NativeVLM, "load", classmethod(fake_load))
+    monkeypatch.setattr(auto, "load_native", fake_load)
     with pytest.raises(RuntimeError, match="stop here"):
-        InferenceEngine.from_path(str(tiny_vlm("qwen2_5_vl")), load_4bit=True, device="cuda")
+        InferenceEngine.from_path(str(tiny_vlm("qwen2_5_vl")), LoadOptions(bits=4, device="cuda"))
     config = seen["config"]
     assert config.load_in_4bit and set(config.llm_int8_skip_modules) == {
         "visual", "vision_tower", "multi_modal_projector", "merger", "lm_head"}
@@ -227,8 +226,8 @@ def test_a_hub_id_in_the_cache_is_served_and_evaluated(tiny_vlm, easy_vqa_dir, q
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    engine = InferenceEngine.from_path("acme/tiny-gemma3", device="cpu")
-    assert isinstance(engine, NativeInferenceEngine) and engine.name == "acme/tiny-gemma3"
+    engine = InferenceEngine.from_path("acme/tiny-gemma3", LoadOptions(device="cpu"))
+    assert isinstance(engine.backend, NativeBackend) and engine.name == "acme/tiny-gemma3"
     engine.close()
     qfile = tmp_path / "q.json"
     qfile.write_text(json.dumps(questions[:3]))

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from exgra_med.vlm.head import ALIGNMENT_CONFIG, ALIGNMENT_WEIGHTS
+from exgra_med.model.native.aligned import ALIGNMENT_CONFIG, ALIGNMENT_WEIGHTS
 from tests.vlm.runs import STAGE2_STEPS, log_history, train_args
 
 # Loads a trained folder and answers a chat-templated question about an image with transformers alone.
@@ -75,13 +75,12 @@ def test_stage2_with_alignment_logs_finite_losses_and_saves_the_base_format(arch
     assert plain["model_type"] == arch and plain["project_code"] == [] and plain["image_tokens"] > 0
     assert 1 <= len(plain["new"]) <= 6
     # ... exactly as this project's inference does.
-    from exgra_med.vlm.inference import NativeVLM
+    from exgra_med.model.auto import LoadOptions, load_backend
 
-    native = NativeVLM.load(str(out), device="cpu")
-    encoded = native.encode_conversation([("human", "<image>What color is the shape?")],
-                                         [Image.open(image).convert("RGB")])
-    assert encoded.input_ids.tolist() == plain["prompt"]
-    assert native.generate([encoded], native.generation_config(6))[0].tolist()[: len(plain["new"])] == plain["new"]
+    native = load_backend(str(out), LoadOptions(device="cpu"))
+    prompt = native.encode_conversation([("human", "<image>What color is the shape?")], Image.open(image))
+    assert prompt.input_ids == plain["prompt"]
+    assert native.generate([prompt], **native.generate_kwargs(6))[0].tolist()[: len(plain["new"])] == plain["new"]
 
 
 def _two_image_records(easy_vqa_dir: Path, out: Path) -> Path:
@@ -97,8 +96,8 @@ def _two_image_records(easy_vqa_dir: Path, out: Path) -> Path:
 
 
 def test_records_with_two_images_train(arch, tiny_vlm, easy_vqa_dir, tmp_path):
+    from exgra_med.data.chat import ChatEncoder, NativeCollator, NativeDataset, stop_strings
     from exgra_med.train.main import main
-    from exgra_med.vlm.data import ChatEncoder, NativeCollator, NativeDataset, stop_strings
 
     data = _two_image_records(easy_vqa_dir, tmp_path / "two_views.json")
     processor = AutoProcessor.from_pretrained(tiny_vlm(arch))
@@ -137,9 +136,9 @@ def test_lora_folds_into_a_plain_checkpoint_and_training_continues_from_it(tiny_
     # Loading the merged folder into a LoRA-wrapped model (the best checkpoint at the end of a LoRA run): base layers
     # take the merged weights, adapters are zeroed, so the model computes what the saved one does.
     from exgra_med.align.config import AlignmentConfig
+    from exgra_med.model.native.aligned import AlignedVLM
+    from exgra_med.model.native.training import load_native_weights, set_native_trainable
     from exgra_med.train.args import ModelArguments
-    from exgra_med.vlm.head import AlignedVLM
-    from exgra_med.vlm.train import load_native_weights, set_native_trainable
 
     wrapped = AlignedVLM(AutoModelForImageTextToText.from_pretrained(folder), AlignmentConfig())
     set_native_trainable(wrapped, ModelArguments(model_name_or_path=str(folder), lora_enable=True, lora_r=4))
@@ -181,8 +180,8 @@ def test_fine_tuning_scores_val_keeps_the_best_checkpoint_and_scores_test(tiny_v
     """In-training VQA scoring through the model's chat template; --load_best_model_at_end restores the best
     checkpoint's native weights; the test answers are what the saved model answers."""
     from exgra_med.eval.generate import generate_answers
+    from exgra_med.model.auto import LoadOptions, load_backend
     from exgra_med.train.main import main
-    from exgra_med.vlm.inference import NativeVLM
 
     records = {name: json.loads((easy_vqa_dir / f"{name}.json").read_text())[:6] for name in ("val", "test")}
     for name, rows in records.items():
@@ -207,7 +206,7 @@ def test_fine_tuning_scores_val_keeps_the_best_checkpoint_and_scores_test(tiny_v
     step2, step4 = _load_weights(out / "checkpoint-2"), _load_weights(out / "checkpoint-4")
     assert any(not torch.equal(step2[k], step4[k]) for k in step2)  # so which one was kept matters
     lines = [json.loads(x) for x in (out / "test_answers.jsonl").read_text().splitlines()]
-    native = NativeVLM.load(str(out), device="cpu")
+    native = load_backend(str(out), LoadOptions(device="cpu"))
     again = generate_answers(native, native.processor, None, records["test"], 1, max_new_tokens=4,
                              image_folder=easy_vqa_dir / "images")
     assert [x["text"] for x in lines] == [again[str(r["id"])] for r in records["test"]]

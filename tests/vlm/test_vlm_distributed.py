@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
-from exgra_med.vlm.head import ALIGNMENT_WEIGHTS
+from exgra_med.model.native.aligned import ALIGNMENT_WEIGHTS
 
 REPO = Path(__file__).resolve().parents[2]
 ARGS = ["--bf16", "False", "--activation_checkpointing", "False", "--dataloader_num_workers", "0",
