@@ -1,4 +1,6 @@
-# Shared launcher settings for the training scripts (sourced, not run).
+# Shared launcher settings for the training scripts (sourced, not run). The scripts launch
+#   $TORCHRUN "${DISTRIBUTED_ARGS[@]}" -m exgra_med.train RECIPE.yaml [paths] "${BACKEND_ARGS[@]}" [user flags]
+# with a recipe of $RECIPES_DIR (the one home of the hyperparameters); the user's flags override the recipe.
 # Every value comes from the environment, so the same script runs on a laptop CPU, one GPU node or many:
 #   NPROC_PER_NODE  processes per node (default: number of visible GPUs, or 1)
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node rendezvous (defaults: single node)
@@ -26,6 +28,7 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 TORCHRUN=${TORCHRUN:-torchrun}
 SCRIPTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+RECIPES_DIR=$(cd "$SCRIPTS_DIR/../recipes" && pwd)
 
 DISTRIBUTED_ARGS=(--nnodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR"
                   --master_port "$MASTER_PORT" --nproc_per_node "$NPROC_PER_NODE")

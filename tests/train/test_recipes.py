@@ -24,6 +24,7 @@ def test_the_paper_runs_ship_as_recipes():
     for p in (10, 40):
         assert {f"data_efficiency/stage1_{p}.yaml", f"data_efficiency/stage2_exgra_med_{p}.yaml",
                 f"data_efficiency/stage2_llava_med_{p}.yaml"} <= names
+    assert {"stage2_vlm.yaml", "stage2_vlm_no_alignment.yaml"} <= names  # scripts/stage2_vlm.sh
 
 
 @pytest.mark.parametrize("recipe", SHIPPED, ids=lambda p: str(p.relative_to(RECIPES)))
@@ -36,19 +37,26 @@ def test_each_shipped_recipe_parses_to_its_stage(recipe):
         assert (training_args.learning_rate, training_args.num_train_epochs) == (2e-3, 1)
         assert training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps == 32
     elif name.startswith("stage2"):
-        assert not model_args.tune_mm_mlp_adapter and model_args.pretrain_mm_mlp_adapter
+        assert not model_args.tune_mm_mlp_adapter
+        # A native VLM brings its own vision encoder and projector; the LLaVA path its stage-1 projector.
+        vlm = "_vlm" in name
+        assert (model_args.vision_tower is None, model_args.pretrain_mm_mlp_adapter is None) == (vlm, vlm)
         assert (training_args.learning_rate, training_args.num_train_epochs) == (2e-5, 3)
-        exgra = "exgra_med" in name
+        exgra = "exgra_med" in name or name == "stage2_vlm"
         assert (align.enabled, align.multi_graph, align.after_de) == (exgra, exgra, exgra)
         if exgra:
             assert align.alpha == 1.0
     else:
         data = name.removeprefix("finetune_").removesuffix("_dci")
         dci = name.endswith("_dci")
-        expected = {("vqa_rad", False): (4e-5, 15), ("vqa_rad", True): (2e-5, 15), ("slake", False): (4e-5, 15),
-                    ("slake", True): (4e-5, 18), ("pathvqa", False): (3e-5, 15), ("pathvqa", True): (2e-5, 15)}
-        assert (training_args.learning_rate, training_args.num_train_epochs) == expected[(data, dci)]
+        expected = {("vqa_rad", False): (4e-5, 15, 32), ("vqa_rad", True): (2e-5, 15, 32),
+                    ("slake", False): (4e-5, 15, 64), ("slake", True): (4e-5, 18, 64),
+                    ("pathvqa", False): (3e-5, 15, 32), ("pathvqa", True): (2e-5, 15, 32)}
+        assert (training_args.learning_rate, training_args.num_train_epochs,
+                training_args.per_device_train_batch_size) == expected[(data, dci)]
+        assert (training_args.metric_for_best_model, training_args.eval_strategy) == ("eval_val_average", "epoch")
         assert data_args.evaluate_on_val and data_args.val_data_path == f"data/{data}/val.json"
+        assert data_args.eval_max_new_tokens == 1024  # the reference's answer length, cut at ###
         assert model_args.model_name_or_path.endswith("-dci") == dci
     # The data-efficiency cells read their own subsample and stage-1 run.
     if "data_efficiency" in recipe.parts:
