@@ -64,8 +64,11 @@ def _usage() -> str:
 def quiet_optional_backends() -> None:
     """Silence import-time chatter of optional back ends before any command imports them: bitsandbytes (the
     `quant` extra) warns on CPUs with AVX512-BF16 that it could not fetch an optional kernel from the Hub (its
-    own CPU kernels run instead), on every import of transformers or peft, before a command's own output."""
+    own CPU kernels run instead), on every import of transformers or peft, before a command's own output; with
+    `kernels` installed (transformers >= 5.25 requires it), that library warns offline that it skips the Hub
+    publisher check of the same optional kernel."""
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logging.getLogger("kernels").setLevel(logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
