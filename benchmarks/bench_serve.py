@@ -10,6 +10,7 @@ their ratio (8 requests decoded one after the other would cost about 8x).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -24,6 +25,7 @@ CONCURRENT = 8
 
 def run(quick: bool = False, threads: int = 1) -> list[dict]:
     """Rows for 1 and CONCURRENT requests: median seconds, and the ratio to one request."""
+    from exgra_med.model.auto import LoadOptions
     from exgra_med.model.tiny import make_tiny_model
     from exgra_med.serve.engine import GenerationSettings, InferenceEngine
 
@@ -31,9 +33,10 @@ def run(quick: bool = False, threads: int = 1) -> list[dict]:
     repeats, max_new_tokens = (2, 16) if quick else (7, 64)
     with tempfile.TemporaryDirectory() as tmp:
         make_tiny_model(Path(tmp) / "model", seed=0)
-        engine = InferenceEngine.from_path(str(Path(tmp) / "model"), LoadOptions(device="cpu"), max_batch_size=CONCURRENT)
+        engine = InferenceEngine.from_path(str(Path(tmp) / "model"), LoadOptions(device="cpu"),
+                                           max_batch_size=CONCURRENT)
         # A template without a stop string and an EOS the model never reaches: every answer has the full length.
-        engine.template = engine.template.__class__(**{**engine.template.__dict__, "stop_str": ""})
+        engine.backend.template = dataclasses.replace(engine.backend.template, stop_str="")
         engine.tokenizer.eos_token_id = None
         settings = GenerationSettings(max_new_tokens=max_new_tokens)
         image = Image.new("RGB", (64, 48), (200, 30, 30))

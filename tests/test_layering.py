@@ -1,5 +1,6 @@
-"""Package layering: model/, align/ and data/ are libraries and import nothing from the applications built on
-them (train/, eval/, serve/), at module level or inside functions, absolutely or relatively."""
+"""Package layering: every package of exgra_med imports only the packages below it (`ALLOWED`), at module level or
+inside functions, absolutely or relatively, so that no two packages import each other. The libraries (align, data,
+model) import none of the applications built on them (train, eval, serve)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,23 @@ import pytest
 PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "exgra_med"
 LIBRARIES = ("model", "align", "data")
 APPLICATIONS = ("exgra_med.train", "exgra_med.eval", "exgra_med.serve")
+FRAME = {"constants", "errors", "io", "conversation"}
+# What each top-level package or module of exgra_med may import (besides itself). A new package needs a line here.
+ALLOWED: dict[str, set[str]] = {
+    "__init__": {"model"},  # the Auto-class registration
+    "constants": set(),
+    "errors": set(),
+    "io": {"errors"},
+    "conversation": {"constants"},
+    "align": set(),
+    "llm_client": FRAME,
+    "data": FRAME | {"llm_client"},
+    "model": FRAME | {"align", "data"},
+    "eval": FRAME | {"data", "model", "llm_client"},
+    "train": FRAME | {"align", "data", "model", "eval", "cli"},  # cli: `python -m exgra_med.train`'s error handling
+    "serve": FRAME | {"data", "model", "eval"},
+    "cli": {"errors", "model"},  # model: the registration the console script defers
+}
 
 
 def module_name(file: Path, root: Path = PACKAGE_ROOT) -> str:
@@ -83,3 +101,71 @@ def test_there_are_library_files_to_check():
 def test_library_imports_no_application(file):
     names = imported_names(file.read_text(encoding="utf-8"), module_name(file), file.name == "__init__.py")
     assert forbidden(names) == [], f"{file} imports {forbidden(names)}: move the shared code into the library"
+
+
+def _top(name: str) -> str | None:
+    """The top-level package or module of exgra_med a dotted name lies in."""
+    parts = name.split(".")
+    return parts[1] if parts[0] == "exgra_med" and len(parts) > 1 else None
+
+
+def package_imports() -> dict[str, set[str]]:
+    """Top-level package -> the other top-level packages of exgra_med it imports anywhere."""
+    edges: dict[str, set[str]] = {}
+    for file in sorted(PACKAGE_ROOT.rglob("*.py")):
+        module = module_name(file)
+        own = _top(module) or "__init__"
+        names = imported_names(file.read_text(encoding="utf-8"), module, file.name == "__init__.py")
+        found = {_top(n) for n in names} - {None, own}
+        if own == "__init__":
+            found -= {"__version__"}
+        edges.setdefault(own, set()).update(found)
+    return edges
+
+
+def _names_only(edges: dict[str, set[str]]) -> dict[str, set[str]]:
+    # `from exgra_med import x` names attributes too; keep the names that are packages or modules.
+    known = {p.stem if p.is_file() else p.name for p in PACKAGE_ROOT.iterdir()
+             if p.suffix == ".py" or (p / "__init__.py").is_file()}
+    return {k: {v for v in vs if v in known} for k, vs in edges.items()}
+
+
+def test_every_package_is_in_the_rules():
+    assert set(package_imports()) <= set(ALLOWED), f"add {set(package_imports()) - set(ALLOWED)} to ALLOWED"
+    assert {"model", "data", "train", "eval", "serve", "align", "llm_client"} <= set(package_imports())
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_package_imports_only_the_layers_below(package):
+    found = _names_only(package_imports()).get(package, set())
+    assert found <= ALLOWED[package], f"exgra_med.{package} imports {sorted(found - ALLOWED[package])}"
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of the directed graph `edges` (as the list of its nodes, the first repeated at the end), or None."""
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [node, nxt] if nxt in path else [node, nxt]
+            if nxt not in state and (found := visit(nxt, path + [node])):
+                return found
+        state[node] = 2
+        return None
+
+    for node in sorted(edges):
+        if node not in state and (found := visit(node, [])):
+            return found
+    return None
+
+
+def test_the_cycle_finder():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"x": {"x"}}) == ["x", "x"]
+
+
+def test_no_import_cycle_between_packages():
+    assert find_cycle(_names_only(package_imports())) is None

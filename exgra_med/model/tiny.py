@@ -1,6 +1,6 @@
 """Offline factory for tiny random models (tests, demo, benchmarks): `exgra-med make-tiny-model`.
 
-`--arch qwen2_5_vl|gemma3|llava_onevision` writes a transformers-native VLM (`exgra_med.model.native.tiny`); the default,
+`--arch qwen2_5_vl|gemma3|llava_onevision` writes a transformers-native VLM (`model.native.tiny`); the default,
 `llava`, writes three loadable folders, so that tiny runs exercise exactly the paths real checkpoints take:
   OUT/llm/      a causal LM + its tokenizer (plain, like a Vicuna folder)
   OUT/vision/   a CLIP vision model + image processor, or an open_clip (BiomedCLIP-style) folder

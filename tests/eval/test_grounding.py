@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from exgra_med.eval.grounding import CONDITIONS, audit, blank_images, changed_fraction, main, shuffled_images
+from exgra_med.model.auto import backend_for
 from exgra_med.model.loading import load_pretrained
 
 
@@ -29,7 +30,8 @@ def _model(tiny_model_dir, projector_scale: float):
 
 
 def _run(model, tokenizer, processor, questions, easy_vqa_dir):
-    return audit(model, tokenizer, processor, questions, json.loads((easy_vqa_dir / "candidate.json").read_text()),
+    return audit(backend_for(model, tokenizer, processor), questions,
+                 json.loads((easy_vqa_dir / "candidate.json").read_text()),
                  image_folder=easy_vqa_dir / "images", train=json.loads((easy_vqa_dir / "train.json").read_text()),
                  seed=0, batch_size=8, max_new_tokens=3)
 
