@@ -38,11 +38,12 @@ $(STAMP): pyproject.toml constraints.txt $(LOCK)
 	  $(UV) pip install -q --python $(BIN)/python -e ".[$(EXTRAS)]" && echo "ranges" > $(STAMP); \
 	fi
 
+# The demo and its own machinery (tower pre-training, rationale answers) live apart from the library: examples/easy_vqa/.
 demo: setup
-	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
+	PATH="$(abspath $(BIN)):$$PATH" bash examples/easy_vqa/demo.sh
 
 lint: setup
-	$(BIN)/ruff check exgra_med tests benchmarks
+	$(BIN)/ruff check exgra_med tests benchmarks examples
 
 test: setup lint
 	bash scripts/install_test_deps.sh

@@ -11,9 +11,9 @@ or the short `mistral`) and the number of image tokens (the demo has 64 + 2 deli
 --ramp R` is a curriculum: N stand-ins for the first H steps, then linearly more until `--image-tokens` after R more
 steps. Seeded; fresh samples every step; accuracy on 512 fresh questions, always with `--image-tokens` stand-ins.
 
-    python -m benchmarks.probe_yes_no --init-std 0.1 --template mistral --image-tokens 0
-    python -m benchmarks.probe_yes_no --init-std 0.1 --template llava_med --image-tokens 66   (the demo's context)
-    python -m benchmarks.probe_yes_no --image-tokens 66 --start-tokens 0 --hold 500 --ramp 700 --steps 1600
+    python -m examples.easy_vqa.probe_yes_no --init-std 0.1 --template mistral --image-tokens 0
+    python -m examples.easy_vqa.probe_yes_no --init-std 0.1 --template llava_med --image-tokens 66  (demo's context)
+    python -m examples.easy_vqa.probe_yes_no --image-tokens 66 --start-tokens 0 --hold 500 --ramp 700 --steps 1600
 Results: results/yes_no_probe.md.
 """
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from exgra_med.model.tiny import default_corpus
     from exgra_med.model.tokenizer import build_word_tokenizer
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.probe_yes_no", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m examples.easy_vqa.probe_yes_no", description=__doc__.splitlines()[0])
     p.add_argument("--init-std", type=float, default=0.02, help="std of the LLM's random weights (0.02: the demo's)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (constant)")
     p.add_argument("--template", default="llava_med", help="chat template (the demo's: llava_med)")

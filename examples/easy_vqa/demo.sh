@@ -3,7 +3,7 @@
 # (shipped on PyPI): the tiny CLIP tower pre-trained contrastively on the demo's own captions (real users start
 # from a pretrained CLIP), then stage 1 and stage 2 (ExGra-Med alignment on), using the same scripts as GPU runs.
 #
-#   bash scripts/demo.sh            (make demo runs this inside .venv)
+#   bash examples/easy_vqa/demo.sh            (make demo runs this inside .venv)
 # Variables: DEMO_DIR (default runs/demo), TOWER_STEPS, STAGE1_STEPS, STAGE2_STEPS, FINETUNE_STEPS, BATCH, STAGE2_BATCH,
 # DEMO_IMAGES, SEED, VISION_FLAGS, TEMPLATE, RATIONALE, FINETUNE_LR. Finished stages are skipped on a rerun (and a
 # killed stage resumes from its checkpoint).
@@ -11,11 +11,11 @@
 #   STAGE2_STEPS=400:
 #   the reference's connector (64 patch tokens), template and fine-tuning data, as the demo was before (the README's
 #   demo section has what each reaches).
-#   DEMO_ARCH=qwen2_5_vl|gemma3|llava_onevision: the same demo on a transformers-native VLM (scripts/demo_vlm.sh).
+#   DEMO_ARCH=qwen2_5_vl|gemma3|llava_onevision: the same demo on a transformers-native VLM (native_vlm.sh).
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."  # the repository root: scripts/ and `python -m examples...` run from there
 if [ -n "${DEMO_ARCH:-}" ] && [ "$DEMO_ARCH" != llava ]; then
-  exec bash scripts/demo_vlm.sh
+  exec bash examples/easy_vqa/native_vlm.sh
 fi
 
 DEMO_DIR=${DEMO_DIR:-runs/demo}
@@ -34,8 +34,8 @@ export NPROC_PER_NODE=${NPROC_PER_NODE:-1} MASTER_PORT=${MASTER_PORT:-29511}
 # (the feature its contrastive pre-training trains), in a short context; set it empty for the reference's connector
 # (64 patch tokens of the penultimate layer). TEMPLATE: the prompt template of stage 2, fine-tuning and evaluation
 # (default mistral, whose prompt is short; the reference's is llava_med). RATIONALE=1 (default) fine-tunes on
-# data/train_rationale.json (`exgra-med prepare easy-vqa --rationale`: yes/no balanced and answered with the
-# comparison in words, "red blue different absent yes"); RATIONALE=0 on train.json as the reference.
+# data/train_rationale.json (examples/easy_vqa/rationale.py: yes/no balanced and answered with the comparison in
+# words, "red blue different absent yes"); RATIONALE=0 on train.json as the reference.
 read -r -a VISION_ARGS <<< "${VISION_FLAGS---mm_vision_select_layer -1 --mm_vision_select_feature cls}"
 TEMPLATE=${TEMPLATE:-mistral}
 RATIONALE=${RATIONALE:-1}
@@ -49,11 +49,13 @@ echo "== 1/6 tiny model (offline; CLIP tower 32 px, patch 4: a CLS token and 64 
 [ -f "$DEMO_DIR/tiny/config.json" ] || exgra-med make-tiny-model --out "$DEMO_DIR/tiny" --image-size 32 --patch-size 4 --seed "$SEED"
 
 echo "== 2/6 easy-VQA data -> $DEMO_DIR/data"
-[ -f "$DEMO_DIR/data/train_rationale.json" ] || exgra-med prepare easy-vqa --out "$DEMO_DIR/data" \
-  --max-images "$DEMO_IMAGES" --seed "$SEED" --rationale
+[ -f "$DEMO_DIR/data/candidate.json" ] || exgra-med prepare easy-vqa --out "$DEMO_DIR/data" \
+  --max-images "$DEMO_IMAGES" --seed "$SEED"
+[ -f "$DEMO_DIR/data/train_rationale.json" ] || python -m examples.easy_vqa.rationale \
+  --in "$DEMO_DIR/data/train.json" --out "$DEMO_DIR/data/train_rationale.json" --seed "$SEED"
 
 echo "== 3/6 vision tower: contrastive (CLIP) pre-training on the demo's image-caption pairs ($TOWER_STEPS steps)"
-[ -f "$DEMO_DIR/tower/config.json" ] || exgra-med pretrain-tower --tower "$DEMO_DIR/tiny/vision" --tokenizer "$DEMO_DIR/tiny/llm" \
+[ -f "$DEMO_DIR/tower/config.json" ] || python -m examples.easy_vqa.tower --tower "$DEMO_DIR/tiny/vision" --tokenizer "$DEMO_DIR/tiny/llm" \
   --data "$DEMO_DIR/data/alignment.json" --image-folder "$DEMO_DIR/data/images" --out "$DEMO_DIR/tower" \
   --steps "$TOWER_STEPS" --seed "$SEED"
 
@@ -93,7 +95,7 @@ if [ "$RATIONALE" = 1 ]; then
   export FINETUNE_DATA=${FINETUNE_DATA:-$DEMO_DIR/data/train_rationale.json} MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-32}
 fi
 DEMO_DIR="$DEMO_DIR" BATCH="$BATCH" SEED="$SEED" FINETUNE_STEPS="$FINETUNE_STEPS" FINETUNE_LR="${FINETUNE_LR:-1.5e-3}" \
-  bash scripts/demo_finetune.sh
+  bash examples/easy_vqa/finetune_audit.sh
 
 echo
 echo "stage-1 projector   : $DEMO_DIR/stage1/mm_projector.safetensors"

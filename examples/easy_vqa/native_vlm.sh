@@ -4,11 +4,11 @@
 # template), easy-VQA, stage 2 with the ExGra-Med alignment head, fine-tuning, answers, scores, grounding audit.
 # The stage-2 and fine-tuned folders load with transformers' AutoModelForImageTextToText / AutoProcessor as they are.
 #
-#   DEMO_ARCH=qwen2_5_vl bash scripts/demo_vlm.sh
+#   DEMO_ARCH=qwen2_5_vl bash examples/easy_vqa/native_vlm.sh
 # Variables: DEMO_ARCH, DEMO_DIR (default runs/demo_$DEMO_ARCH), STAGE2_STEPS, FINETUNE_STEPS, STAGE2_BATCH, BATCH,
 # DEMO_IMAGES, TEST_QUESTIONS, SEED. Finished stages are skipped on a rerun.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."  # the repository root
 
 DEMO_ARCH=${DEMO_ARCH:?set DEMO_ARCH to qwen2_5_vl, gemma3 or llava_onevision}
 DEMO_DIR=${DEMO_DIR:-runs/demo_$DEMO_ARCH}

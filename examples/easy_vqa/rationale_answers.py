@@ -3,14 +3,14 @@
 An attempt at the demo's yes/no questions (README, demo section): each CLOSED answer first copies the colour or shape
 the question names, then names the image's, then gives yes/no, so that the yes/no follows two words the model has just
 written. The image's colour and shape come from the other questions about the same image
-(`exgra_med.data.prepare.easy_vqa.image_facts`); a record whose question names no single colour or shape, or whose
+(`examples.easy_vqa.rationale.facts_per_image`); a record whose question names no single colour or shape, or whose
 image's value is unknown, keeps its answer. OPEN records are unchanged, and so are val/test: the reference's closed
 rule scores a prediction by whether it contains the reference answer, and no colour or shape word contains "yes" or
 "no".
 
-    python -m benchmarks.rationale_answers --in runs/demo/data/train.json --out runs/demo/train_rationale.json
+    python -m examples.easy_vqa.rationale_answers --in runs/demo/data/train.json --out runs/demo/train_rationale.json
     FINETUNE_DATA=runs/demo/train_rationale.json FINETUNE_OUT=runs/demo/finetune_rationale \\
-        bash scripts/demo_finetune.sh
+        bash examples/easy_vqa/finetune_audit.sh
 Results: README, demo section.
 """
 
@@ -24,9 +24,9 @@ FORMAT = "{asked} , {seen} , {answer}"
 
 def rationale_answers(records: Sequence[dict], fmt: str = FORMAT) -> tuple[list[dict], int]:
     """Copies of `records` with rationale answers for the yes/no ones; returns them and how many changed.
-    (`exgra_med.data.prepare.easy_vqa.rationale_train_records` is the demo's version: the comparison and the
+    (`examples.easy_vqa.rationale.rationale_train_records` is the demo's version: the comparison and the
     question's mode written out too, yes/no balanced, fewer open questions.)"""
-    from exgra_med.data.prepare.easy_vqa import facts_per_image, rationale_answer, record_question
+    from examples.easy_vqa.rationale import facts_per_image, rationale_answer, record_question
 
     facts = facts_per_image(records)
     out, changed = [], 0
@@ -46,7 +46,9 @@ def rationale_answers(records: Sequence[dict], fmt: str = FORMAT) -> tuple[list[
 def main(argv: Sequence[str] | None = None) -> int:
     from exgra_med.io import read_json, write_json_atomic
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.rationale_answers", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m examples.easy_vqa.rationale_answers", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--in", dest="src", required=True, help="prepared easy-VQA train.json")
     p.add_argument("--out", required=True, help="where the rewritten records go")
     p.add_argument(

@@ -9,7 +9,7 @@ closed accuracy is then the mean over the yes/no questions of r where it follows
 hit (the reference's closed rule) elsewhere. At r = 0.5 this is the question-only prior's accuracy; a comparison
 less reliable than the prior of every question leaves every answer as the prior's.
 
-    python -m benchmarks.yes_no_bound --train runs/demo/data/train.json \
+    python -m examples.easy_vqa.yes_no_bound --train runs/demo/data/train.json \
         --test runs/demo/finetune/test_questions.json
 Results: results/yes_no_probe.md.
 """
@@ -48,7 +48,7 @@ def expected_closed_accuracies(
 def main(argv: Sequence[str] | None = None) -> int:
     from exgra_med.io import read_json
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.yes_no_bound", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m examples.easy_vqa.yes_no_bound", description=__doc__.splitlines()[0])
     p.add_argument("--train", required=True, help="training VQA records (the question prior's source)")
     p.add_argument("--test", required=True, help="test VQA records")
     p.add_argument("--reliability", type=float, nargs="+", default=list(RELIABILITIES),

@@ -7,10 +7,10 @@ presence ("is there a red shape?") or for absence ("is there not a red shape?"),
 accuracy per kind alone can hide behind easy-VQA's skewed answers). Scores are the in-training metric
 of the table (closed accuracy by the reference's rule, open recall), per kind, for the real, blank and shuffled
 images of `exgra-med grounding-audit --out` (or one answers file of `exgra-med generate-vqa`). For a model fine-tuned
-on rationale answers ("red blue different absent yes", `exgra-med prepare easy-vqa --rationale`) it also counts
+on rationale answers ("red blue different absent yes", `python -m examples.easy_vqa.rationale`) it also counts
 the yes/no answers whose comparison word agrees with the two words before it ("same" exactly when they are equal).
 
-    python -m benchmarks.easy_vqa_breakdown --questions runs/demo/finetune/test_questions.json \\
+    python -m examples.easy_vqa.breakdown --questions runs/demo/finetune/test_questions.json \\
         --audit runs/demo/finetune/grounding_audit.json
 Results: README, demo section.
 """
@@ -30,7 +30,8 @@ KIND_ORDER = ("open: colour", "open: shape", "open: other") + tuple(
 def question_kind(record: Mapping) -> str:
     """The kind of an easy-VQA record: what an open question's answer is; what a yes/no question names, whether it
     asks for absence, and its true answer."""
-    from exgra_med.data.prepare.easy_vqa import COLORS, NEGATION, SHAPES, record_question
+    from examples.easy_vqa.rationale import record_question
+    from exgra_med.data.prepare.easy_vqa import COLORS, NEGATION, SHAPES
     from exgra_med.eval.metrics import reference_answer
 
     if str(record.get("answer_type", "")).upper() == "OPEN":
@@ -72,7 +73,7 @@ def comparisons(
 ) -> dict[str, tuple[int, int]]:
     """{condition: (yes/no answers whose comparison agrees with their asked and seen words, yes/no answers in the
     rationale form)}; conditions without such answers are left out."""
-    from exgra_med.data.prepare.easy_vqa import RATIONALE_WORDS, parse_rationale
+    from examples.easy_vqa.rationale import RATIONALE_WORDS, parse_rationale
 
     same_word, different_word = RATIONALE_WORDS[:2]
     closed_ids = [str(r["id"]) for r in questions if str(r.get("answer_type", "")).upper() == "CLOSED"]
@@ -89,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from exgra_med.eval.metrics import load_predictions
     from exgra_med.io import read_json
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.easy_vqa_breakdown", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m examples.easy_vqa.breakdown", description=__doc__.splitlines()[0])
     p.add_argument("--questions", required=True, help="the VQA records answered (e.g. finetune/test_questions.json)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--audit", help="JSON of `exgra-med grounding-audit --out` (answers per image condition)")
@@ -100,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         table = breakdown(questions, answers)
     except ValueError as e:
-        p.exit(2, f"easy_vqa_breakdown: {e}\n")
+        p.exit(2, f"breakdown: {e}\n")
     conditions = list(answers)
     print("| question kind | questions | " + " | ".join(conditions) + " |")
     print("|---|---:|" + "---:|" * len(conditions))

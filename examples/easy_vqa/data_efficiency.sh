@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The data-efficiency study in miniature on this project's CPU demo setting: the demo's tiny LLM, its
-# contrastively pre-trained tiny CLIP tower and easy-VQA (built by the first three steps of scripts/demo.sh when
+# contrastively pre-trained tiny CLIP tower and easy-VQA (built by the first three steps of the demo, demo.sh, when
 # missing), through scripts/data_efficiency.sh with small, fixed step budgets. Resumable: run it again after an
 # interruption and finished cells are skipped, a killed stage resumes from its checkpoint.
 #
-#   bash scripts/data_efficiency_cpu.sh           (results in runs/data_efficiency_cpu/results)
+#   bash examples/easy_vqa/data_efficiency.sh      (results in runs/data_efficiency_cpu/results)
 # Variables: DEMO_DIR (runs/demo), STUDY_DIR (runs/data_efficiency_cpu), SEEDS ("0 1 2"), FRACTIONS ("10 40 100"),
 # STAGE1_EPOCHS (1), STAGE2_EPOCHS (1), FINETUNE_STEPS (150), FT_FRACTION (0.1: a few-shot fine-tuning set and a
 # small fixed budget, so that the pre-trained starting point still shows), TEST_QUESTIONS (300), ALPHA (1.0),
@@ -15,17 +15,17 @@
 # existing DEMO_DIR/tower is reused as it is: `make demo` now pre-trains its tower for 800 steps, so to reproduce
 # those results on a machine that ran the demo, point DEMO_DIR at another folder.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."  # the repository root
 
 DEMO_DIR=${DEMO_DIR:-runs/demo}
 SEED=${SEED:-0}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 export NPROC_PER_NODE=${NPROC_PER_NODE:-1} MASTER_PORT=${MASTER_PORT:-29513}
 
-# The demo's models and data (the same commands as scripts/demo.sh, skipped when present).
+# The demo's models and data (the same commands as demo.sh, skipped when present).
 [ -f "$DEMO_DIR/tiny/config.json" ] || exgra-med make-tiny-model --out "$DEMO_DIR/tiny" --image-size 32 --patch-size 4 --seed "$SEED"
 [ -f "$DEMO_DIR/data/test.json" ] || exgra-med prepare easy-vqa --out "$DEMO_DIR/data" --max-images "${DEMO_IMAGES:-4000}" --seed "$SEED"
-[ -f "$DEMO_DIR/tower/config.json" ] || exgra-med pretrain-tower --tower "$DEMO_DIR/tiny/vision" --tokenizer "$DEMO_DIR/tiny/llm" \
+[ -f "$DEMO_DIR/tower/config.json" ] || python -m examples.easy_vqa.tower --tower "$DEMO_DIR/tiny/vision" --tokenizer "$DEMO_DIR/tiny/llm" \
   --data "$DEMO_DIR/data/alignment.json" --image-folder "$DEMO_DIR/data/images" --out "$DEMO_DIR/tower" \
   --steps "${TOWER_STEPS:-600}" --seed "$SEED"
 

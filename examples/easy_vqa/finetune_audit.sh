@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
-# Demo, last part (called by scripts/demo.sh): fine-tune the demo's stage-2 checkpoint on easy-VQA with
+# Demo, last part (called by examples/easy_vqa/demo.sh): fine-tune the demo's stage-2 checkpoint on easy-VQA with
 # scripts/finetune.sh (CPU settings), then one `exgra-med grounding-audit` (batch 16): the test questions answered
 # with the real, blank and shuffled images, scored beside two answer-prior baselines (majority answer, question
 # prior); the real-image answers are written as generate-vqa writes them and scored with the reference metrics.
 #
-#   DEMO_DIR=runs/demo bash scripts/demo_finetune.sh
+#   DEMO_DIR=runs/demo bash examples/easy_vqa/finetune_audit.sh
 # Needs DEMO_DIR/stage2 (stage-2 checkpoint) and DEMO_DIR/data (prepared easy-VQA).
 # BALANCE_YES_NO=1 fine-tunes on train.json with its yes/no questions balanced (`exgra-med subsample
 # --balance-yes-no`: per question text as many yes as no answers), which takes the wording's prior away from the
 # yes/no answers (86% of easy-VQA's are predicted by the question alone); measured in the README's demo section.
 # FINETUNE_DATA=F fine-tunes on the VQA records of F instead of DEMO_DIR/data/train.json (e.g. the rationale answers
-# of `python -m benchmarks.rationale_answers`); FINETUNE_OUT (default DEMO_DIR/finetune) keeps such a run apart.
+# of `python -m examples.easy_vqa.rationale_answers`); FINETUNE_OUT (default DEMO_DIR/finetune) keeps such a run apart.
 # Variables: DEMO_DIR, FINETUNE_STEPS (default 600), BATCH (32), FINETUNE_LR (3e-3), TEST_QUESTIONS
 # (seeded subset of test.json, default 600; 0 = all), EVAL_BATCH (16), MAX_NEW_TOKENS (8), SEED, CONV_MODE (the
 # template of fine-tuning and evaluation; default: the one the stage-2 checkpoint was trained with).
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."  # the repository root
 
 DEMO_DIR=${DEMO_DIR:-runs/demo}
 FINETUNE_STEPS=${FINETUNE_STEPS:-600}
@@ -27,8 +27,8 @@ DATA="$DEMO_DIR/data"
 OUT=${FINETUNE_OUT:-$DEMO_DIR/finetune}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 export NPROC_PER_NODE=${NPROC_PER_NODE:-1} MASTER_PORT=${MASTER_PORT:-29512}
-[ -f "$DEMO_DIR/stage2/config.json" ] || { echo "demo_finetune.sh: no stage-2 checkpoint in $DEMO_DIR/stage2" >&2; exit 2; }
-[ -f "$DATA/test.json" ] || { echo "demo_finetune.sh: no prepared easy-VQA in $DATA" >&2; exit 2; }
+[ -f "$DEMO_DIR/stage2/config.json" ] || { echo "finetune_audit.sh: no stage-2 checkpoint in $DEMO_DIR/stage2" >&2; exit 2; }
+[ -f "$DATA/test.json" ] || { echo "finetune_audit.sh: no prepared easy-VQA in $DATA" >&2; exit 2; }
 CONV_MODE=${CONV_MODE:-$(python -c "import json,sys; print(json.load(open(sys.argv[1])).get('conv_template') or 'llava_med')" "$DEMO_DIR/stage2/config.json")}
 
 # The GPU recipe, made small: no per-epoch val scoring or checkpoints, a fixed number of steps.
@@ -40,8 +40,8 @@ CPU_ARGS=(--bf16 False --activation_checkpointing False --dataloader_num_workers
 
 TRAIN_DATA=()
 if [ -n "${FINETUNE_DATA:-}" ]; then
-  [ -f "$FINETUNE_DATA" ] || { echo "demo_finetune.sh: FINETUNE_DATA=$FINETUNE_DATA not found" >&2; exit 2; }
-  [ "${BALANCE_YES_NO:-0}" = 1 ] && { echo "demo_finetune.sh: set FINETUNE_DATA or BALANCE_YES_NO, not both" >&2; exit 2; }
+  [ -f "$FINETUNE_DATA" ] || { echo "finetune_audit.sh: FINETUNE_DATA=$FINETUNE_DATA not found" >&2; exit 2; }
+  [ "${BALANCE_YES_NO:-0}" = 1 ] && { echo "finetune_audit.sh: set FINETUNE_DATA or BALANCE_YES_NO, not both" >&2; exit 2; }
   TRAIN_DATA=(--data_path "$FINETUNE_DATA")
 elif [ "${BALANCE_YES_NO:-0}" = 1 ]; then
   mkdir -p "$OUT.data"

@@ -1,18 +1,20 @@
-"""`exgra-med pretrain-tower`: contrastive pre-training of a CLIP vision tower on image-caption records."""
+"""examples/easy_vqa/tower.py: contrastive pre-training of the demo's CLIP vision tower on image-caption records."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image, ImageDraw
 from transformers import CLIPVisionModel
 
-from exgra_med.train.tower import TowerPretrainConfig, pretrain_tower, tokenize_captions
+from examples.easy_vqa.tower import TowerPretrainConfig, pretrain_tower, tokenize_captions
 
+REPO = Path(__file__).resolve().parents[3]
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 180, 30)}
 
 
@@ -92,8 +94,7 @@ def test_bad_input_fails_before_training_with_one_line(tiny_model_dir, caption_d
     cmd = [
         sys.executable,
         "-m",
-        "exgra_med.cli",
-        "pretrain-tower",
+        "examples.easy_vqa.tower",
         "--tower",
         str(tiny_model_dir / "vision"),
         "--tokenizer",
@@ -105,7 +106,8 @@ def test_bad_input_fails_before_training_with_one_line(tiny_model_dir, caption_d
         "--out",
         str(tmp_path / "out"),
     ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("python -m examples.easy_vqa.tower: error: ")
     assert "missing.png" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
