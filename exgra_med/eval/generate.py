@@ -36,7 +36,15 @@ from exgra_med.data.records import question_text
 from exgra_med.errors import UserError, one_line
 from exgra_med.eval.launch import get_chunk, read_answer_lines
 from exgra_med.io import read_json
-from exgra_med.model.auto import LoadOptions, backend_for, choose_setting, load_backend, model_family, recorded_settings
+from exgra_med.model.auto import (
+    DTYPES,
+    LoadOptions,
+    backend_for,
+    choose_setting,
+    load_backend,
+    model_family,
+    recorded_settings,
+)
 from exgra_med.model.backend import Backend, Prompt
 from exgra_med.model.hub import resolve_path
 from exgra_med.model.native.backend import CHAT_TEMPLATE_NAME
@@ -263,14 +271,6 @@ def load_questions(path: str | os.PathLike) -> list[dict]:
     return records
 
 
-def _device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype | None]:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        return device, (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    return device, {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
 def add_model_args(parser: argparse.ArgumentParser, max_new_tokens: int = 1024, temperature: float = 0.0) -> None:
     """Flags shared by `generate-vqa`, `zero-shot` and `grounding-audit`: the model, its device and the decoding
     settings (defaults: the reference's for the command)."""
@@ -292,7 +292,7 @@ def add_model_args(parser: argparse.ArgumentParser, max_new_tokens: int = 1024, 
                         help="square: the processor's resize + centre crop (reference); pad: pad to a square first "
                         f"(default: the one the checkpoint was trained with, else {DEFAULT_ASPECT_RATIO})")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES))
     parser.add_argument("--attn-implementation", default="sdpa")
     parser.add_argument("--seed", type=int, default=0, help="only matters with --temperature > 0")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -309,9 +309,11 @@ def load_model(args: argparse.Namespace) -> Backend:
     torch."""
     torch.manual_seed(args.seed)
     resolve_settings(args)
-    device, dtype = _device_and_dtype(args.device, args.dtype)
-    options = LoadOptions(device=device, dtype=dtype, attn_implementation=args.attn_implementation,
-                          template=args.conv_mode, image_aspect_ratio=args.image_aspect_ratio)
+    # "auto": LoadOptions' defaults (cuda when available; bfloat16 on CUDA, float32 on the CPU)
+    options = LoadOptions(device=None if args.device == "auto" else args.device,
+                          dtype=None if args.dtype == "auto" else DTYPES[args.dtype],
+                          attn_implementation=args.attn_implementation, template=args.conv_mode,
+                          image_aspect_ratio=args.image_aspect_ratio)
     return load_backend(args.model, options, default_template="simple")
 
 

@@ -18,6 +18,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 
 from exgra_med.conversation import get_template
 from exgra_med.data.images import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
+from exgra_med.errors import UserError
 from exgra_med.io import read_json
 from exgra_med.model.backend import Backend
 from exgra_med.model.checkpoint import load_model, resolve_dtype
@@ -27,12 +28,14 @@ from exgra_med.model.llava_backend import LlavaBackend
 from exgra_med.model.native.aligned import AlignedVLM
 from exgra_med.model.native.backend import CHAT_TEMPLATE_NAME, NativeBackend, load_native
 from exgra_med.model.native.backend import QUANT_SKIP_MODULES as NATIVE_QUANT_SKIP
-from exgra_med.model.quantization import QUANT_SKIP_MODULES, inference_bnb_config
+from exgra_med.model.quantization import QUANT_BITS, QUANT_SKIP_MODULES, inference_bnb_config
 from exgra_med.model.reference import is_reference_config
 
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("llava", "native")
+# The --dtype choices of the commands that load a model (default: `checkpoint.resolve_dtype`).
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Preprocessing and prompting choices a training run records in its checkpoint's config.json.
 RECORDED_SETTINGS = ("conv_template", "image_aspect_ratio")
 
@@ -41,7 +44,10 @@ def native_model_type(path: str | Path) -> str | None:
     """The `model_type` of a folder that `AutoModelForImageTextToText` loads in its own format (qwen2_5_vl, gemma3,
     llava_onevision, llava, ...), None for anything else: this project's checkpoints, released reference-layout
     LLaVA-Med folders (whose model_type is also "llava"), plain LLM folders, or a folder without config.json."""
-    config = _config(path)
+    return _native_type(_config(path))
+
+
+def _native_type(config: dict) -> str | None:
     model_type = config.get("model_type")
     if (model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or model_type == ExGraMedConfig.model_type
             or is_reference_config(config)):
@@ -77,9 +83,12 @@ def recorded_settings(path: str | Path) -> dict[str, str]:
     """The settings a checkpoint was trained with (`RECORDED_SETTINGS` found in its config.json), read without
     loading it; empty for folders that record none (older checkpoints, released models)."""
     try:
-        config = _config(resolve_model_path(path))
+        return _recorded(_config(resolve_model_path(path)))
     except (OSError, ValueError):
         return {}
+
+
+def _recorded(config: dict) -> dict[str, str]:
     return {k: config[k] for k in RECORDED_SETTINGS if isinstance(config.get(k), str) and config[k]}
 
 
@@ -108,8 +117,8 @@ class LoadOptions:
     image_aspect_ratio: str | None = None
 
     def __post_init__(self):
-        if self.bits not in (4, 8, 16):
-            raise ValueError(f"bits must be 4, 8 or 16, got {self.bits}")
+        if self.bits not in QUANT_BITS:
+            raise ValueError(f"bits must be one of {QUANT_BITS}, got {self.bits}")
         if self.image_aspect_ratio is not None and self.image_aspect_ratio not in ASPECT_RATIOS:
             raise ValueError(f"image_aspect_ratio must be one of {ASPECT_RATIOS}, got {self.image_aspect_ratio!r}")
 
@@ -126,11 +135,12 @@ def load_backend(path: str, options: LoadOptions | None = None, default_template
     device = options.device or default_device()
     dtype = resolve_dtype(options.dtype, device)
     folder = resolve_model_path(path)
-    recorded = recorded_settings(folder)
+    config = _config(folder)
+    recorded = _recorded(config)
     aspect = choose_setting("image_aspect_ratio", options.image_aspect_ratio, recorded, DEFAULT_ASPECT_RATIO, path)
-    if native_model_type(folder) is not None:
+    if _native_type(config) is not None:
         if options.vision_tower:
-            raise ValueError(f"--vision-tower: {path} is a transformers-native VLM with its own vision encoder")
+            raise UserError(f"--vision-tower: {path} is a transformers-native VLM with its own vision encoder")
         if options.template not in (None, CHAT_TEMPLATE_NAME):
             logger.warning("prompt template %s ignored: %s is a transformers-native VLM, prompted with its own chat "
                            "template", options.template, path)

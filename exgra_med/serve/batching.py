@@ -256,8 +256,6 @@ class BatchScheduler:
     def _run(self, jobs: list[Job]) -> None:
         engine = self.engine
         kwargs = engine.generate_kwargs(jobs[0].settings)
-        kwargs.pop("stop_strings", None)  # each row's AnswerFilter finds the stop string
-        kwargs.pop("tokenizer", None)
         kwargs["max_new_tokens"] = max(j.settings.max_new_tokens for j in jobs)
         eos_ids = set(engine.eos_token_ids)
         streamer = _RowStreamer(jobs, engine.tokenizer, eos_ids)

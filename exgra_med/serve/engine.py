@@ -164,14 +164,13 @@ class InferenceEngine:
         self.backend.generate([j.prompt for j in jobs], **generate_kwargs)
 
     def generate_kwargs(self, settings: GenerationSettings) -> dict:
-        """`generate` keyword arguments for `settings` (greedy or sampled, stop string, pad/eos ids)."""
+        """`generate` keyword arguments for `settings` (greedy or sampled, pad/eos ids); each row's `AnswerFilter` finds
+        the stop string (`batching`)."""
         kwargs = {
             "max_new_tokens": settings.max_new_tokens,
             "pad_token_id": self.backend.pad_token_id,
             "eos_token_id": sorted(self.eos_token_ids) or None,
         }
-        if self.template.stop_str:
-            kwargs.update(stop_strings=[self.template.stop_str], tokenizer=self.tokenizer)
         if settings.temperature > 0:
             kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
         else:

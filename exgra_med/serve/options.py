@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from exgra_med.conversation import TEMPLATES
 from exgra_med.data.images import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
-from exgra_med.model.auto import LoadOptions
+from exgra_med.model.auto import DTYPES, LoadOptions
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
