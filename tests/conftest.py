@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -115,3 +116,14 @@ def write_bomb_png(path, width: int = 30000, height: int = 30000):
 def bomb_png(tmp_path):
     """Path of a 30000 x 30000 PNG header in a few hundred bytes."""
     return write_bomb_png(tmp_path / "bomb.png")
+
+
+def small_easy_vqa(src: Path, dst: Path, n: dict[str, int]) -> Path:
+    """The first `n[split]` records of each split of the prepared easy-VQA `src`, its candidates and images (linked),
+    in `dst`."""
+    dst.mkdir()
+    for split, count in n.items():
+        (dst / f"{split}.json").write_text(json.dumps(json.loads((src / f"{split}.json").read_text())[:count]))
+    (dst / "candidate.json").write_text((src / "candidate.json").read_text())
+    (dst / "images").symlink_to(src / "images")
+    return dst

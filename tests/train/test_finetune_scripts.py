@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import small_easy_vqa
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -54,18 +56,9 @@ def test_extra_flags_and_variables_override(tmp_path):
     assert unknown.returncode != 0 and "set LR" in unknown.stderr
 
 
-def _small_data(src: Path, dst: Path, n: dict[str, int]) -> Path:
-    dst.mkdir()
-    for split, count in n.items():
-        (dst / f"{split}.json").write_text(json.dumps(json.loads((src / f"{split}.json").read_text())[:count]))
-    (dst / "candidate.json").write_text((src / "candidate.json").read_text())
-    (dst / "images").symlink_to(src / "images")
-    return dst
-
-
 @pytest.mark.slow
 def test_finetune_script_runs_on_cpu(tiny_model_dir, easy_vqa_dir, tmp_path):
-    data = _small_data(easy_vqa_dir, tmp_path / "data", {"train": 16, "val": 4, "test": 4})
+    data = small_easy_vqa(easy_vqa_dir, tmp_path / "data", {"train": 16, "val": 4, "test": 4})
     out = tmp_path / "ft"
     cpu = [
         "--use_cpu",
@@ -113,7 +106,7 @@ def test_finetune_script_runs_on_cpu(tiny_model_dir, easy_vqa_dir, tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_shard_and_gather_val_and_test_answers(tiny_model_dir, easy_vqa_dir, tmp_path):
-    data = _small_data(easy_vqa_dir, tmp_path / "data", {"train": 16, "val": 5, "test": 5})
+    data = small_easy_vqa(easy_vqa_dir, tmp_path / "data", {"train": 16, "val": 5, "test": 5})
     out = tmp_path / "ft"
     cpu = [
         "--use_cpu",

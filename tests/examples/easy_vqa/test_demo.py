@@ -14,6 +14,7 @@ import pytest
 
 from examples.easy_vqa.rationale import parse_rationale
 from examples.easy_vqa.rationale_answers import rationale_answers
+from tests.conftest import small_easy_vqa
 
 REPO = Path(__file__).resolve().parents[3]
 DEMO = REPO / "examples" / "easy_vqa"
@@ -23,16 +24,6 @@ def _env(**extra) -> dict:
     """The environment of a demo script: this interpreter's console scripts first on PATH, offline, one thread."""
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
             "OMP_NUM_THREADS": "1", **extra}
-
-
-def _small_data(src: Path, dst: Path, n: dict[str, int]) -> Path:
-    """The first `n[split]` records of each split of the prepared easy-VQA `src`, its candidates and images."""
-    dst.mkdir()
-    for split, count in n.items():
-        (dst / f"{split}.json").write_text(json.dumps(json.loads((src / f"{split}.json").read_text())[:count]))
-    (dst / "candidate.json").write_text((src / "candidate.json").read_text())
-    (dst / "images").symlink_to(src / "images")
-    return dst
 
 
 @pytest.mark.slow
@@ -92,7 +83,7 @@ def test_finetune_audit_on_another_train_file_prints_the_grounding_audit_and_sco
     demo = tmp_path / "demo"
     demo.mkdir()
     (demo / "stage2").symlink_to(tiny_model_dir)
-    data = _small_data(easy_vqa_dir, demo / "data", {"train": 64, "val": 4, "test": 40})
+    data = small_easy_vqa(easy_vqa_dir, demo / "data", {"train": 64, "val": 4, "test": 40})
     records, changed = rationale_answers(json.loads((data / "train.json").read_text()))
     assert changed > 0
     train = tmp_path / "train_rationale.json"
