@@ -68,8 +68,9 @@ def _reference_arrangement(model, batch: dict) -> torch.Tensor:
         labels=batch["labels"],
     )
     image = model.get_image_features(batch["pixel_values"]).mean(1)
-    response = pool_tokens(model.encode_texts(batch["response_ids"], batch["response_mask"]))
-    extended = pool_tokens(model.encode_texts(batch["extended_ids"], batch["extended_mask"]))
+    head, lm = model.alignment_head, model.language_model
+    response = pool_tokens(head.encode_texts(lm, batch["response_ids"], batch["response_mask"]))
+    extended = pool_tokens(head.encode_texts(lm, batch["extended_ids"], batch["extended_mask"]))
     return out.loss + model.config.alignment_config.alpha * model.alignment(image, response, extended).loss
 
 

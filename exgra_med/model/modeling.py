@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -20,6 +19,7 @@ from transformers import AutoModelForCausalLM, Cache, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from exgra_med.align.config import build_alignment_loss
+from exgra_med.model.alignment_head import AlignmentHead, AlignmentTexts
 from exgra_med.model.config import ExGraMedConfig
 from exgra_med.model.connector import (
     build_projector,
@@ -29,19 +29,8 @@ from exgra_med.model.connector import (
     pool_patches,
     select_features,
 )
-from exgra_med.model.packing import (
-    block_causal_mask,
-    images_in_row_order,
-    is_packed,
-    pack_texts,
-    packs_in_one_row,
-    segment_index,
-)
+from exgra_med.model.packing import images_in_row_order, is_packed, packs_in_one_row, segment_index
 from exgra_med.model.vision import VisionTower
-
-if TYPE_CHECKING:
-    from exgra_med.align.loss import AlignmentOutput
-    from exgra_med.model.packing import PackedTexts
 
 logger = logging.getLogger(__name__)
 
@@ -286,9 +275,8 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
             num_samples = response_ids.shape[0] if packed else input_ids.shape[0]  # packed: fillers are segments too
             if image_features is None or image_features.shape[0] != num_samples:
                 raise ValueError("the alignment loss needs exactly one image per sample in the batch")
-            align = self.alignment_loss(
-                image_features, response_ids, response_mask, extended_ids, extended_mask, packed=packed
-            )
+            texts = AlignmentTexts(response_ids, response_mask, extended_ids, extended_mask)
+            align = self.alignment_head(image_features, texts, self.language_model, packed=packed)
         loss = lm_loss if align is None else lm_loss + self.config.alignment_config.alpha * align.loss
         return ExGraMedOutput(
             loss=loss,
@@ -301,96 +289,10 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
             image_hidden_states=image_features,
         )
 
-    def encode_packed_texts(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, PackedTexts]:
-        """LLM last hidden states of right-padded texts (N, T) computed padding-free: the texts packed into rows
-        with positions restarting per text (`exgra_med.model.packing.pack_texts`), so that transformers confines
-        attention to each text. Returns the packed features (R, C, D) and the layout to pool or unpack them."""
-        one_row = packs_in_one_row(self.language_model.config._attn_implementation)
-        packed = pack_texts(ids, mask, one_row, fill_value=self.config.text_config.pad_token_id or 0)
-        decoder = self.language_model.get_decoder()
-        hidden = decoder(input_ids=packed.ids, position_ids=packed.position_ids, use_cache=False).last_hidden_state
-        return hidden, packed
-
-    def encode_texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Token features of alignment texts: LLM last hidden states (`after_de`) or input embeddings. (B, T, D)."""
-        if self.config.alignment_config.after_de:
-            return self.language_model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-        return self.get_input_embeddings()(ids)
-
-    def encode_text_pairs(
-        self, ids1: torch.Tensor, mask1: torch.Tensor, ids2: torch.Tensor, mask2: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token features of two texts per sample, (B, T1, D) and (B, T2, D), from ONE extra LLM pass.
-
-        Equal (up to rounding) to `encode_texts` on each text separately, the reference's two passes:
-        - packed (sdpa / eager attention): sample i's two texts side by side in one row of length T1 + T2, with
-          positions restarting at the second text and a block-causal mask (each token sees the non-padding tokens
-          of its own text up to itself, as in a separate pass), so no row is padded to the longer text;
-        - otherwise (e.g. flash-attention, which takes no custom mask): the 2B texts right-padded to max(T1, T2);
-          causal attention leaves the positions < T of each text unchanged.
-        """
-        t1, t2 = ids1.shape[1], ids2.shape[1]
-        if not self.config.alignment_config.after_de:
-            return self.encode_texts(ids1, mask1), self.encode_texts(ids2, mask2)
-        text_cfg = self.language_model.config
-        impl = getattr(text_cfg, "_attn_implementation", None)
-        window = getattr(text_cfg, "sliding_window", None)
-        if impl in ("sdpa", "eager") and (window is None or window >= max(t1, t2)):
-            ids = torch.cat([ids1, ids2], dim=1)  # (B, T1 + T2)
-            mask, positions = block_causal_mask(mask1, mask2, impl, self.get_input_embeddings().weight.dtype)
-            hidden = self.language_model.get_decoder()(
-                input_ids=ids, attention_mask=mask, position_ids=positions
-            ).last_hidden_state
-            return hidden[:, :t1], hidden[:, t1:]
-        b, t = ids1.shape[0], max(t1, t2)
-        pad_id = self.config.text_config.pad_token_id or 0
-        ids = torch.cat([_pad_right(ids1, t, pad_id), _pad_right(ids2, t, pad_id)])  # (2B, T)
-        mask = torch.cat([_pad_right(mask1, t, 0), _pad_right(mask2, t, 0)])
-        hidden = self.encode_texts(ids, mask)  # (2B, T, D)
-        return hidden[:b, :t1], hidden[b:, :t2]
-
-    def alignment_loss(
-        self,
-        image_features: torch.Tensor,
-        response_ids: torch.Tensor,
-        response_mask: torch.Tensor,
-        extended_ids: torch.Tensor | None,
-        extended_mask: torch.Tensor | None,
-        packed: bool = False,
-    ) -> AlignmentOutput:
-        """The configured alignment objective over image tokens, response text and (multi-graph) extended text.
-
-        `packed` (a padding-free batch): the `after_de` LLM pass over the texts runs padding-free as well whenever
-        the objective ignores padding (masked text means, the contrastive ablations); the reference's unmasked mean
-        averages the padding positions' states too, so it keeps the padded pass.
-        """
-        from exgra_med.align import pool_tokens
-
-        options = self.config.alignment_config
-        packed_texts = packed and options.after_de
-        if not options.multi_graph:
-            if packed_texts:
-                hidden, layout = self.encode_packed_texts(response_ids, response_mask)
-                text = layout.unpacked(hidden, tuple(response_ids.shape))  # (B, T, D), zeros at padding
-            else:
-                text = self.encode_texts(response_ids, response_mask)
-            return self.alignment(image_features, text, response_mask)
-        if extended_ids is None:
-            raise ValueError("multi_graph alignment needs extended_ids (records need `conversations_long`)")
-        image = image_features.mean(dim=1)  # (B, D)
-        if packed_texts and options.masked_mean:
-            b, t = response_ids.shape[0], max(response_ids.shape[1], extended_ids.shape[1])
-            ids = torch.cat([_pad_right(response_ids, t, 0), _pad_right(extended_ids, t, 0)])  # (2B, T)
-            mask = torch.cat([_pad_right(response_mask, t, 0), _pad_right(extended_mask, t, 0)])
-            hidden, layout = self.encode_packed_texts(ids, mask)  # the 2B texts, each attending to itself only
-            texts = layout.pooled(hidden, 2 * b)  # (2B, D): masked means
-            return self.alignment(image, texts[:b].to(image.dtype), texts[b:].to(image.dtype))
-        response_hidden, extended_hidden = self.encode_text_pairs(
-            response_ids, response_mask, extended_ids, extended_mask
-        )
-        response = pool_tokens(response_hidden, response_mask, masked=options.masked_mean)  # (B, D)
-        extended = pool_tokens(extended_hidden, extended_mask, masked=options.masked_mean)  # (B, D)
-        return self.alignment(image, response.to(image.dtype), extended.to(image.dtype))
+    @property
+    def alignment_head(self) -> AlignmentHead | None:
+        """The alignment head over this model's objective (`self.alignment`), None when the alignment is off."""
+        return None if self.alignment is None else AlignmentHead(self.alignment, self.config.alignment_config)
 
     # --- generation --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -410,9 +312,3 @@ class ExGraMedForConditionalGeneration(PreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
-
-def _pad_right(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
-    if x.shape[1] == length:
-        return x
-    pad = x.new_full((x.shape[0], length - x.shape[1]), value)
-    return torch.cat([x, pad], dim=1)

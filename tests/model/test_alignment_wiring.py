@@ -45,8 +45,9 @@ def test_after_de_runs_one_batched_pass_equal_to_separate_passes(tiny_model_dir,
     image, response, extended = seen["nodes"]
     with torch.no_grad():
         expected_image = model.get_image_features(batch["pixel_values"]).mean(1)
-        expected_response = pool_tokens(model.encode_texts(batch["response_ids"], batch["response_mask"]))
-        expected_extended = pool_tokens(model.encode_texts(batch["extended_ids"], batch["extended_mask"]))
+        head, lm = model.alignment_head, model.language_model
+        expected_response = pool_tokens(head.encode_texts(lm, batch["response_ids"], batch["response_mask"]))
+        expected_extended = pool_tokens(head.encode_texts(lm, batch["extended_ids"], batch["extended_mask"]))
     torch.testing.assert_close(image, expected_image)
     torch.testing.assert_close(response, expected_response, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(extended, expected_extended, rtol=1e-5, atol=1e-5)
@@ -74,11 +75,12 @@ def test_text_pair_pass_equals_separate_passes_at_every_position(tiny_model_dir,
         lambda mod, args, kwargs, out: rows.append(out.last_hidden_state.shape[0]), with_kwargs=True
     )
     with torch.no_grad():
-        h1, h2 = model.encode_text_pairs(ids1, mask1, ids2, mask2)
+        head, lm = model.alignment_head, model.language_model
+        h1, h2 = head.encode_text_pairs(lm, ids1, mask1, ids2, mask2)
     hook.remove()
     assert rows == [b if packed else 2 * b]
     with torch.no_grad():
-        r1, r2 = model.encode_texts(ids1, mask1), model.encode_texts(ids2, mask2)
+        r1, r2 = head.encode_texts(lm, ids1, mask1), head.encode_texts(lm, ids2, mask2)
     assert h1.shape == r1.shape and h2.shape == r2.shape
     torch.testing.assert_close(h1, r1, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h2, r2, rtol=1e-5, atol=1e-5)

@@ -87,8 +87,8 @@ def test_activation_checkpointing_applies_to_the_extra_text_pass(tiny_vlm, easy_
     model = _model(folder).train()
 
     def text_pass():
-        return model.encode_text_pairs(batch["response_ids"], batch["response_mask"], batch["extended_ids"],
-                                       batch["extended_mask"])
+        return model.alignment_head.encode_text_pairs(model.base_vlm, batch["response_ids"], batch["response_mask"],
+                                                      batch["extended_ids"], batch["extended_mask"])
 
     (plain_response, plain_extended), plain_bytes = _saved_bytes(text_pass)
     model.activation_checkpointing_enable()
@@ -137,7 +137,8 @@ def test_the_packed_text_pass_equals_a_pass_per_text(arch, tiny_vlm, long_texts)
     mask1, mask2 = torch.ones(3, t1, dtype=torch.long), torch.ones(3, t2, dtype=torch.long)
     mask1[0, 5:], mask1[2, 3:], mask2[1, t2 - 3:] = 0, 0, 0
     with torch.no_grad():
-        first, second = model.encode_text_pairs(ids1, mask1, ids2, mask2)
-        alone1, alone2 = model.encode_texts(ids1, mask1), model.encode_texts(ids2, mask2)
+        head = model.alignment_head
+        first, second = head.encode_text_pairs(model.base_vlm, ids1, mask1, ids2, mask2)
+        alone1, alone2 = head.encode_texts(model.base_vlm, ids1, mask1), head.encode_texts(model.base_vlm, ids2, mask2)
     torch.testing.assert_close(first[mask1.bool()], alone1[mask1.bool()], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(second[mask2.bool()], alone2[mask2.bool()], rtol=1e-4, atol=1e-5)

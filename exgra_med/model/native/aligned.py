@@ -5,9 +5,8 @@ loss (METHOD section 4, `loss = lm_loss + alpha * align_loss`):
 - image node of a sample: the model's own image features after its projector / merger (`image_outputs.pooler_output`
   of the forward that computes the LM loss, the output of `get_image_features`), mean over all tokens of all of that
   sample's images;
-- text nodes: the response and extended texts through the model's language model (`after_de`, its last hidden
-  states; one extra pass with both texts of a sample packed in one row, under the model's activation checkpointing)
-  or its input embeddings, mean over tokens (padding included unless `masked_mean`, as the reference).
+- text nodes and the loss: `exgra_med.model.alignment_head.AlignmentHead`, the one head of every model (the
+  response and extended texts through the model's language model, pooled, and the configured objective).
 The head's weights and options are saved beside the model in their own files (`ALIGNMENT_WEIGHTS`,
 `ALIGNMENT_CONFIG`), so a trained folder is still a plain checkpoint of the base architecture.
 """
@@ -25,7 +24,7 @@ from transformers.utils import ModelOutput
 
 from exgra_med.align.config import AlignmentConfig, build_alignment_loss
 from exgra_med.io import atomic_file, read_json, write_json_atomic
-from exgra_med.model.packing import block_causal_mask
+from exgra_med.model.alignment_head import AlignmentHead, AlignmentTexts
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +119,8 @@ class AlignedVLM(nn.Module):
         align = None
         if self.alignment is not None and response_ids is not None and labels is not None:
             image = self.image_nodes(getattr(out, "image_outputs", None), images_per_sample, input_ids.shape[0])
-            align = self.alignment_loss(image, response_ids, response_mask, extended_ids, extended_mask)
+            texts = AlignmentTexts(response_ids, response_mask, extended_ids, extended_mask)
+            align = self.alignment_head(image[:, None, :], texts, self.base_vlm)
         loss = out.loss if align is None else out.loss + self.alignment_config.alpha * align.loss
         return AlignedVLMOutput(loss=loss, lm_loss=out.loss, align_loss=None if align is None else align.loss,
                                 align_parts=None if align is None else dict(align.parts), logits=out.logits)
@@ -143,60 +143,10 @@ class AlignedVLM(nn.Module):
             start += n
         return torch.stack(nodes)  # (B, D)
 
-    def encode_texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Token features of alignment texts (B, T, D): the language model's last hidden states (`after_de`) or the
-        input embeddings."""
-        if self.alignment_config.after_de:
-            return self.language_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        return self.get_input_embeddings()(ids)
-
-    def encode_text_pairs(self, ids1: torch.Tensor, mask1: torch.Tensor, ids2: torch.Tensor,
-                          mask2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token features of both texts of every sample, (B, T1, D) and (B, T2, D), from ONE extra pass.
-
-        `after_de` with sdpa / eager attention: each sample's two texts side by side in one row (T1 + T2), positions
-        restarting at the second text and a block-causal mask, as in `ExGraMedForConditionalGeneration`: the same
-        hidden states as a pass per text, for the tokens of the texts only. Otherwise (flash attention, or a sliding
-        window shorter than a text) the 2B texts right padded to the longer length.
-        """
-        t1, t2, b = ids1.shape[1], ids2.shape[1], ids1.shape[0]
-        if not self.alignment_config.after_de:
-            return self.encode_texts(ids1, mask1), self.encode_texts(ids2, mask2)
-        text_config = self.config.get_text_config()
-        impl = getattr(text_config, "_attn_implementation", None)
-        window = getattr(text_config, "sliding_window", None)
-        if impl in ("sdpa", "eager") and (window is None or window >= max(t1, t2)):
-            ids = torch.cat([ids1, ids2], dim=1)  # (B, T1 + T2)
-            mask, positions = block_causal_mask(mask1, mask2, impl, self.get_input_embeddings().weight.dtype)
-            hidden = self.language_model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                         use_cache=False).last_hidden_state
-            return hidden[:, :t1], hidden[:, t1:]
-        t = max(t1, t2)
-        pad_id = text_config.pad_token_id or 0
-
-        def pad(x: torch.Tensor, value: int) -> torch.Tensor:
-            return torch.cat([x, x.new_full((b, t - x.shape[1]), value)], dim=1) if x.shape[1] < t else x
-
-        hidden = self.encode_texts(torch.cat([pad(ids1, pad_id), pad(ids2, pad_id)]),
-                                   torch.cat([pad(mask1, 0), pad(mask2, 0)]))  # (2B, T, D)
-        return hidden[:b, :t1], hidden[b:, :t2]
-
-    def alignment_loss(self, image: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor,
-                       extended_ids: torch.Tensor | None, extended_mask: torch.Tensor | None):
-        """The configured objective over the image nodes (B, D), the response and (multi-graph) extended texts."""
-        from exgra_med.align import pool_tokens
-
-        options = self.alignment_config
-        if not options.multi_graph:  # contrastive ablation: "average" similarity of the pooled image node
-            text = self.encode_texts(response_ids, response_mask)
-            return self.alignment(image[:, None, :], text, response_mask)
-        if extended_ids is None:
-            raise ValueError("multi_graph alignment needs extended_ids (records need `conversations_long`)")
-        response_hidden, extended_hidden = self.encode_text_pairs(response_ids, response_mask, extended_ids,
-                                                                  extended_mask)
-        response = pool_tokens(response_hidden, response_mask, masked=options.masked_mean)  # (B, D)
-        extended = pool_tokens(extended_hidden, extended_mask, masked=options.masked_mean)  # (B, D)
-        return self.alignment(image, response.to(image.dtype), extended.to(image.dtype))
+    @property
+    def alignment_head(self) -> AlignmentHead | None:
+        """The alignment head over this model's objective (`self.alignment`), None when the alignment is off."""
+        return None if self.alignment is None else AlignmentHead(self.alignment, self.alignment_config)
 
 
 # --- the head's files --------------------------------------------------------------------------------------
