@@ -1,10 +1,8 @@
 """Training entry point: `exgra-med train ...` or `torchrun -m exgra_med.train ...`.
 
-Stage 1: `--tune_mm_mlp_adapter True` trains and saves only the projector and the `<im_start>`/`<im_end>`
-input embeddings (`--tune_im_start_end False`: the projector alone).
-Stage 2: `--pretrain_mm_mlp_adapter DIR` loads both and trains projector + LLM (+ the alignment GNN with
-`--contrastive True --multi_graph True --after_de True`).
-Fine-tuning: `--model_name_or_path` an ExGra-Med checkpoint (e.g. the stage-2 output).
+One pipeline for every model: `train` runs a stage (pre-training, stage 2 with the alignment, fine-tuning) of the
+LLaVA-style model (`exgra_med.train.llava`: the stages) or of a transformers-native VLM (`exgra_med.train.native`),
+asking the model's family (`exgra_med.train.families`) only for the parts that differ.
 """
 
 from __future__ import annotations
@@ -14,38 +12,20 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import transformers
 from transformers import HfArgumentParser, set_seed
 
-from exgra_med.data.collate import DataCollator
-from exgra_med.data.dataset import SupervisedDataset
 from exgra_med.model.auto import model_family, resolve_model_path
-from exgra_med.model.delimiters import delimiter_ids, train_only_rows
-from exgra_med.model.hub import resolve_path
-from exgra_med.model.loading import (
-    ConnectorOptions,
-    build_from_parts,
-    is_exgra_med_checkpoint,
-    load_pretrained,
-    load_projector,
-    save_projector,
-)
-from exgra_med.model.packing import packs_in_one_row
 from exgra_med.train.args import DataArguments, ModelArguments, TrainingArguments
+from exgra_med.train.families import TrainingFamily, train_dtype
 from exgra_med.train.inputs import resume_arg, validate_inputs
-from exgra_med.train.native import train_native
+from exgra_med.train.llava import LlavaTraining
+from exgra_med.train.native import NativeTraining
 from exgra_med.train.recipes import RECIPE_SUFFIXES, RecipeError, parse_with_recipe, write_resolved_recipe
 from exgra_med.train.trainer import ExGraMedTrainer
-from exgra_med.train.vqa_eval import (
-    VQAGenerationSettings,
-    VQAScoringTrainer,
-    check_eval_schedule,
-    finish_with_test,
-    vqa_splits,
-)
+from exgra_med.train.vqa_eval import VQAGenerationSettings, check_eval_schedule, finish_with_test, vqa_splits
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +46,6 @@ def parse_args_and_recipe(argv: Sequence[str] | None) -> tuple[tuple, dict]:
         raise
     except ValueError as e:  # a dataclass's __post_init__ (ours or TrainingArguments') refused a value
         parser.error(" ".join(str(e).split()))
-
-
-def _dtype(args: TrainingArguments) -> torch.dtype | None:
-    if args.bf16:
-        return torch.bfloat16
-    if args.fp16:
-        return torch.float16
-    return None
 
 
 def _zero_stage(training_args: TrainingArguments) -> int:
@@ -99,7 +71,7 @@ def check_environment(model_args: ModelArguments, training_args: TrainingArgumen
         if training_args.fsdp or _zero_stage(training_args) == 3:
             raise UserError(f"--bits {model_args.bits} (QLoRA) runs with DDP or DeepSpeed ZeRO-2, not with FSDP or "
                             "ZeRO-3 (they shard the weights bitsandbytes packs); drop --fsdp or use zero2.json")
-        check_bitsandbytes(model_args.bits, training_args.device, _dtype(training_args) or torch.float32,
+        check_bitsandbytes(model_args.bits, training_args.device, train_dtype(training_args) or torch.float32,
                            model_args.quant_type)
     if training_args.use_liger_kernel:
         from exgra_med.model.liger import check_liger, llm_model_type
@@ -109,223 +81,55 @@ def check_environment(model_args: ModelArguments, training_args: TrainingArgumen
         check_liger(training_args.device, model_type)
 
 
-def build_model(model_args: ModelArguments, training_args: TrainingArguments):
-    """(model, tokenizer, image processor) from parts or from an ExGra-Med checkpoint, trainable parts set; with
-    `--bits 4|8` the LLM loads quantised (projector and alignment head in float32), with `--use_liger_kernel` it
-    runs Liger's kernels."""
-    dtype = _dtype(training_args)
-    quant, device = None, None
-    if model_args.bits < 16:
-        from exgra_med.model.quantization import bnb_config
-
-        quant = bnb_config(model_args.bits, dtype or torch.float32, model_args.double_quant, model_args.quant_type)
-        device = training_args.device  # bitsandbytes quantises while placing the weights
-    # The run's seed seeds the alignment's generator when the module is built (the checkpoint records it).
-    alignment = model_args.alignment_config(seed=training_args.seed)
-    if training_args.deepspeed and torch.distributed.is_available() and torch.distributed.is_initialized():
-        import deepspeed
-
-        # ZeRO-3 partitions the weights while loading, with a DeepSpeed config that reads the world size from
-        # DeepSpeed's own communicator: register the process group accelerate already started (on GPUs accelerate
-        # does this itself; on CPU it does not, and ZeRO-3 then sees one rank).
-        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
-    model_path = resolve_path(model_args.model_name_or_path, "model", require=("config.json",))  # or a Hub id
-    if training_args.padding_free:  # from the config alone, before any weights are read
-        check_llm_packs(model_path, model_args.attn_implementation)
-    if is_exgra_med_checkpoint(model_path):
-        model, tokenizer, processor = load_pretrained(
-            model_path, dtype=dtype, attn_implementation=model_args.attn_implementation,
-            alignment_config=alignment,  # the flags replace the checkpoint's alignment options
-            quantization_config=quant, device=device,
-        )
-        model.train()
-        if model.alignment is None and alignment.enabled:
-            from exgra_med.model.modeling import build_alignment
-
-            # In the loaded weights' dtype: DeepSpeed ZeRO-3 flattens each parameter group into one buffer.
-            model.alignment = build_alignment(model.config).to(device=device, dtype=model.dtype)
-        if quant is not None:  # the trained parts in full precision next to the quantised LLM
-            for part in (model.mm_projector, model.alignment):
-                if part is not None:
-                    part.float()
-    else:
-        if model_args.vision_tower is None:
-            raise ValueError(f"--vision_tower is required when {model_args.model_name_or_path} is a plain LLM folder")
-        options = ConnectorOptions(
-            mm_projector_type=model_args.mm_projector_type,
-            mm_dense_connector_type=model_args.mm_dense_connector_type,
-            num_l=model_args.num_l,
-            mm_spatial_pool_stride=model_args.mm_spatial_pool_stride,
-            mm_vision_select_layer=model_args.mm_vision_select_layer,
-            mm_vision_select_feature=model_args.mm_vision_select_feature,
-            mm_use_im_start_end=model_args.mm_use_im_start_end,
-            alignment=alignment,
-        )
-        model, tokenizer, processor = build_from_parts(
-            model_path, model_args.vision_tower, options, dtype, model_args.attn_implementation,
-            quantization_config=quant, device=device,
-        )
-    if model_args.pretrain_mm_mlp_adapter:
-        load_projector(model, model_args.pretrain_mm_mlp_adapter)
-    set_trainable(model, model_args, training_args.activation_checkpointing)
-    if training_args.use_liger_kernel:
-        from exgra_med.model.liger import apply_liger
-
-        apply_liger(model, **(training_args.liger_kernel_config or {}))
-    return model, tokenizer, processor
+FAMILIES: dict[str, type[TrainingFamily]] = {"llava": LlavaTraining, "native": NativeTraining}
 
 
-def check_padding_free_flags(model_args: ModelArguments, training_args: TrainingArguments) -> None:
-    """`--padding_free True` needs an attention implementation that confines attention to each packed sample."""
-    from exgra_med.model.packing import check_attention_packs
-
-    if training_args.padding_free:
-        check_attention_packs(model_args.attn_implementation)
-
-
-def check_llm_packs(model_path: str, attn_implementation: str) -> None:
-    """Refuse `--padding_free True` for an LLM (plain folder or inside an ExGra-Med checkpoint) that cannot pack."""
-    from transformers import AutoConfig
-
-    from exgra_med.model.packing import check_padding_free
-
-    config = AutoConfig.from_pretrained(model_path)
-    check_padding_free(getattr(config, "text_config", config), attn_implementation)
-
-
-def set_trainable(model, model_args: ModelArguments, activation_checkpointing: bool = False) -> None:
-    """Stage 1: the projector (and, as the reference, the `<im_start>`/`<im_end>` input embeddings). Otherwise
-    projector + LLM (+ alignment), or LoRA adapters on the LLM (on its quantised weights with `--bits 4|8`)."""
-    model.requires_grad_(False)
-    model.mm_projector.requires_grad_(True)
-    if model.alignment is not None:
-        model.alignment.requires_grad_(True)
-    if model_args.tune_mm_mlp_adapter:
-        ids = delimiter_ids(model)
-        if model_args.tune_im_start_end and ids:
-            train_only_rows(model.get_input_embeddings(), ids)
-        return
-    if model_args.lora_enable:
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-        quantized = model_args.bits < 16
-        if quantized:  # LLM frozen, its unquantised parts (norms, embeddings, head) in float32, as QLoRA does
-            model.language_model = prepare_model_for_kbit_training(
-                model.language_model, use_gradient_checkpointing=activation_checkpointing
-            )
-
-        lora = LoraConfig(
-            r=model_args.lora_r,
-            lora_alpha=model_args.lora_alpha,
-            lora_dropout=model_args.lora_dropout,
-            target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        )
-        # Adapters in the base weights' dtype (PEFT would upcast them to float32 under bf16): ZeRO-3 flattens each
-        # parameter group into one buffer and refuses mixed dtypes. QLoRA (no ZeRO-3) keeps float32 adapters.
-        model.language_model = get_peft_model(model.language_model, lora, autocast_adapter_dtype=quantized)
-        model.config.lora_alpha = model_args.lora_alpha  # recorded in every checkpoint for `merge-lora`
-    elif not model_args.freeze_backbone:
-        model.language_model.requires_grad_(True)
-    if not model.config.freeze_vision_tower:
-        model.vision_tower.requires_grad_(True)
+def training_family(model_name_or_path: str) -> TrainingFamily:
+    """The family of the model a run trains (`model_family`: a transformers-native VLM folder, else LLaVA-style)."""
+    family = model_family(model_name_or_path)
+    path = resolve_model_path(model_name_or_path) if family == "native" else model_name_or_path
+    return FAMILIES[family](path)
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> ExGraMedTrainer:
-    """Run one training stage and save its result in `output_dir` (a transformers-native VLM: `train.native`)."""
-    if model_family(model_args.model_name_or_path) == "native":
-        return train_native(resolve_model_path(model_args.model_name_or_path), model_args, data_args, training_args)
+    """Run one training stage and save its result in `output_dir`: the one pipeline of every model family
+    (`exgra_med.train.families`)."""
+    family = training_family(model_args.model_name_or_path)
     set_seed(training_args.seed)
+    family.check_flags(model_args, training_args)
     check_environment(model_args, training_args)
-    check_padding_free_flags(model_args, training_args)
     alignment = model_args.alignment_config(seed=training_args.seed).enabled
-    records = validate_inputs(model_args, data_args, alignment)
+    records = validate_inputs(model_args, data_args, alignment, multi_image=family.multi_image)
     # Fine-tuning: VQA answers generated on val at each evaluation (eval_val_*), on test at the end (eval_test_*).
     val_split, test_split = vqa_splits(data_args, data_args.image_folder)
     check_eval_schedule(training_args, val_split)
-    model, tokenizer, processor = build_model(model_args, training_args)
+    built = family.build(model_args, training_args)
     # Recorded in every checkpoint: evaluation and serving prompt and preprocess as in training.
-    model.config.conv_template = data_args.conv_template
-    model.config.image_aspect_ratio = data_args.image_aspect_ratio
-    dataset = SupervisedDataset(
-        data_args.data_path,
-        data_args.image_folder,
-        tokenizer,
-        processor,
-        num_image_tokens=model.num_image_tokens,
-        mm_use_im_start_end=model.config.mm_use_im_start_end,
-        template=data_args.conv_template,
-        image_aspect_ratio=data_args.image_aspect_ratio,
-        max_length=training_args.model_max_length,
-        alignment=model.alignment is not None,
-        records=records if (model.alignment is not None) == alignment else None,
-    )
-    # Padding-free rows: one row for attention that skips the other samples' keys, else rows of bounded length.
-    one_row = packs_in_one_row(model.language_model.config._attn_implementation)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info("%d training records; %.2fM trainable parameters", len(dataset), n_train / 1e6)
-    trainer = VQAScoringTrainer(
-        model=model,
+    family.record_settings(built, data_args)
+    dataset = family.dataset(built, data_args, training_args, records, alignment)
+    n_train = sum(p.numel() for p in built.model.parameters() if p.requires_grad)
+    logger.info("%s (%s): %d training records; %.2fM trainable parameters", model_args.model_name_or_path,
+                built.model.config.model_type, len(dataset), n_train / 1e6)
+    trainer = family.trainer_class(
+        model=built.model,
         args=training_args,
         train_dataset=dataset,
         eval_dataset=val_split,
-        data_collator=DataCollator(tokenizer, padding_free=training_args.padding_free, one_row=one_row),
-        processing_class=tokenizer,
-        projector_only=model_args.tune_mm_mlp_adapter,
-        image_processor=processor,
+        data_collator=family.collator(built, training_args),
+        processing_class=built.processing,
         vqa_settings=VQAGenerationSettings(
             batch_size=data_args.eval_batch_size,
             max_new_tokens=data_args.eval_max_new_tokens,
             image_aspect_ratio=data_args.image_aspect_ratio,
         ),
+        **family.trainer_kwargs(built, model_args),
     )
-    resume = resume_arg(training_args.resume_from_checkpoint, training_args.output_dir)
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=resume_arg(training_args.resume_from_checkpoint, training_args.output_dir))
     trainer.save_state()
-    save_final(trainer, model_args)
+    family.save_final(trainer, model_args)
     if test_split is not None:
         finish_with_test(trainer, test_split)
     return trainer
-
-
-def save_final(trainer: ExGraMedTrainer, model_args: ModelArguments) -> None:
-    """Stage 1: `mm_projector.safetensors` only (projector + delimiter embeddings). Otherwise a full checkpoint (LoRA
-    merged) loadable everywhere."""
-    out = trainer.args.output_dir
-    if model_args.lora_enable:
-        save_merged_lora(trainer, Path(out), model_args.lora_alpha)
-        return
-    if model_args.tune_mm_mlp_adapter:
-        if trainer.args.should_save:
-            model = trainer.accelerator.unwrap_model(trainer.model)
-            save_projector(model, out)
-            model.config.save_pretrained(out)
-        return
-    trainer.save_model(out)  # with the tokenizer and image processor (ExGraMedTrainer._save)
-
-
-def save_merged_lora(trainer: ExGraMedTrainer, out: Path, lora_alpha: float) -> None:
-    """Save a LoRA run as a plain checkpoint with the adapters folded in, under any back end.
-
-    Every rank takes part in saving the adapter-carrying model (ZeRO-3 and FSDP gather their shards collectively);
-    the writing process (global rank 0) then merges the saved weights file by file (`merge-lora`'s code) and moves
-    the result into `out`.
-    """
-    import shutil
-
-    from exgra_med.model.lora import merge_lora_checkpoint
-
-    unmerged, merged = out / "lora-unmerged", out / ".lora-merged"
-    trainer.save_model(str(unmerged))
-    trainer.accelerator.wait_for_everyone()
-    if trainer.args.should_save:  # the process that saved `unmerged` (the Trainer's writer) merges it
-        shutil.rmtree(merged, ignore_errors=True)
-        merge_lora_checkpoint(unmerged, merged, float(lora_alpha))
-        for item in merged.iterdir():
-            os.replace(item, out / item.name)
-        merged.rmdir()
-        shutil.rmtree(unmerged)
-    trainer.accelerator.wait_for_everyone()
 
 
 def _shutdown_distributed() -> None:

@@ -1,7 +1,8 @@
-"""`exgra-med train --model_name_or_path <native VLM folder>`: stage 2 (with the alignment) and fine-tuning of a
-transformers-native VLM, with the same flags, recipes, back ends (DDP, DeepSpeed ZeRO-2/3, FSDP with the model's
-`_no_split_modules` as wrap classes) and outputs as the LLaVA path (`exgra_med.model.native.training` builds and
-saves the model).
+"""Training a transformers-native VLM (`exgra-med train --model_name_or_path <native VLM folder>`): stage 2 (with the
+alignment) and fine-tuning, through the one pipeline of `exgra_med.train.main.train` with the same flags, recipes,
+back ends (DDP, DeepSpeed ZeRO-2/3, FSDP with the model's `_no_split_modules` as wrap classes) and outputs as the
+LLaVA-style model. Records go through the model's own processor and chat template (`exgra_med.data.chat`);
+`exgra_med.model.native.training` builds and saves the model.
 """
 
 from __future__ import annotations
@@ -10,20 +11,13 @@ import logging
 import os
 
 import torch
-from transformers import set_seed
 
 from exgra_med.data.chat import ChatEncoder, NativeCollator, NativeDataset, stop_strings
 from exgra_med.errors import UserError
 from exgra_med.model.native.training import build_native_model, check_native_flags, load_native_weights, save_native
 from exgra_med.train.args import DataArguments, ModelArguments, TrainingArguments
-from exgra_med.train.inputs import resume_arg, validate_inputs
-from exgra_med.train.vqa_eval import (
-    VQAGenerationSettings,
-    VQAScoringTrainer,
-    check_eval_schedule,
-    finish_with_test,
-    vqa_splits,
-)
+from exgra_med.train.families import Built, TrainingFamily
+from exgra_med.train.vqa_eval import VQAScoringTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -70,41 +64,40 @@ def _pad_id(tokenizer) -> int:
     return int(pad)
 
 
-def train_native(path: str, model_args: ModelArguments, data_args: DataArguments,
-                 training_args: TrainingArguments) -> NativeTrainer:
-    """One training stage of the native VLM in `path`; saves its result in `output_dir` (see the module docstring)."""
-    set_seed(training_args.seed)
-    check_native_flags(model_args, training_args)
-    alignment = model_args.alignment_config(seed=training_args.seed)
-    if alignment.enabled and not alignment.multi_graph and alignment.simi_type != "average":
-        raise UserError(f"--simi_type {alignment.simi_type}: native VLMs support the contrastive ablation with "
-                        "--simi_type average (image tokens differ in number between samples)")
-    records = validate_inputs(model_args, data_args, alignment.enabled, multi_image=True)
-    val_split, test_split = vqa_splits(data_args, data_args.image_folder)
-    check_eval_schedule(training_args, val_split)
-    model, processor = build_native_model(path, model_args, training_args)
-    model.config.image_aspect_ratio = data_args.image_aspect_ratio  # recorded: evaluation and serving read it
-    if data_args.conv_template != "llava_med":
-        logger.warning("--conv_template %s is not used: %s renders records with its own chat template",
-                       data_args.conv_template, path)
-    encoder = ChatEncoder(processor, stop_strings(processor, model.generation_config), data_args.image_aspect_ratio)
-    dataset = NativeDataset(data_args.data_path, data_args.image_folder, encoder,
-                            max_length=training_args.model_max_length, alignment=model.alignment is not None,
-                            records=records)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info("%s (%s): %d training records; %.2fM trainable parameters", path, model.config.model_type,
-                len(dataset), n_train / 1e6)
-    trainer = NativeTrainer(
-        model=model, args=training_args, train_dataset=dataset, eval_dataset=val_split,
-        data_collator=NativeCollator(_pad_id(processor.tokenizer)), processing_class=processor,
-        lora_alpha=model_args.lora_alpha,
-        vqa_settings=VQAGenerationSettings(batch_size=data_args.eval_batch_size,
-                                           max_new_tokens=data_args.eval_max_new_tokens,
-                                           image_aspect_ratio=data_args.image_aspect_ratio),
-    )
-    trainer.train(resume_from_checkpoint=resume_arg(training_args.resume_from_checkpoint, training_args.output_dir))
-    trainer.save_state()
-    trainer.save_model(training_args.output_dir)
-    if test_split is not None:
-        finish_with_test(trainer, test_split)
-    return trainer
+class NativeTraining(TrainingFamily):
+    """A transformers-native VLM's parts of a training stage (see the module docstring)."""
+
+    multi_image = True
+    trainer_class = NativeTrainer
+
+    def check_flags(self, model_args: ModelArguments, training_args: TrainingArguments) -> None:
+        check_native_flags(model_args, training_args)
+        alignment = model_args.alignment_config(seed=training_args.seed)
+        if alignment.enabled and not alignment.multi_graph and alignment.simi_type != "average":
+            raise UserError(f"--simi_type {alignment.simi_type}: native VLMs support the contrastive ablation with "
+                            "--simi_type average (image tokens differ in number between samples)")
+
+    def build(self, model_args: ModelArguments, training_args: TrainingArguments) -> Built:
+        model, processor = build_native_model(self.path, model_args, training_args)
+        return Built(model, processor)
+
+    def record_settings(self, built: Built, data_args: DataArguments) -> None:
+        super().record_settings(built, data_args)
+        if data_args.conv_template != "llava_med":
+            logger.warning("--conv_template %s is not used: %s renders records with its own chat template",
+                           data_args.conv_template, self.path)
+
+    def dataset(self, built: Built, data_args: DataArguments, training_args: TrainingArguments,
+                records: list[dict], alignment: bool) -> NativeDataset:
+        processor = built.processing
+        encoder = ChatEncoder(processor, stop_strings(processor, built.model.generation_config),
+                              data_args.image_aspect_ratio)
+        return NativeDataset(data_args.data_path, data_args.image_folder, encoder,
+                             max_length=training_args.model_max_length, alignment=built.model.alignment is not None,
+                             records=records)
+
+    def collator(self, built: Built, training_args: TrainingArguments) -> NativeCollator:
+        return NativeCollator(_pad_id(built.processing.tokenizer))
+
+    def trainer_kwargs(self, built: Built, model_args: ModelArguments) -> dict:
+        return {"lora_alpha": model_args.lora_alpha}

@@ -11,7 +11,7 @@ from exgra_med.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DE
 from exgra_med.model.checkpoint import load_model
 from exgra_med.model.lora import merge_lora_state_dict
 from exgra_med.train.args import ModelArguments
-from exgra_med.train.main import set_trainable
+from exgra_med.train.llava import set_trainable
 
 LORA_ALPHA = 8
 

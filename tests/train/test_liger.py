@@ -85,7 +85,7 @@ def test_kernels_are_patched_onto_the_llm_inside_the_model(lora, tiny_model_dir,
     from exgra_med.model.liger import apply_liger
     from exgra_med.model.loading import load_pretrained
     from exgra_med.train.args import ModelArguments
-    from exgra_med.train.main import set_trainable
+    from exgra_med.train.llava import set_trainable
 
     model, _, _ = load_pretrained(str(tiny_model_dir))
     if lora:

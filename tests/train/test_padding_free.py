@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from exgra_med.model.packing import PaddingFreeError
+from exgra_med.train import llava
 from exgra_med.train import main as train_main
 
 COMMON = [
@@ -41,7 +42,7 @@ def _record_batch_shapes(monkeypatch) -> list[tuple[bool, tuple[int, ...]]]:
         shapes.append((self.padding_free, "position_ids" in batch and "attention_mask" not in batch))
         return batch
 
-    monkeypatch.setattr(train_main, "DataCollator", type("Recording", (DataCollator,), {"__call__": call}))
+    monkeypatch.setattr(llava, "DataCollator", type("Recording", (DataCollator,), {"__call__": call}))
     return shapes
 
 
@@ -102,7 +103,7 @@ def test_attention_or_llm_that_cannot_pack_fails_before_loading(tiny_model_dir, 
     def build_from_parts(*args, **kwargs):
         raise ModelLoaded
 
-    monkeypatch.setattr(train_main, "build_from_parts", build_from_parts)
+    monkeypatch.setattr(llava, "build_from_parts", build_from_parts)
     monkeypatch.setattr(loading, "build_from_parts", build_from_parts)
     model = ["--model_name_or_path", str(tiny_model_dir / "llm"), "--vision_tower", str(tiny_model_dir / "vision")]
     argv = _argv(model, easy_vqa_dir, tmp_path / "run", "--padding_free", "True")

@@ -149,7 +149,8 @@ def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, easy_vqa_dir, tm
 def test_half_precision_model_has_one_dtype(tiny_model_dir, tmp_path, from_checkpoint, lora):
     """With --bf16 every parameter, the alignment GNN included, is bf16: ZeRO-3 flattens a group into one buffer
     and refuses mixed dtypes (seen on a GPU before this was fixed)."""
-    from exgra_med.train.main import build_model, parse_args
+    from exgra_med.train.llava import build_model
+    from exgra_med.train.main import parse_args
 
     source = [str(tiny_model_dir)] if from_checkpoint else [str(tiny_model_dir / "llm"), "--vision_tower",
                                                              str(tiny_model_dir / "vision")]

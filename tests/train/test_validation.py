@@ -13,6 +13,7 @@ from exgra_med.data.images import ImageLoadError, ImageTooLargeError, check_reco
 from exgra_med.data.records import RecordError
 from exgra_med.errors import UserError
 from exgra_med.train import main as train_main
+from exgra_med.train.llava import LlavaTraining
 
 
 class ModelLoaded(Exception):
@@ -21,10 +22,10 @@ class ModelLoaded(Exception):
 
 @pytest.fixture
 def no_model(monkeypatch):
-    def build_model(*args, **kwargs):
+    def build(*args, **kwargs):
         raise ModelLoaded
 
-    monkeypatch.setattr(train_main, "build_model", build_model)
+    monkeypatch.setattr(LlavaTraining, "build", build)
 
 
 def _data(easy_vqa_dir: Path, tmp_path: Path, n: int = 40) -> tuple[Path, Path, list[dict]]:
