@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from exgra_med.errors import USER_ERROR_EXIT_CODE, debug_requested, is_user_error, one_line
@@ -66,9 +67,11 @@ def quiet_optional_backends() -> None:
     `quant` extra) warns on CPUs with AVX512-BF16 that it could not fetch an optional kernel from the Hub (its
     own CPU kernels run instead), on every import of transformers or peft, before a command's own output; with
     `kernels` installed (transformers >= 5.25 requires it), that library warns offline that it skips the Hub
-    publisher check of the same optional kernel."""
+    publisher check of the same optional kernel. torch_geometric (2.8) scripts a helper with `torch.jit.script` when
+    imported, which torch 2.14 answers with a FutureWarning on stderr (seen with transformers 5.25 installed)."""
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     logging.getLogger("kernels").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from exgra_med.align.config import AlignmentConfig, build_alignment_loss
-from exgra_med.align.loss import pool_tokens
 from exgra_med.model.packing import block_causal_mask, pack_texts, packs_in_one_row
 
 if TYPE_CHECKING:
@@ -147,6 +146,9 @@ class AlignmentHead:
         ignores padding (masked text means, the contrastive ablations); the reference's unmasked mean averages the
         padding positions' states too, so it keeps the padded pass.
         """
+        # lazy: align.loss imports torch_geometric (seconds), which a command that only loads a model never needs
+        from exgra_med.align.loss import pool_tokens
+
         if image_tokens.dim() != 3:
             raise ValueError(f"image features must be (B, N, D), got shape {tuple(image_tokens.shape)}")
         options = self.config
