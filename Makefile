@@ -8,7 +8,7 @@ VENV ?= .venv
 LATEST_VENV ?= .venv-latest
 LOWEST_VENV ?= .venv-lowest
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= dev,deepspeed,api,serve,quant,liger
+EXTRAS ?= dev,deepspeed,api,serve,quant,liger,trl
 LOCK := requirements.lock
 comma := ,
 BIN := $(VENV)/bin
