@@ -16,7 +16,8 @@ from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[1]
 LOCK = REPO / "requirements.lock"
-LOCKED_EXTRAS = ("dev", "deepspeed", "api", "serve", "quant", "liger")  # EXTRAS of the Makefile
+# The extras `make lock` compiles and `make setup` installs: the Makefile's EXTRAS, read from it (one home).
+LOCKED_EXTRAS = tuple(re.search(r"^EXTRAS \?= (.+)$", (REPO / "Makefile").read_text(), re.M)[1].strip().split(","))
 
 
 def locked_pins() -> dict[str, str]:
