@@ -88,11 +88,14 @@ class Backend(ABC):
 
     @property
     def context_length(self) -> int | None:
-        """The language model's context (`max_position_embeddings`), None when the config does not say."""
+        """The longest input the model is for: the language model's context (`max_position_embeddings`), or the
+        maximum length it was trained with (`tokenizer_model_max_length`, recorded by training, as the reference
+        records it) when that is shorter; None when the config says neither."""
         config = self.model.config
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        value = getattr(text, "max_position_embeddings", None)
-        return int(value) if value else None
+        limits = [getattr(text, "max_position_embeddings", None), getattr(config, "tokenizer_model_max_length", None)]
+        limits = [int(v) for v in limits if isinstance(v, int) and v > 0]
+        return min(limits) if limits else None
 
     @property
     def pad_token_id(self) -> int:

@@ -59,10 +59,12 @@ class TrainingFamily(ABC):
         """The model with its trainable parts set (quantised with `--bits`, Liger kernels with
         `--use_liger_kernel`), and its processing."""
 
-    def record_settings(self, built: Built, data_args: DataArguments) -> None:
+    def record_settings(self, built: Built, data_args: DataArguments, training_args: TrainingArguments) -> None:
         """Write the data settings the model is trained with into its config, so that evaluation and serving read
-        them from the checkpoint (`exgra_med.model.auto.RECORDED_SETTINGS`)."""
+        them from the checkpoint (`exgra_med.model.auto.RECORDED_SETTINGS`; the maximum length bounds the prompts
+        they accept, `Backend.context_length`)."""
         built.model.config.image_aspect_ratio = data_args.image_aspect_ratio
+        built.model.config.tokenizer_model_max_length = training_args.model_max_length
 
     @abstractmethod
     def dataset(self, built: Built, data_args: DataArguments, training_args: TrainingArguments,

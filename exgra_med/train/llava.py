@@ -43,8 +43,8 @@ class LlavaTraining(TrainingFamily):
         model, tokenizer, image_processor = build_model(model_args, training_args)
         return Built(model, tokenizer, image_processor)
 
-    def record_settings(self, built: Built, data_args: DataArguments) -> None:
-        super().record_settings(built, data_args)
+    def record_settings(self, built: Built, data_args: DataArguments, training_args: TrainingArguments) -> None:
+        super().record_settings(built, data_args, training_args)
         built.model.config.conv_template = data_args.conv_template  # the prompt template evaluation renders with
 
     def dataset(self, built: Built, data_args: DataArguments, training_args: TrainingArguments,

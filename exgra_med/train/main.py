@@ -105,7 +105,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     check_eval_schedule(training_args, val_split)
     built = family.build(model_args, training_args)
     # Recorded in every checkpoint: evaluation and serving prompt and preprocess as in training.
-    family.record_settings(built, data_args)
+    family.record_settings(built, data_args, training_args)
     dataset = family.dataset(built, data_args, training_args, records, alignment)
     n_train = sum(p.numel() for p in built.model.parameters() if p.requires_grad)
     logger.info("%s (%s): %d training records; %.2fM trainable parameters", model_args.model_name_or_path,

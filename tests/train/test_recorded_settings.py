@@ -46,9 +46,10 @@ def test_a_model_trained_with_pad_answers_with_pad_without_the_flag(tiny_model_d
     out = tmp_path / "trained"
     assert train(["--model_name_or_path", str(tiny_model_dir), "--data_path", str(data), "--image_folder",
                   str(images), "--output_dir", str(out), "--max_steps", "1", "--per_device_train_batch_size", "4",
-                  "--learning_rate", "1e-3", "--image_aspect_ratio", "pad", *CPU]) == 0
+                  "--learning_rate", "1e-3", "--image_aspect_ratio", "pad", "--model_max_length", "200", *CPU]) == 0
     config = read_json(out / "config.json")
     assert (config["image_aspect_ratio"], config["conv_template"]) == ("pad", "llava_med")
+    assert config["tokenizer_model_max_length"] == 200 and config["text_config"]["max_position_embeddings"] > 200
 
     def run(name: str, *flags: str) -> dict[str, tuple[str, str]]:
         answers = tmp_path / f"{name}.jsonl"
@@ -69,5 +70,6 @@ def test_a_model_trained_with_pad_answers_with_pad_without_the_flag(tiny_model_d
     engine = InferenceEngine.from_path(str(out), LoadOptions(device="cpu"))
     try:
         assert engine.backend.image_aspect_ratio == "pad" and engine.backend.template.name == "llava_med"
+        assert engine.context_length == 200  # the trained maximum length bounds the prompts served
     finally:
         engine.close()
