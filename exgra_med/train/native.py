@@ -81,8 +81,8 @@ class NativeTraining(TrainingFamily):
         model, processor = build_native_model(self.path, model_args, training_args)
         return Built(model, processor)
 
-    def record_settings(self, built: Built, data_args: DataArguments) -> None:
-        super().record_settings(built, data_args)
+    def record_settings(self, built: Built, data_args: DataArguments, training_args: TrainingArguments) -> None:
+        super().record_settings(built, data_args, training_args)
         if data_args.conv_template != "llava_med":
             logger.warning("--conv_template %s is not used: %s renders records with its own chat template",
                            data_args.conv_template, self.path)
