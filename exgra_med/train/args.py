@@ -163,6 +163,11 @@ class TrainingArguments(transformers.TrainingArguments):
         default=False,
         metadata={"help": "batches of one modality (image or text-only) and similar lengths, seeded (LLaVA's flag)"},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "replace a trained model already in --output_dir, or write over an input folder (refused "
+                  "otherwise; --resume_from_checkpoint continues a run in its own folder)"},
+    )
 
     def __post_init__(self):
         super().__post_init__()

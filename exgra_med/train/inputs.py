@@ -10,7 +10,7 @@ from pathlib import Path
 from exgra_med.data.images import check_record_images
 from exgra_med.data.records import RecordError, load_records
 from exgra_med.errors import UserError
-from exgra_med.train.args import DataArguments, ModelArguments
+from exgra_med.train.args import DataArguments, ModelArguments, TrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,43 @@ def validate_inputs(model_args: ModelArguments, data_args: DataArguments, alignm
             check_record_images(records, data_args.image_folder, data_args.data_path, progress=rank0)
             logger.info("%s: %d records, %d image headers checked", data_args.data_path, len(records), n_images)
     return records
+
+
+# What a finished run leaves at the top of its output folder (stage 1: the projector and config.json).
+FINISHED_RUN_FILES = ("config.json", "trainer_state.json", "mm_projector.safetensors", "mm_projector.bin")
+
+
+def check_output_dir(model_args: ModelArguments, training_args: TrainingArguments) -> None:
+    """Refuse, before anything is written, an `--output_dir` whose contents training would replace: an input of the
+    run (the model, the vision tower, the stage-1 projector) or a folder that holds a trained model, unless
+    `--overwrite_output_dir True`. Resuming (`--resume_from_checkpoint`) a run in its own folder goes on when it
+    has a checkpoint to resume from."""
+    if training_args.overwrite_output_dir:
+        return
+    out = Path(training_args.output_dir).expanduser().resolve()
+    for flag, value in (("--model_name_or_path", model_args.model_name_or_path),
+                        ("--vision_tower", model_args.vision_tower),
+                        ("--pretrain_mm_mlp_adapter", model_args.pretrain_mm_mlp_adapter)):
+        path = Path(value.removeprefix("local-dir:")).expanduser() if value else None
+        if path is None or not path.exists():
+            continue
+        folder = path.resolve() if path.is_dir() else path.resolve().parent
+        if folder == out:
+            raise UserError(f"--output_dir {training_args.output_dir} is the {flag} folder; training would write over "
+                            "its input: choose another --output_dir (or pass --overwrite_output_dir True)")
+    finished = [name for name in FINISHED_RUN_FILES if (out / name).is_file()]
+    if not finished:
+        return
+    resume = training_args.resume_from_checkpoint
+    if resume not in (None, "", "False", "false"):
+        if resume not in ("True", "true", "auto") or latest_complete_checkpoint(out) is not None:
+            return  # continues this run (or another checkpoint the user named)
+        raise UserError(f"--output_dir {training_args.output_dir} holds a trained model ({finished[0]}) and no "
+                        "checkpoint-N to resume from; choose another --output_dir, or pass --overwrite_output_dir "
+                        "True to replace it")
+    raise UserError(f"--output_dir {training_args.output_dir} already holds a trained model ({finished[0]}); "
+                    "choose another --output_dir, pass --resume_from_checkpoint auto to continue its run, or "
+                    "--overwrite_output_dir True to replace it")
 
 
 def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:

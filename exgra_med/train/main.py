@@ -20,7 +20,7 @@ from transformers import HfArgumentParser, set_seed
 from exgra_med.model.auto import model_family, resolve_model_path
 from exgra_med.train.args import DataArguments, ModelArguments, TrainingArguments
 from exgra_med.train.families import TrainingFamily, train_dtype
-from exgra_med.train.inputs import resume_arg, validate_inputs
+from exgra_med.train.inputs import check_output_dir, resume_arg, validate_inputs
 from exgra_med.train.llava import LlavaTraining
 from exgra_med.train.native import NativeTraining
 from exgra_med.train.recipes import RECIPE_SUFFIXES, RecipeError, parse_with_recipe, write_resolved_recipe
@@ -154,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     transformers.utils.logging.set_verbosity_warning()
     argv = list(argv) if argv is not None else sys.argv[1:]
     (model_args, data_args, training_args), resolved = parse_args_and_recipe(argv)
+    check_output_dir(model_args, training_args)  # before the resolved recipe is written into it
     if int(os.environ.get("RANK", "0")) == 0:  # one writer under torchrun
         source = argv[0] if argv and argv[0].endswith(RECIPE_SUFFIXES) else None
         write_resolved_recipe(resolved, training_args.output_dir, source)

@@ -87,6 +87,34 @@ def test_bad_folders_and_empty_data_fail_before_loading(tiny_model_dir, easy_vqa
         train_main.main(_argv(tiny_model_dir, data, images, out))
 
 
+def test_output_dir_that_holds_a_model_or_an_input_is_refused_before_anything_is_written(
+        tiny_model_dir, easy_vqa_dir, tmp_path, no_model):
+    images, data, records = _data(easy_vqa_dir, tmp_path, n=3)
+    data.write_text(json.dumps(records))
+    llm = tiny_model_dir / "llm"
+    before = sorted(p.name for p in llm.iterdir())
+    with pytest.raises(UserError, match="is the --model_name_or_path folder; training would write over its input"):
+        train_main.main(_argv(tiny_model_dir, data, images, llm))
+    assert sorted(p.name for p in llm.iterdir()) == before  # not even the resolved recipe was written
+    with pytest.raises(UserError, match="is the --vision_tower folder"):
+        train_main.main(_argv(tiny_model_dir, data, images, tiny_model_dir / "vision"))
+
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"already holds a trained model \(config.json\); .*--resume_from_checkpoint"):
+        train_main.main(_argv(tiny_model_dir, data, images, finished))
+    assert sorted(p.name for p in finished.iterdir()) == ["config.json"]
+    with pytest.raises(UserError, match="holds a trained model .* and no checkpoint-N to resume from"):
+        train_main.main(_argv(tiny_model_dir, data, images, finished, "--resume_from_checkpoint", "auto"))
+    (finished / "checkpoint-2").mkdir()
+    (finished / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    with pytest.raises(ModelLoaded):  # resuming the run's own checkpoint goes on
+        train_main.main(_argv(tiny_model_dir, data, images, finished, "--resume_from_checkpoint", "auto"))
+    with pytest.raises(ModelLoaded):  # and so does asking to replace it
+        train_main.main(_argv(tiny_model_dir, data, images, tmp_path / "finished", "--overwrite_output_dir", "True"))
+
+
 def test_image_header_checks(tmp_path, bomb_png):
     from PIL import Image
 
