@@ -13,7 +13,7 @@ is JSON lines `{question_id, prompt, text, answer_id, model_id, metadata}` in th
 and a rerun skips the question ids it already holds.
 Each line's `metadata.generation` records what produced it (model folder, template, decoding settings): a
 rerun with other settings refuses to resume the file (`--restart` replaces it), so that answers are never
-credited to the wrong model.
+credited to the wrong model. The model and decoding flags are the shared groups of `exgra_med.model.options`.
 """
 
 from __future__ import annotations
@@ -24,30 +24,23 @@ import logging
 import os
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from exgra_med.constants import DEFAULT_IMAGE_TOKEN
-from exgra_med.conversation import TEMPLATES
-from exgra_med.data.images import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
+from exgra_med.data.images import DEFAULT_ASPECT_RATIO
 from exgra_med.data.records import question_text
 from exgra_med.errors import UserError, one_line
 from exgra_med.eval.launch import get_chunk, read_answer_lines
 from exgra_med.io import read_json
-from exgra_med.model.auto import (
-    DTYPES,
-    LoadOptions,
-    backend_for,
-    choose_setting,
-    load_backend,
-    model_family,
-    recorded_settings,
-)
+from exgra_med.model.auto import backend_for, choose_setting, load_backend, model_family, recorded_settings
 from exgra_med.model.backend import Backend, Prompt
 from exgra_med.model.hub import resolve_path
 from exgra_med.model.native.backend import CHAT_TEMPLATE_NAME
+from exgra_med.model.options import DecodingOptions, ModelOptions
 
 logger = logging.getLogger(__name__)
 
@@ -178,17 +171,27 @@ def answer_line(record: dict, text: str, model_id: str, generation: dict | None 
             "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": metadata}
 
 
-# Flags that do not change the answers (where and how fast they are computed, which questions); the others are
-# recorded as the provenance of an answers file.
-NOT_PROVENANCE = {"image_folder", "batch_size", "device", "attn_implementation", "quiet", "question_file",
-                  "answers_file", "num_chunks", "chunk_idx", "restart"}
+# Settings that do not change the answers (where and how fast they are computed): not recorded.
+NOT_PROVENANCE = ("device", "attn_implementation")
+# Settings recorded only when they differ from these values: answers files written before these flags existed lack
+# them, and files of either version then resume (and merge, `exgra_med.eval.launch`) with each other.
+RECORDED_WHEN_SET = {"vision_tower": None, "bits": 16, "top_p": 1.0}
+# Keys an answers file has recorded since before a flag's rename: files of either version keep the same key.
+RECORDED_AS = {"conv_template": "conv_mode"}
 
 
-def provenance(args: argparse.Namespace) -> dict:
-    """What produced an answers file: the model folder (resolved), the template and every decoding flag."""
-    recorded = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_PROVENANCE}
-    # A local folder by its resolved path, a Hub id as given (owner/name[@revision]).
-    recorded["model"] = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+def provenance(model: ModelOptions, decoding: DecodingOptions, strip_role_prefix: bool = False) -> dict:
+    """What produced an answers file: the model folder (resolved), its template and image settings (concrete:
+    `resolve_settings`), the weights dtype and bits, and every decoding setting."""
+    settings = {**vars(model), **vars(decoding), "strip_role_prefix": strip_role_prefix}
+    recorded = {}
+    for key, value in sorted(settings.items()):
+        if key in NOT_PROVENANCE or (key in RECORDED_WHEN_SET and value == RECORDED_WHEN_SET[key]):
+            continue
+        # A local folder by its resolved path, a Hub id as given (owner/name[@revision]).
+        if key in ("model", "vision_tower") and Path(value).exists():
+            value = str(Path(value).resolve())
+        recorded[RECORDED_AS.get(key, key)] = value
     return recorded
 
 
@@ -238,21 +241,21 @@ def append_answers(
         return answer_records(backend, records, on_batch=write, **generate_kwargs)
 
 
-def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill `--conv-mode` and `--image-aspect-ratio` when not given: what the checkpoint was trained with, else
-    `simple` (the reference's eval prompt) and `square`; `chat_template` for a transformers-native VLM (its own
-    template). A flag that disagrees with the checkpoint wins, with a warning. Stored back into `args`."""
-    recorded = recorded_settings(args.model)
-    if model_family(args.model) == "native":
-        if args.conv_mode not in (None, CHAT_TEMPLATE_NAME):  # e.g. scripts/eval_vqa.sh's `simple`
-            logger.warning("--conv-mode %s ignored: %s is a transformers-native VLM, prompted with its own chat "
-                           "template", args.conv_mode, args.model)
-        args.conv_mode = CHAT_TEMPLATE_NAME
+def resolve_settings(options: ModelOptions) -> ModelOptions:
+    """`options` with the template and image aspect ratio made concrete when not given: what the checkpoint was
+    trained with, else `simple` (the reference's eval prompt) and `square`; `chat_template` for a transformers-native
+    VLM (its own template). A flag that disagrees with the checkpoint wins, with a warning."""
+    recorded = recorded_settings(options.model)
+    if model_family(options.model) == "native":
+        if options.conv_template not in (None, CHAT_TEMPLATE_NAME):  # e.g. scripts/eval_vqa.sh's `simple`
+            logger.warning("--conv-template %s ignored: %s is a transformers-native VLM, prompted with its own chat "
+                           "template", options.conv_template, options.model)
+        template = CHAT_TEMPLATE_NAME
     else:
-        args.conv_mode = choose_setting("conv_template", args.conv_mode, recorded, "simple", args.model)
-    aspect = getattr(args, "image_aspect_ratio", None)
-    args.image_aspect_ratio = choose_setting("image_aspect_ratio", aspect, recorded, DEFAULT_ASPECT_RATIO, args.model)
-    return args
+        template = choose_setting("conv_template", options.conv_template, recorded, "simple", options.model)
+    aspect = choose_setting("image_aspect_ratio", options.image_aspect_ratio, recorded, DEFAULT_ASPECT_RATIO,
+                            options.model)
+    return replace(options, conv_template=template, image_aspect_ratio=aspect)
 
 
 def load_questions(path: str | os.PathLike) -> list[dict]:
@@ -271,77 +274,69 @@ def load_questions(path: str | os.PathLike) -> list[dict]:
     return records
 
 
-def add_model_args(parser: argparse.ArgumentParser, max_new_tokens: int = 1024, temperature: float = 0.0) -> None:
-    """Flags shared by `generate-vqa`, `zero-shot` and `grounding-audit`: the model, its device and the decoding
-    settings (defaults: the reference's for the command)."""
-    parser.add_argument("--model", required=True,
-                        help="ExGra-Med checkpoint or transformers-native VLM folder, or a Hub id")
-    parser.add_argument("--image-folder", default=None, help="folder the records' image paths are relative to")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--conv-mode", default=None, choices=sorted(TEMPLATES),
-                        help="prompt template (default: the one the checkpoint was trained with, else simple, the "
-                        "reference's eval prompt)")
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
-                        help=f"answer length limit (default {max_new_tokens}, the reference's)")
-    parser.add_argument("--temperature", type=float, default=temperature,
-                        help=f"0 = greedy; > 0 samples (default {temperature}, the reference's)")
-    parser.add_argument("--strip-role-prefix", action="store_true",
-                        help='drop a leading "Assistant:" from answers (the reference keeps it; moves open EM/F1/'
-                             "precision/BLEU, not open recall or closed accuracy)")
-    parser.add_argument("--image-aspect-ratio", default=None, choices=ASPECT_RATIOS,
-                        help="square: the processor's resize + centre crop (reference); pad: pad to a square first "
-                        f"(default: the one the checkpoint was trained with, else {DEFAULT_ASPECT_RATIO})")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES))
-    parser.add_argument("--attn-implementation", default="sdpa")
-    parser.add_argument("--seed", type=int, default=0, help="only matters with --temperature > 0")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+def add_answer_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 1024,
+                         temperature: float = 0.0) -> None:
+    """The flags of the commands that answer VQA records (`generate-vqa`, `zero-shot`, `grounding-audit`): the shared
+    model and decoding groups (decoding defaults: the reference's for the command) and the answer loop's own."""
+    ModelOptions.add_arguments(parser)
+    DecodingOptions.add_arguments(parser, max_new_tokens=max_new_tokens, temperature=temperature)
+    group = parser.add_argument_group("answering", "the batched answer loop")
+    group.add_argument("--image-folder", default=None, help="folder the records' image paths are relative to")
+    group.add_argument("--batch-size", type=int, default=16)
+    group.add_argument("--strip-role-prefix", action="store_true",
+                       help='drop a leading "Assistant:" from answers (the reference keeps it; moves open EM/F1/'
+                       "precision/BLEU, not open recall or closed accuracy)")
+    group.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """`answer_records` keyword arguments from the parsed `add_model_args` flags."""
-    return dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, image_folder=args.image_folder,
-                strip_role_prefix=args.strip_role_prefix, temperature=args.temperature, progress=not args.quiet)
+def answer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """`answer_records` keyword arguments from the flags of `add_answer_arguments`."""
+    decoding = DecodingOptions.from_args(args)
+    # top_p 1 adds nothing, so that a native VLM samples with its own generation_config as before this flag.
+    extra = {"top_p": decoding.top_p} if decoding.top_p != 1.0 else {}
+    return dict(batch_size=args.batch_size, max_new_tokens=decoding.max_new_tokens, image_folder=args.image_folder,
+                strip_role_prefix=args.strip_role_prefix, temperature=decoding.temperature, progress=not args.quiet,
+                generate_kwargs=extra)
 
 
-def load_model(args: argparse.Namespace) -> Backend:
-    """The back end of the model the parsed `add_model_args` flags name (settings from `resolve_settings`); seeds
-    torch."""
-    torch.manual_seed(args.seed)
-    resolve_settings(args)
-    # "auto": LoadOptions' defaults (cuda when available; bfloat16 on CUDA, float32 on the CPU)
-    options = LoadOptions(device=None if args.device == "auto" else args.device,
-                          dtype=None if args.dtype == "auto" else DTYPES[args.dtype],
-                          attn_implementation=args.attn_implementation, template=args.conv_mode,
-                          image_aspect_ratio=args.image_aspect_ratio)
-    return load_backend(args.model, options, default_template="simple")
+def load_model(options: ModelOptions, seed: int = 0) -> Backend:
+    """The back end of the model `options` name (the template of a checkpoint that records none: `simple`, the
+    reference's eval prompt); seeds torch with `seed`."""
+    torch.manual_seed(seed)
+    return load_backend(options.model, options.load_options(), default_template="simple")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`exgra-med generate-vqa --model DIR --question-file F --image-folder D --answers-file F [...]`."""
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of `exgra-med generate-vqa`."""
     parser = argparse.ArgumentParser(
         prog="exgra-med generate-vqa", description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_model_args(parser)
+    add_answer_arguments(parser)
     parser.add_argument("--question-file", required=True, help="VQA records (JSON list), e.g. test.json")
     parser.add_argument("--answers-file", required=True, help="JSON-lines output; a rerun resumes it")
     parser.add_argument("--num-chunks", type=int, default=1)
     parser.add_argument("--chunk-idx", type=int, default=0)
     parser.add_argument("--restart", action="store_true",
                         help="replace an existing answers file instead of resuming it")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`exgra-med generate-vqa --model DIR --question-file F --image-folder D --answers-file F [...]`."""
+    args = build_parser().parse_args(argv)
+    options, decoding = ModelOptions.from_args(args), DecodingOptions.from_args(args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if Path(args.model).exists() and not Path(args.model).is_dir():
-        raise UserError(f"--model {args.model}: not a folder")
+    if Path(options.model).exists() and not Path(options.model).is_dir():
+        raise UserError(f"--model {options.model}: not a folder")
     try:  # a Hub id: found in the cache or downloaded
-        resolve_path(args.model, "model", require=("config.json",))
+        resolve_path(options.model, "model", require=("config.json",))
     except FileNotFoundError as e:
         raise UserError(f"--model {one_line(e)}") from e
     questions = get_chunk(load_questions(args.question_file), args.num_chunks, args.chunk_idx)
     out = Path(args.answers_file)
-    resolve_settings(args)
-    generation = provenance(args)
+    options = resolve_settings(options)
+    generation = provenance(options, decoding, args.strip_role_prefix)
     if args.restart and out.exists():
         logger.info("--restart: replacing %s", out)
         out.unlink()
@@ -352,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not todo:
         out.touch()
         return 0
-    backend = load_model(args)
-    append_answers(out, generation, backend, todo, model_id=Path(args.model).name, **decoding_kwargs(args))
+    backend = load_model(options, decoding.seed)
+    append_answers(out, generation, backend, todo, model_id=Path(options.model).name, **answer_kwargs(args))
     print(f"{len(todo)} answers written to {out}")
     return 0

@@ -25,10 +25,10 @@ from PIL import Image
 from exgra_med.data.images import load_image
 from exgra_med.eval.baselines import format_comparison, majority_predictions, question_prior_predictions, summarize
 from exgra_med.eval.generate import (
-    add_model_args,
+    add_answer_arguments,
+    answer_kwargs,
     answer_records,
     append_answers,
-    decoding_kwargs,
     load_model,
     load_questions,
     pending_questions,
@@ -38,12 +38,11 @@ from exgra_med.eval.generate import (
 from exgra_med.eval.metrics import score_vqa
 from exgra_med.io import read_json, write_json_atomic
 from exgra_med.model.backend import Backend
+from exgra_med.model.options import DecodingOptions, ModelOptions
 
 logger = logging.getLogger(__name__)
 
 CONDITIONS = ("real images", "blank images", "shuffled images")
-# grounding-audit's flags that generate-vqa lacks: not part of an answers file's recorded settings
-AUDIT_ONLY = ("candidate", "train", "out")
 
 
 def shuffled_images(records: Sequence[Mapping[str, Any]], seed: int) -> list[dict]:
@@ -137,13 +136,13 @@ def format_audit(result: Mapping[str, Any]) -> str:
     ])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`exgra-med grounding-audit --model DIR --question-file test.json --image-folder D --candidate F [...]`."""
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of `exgra-med grounding-audit`."""
     parser = argparse.ArgumentParser(
         prog="exgra-med grounding-audit", description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_model_args(parser)
+    add_answer_arguments(parser)
     parser.add_argument("--question-file", required=True, help="VQA records (JSON list), e.g. test.json")
     parser.add_argument("--candidate", required=True, help='candidate.json ({"0": [answers]}) of the data set')
     parser.add_argument("--train", default=None, help="training records: adds the answer-prior baselines")
@@ -151,29 +150,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--answers-file", default=None,
                         help="the real-image answers (generate-vqa's JSON lines): used where present, the missing ones "
                         "generated and appended")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`exgra-med grounding-audit --model DIR --question-file test.json --image-folder D --candidate F [...]`."""
+    args = build_parser().parse_args(argv)
+    options, decoding = ModelOptions.from_args(args), DecodingOptions.from_args(args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     questions = load_questions(args.question_file)
     candidates = read_json(args.candidate)
     train = read_json(args.train) if args.train else None
     real = None
     if args.answers_file:
-        resolve_settings(args)
+        options = resolve_settings(options)
         # the settings generate-vqa records (the audit's own flags do not change an answer)
-        generation = provenance(argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in AUDIT_ONLY}))
+        generation = provenance(options, decoding, args.strip_role_prefix)
         rows, todo = pending_questions(args.answers_file, questions, generation)  # refused here, before the model loads
         real = {str(r["question_id"]): r["text"] for r in rows}
         logger.info("%s: %d of the %d real-image answers to generate", args.answers_file, len(todo), len(questions))
-    backend = load_model(args)
-    decoding = decoding_kwargs(args)
+    backend = load_model(options, decoding.seed)
+    answering = answer_kwargs(args)
     if args.answers_file and todo:
         Path(args.answers_file).parent.mkdir(parents=True, exist_ok=True)
-        real.update(append_answers(args.answers_file, generation, backend, todo, model_id=Path(args.model).name,
-                                   **decoding))
-    result = audit(backend, questions, candidates, train=train, seed=args.seed, real_answers=real, **decoding)
+        real.update(append_answers(args.answers_file, generation, backend, todo, model_id=Path(options.model).name,
+                                   **answering))
+    result = audit(backend, questions, candidates, train=train, seed=decoding.seed, real_answers=real, **answering)
     print(format_audit(result))
     if args.out:
-        write_json_atomic(args.out, {**result, "model": args.model})
+        write_json_atomic(args.out, {**result, "model": options.model})
         print(f"audit written to {args.out}")
     return 0
 

@@ -20,13 +20,15 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from exgra_med.constants import DEFAULT_IMAGE_TOKEN
-from exgra_med.eval.generate import add_model_args, answer_records, load_model, read_answer_lines
+from exgra_med.eval.generate import add_answer_arguments, answer_kwargs, answer_records, load_model, read_answer_lines
 from exgra_med.io import read_json, write_json_atomic
 from exgra_med.model.backend import Backend
+from exgra_med.model.options import DecodingOptions, ModelOptions
 
 logger = logging.getLogger(__name__)
 
@@ -132,17 +134,8 @@ def evaluate_file(backend: Backend, path: Path, out_file: Path, args: argparse.N
             def on_batch(batch: list[tuple[dict, str]]) -> None:
                 write([{**by_id[r["id"]], "question_id": r["id"], **score_item(by_id[r["id"]], t)} for r, t in batch])
 
-            answer_records(
-                backend,
-                [to_vqa_record(r, qid) for qid, r in todo],
-                args.batch_size,
-                args.max_new_tokens,
-                image_folder=args.image_folder,
-                temperature=args.temperature,
-                on_batch=on_batch,
-                errors=errors,
-                progress=not args.quiet,
-            )
+            answer_records(backend, [to_vqa_record(r, qid) for qid, r in todo], on_batch=on_batch, errors=errors,
+                           **answer_kwargs(args))
             write(
                 [
                     {**by_id[q], "question_id": q, **score_item(by_id[q], None), "error": msg}
@@ -166,19 +159,25 @@ def summarize_file(lines: Sequence[Mapping[str, Any]], total: int) -> dict:
             "correct": correct, "total": total, "answered": answered, "failed": failed}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`exgra-med zero-shot --model DIR --question-file F|DIR --image-folder D --out DIR [--batch-size N]`."""
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of `exgra-med zero-shot`."""
     parser = argparse.ArgumentParser(
         prog="exgra-med zero-shot", description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_model_args(parser, max_new_tokens=256, temperature=0.7)  # the reference's sampling
+    add_answer_arguments(parser, max_new_tokens=256, temperature=0.7)  # the reference's sampling
     parser.add_argument("--question-file", required=True, help="an OmniMedVQA json file, or a folder of them")
     parser.add_argument("--out", required=True, type=Path, help="folder for predictions and results.json")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`exgra-med zero-shot --model DIR --question-file F|DIR --image-folder D --out DIR [--batch-size N]`."""
+    args = build_parser().parse_args(argv)
+    options, decoding = ModelOptions.from_args(args), DecodingOptions.from_args(args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     root, files = question_files(args.question_file)
-    backend = load_model(args)
+    backend = load_model(options, decoding.seed)
     per_file = {}
     for path in files:
         rel = path.relative_to(root).as_posix()
@@ -190,8 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     correct = sum(s["correct"] for s in per_file.values())
     answered = sum(s["answered"] for s in per_file.values())
     results = {
-        "model": str(args.model),
-        "decoding": {"temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "seed": args.seed},
+        "model": options.model,
+        "decoding": asdict(decoding),
         "files": per_file,
         "overall": {
             "accuracy": _percent(correct, total),

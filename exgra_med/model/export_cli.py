@@ -16,9 +16,14 @@ import torch
 
 from exgra_med.conversation import LLAVA_SYSTEM
 from exgra_med.data.images import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
+from exgra_med.model.auto import choose_setting, recorded_settings
 from exgra_med.model.checkpoint import check_output_dir, load_model, staged_output_dir
+from exgra_med.model.options import ModelOptions
 
 logger = logging.getLogger(__name__)
+
+# The flags of the shared model group that apply to an export (it loads on no device, for no answers).
+EXPORT_FLAGS = ("vision_tower", "dtype", "image_aspect_ratio")
 
 
 def llava_med_chat_template(image_text: str) -> str:
@@ -90,27 +95,31 @@ def export_hf(
     return Path(out_dir)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: exgra-med export-hf --in DIR --out DIR [--dtype float16|bfloat16|float32]."""
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of `exgra-med export-hf`: --vision-tower, --dtype and --image-aspect-ratio are those of the shared
+    model group (`exgra_med.model.options.ModelOptions`)."""
     p = argparse.ArgumentParser(
         prog="exgra-med export-hf", description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--in", dest="src", required=True, help="ExGra-Med checkpoint (or reference-layout) folder")
     p.add_argument("--out", required=True, help="output folder (transformers LlavaForConditionalGeneration)")
-    p.add_argument("--vision-tower", default=None, help="vision tower folder (reference-layout input only)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
-                   help="weights dtype (default: the checkpoint's own)")
-    p.add_argument("--image-aspect-ratio", default=DEFAULT_ASPECT_RATIO, choices=ASPECT_RATIOS,
-                   help="the preprocessing the model was trained with (square: resize + centre crop, the reference)")
-    args = p.parse_args(argv)
+    ModelOptions.add_arguments(p, only=EXPORT_FLAGS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: exgra-med export-hf --in DIR --out DIR [--dtype float16|bfloat16|float32]."""
+    args = build_parser().parse_args(argv)
+    options = ModelOptions.from_args(args, model=args.src)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    # The preprocessing the model was trained with travels in its checkpoint; a flag that disagrees wins.
+    aspect = choose_setting("image_aspect_ratio", options.image_aspect_ratio, recorded_settings(options.model),
+                            DEFAULT_ASPECT_RATIO, options.model)
     try:
-        export_hf(args.src, args.out, dtype, args.vision_tower, args.image_aspect_ratio)
+        export_hf(options.model, args.out, options.torch_dtype, options.vision_tower, aspect)
     except ValueError as e:
         print(f"exgra-med export-hf: {e}", file=sys.stderr)
         return 2
     print(f"exported {args.src} -> {args.out} (load with transformers.LlavaForConditionalGeneration)")
     return 0
-

@@ -21,8 +21,10 @@ from typing import Any
 
 from exgra_med.conversation import GPT, HUMAN
 from exgra_med.errors import UserError
+from exgra_med.model.options import DecodingOptions, ModelOptions
 from exgra_med.serve.batching import Job, QueueFullError, ServerClosingError
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine, Message, PromptTooLongError
+from exgra_med.serve.options import SERVE_MAX_NEW_TOKENS, add_serving_limits
 from exgra_med.serve.uploads import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
@@ -224,23 +226,28 @@ def create_app(
     return app
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry: load the model and serve it until interrupted (binds 127.0.0.1 unless told otherwise)."""
-    from exgra_med.serve.loading import load_engine_or_exit_code
-    from exgra_med.serve.options import add_model_arguments, add_serving_limits
-
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of `exgra-med serve-api`."""
     p = argparse.ArgumentParser(
         prog="exgra-med serve-api", description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_model_arguments(p)
+    ModelOptions.add_arguments(p)
+    DecodingOptions.add_arguments(p, max_new_tokens=SERVE_MAX_NEW_TOKENS)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: folder name)")
     p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest accepted image upload")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest accepted canvas")
     add_serving_limits(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry: load the model and serve it until interrupted (binds 127.0.0.1 unless told otherwise)."""
+    from exgra_med.serve.loading import load_engine_or_exit_code
+
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:  # bound before the model loads: a port in use is reported at once
         sock = socket.create_server((args.host, args.port))

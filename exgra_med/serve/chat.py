@@ -18,9 +18,10 @@ from PIL import Image
 from exgra_med.constants import RESEARCH_USE_NOTICE
 from exgra_med.conversation import GPT, HUMAN
 from exgra_med.data.images import ImageLoadError, load_image
+from exgra_med.model.options import DecodingOptions, ModelOptions
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine, Message
 from exgra_med.serve.loading import load_engine_or_exit_code
-from exgra_med.serve.options import add_model_arguments
+from exgra_med.serve.options import SERVE_MAX_NEW_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -84,15 +85,21 @@ class ChatSession:
         return True
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry: load the model, then read questions from the terminal until /exit or end of input."""
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of `exgra-med chat`."""
     p = argparse.ArgumentParser(
         prog="exgra-med chat", description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_model_arguments(p)
+    ModelOptions.add_arguments(p)
+    DecodingOptions.add_arguments(p, max_new_tokens=SERVE_MAX_NEW_TOKENS)
     p.add_argument("--image", default=None, help="image to talk about (PNG, JPEG or DICOM)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry: load the model, then read questions from the terminal until /exit or end of input."""
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     loaded = load_engine_or_exit_code(args, "exgra-med chat")
     if isinstance(loaded, int):

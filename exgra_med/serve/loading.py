@@ -1,7 +1,7 @@
 """The load-or-exit step shared by the `chat`, `web` and `serve-api` commands.
 
-The loading itself (any model family, device and dtype defaults, 4-/8-bit weights) is
-`exgra_med.model.auto.load_backend`.
+Their model and decoding flags are the shared groups of `exgra_med.model.options`; the loading itself (any model
+family, device and dtype defaults, 4-/8-bit weights) is `exgra_med.model.auto.load_backend`.
 """
 
 from __future__ import annotations
@@ -10,9 +10,11 @@ import argparse
 import logging
 import sys
 
+import torch
+
+from exgra_med.model.options import DecodingOptions, ModelOptions
 from exgra_med.model.quantization import QuantizationUnavailableError
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine
-from exgra_med.serve.options import engine_from_args, settings_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -20,15 +22,35 @@ logger = logging.getLogger(__name__)
 LOAD_ERROR_EXIT_CODE = 2
 
 
+def generation_settings(decoding: DecodingOptions) -> GenerationSettings:
+    """The engine's default decoding settings from the `--max-new-tokens`, `--temperature` and `--top-p` flags."""
+    return GenerationSettings(max_new_tokens=decoding.max_new_tokens, temperature=decoding.temperature,
+                              top_p=decoding.top_p)
+
+
+def load_engine(args: argparse.Namespace) -> tuple[InferenceEngine, GenerationSettings]:
+    """(engine, decoding settings) for the parsed model, decoding and (optional) serving-limit flags; seeds torch.
+    Raises QuantizationUnavailableError on CPU with --load-4bit / --load-8bit."""
+    options, decoding = ModelOptions.from_args(args), DecodingOptions.from_args(args)
+    settings = generation_settings(decoding)
+    torch.manual_seed(decoding.seed)
+    engine = InferenceEngine.from_path(
+        options.model,
+        options.load_options(),
+        max_prompt_tokens=getattr(args, "max_prompt_tokens", None),
+        max_batch_size=getattr(args, "max_batch_size", 8),
+        max_queue=getattr(args, "max_queue", 32),
+    )
+    return engine, settings
+
+
 def load_engine_or_exit_code(
     args: argparse.Namespace, prog: str
 ) -> tuple[InferenceEngine, GenerationSettings] | int:
-    """(engine, decoding settings) for the flags of `options.add_model_arguments`; on a user error (bad folder or
-    flags, quantisation unavailable) prints `prog: message` as one line to stderr and returns LOAD_ERROR_EXIT_CODE."""
+    """`load_engine`; on a user error (bad folder or flags, quantisation unavailable) prints `prog: message` as one
+    line to stderr and returns LOAD_ERROR_EXIT_CODE."""
     try:
-        settings = settings_from_args(args)
-        engine = engine_from_args(args)
+        return load_engine(args)
     except (QuantizationUnavailableError, ValueError, FileNotFoundError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return LOAD_ERROR_EXIT_CODE
-    return engine, settings

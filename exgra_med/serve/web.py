@@ -22,8 +22,10 @@ from pathlib import Path
 from exgra_med.constants import RESEARCH_USE_NOTICE
 from exgra_med.conversation import GPT, HUMAN
 from exgra_med.data.images import ImageLoadError, image_header, load_image
+from exgra_med.model.options import DecodingOptions, ModelOptions
 from exgra_med.serve.batching import QueueFullError, ServerClosingError
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine, Message, PromptTooLongError
+from exgra_med.serve.options import SERVE_MAX_NEW_TOKENS, add_serving_limits
 from exgra_med.serve.uploads import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 logger = logging.getLogger(__name__)
@@ -184,23 +186,28 @@ def launch_demo(engine: InferenceEngine, host: str = "127.0.0.1", port: int = 78
     return demo, url
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry: load the model and serve the demo until interrupted."""
-    from exgra_med.serve.loading import load_engine_or_exit_code
-    from exgra_med.serve.options import add_model_arguments, add_serving_limits
-
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of `exgra-med web`."""
     p = argparse.ArgumentParser(
         prog="exgra-med web", description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_model_arguments(p)
+    ModelOptions.add_arguments(p)
+    DecodingOptions.add_arguments(p, max_new_tokens=SERVE_MAX_NEW_TOKENS)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--examples-dir", default=None, help="folder of example images (default: the repo's assets/)")
     p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest accepted image upload")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest accepted canvas")
     add_serving_limits(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry: load the model and serve the demo until interrupted."""
+    from exgra_med.serve.loading import load_engine_or_exit_code
+
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     loaded = load_engine_or_exit_code(args, "exgra-med web")
     if isinstance(loaded, int):

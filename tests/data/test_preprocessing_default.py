@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -14,10 +13,10 @@ from transformers import CLIPImageProcessor
 
 from exgra_med.data.dataset import SupervisedDataset
 from exgra_med.data.images import DEFAULT_ASPECT_RATIO, preprocess_image
-from exgra_med.eval.generate import add_model_args
+from exgra_med.eval import generate, grounding, zero_shot
 from exgra_med.model.auto import LoadOptions
+from exgra_med.serve import api, chat, web
 from exgra_med.serve.engine import InferenceEngine
-from exgra_med.serve.options import add_model_arguments
 from exgra_med.train.args import DataArguments
 from exgra_med.train.vqa_eval import VQAGenerationSettings
 
@@ -62,10 +61,9 @@ def test_every_entry_point_defaults_to_the_reference_preprocessing(tiny_model_di
     with pytest.raises(ValueError, match="--image_aspect_ratio"):
         DataArguments(data_path="x.json", image_aspect_ratio="keep")
     assert VQAGenerationSettings().image_aspect_ratio == "square"
-    for add in (add_model_args, add_model_arguments):
-        parser = argparse.ArgumentParser()
-        add(parser)
-        assert parser.parse_args(["--model", "m"]).image_aspect_ratio is None  # what the checkpoint recorded
+    for command in (generate, zero_shot, grounding, chat, web, api):
+        parser = command.build_parser()
+        assert parser.get_default("image_aspect_ratio") is None  # what the checkpoint recorded
 
     # The chat / web / API engine of a checkpoint that records nothing: pixels equal to its processor's own output.
     engine = InferenceEngine.from_path(str(tiny_model_dir), LoadOptions(device="cpu", dtype=torch.float32))

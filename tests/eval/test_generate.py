@@ -141,10 +141,11 @@ def test_resume_with_other_settings_refuses_then_restart_replaces(tiny_model_dir
 def test_settings_default_to_the_recorded_training_settings(tiny_model_dir, tmp_path, caplog):
     from exgra_med.eval.generate import resolve_settings
     from exgra_med.io import read_json, write_json_atomic
+    from exgra_med.model.options import ModelOptions
 
-    def resolved(conv_mode=None, aspect=None) -> tuple[str, str]:
-        args = resolve_settings(argparse.Namespace(model=str(model), conv_mode=conv_mode, image_aspect_ratio=aspect))
-        return args.conv_mode, args.image_aspect_ratio
+    def resolved(template=None, aspect=None) -> tuple[str, str]:
+        options = resolve_settings(ModelOptions(str(model), conv_template=template, image_aspect_ratio=aspect))
+        return options.conv_template, options.image_aspect_ratio
 
     model = tmp_path / "trained"
     shutil.copytree(tiny_model_dir, model, ignore=shutil.ignore_patterns("*.safetensors", "llm", "vision"))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from exgra_med.conversation import get_template
-from exgra_med.eval.generate import add_model_args, generate_answers, generate_batch
+from exgra_med.eval.generate import build_parser, generate_answers, generate_batch
 from exgra_med.eval.metrics import score_vqa
 from exgra_med.model.backend import Prompt
 from exgra_med.model.llava_backend import LlavaBackend
@@ -71,9 +71,7 @@ def test_answers_keep_the_role_prefix_by_default(word_tokenizer):
 
 
 def test_vqa_decoding_defaults_are_the_references():
-    parser = argparse.ArgumentParser()
-    add_model_args(parser)
-    args = parser.parse_args(["--model", "m"])
+    args = build_parser().parse_args(["--model", "m", "--question-file", "q", "--answers-file", "a"])
     assert (args.max_new_tokens, args.temperature, args.strip_role_prefix) == (1024, 0.0, False)
     assert VQAGenerationSettings().max_new_tokens == 1024
     assert DataArguments(data_path="x.json").eval_max_new_tokens == 1024

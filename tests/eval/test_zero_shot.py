@@ -92,7 +92,7 @@ def test_accuracy_per_file_with_failures_counted_wrong_and_dropped(tiny_model_di
     assert main(_argv(tiny_model_dir, questions, root, out, max_new_tokens=None)) == 0
     assert decoding == {("simple", 256, 0.7)}  # the reference samples at T = 0.7, 256 new tokens
     results = json.loads((out / "results.json").read_text())
-    assert results["decoding"] == {"temperature": 0.7, "max_new_tokens": 256, "seed": 0}
+    assert results["decoding"] == {"temperature": 0.7, "max_new_tokens": 256, "top_p": 1.0, "seed": 0}
     first, second = results["files"]["A/first.json"], results["files"]["second.json"]
     assert (first["correct"], first["total"], first["failed"]) == (2, 3, [])  # a1, a3 right; a2 wrong
     assert first["accuracy"] == pytest.approx(200 / 3)
