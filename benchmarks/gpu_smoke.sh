@@ -74,7 +74,7 @@ echo "== answers in bf16 on the GPU, batch 16 (256 test questions)"
 python -c "import json,sys; json.dump(json.load(open(sys.argv[1]))[:256], open(sys.argv[2], 'w'))" \
   "$WORK/data/test.json" "$RUNS/test256.json"
 python -m exgra_med.cli generate-vqa --model "$RUNS/stage2" --question-file "$RUNS/test256.json" \
-  --image-folder "$IMAGE_FOLDER" --answers-file "$RUNS/answers.jsonl" --conv-mode llava_med --max-new-tokens 8 \
+  --image-folder "$IMAGE_FOLDER" --answers-file "$RUNS/answers.jsonl" --conv-template llava_med --max-new-tokens 8 \
   --device cuda --dtype bfloat16 --batch-size 16 --quiet
 python -m exgra_med.cli score --gt "$RUNS/test256.json" --pred "$RUNS/answers.jsonl" --candidate "$WORK/data/candidate.json"
 fi

@@ -88,7 +88,7 @@ fi
 audit() {
   [ -f "$2" ] && return 0
   exgra-med grounding-audit --model "$1" --question-file "$QUESTIONS" --image-folder "$FT_DATA_DIR/images" \
-    "${CANDIDATE[@]}" --train "$FT_DATA_DIR/train.json" --conv-mode "$CONV_MODE" --batch-size "$EVAL_BATCH" \
+    "${CANDIDATE[@]}" --train "$FT_DATA_DIR/train.json" --conv-template "$CONV_MODE" --batch-size "$EVAL_BATCH" \
     --quiet --out "$2" "${EVAL_EXTRA[@]}" > "${2%.json}.log"
 }
 

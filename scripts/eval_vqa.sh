@@ -32,7 +32,7 @@ exgra-med generate-vqa-multi "${CHUNK_ARGS[@]}" \
   --image-folder "$IMAGE_FOLDER" \
   --answers-file "$ANSWERS" \
   --batch-size "$BATCH_SIZE" \
-  --conv-mode simple \
+  --conv-template simple \
   "$@"
 
 echo "== scores -> ${ANSWERS%.jsonl}_scores.json"
@@ -41,6 +41,6 @@ exgra-med score --gt "$QUESTION_FILE" --pred "$ANSWERS" --candidate "$CANDIDATE"
 if [ "${GROUNDING_AUDIT:-1}" != "0" ]; then
   echo "== grounding audit (real, blank and shuffled images) -> ${ANSWERS%.jsonl}_grounding.json"
   exgra-med grounding-audit --model "$MODEL_PATH" --question-file "$QUESTION_FILE" --image-folder "$IMAGE_FOLDER" \
-    --candidate "$CANDIDATE" ${TRAIN_FILE:+--train "$TRAIN_FILE"} --batch-size "$BATCH_SIZE" --conv-mode simple \
+    --candidate "$CANDIDATE" ${TRAIN_FILE:+--train "$TRAIN_FILE"} --batch-size "$BATCH_SIZE" --conv-template simple \
     --answers-file "$ANSWERS" --out "${ANSWERS%.jsonl}_grounding.json" "$@"
 fi

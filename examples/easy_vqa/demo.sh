@@ -79,7 +79,7 @@ json.dump(json.load(open(sys.argv[1]))[:3], open(sys.argv[2], "w"))
 PY
 exgra-med generate-vqa --model "$DEMO_DIR/stage2" --question-file "$DEMO_DIR/stage2/sample_questions.json" \
   --image-folder "$DEMO_DIR/data/images" --answers-file "$DEMO_DIR/stage2/sample_answers.jsonl" \
-  --conv-mode "$TEMPLATE" --max-new-tokens 8 --quiet
+  --conv-template "$TEMPLATE" --max-new-tokens 8 --quiet
 python - "$DEMO_DIR/stage2/sample_questions.json" "$DEMO_DIR/stage2/sample_answers.jsonl" <<'PY'
 import json, sys
 questions = {str(r["id"]): r for r in json.load(open(sys.argv[1]))}

@@ -72,7 +72,7 @@ start=$SECONDS
 # real-image answers in generate-vqa's format (and reuses them on a rerun) and scores all three beside the
 # answer-prior baselines (majority answer, question prior).
 exgra-med grounding-audit --model "$OUT" --question-file "$QUESTIONS" --image-folder "$DATA/images" \
-  --candidate "$DATA/candidate.json" --train "$DATA/train.json" --conv-mode "$CONV_MODE" \
+  --candidate "$DATA/candidate.json" --train "$DATA/train.json" --conv-template "$CONV_MODE" \
   --batch-size "$EVAL_BATCH" --max-new-tokens "${MAX_NEW_TOKENS:-8}" --quiet \
   --answers-file "$OUT/test_answers_$TEST_QUESTIONS.jsonl" --out "$OUT/grounding_audit.json"
 echo "   answering took $((SECONDS - start)) s"
