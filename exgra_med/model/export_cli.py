@@ -7,6 +7,7 @@ processor + image token + chat template), so `AutoProcessor` and the serving eng
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from exgra_med.conversation import LLAVA_SYSTEM
+from exgra_med.constants import HUMAN
+from exgra_med.conversation import ConversationTemplate, get_template
 from exgra_med.data.images import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
 from exgra_med.model.auto import choose_setting, recorded_settings
 from exgra_med.model.checkpoint import check_output_dir, load_model, staged_output_dir
@@ -23,21 +25,42 @@ from exgra_med.model.options import ModelOptions
 logger = logging.getLogger(__name__)
 
 # The flags of the shared model group that apply to an export (it loads on no device, for no answers).
-EXPORT_FLAGS = ("vision_tower", "dtype", "image_aspect_ratio")
+EXPORT_FLAGS = ("vision_tower", "dtype", "image_aspect_ratio", "conv_template")
 
 
-def llava_med_chat_template(image_text: str) -> str:
-    """The LLaVA-Med '###' training format as a Jinja chat template; an image part becomes "\\n" + `image_text`
-    (the processor then expands its image token to the model's number of image tokens)."""
-    return (
-        "{{ '" + LLAVA_SYSTEM.replace("'", "\\'") + "\\n\\n' }}"
-        "{% for message in messages %}"
-        "{% if message['role'] == 'user' %}{{ '### Human: ' }}{% else %}{{ '### Assistant: ' }}{% endif %}"
+def _say(text: str) -> str:
+    """Jinja that prints `text` verbatim (a JSON string literal is a valid Jinja one)."""
+    return "{{ " + json.dumps(text) + " }}" if text else ""
+
+
+def chat_template(template: ConversationTemplate, image_text: str) -> str:
+    """`template` (the prompt format the model was trained with, `exgra_med.conversation`) as a Jinja chat template
+    that renders chat messages exactly as `template.render` does; an image part becomes "\\n" + `image_text` (the
+    processor then expands its image token to the model's number of image tokens)."""
+    human, assistant = template.roles
+    turns = {  # style: (opening, user before, user after, assistant before, assistant after, generation prompt)
+        "llava_med": (f"{template.system}\n\n", f"### {human}: ", "\n", f"### {assistant}: ", "\n",
+                      f"### {assistant}:"),
+        "simple": (f"{template.system}###", f"{human}: ", "###", f"{assistant}: ", "###", ""),
+        "vicuna": (f"{template.system} ", f"{human}: ", " ", f"{assistant}: ", "</s>", f"{assistant}:"),
+        "mistral": ("", "[INST] ", " [/INST]", " ", " </s>", ""),
+        "plain": ("", "", "\n", "", "\n", ""),
+    }
+    if template.style not in turns or (template.style == "mistral" and template.system):
+        raise ValueError(f"prompt template {template.name!r} has no chat-template form for the export")
+    opening, user_before, user_after, reply_before, reply_after, generation = turns[template.style]
+    for role, text in template.few_shot:  # `simple` opens with one exchange
+        opening += (user_before + text + user_after) if role == HUMAN else (reply_before + text + reply_after)
+    content = (
         "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
         "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}"
-        "{% elif item['type'] == 'image' %}{{ '\\n" + image_text + "' }}{% endif %}{% endfor %}{% endif %}"
-        "{{ '\\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '### Assistant:' }}{% endif %}"
+        "{% elif item['type'] == 'image' %}" + _say("\n" + image_text) + "{% endif %}{% endfor %}{% endif %}"
+    )
+    return (
+        _say(opening)
+        + "{% for message in messages %}{% if message['role'] == 'user' %}" + _say(user_before) + content
+        + _say(user_after) + "{% else %}" + _say(reply_before) + content + _say(reply_after) + "{% endif %}"
+        + "{% endfor %}{% if add_generation_prompt %}" + _say(generation) + "{% endif %}"
     )
 
 
@@ -57,11 +80,13 @@ def llava_image_processor(processor, image_aspect_ratio: str = DEFAULT_ASPECT_RA
 
 def export_hf(
     src: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None, vision_tower: str | None = None,
-    image_aspect_ratio: str = DEFAULT_ASPECT_RATIO,
+    image_aspect_ratio: str = DEFAULT_ASPECT_RATIO, template: str = "llava_med",
 ) -> Path:
     """Load an ExGra-Med checkpoint (or a reference-layout folder + its vision tower) and write it as
     transformers LLaVA, in `dtype` (default: the checkpoint's own), its image processor set to
-    `image_aspect_ratio` (what the model was trained with).
+    `image_aspect_ratio` and its chat template to the prompt `template` (what the model was trained with); the
+    settings the checkpoint recorded (`exgra_med.model.auto.RECORDED_SETTINGS`, the trained maximum length) are
+    written into the exported config.json as they are read from ours.
 
     Raises ValueError (before writing anything) when the connector has no LLaVA counterpart.
     """
@@ -75,6 +100,10 @@ def export_hf(
     check_exportable(model)
     llava = to_hf_llava(model)
     llava.generation_config.pad_token_id = tokenizer.pad_token_id
+    llava.config.conv_template, llava.config.image_aspect_ratio = template, image_aspect_ratio
+    max_length = getattr(model.config, "tokenizer_model_max_length", None)
+    if max_length is not None:
+        llava.config.tokenizer_model_max_length = max_length
     patch = model.vision_tower.patch_size
     image_text = DEFAULT_IMAGE_PATCH_TOKEN
     if model.config.mm_use_im_start_end:
@@ -86,7 +115,7 @@ def export_hf(
         vision_feature_select_strategy="default",
         image_token=DEFAULT_IMAGE_PATCH_TOKEN,
         num_additional_image_tokens=1 if model.vision_tower.has_cls else 0,
-        chat_template=llava_med_chat_template(image_text),
+        chat_template=chat_template(get_template(template), image_text),
     )
     with staged_output_dir(out_dir) as tmp:
         llava.save_pretrained(tmp)
@@ -114,10 +143,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = ModelOptions.from_args(args, model=args.src)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # The preprocessing the model was trained with travels in its checkpoint; a flag that disagrees wins.
-    aspect = choose_setting("image_aspect_ratio", options.image_aspect_ratio, recorded_settings(options.model),
-                            DEFAULT_ASPECT_RATIO, options.model)
+    recorded = recorded_settings(options.model)
+    aspect = choose_setting("image_aspect_ratio", options.image_aspect_ratio, recorded, DEFAULT_ASPECT_RATIO,
+                            options.model)
+    template = choose_setting("conv_template", options.conv_template, recorded, "llava_med", options.model)
     try:
-        export_hf(options.model, args.out, options.torch_dtype, options.vision_tower, aspect)
+        export_hf(options.model, args.out, options.torch_dtype, options.vision_tower, aspect, template)
     except ValueError as e:
         print(f"exgra-med export-hf: {e}", file=sys.stderr)
         return 2

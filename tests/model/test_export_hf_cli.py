@@ -63,3 +63,36 @@ def test_unexportable_connector_fails_clearly(tmp_path, capsys):
     assert "mm_dense_connector_type='dci'" in message
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf.")]  # no staging leftovers
+
+
+@pytest.mark.parametrize("template", ["llava_med", "simple", "vicuna_v1", "mistral", "plain"])
+def test_export_carries_the_trained_template_and_settings(tiny_model_dir, tmp_path, template):
+    """The exported chat template renders a multi-turn conversation exactly as our template (the one the checkpoint
+    recorded, or the flag); config.json carries the recorded settings."""
+    from exgra_med.io import read_json, write_json_atomic
+    from exgra_med.model.auto import load_backend
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for item in tiny_model_dir.iterdir():
+        if item.is_file():
+            (src / item.name).write_bytes(item.read_bytes())
+        else:
+            (src / item.name).symlink_to(item)
+    config = read_json(src / "config.json")
+    config.update(conv_template=template, image_aspect_ratio="pad", tokenizer_model_max_length=300)
+    write_json_atomic(src / "config.json", config)
+    out = tmp_path / "hf"
+    assert cli_main(["export-hf", "--in", str(src), "--out", str(out)]) == 0
+    exported = read_json(out / "config.json")
+    assert (exported["conv_template"], exported["image_aspect_ratio"], exported["tokenizer_model_max_length"]) == (
+        template, "pad", 300)
+    processor = AutoProcessor.from_pretrained(out)
+    messages = [{"role": "user", "content": [{"type": "text", "text": QUESTION}, {"type": "image"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
+                {"role": "user", "content": [{"type": "text", "text": "And its shape?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    theirs = processor(text=prompt, images=_image(), return_tensors="pt").input_ids[0].tolist()
+    ours = load_backend(str(src), LoadOptions(device="cpu")).encode_conversation(
+        [("human", QUESTION), ("gpt", "Red."), ("human", "And its shape?")], _image())
+    assert theirs == ours.input_ids
