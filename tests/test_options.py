@@ -171,7 +171,9 @@ def test_an_answers_file_of_the_previous_version_resumes(tiny_model_dir, easy_vq
     assert generate.main(argv) == 0
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
     assert len(rows) == len(questions) and rows[0]["text"] == "PREVIOUS"
-    assert all(r["metadata"]["generation"] == previous for r in rows)  # the new lines record the same settings
+    # The new lines record the same settings, and the weights' fingerprint the previous version did not have.
+    assert all({k: v for k, v in r["metadata"]["generation"].items() if k != "weights"} == previous for r in rows)
+    assert all(r["metadata"]["generation"]["weights"].startswith("blake2b:") for r in rows[1:])
     # A new setting is recorded once it changes the answers, and then refuses the old file.
     with pytest.raises(UserError, match=r"top_p: None there, 0\.9 now"):
         generate.main([*argv, "--temperature", "0", "--top-p", "0.9"])

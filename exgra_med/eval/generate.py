@@ -34,10 +34,18 @@ from exgra_med.constants import DEFAULT_IMAGE_TOKEN
 from exgra_med.data.images import DEFAULT_ASPECT_RATIO
 from exgra_med.data.records import question_text
 from exgra_med.errors import UserError, one_line
-from exgra_med.eval.launch import get_chunk, read_answer_lines
+from exgra_med.eval.launch import check_answers_file, get_chunk, read_answer_lines
 from exgra_med.io import read_json
-from exgra_med.model.auto import backend_for, choose_setting, load_backend, model_family, recorded_settings
+from exgra_med.model.auto import (
+    backend_for,
+    choose_setting,
+    load_backend,
+    model_family,
+    recorded_settings,
+    resolve_model_path,
+)
 from exgra_med.model.backend import Backend, Prompt
+from exgra_med.model.checkpoint import weights_fingerprint
 from exgra_med.model.hub import resolve_path
 from exgra_med.model.native.backend import CHAT_TEMPLATE_NAME
 from exgra_med.model.options import DecodingOptions, ModelOptions
@@ -181,8 +189,9 @@ RECORDED_AS = {"conv_template": "conv_mode"}
 
 
 def provenance(model: ModelOptions, decoding: DecodingOptions, strip_role_prefix: bool = False) -> dict:
-    """What produced an answers file: the model folder (resolved), its template and image settings (concrete:
-    `resolve_settings`), the weights dtype and bits, and every decoding setting."""
+    """What produced an answers file: the model folder (resolved) and a fingerprint of its weights
+    (`weights_fingerprint`: a model retrained into the same folder differs), its template and image settings
+    (concrete: `resolve_settings`), the weights dtype and bits, and every decoding setting."""
     settings = {**vars(model), **vars(decoding), "strip_role_prefix": strip_role_prefix}
     recorded = {}
     for key, value in sorted(settings.items()):
@@ -192,6 +201,12 @@ def provenance(model: ModelOptions, decoding: DecodingOptions, strip_role_prefix
         if key in ("model", "vision_tower") and Path(value).exists():
             value = str(Path(value).resolve())
         recorded[RECORDED_AS.get(key, key)] = value
+    try:
+        fingerprint = weights_fingerprint(resolve_model_path(model.model))
+    except (OSError, ValueError):  # not a local folder or a cached Hub id: loading reports it
+        fingerprint = None
+    if fingerprint is not None:
+        recorded["weights"] = fingerprint
     return recorded
 
 
@@ -200,6 +215,8 @@ def check_provenance(path: str | os.PathLike, rows: Sequence[dict], expected: di
     naming the file and the settings that differ)."""
     for row in rows:
         found = (row.get("metadata") or {}).get("generation")
+        if isinstance(found, dict) and "weights" not in found:  # a line from before the weights fingerprint
+            found = {**found, "weights": expected.get("weights")}
         if found == expected:
             continue
         if not isinstance(found, dict):
@@ -207,6 +224,8 @@ def check_provenance(path: str | os.PathLike, rows: Sequence[dict], expected: di
         else:
             keys = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
             why = "; ".join(f"{k}: {found.get(k)!r} there, {expected.get(k)!r} now" for k in keys)
+            if "weights" in keys:
+                why = f"the model's weights changed since they were written (retrained into the same folder?); {why}"
         raise UserError(
             f"{path}: holds {len(rows)} answers that this run would not give ({why}); refusing to mix them. "
             "Write to another --answers-file, or pass --restart to replace this one."
@@ -337,7 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.answers_file)
     options = resolve_settings(options)
     generation = provenance(options, decoding, args.strip_role_prefix)
+    check_answers_file(out, {"--question-file": args.question_file})
     if args.restart and out.exists():
+        read_answer_lines(out)  # only an answers file is replaced (NotAnswersFileError otherwise)
         logger.info("--restart: replacing %s", out)
         out.unlink()
     _, todo = pending_questions(out, questions, generation)

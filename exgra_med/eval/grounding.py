@@ -35,6 +35,7 @@ from exgra_med.eval.generate import (
     provenance,
     resolve_settings,
 )
+from exgra_med.eval.launch import check_answers_file
 from exgra_med.eval.metrics import score_vqa
 from exgra_med.io import read_json, write_json_atomic
 from exgra_med.model.backend import Backend
@@ -163,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     train = read_json(args.train) if args.train else None
     real = None
     if args.answers_file:
+        check_answers_file(args.answers_file, {"--question-file": args.question_file, "--candidate": args.candidate,
+                                               "--train": args.train})
         options = resolve_settings(options)
         # the settings generate-vqa records (the audit's own flags do not change an answer)
         generation = provenance(options, decoding, args.strip_role_prefix)

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from exgra_med.errors import UserError
 from exgra_med.io import read_json, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
@@ -38,9 +39,19 @@ def get_chunk(records: Sequence[Any], num_chunks: int, chunk_idx: int) -> list:
     return list(records[chunk_idx * size : (chunk_idx + 1) * size])
 
 
+# The first key of every line `answer_line` writes: a torn line that starts otherwise is not ours to cut.
+ANSWER_LINE_START = b'{"question_id"'
+
+
+class NotAnswersFileError(UserError):
+    """A file given as an answers file does not hold answer lines: it is never truncated, appended to or replaced."""
+
+
 def read_answer_lines(path: str | os.PathLike, repair: bool = False) -> list[dict]:
-    """The complete lines of an answers file. A torn last line (no final newline, or invalid JSON, from
-    an interrupted run) is ignored, and cut off the file with `repair=True`; a bad line elsewhere raises."""
+    """The complete lines of an answers file. A torn last line (no final newline, or invalid JSON, from an interrupted
+    run) is ignored, and cut off the file with `repair=True`. A file that is not an answers file (a line that is not a
+    JSON object with a `question_id`, or a torn line that is not the start of one, such as a JSON document written
+    without a final newline) raises `NotAnswersFileError` and is left as it is."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -57,19 +68,35 @@ def read_answer_lines(path: str | os.PathLike, repair: bool = False) -> list[dic
             row = json.loads(line) if lineno < len(lines) else None  # no newline after it: torn
         except json.JSONDecodeError as e:
             if not is_last:
-                raise ValueError(f"{path}: line {lineno} is not valid JSON: {e.msg}") from e
+                raise NotAnswersFileError(f"{path}: line {lineno} is not valid JSON ({e.msg}); not an answers file, "
+                                          "left unchanged") from e
             row = None
         if row is None:
+            if not line.lstrip().startswith(ANSWER_LINE_START):
+                raise NotAnswersFileError(f"{path}: line {lineno} is not an answer line; not an answers file, left "
+                                          "unchanged")
             logger.warning("%s: dropping the torn last line %d (interrupted run)", path, lineno)
             if repair:
                 with path.open("r+b") as f:
                     f.truncate(good_end)
             break
         if not isinstance(row, dict) or "question_id" not in row:
-            raise ValueError(f"{path}: line {lineno} has no 'question_id'")
+            raise NotAnswersFileError(f"{path}: line {lineno} has no 'question_id'; not an answers file, left "
+                                      "unchanged")
         rows.append(row)
         good_end = min(pos, len(data))
     return rows
+
+
+def check_answers_file(answers_file: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse an answers file that is one of the command's inputs (`{flag: path}`), before anything is read or
+    written: resuming would cut and append to it."""
+    out = Path(answers_file)
+    for flag, path in inputs.items():
+        if path is None or not Path(path).exists() or not out.exists():
+            continue
+        if out.resolve() == Path(path).resolve() or os.path.samefile(out, path):
+            raise UserError(f"--answers-file {answers_file} is the {flag} file; write the answers to another file")
 
 
 def chunk_path(answers_file: str | os.PathLike, num_chunks: int, chunk_idx: int) -> Path:

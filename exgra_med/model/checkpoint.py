@@ -51,6 +51,27 @@ def weight_files(folder: str | Path, keep: Callable[[str], bool] | None = None) 
     return files[:1]
 
 
+def weights_fingerprint(folder: str | Path, samples: int = 16, chunk: int = 1 << 16) -> str | None:
+    """A digest of the weights in a model folder, cheap at any size: for every weight file at its top (`*.safetensors`,
+    `*.bin`, `*.pt`: the model's shards, a projector, an alignment head), its name, its size and `samples` pieces of
+    `chunk` bytes spread over it, the first holding a safetensors file's header. Retraining into the same folder
+    changes the values everywhere, so it changes the digest; None when the folder holds no weight file."""
+    import hashlib
+
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt"))
+    if not files:
+        return None
+    digest = hashlib.blake2b(digest_size=12)
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.name}\0{size}\0".encode())
+        with file.open("rb") as f:
+            for k in range(samples):
+                f.seek(size * k // samples)
+                digest.update(f.read(chunk))
+    return "blake2b:" + digest.hexdigest()
+
+
 def read_weights(path: str | Path, keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """All tensors (or those whose key `keep` accepts) of a weights file (.safetensors, .bin/.pt) or a checkpoint
     folder (single file or sharded index), on the CPU. A filtered read loads only the kept tensors."""

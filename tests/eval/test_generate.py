@@ -15,6 +15,7 @@ from exgra_med.data.records import question_text
 from exgra_med.eval.generate import display_prompt, generate_answers, get_chunk, main, read_answer_lines
 from exgra_med.eval.launch import chunk_commands, chunk_path, merge_answers
 from exgra_med.model.backend import StopOnString
+from exgra_med.model.checkpoint import weights_fingerprint
 from exgra_med.model.llava_backend import LlavaBackend, left_pad
 from exgra_med.model.loading import load_pretrained
 
@@ -101,7 +102,7 @@ def test_generate_vqa_writes_reference_answer_lines(tiny_model_dir, easy_vqa_dir
     assert all(r["model_id"] == tiny_model_dir.name for r in rows)
     expected = {"model": str(Path(tiny_model_dir).resolve()), "conv_mode": "simple", "max_new_tokens": 3,
                 "temperature": 0.0, "strip_role_prefix": False, "image_aspect_ratio": "square", "dtype": "auto",
-                "seed": 0}
+                "seed": 0, "weights": weights_fingerprint(tiny_model_dir)}
     assert all(r["metadata"] == {"generation": expected} for r in rows)
     assert len({r["answer_id"] for r in rows}) == len(rows)
 
@@ -189,6 +190,44 @@ def test_read_answer_lines_rejects_a_bad_line_in_the_middle(tmp_path):
     path.write_text('{"question_id": 1}\nnot json\n{"question_id": 2}\n')
     with pytest.raises(ValueError, match="line 2"):
         read_answer_lines(path)
+
+
+def test_an_answers_file_that_is_an_input_or_not_an_answers_file_is_never_changed(
+        tiny_model_dir, easy_vqa_dir, questions, tmp_path):
+    from exgra_med.errors import UserError
+    from exgra_med.eval.launch import NotAnswersFileError
+
+    qfile = _question_file(tmp_path, questions[:2])  # json.dumps: no final newline, like every json.dump file
+    before = qfile.read_bytes()
+    with pytest.raises(UserError, match="is the --question-file file"):
+        _cli(tiny_model_dir, easy_vqa_dir, qfile, qfile)
+    other = tmp_path / "notes.json"
+    other.write_bytes(before)  # another file of the same kind given as the answers file by mistake
+    for extra in ((), ("--restart",)):
+        with pytest.raises(NotAnswersFileError, match="not an answers file, left unchanged"):
+            _cli(tiny_model_dir, easy_vqa_dir, qfile, other, *extra)
+    assert qfile.read_bytes() == before and other.read_bytes() == before
+
+
+def test_answers_of_a_model_retrained_into_the_same_folder_are_not_mixed(
+        tiny_model_dir, easy_vqa_dir, questions, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from exgra_med.errors import UserError
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    answers = tmp_path / "answers.jsonl"
+    assert _cli(model, easy_vqa_dir, _question_file(tmp_path, questions[:2]), answers) == 0
+    fingerprint = json.loads(answers.read_text().splitlines()[0])["metadata"]["generation"]["weights"]
+    assert fingerprint.startswith("blake2b:")
+    state = load_file(model / "model.safetensors")
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, model / "model.safetensors",
+              metadata={"format": "pt"})  # "retrained": same names, shapes and header size, other values
+    before = answers.read_bytes()
+    with pytest.raises(UserError, match="the model's weights changed since they were written"):
+        _cli(model, easy_vqa_dir, _question_file(tmp_path, questions[:4]), answers)
+    assert answers.read_bytes() == before
 
 
 def test_chunks_merge_back_into_question_order(tiny_model_dir, easy_vqa_dir, questions, tmp_path):
