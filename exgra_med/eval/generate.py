@@ -85,6 +85,12 @@ def answer_records(
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     lengths = [backend.question_length(r) for r in records]
+    limit = backend.context_length  # the maximum length the model was trained with, or its positions
+    too_long = [str(records[i]["id"]) for i, n in enumerate(lengths) if limit is not None and n > limit]
+    if too_long:
+        logger.warning("%d questions (ids %s) are longer than the model's %d-token context (the length it was "
+                       "trained with or its positions); their answers are unreliable", len(too_long),
+                       ", ".join(too_long[:5]) + (" ..." if len(too_long) > 5 else ""), limit)
     order = sorted(range(len(records)), key=lambda i: -lengths[i])
     kwargs = {"strip_role_prefix": strip_role_prefix, **(generate_kwargs or {})}
     was_training = backend.training

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -37,7 +38,7 @@ def _answers(path: Path) -> dict[str, tuple[str, str]]:
     return {str(r["question_id"]): (r["text"], r["metadata"]["generation"]["image_aspect_ratio"]) for r in rows}
 
 
-def test_a_model_trained_with_pad_answers_with_pad_without_the_flag(tiny_model_dir, easy_vqa_dir, tmp_path):
+def test_a_model_trained_with_pad_answers_with_pad_without_the_flag(tiny_model_dir, easy_vqa_dir, tmp_path, caplog):
     images = tmp_path / "images"
     data = tmp_path / "train.json"
     data.write_text(json.dumps(_wide_copies(easy_vqa_dir, images, "train", 8)))
@@ -73,3 +74,15 @@ def test_a_model_trained_with_pad_answers_with_pad_without_the_flag(tiny_model_d
         assert engine.context_length == 200  # the trained maximum length bounds the prompts served
     finally:
         engine.close()
+    # Evaluation warns about questions longer than the trained length.
+    long_question = tmp_path / "long.json"
+    record = dict(json.loads(questions.read_text())[0])
+    record["conversations"] = [{**record["conversations"][0],
+                                "value": record["conversations"][0]["value"] + " why" * 300},
+                               *record["conversations"][1:]]
+    long_question.write_text(json.dumps([record]))
+    with caplog.at_level(logging.WARNING):
+        assert generate_vqa(["--model", str(out), "--question-file", str(long_question), "--image-folder",
+                             str(images), "--answers-file", str(tmp_path / "long.jsonl"), "--max-new-tokens", "2",
+                             "--quiet"]) == 0
+    assert "longer than the model's 200-token context" in caplog.text
