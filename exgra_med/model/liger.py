@@ -1,12 +1,15 @@
-"""Liger kernels (`--use_liger_kernel True`) on the LLM inside an ExGra-Med model.
+"""Liger kernels (`--use_liger_kernel True`) on the LLM inside an ExGra-Med model, or on a transformers-native VLM.
 
 transformers' Trainer applies Liger to the model it trains by `config.model_type`; for this composite model that
 type is "exgra_med", which Liger does not know, so the kernels go onto the language model itself
 (`apply_liger`): fused RMSNorm, SwiGLU MLP and RoPE, and Liger's forward of the causal LM, which in training
 computes the loss with the fused linear cross-entropy (the (tokens x vocabulary) logits are never materialised).
 `ExGraMedForConditionalGeneration.forward` hands its labels to that forward, so the LM loss takes the fused path;
-its `logits` are then None in training. Liger's kernels are Triton GPU kernels: `check_liger` refuses, in one line,
-machines without CUDA, a missing liger-kernel and LLM types Liger has no kernels for.
+its `logits` are then None in training. A native VLM inside `AlignedVLM` (its `base_vlm`) is patched whole by its own
+`model_type` (gemma3, llava, qwen2_5_vl, ...: Liger's kernels for its language model and vision encoder). Liger's
+kernels are Triton GPU kernels: `check_liger` refuses, in one line, machines without CUDA, a missing liger-kernel and
+model types Liger has no kernels for; `apply_liger` refuses a patcher that does not import with the installed
+transformers (liger-kernel 0.8.5's Qwen2.5-VL patcher with transformers 5.25).
 """
 
 from __future__ import annotations
@@ -68,16 +71,28 @@ def check_liger(device: str | torch.device, model_type: str | None) -> None:
 
 
 def apply_liger(model: torch.nn.Module, **kernel_config: bool) -> torch.nn.Module:
-    """Patch the LLM of `model` (an ExGraMedForConditionalGeneration, its LLM possibly PEFT-wrapped) with Liger's
-    kernels, in place; `kernel_config` switches single kernels (`rope`, `rms_norm`, `swiglu`,
-    `fused_linear_cross_entropy`, ...), as transformers' `liger_kernel_config`. Returns the patched causal LM."""
+    """Patch `model` with Liger's kernels, in place: the LLM of an ExGraMedForConditionalGeneration, or the whole VLM
+    (`base_vlm`) of an AlignedVLM, either possibly PEFT-wrapped; `kernel_config` switches single kernels (`rope`,
+    `rms_norm`, `swiglu`, `fused_linear_cross_entropy`, ...), as transformers' `liger_kernel_config`. Returns the
+    patched transformers model."""
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-    llm = model.language_model
-    if hasattr(llm, "get_base_model"):  # PEFT: the adapters sit inside the modules Liger patches
-        llm = llm.get_base_model()
-    model_type = llm.config.model_type
+    target = getattr(model, "base_vlm", None)  # a native VLM: Liger's patcher for its own model type
+    if target is None:
+        target = model.language_model
+        if hasattr(target, "get_base_model"):  # PEFT: the adapters sit inside the modules Liger patches
+            target = target.get_base_model()
+    model_type = target.config.model_type
     if model_type not in supported_model_types():
         raise LigerUnavailableError(f"{FLAG}: liger-kernel has no kernels for LLM type {model_type!r}")
-    _apply_liger_kernel_to_instance(model=llm, **kernel_config)
-    return llm
+    try:
+        _apply_liger_kernel_to_instance(model=target, **kernel_config)
+    except ImportError as e:  # Liger's patcher for this type names classes the installed transformers lacks
+        from importlib.metadata import version
+
+        raise LigerUnavailableError(
+            f"{FLAG}: liger-kernel {version('liger-kernel')} cannot patch {model_type!r} models with transformers "
+            f"{version('transformers')} ({' '.join(str(e).split())[:160]}); drop the flag or install a liger-kernel "
+            "release made for this transformers"
+        ) from e
+    return target

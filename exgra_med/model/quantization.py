@@ -2,6 +2,7 @@
 
 - `bnb_config`: the `BitsAndBytesConfig` the LLM loads with; the vision tower, the projector, the alignment head and
   the output head stay unquantised.
+- `skip_at_any_depth`: skip entries for a VLM's vision encoder and projector, wherever they sit in the model.
 - `check_bitsandbytes`: a capability check run before any model is loaded; bitsandbytes 0.50 has CPU kernels
   for 4- and 8-bit layers, older versions and machines without a backend fail it with one line.
 - `dequantize_bnb_state`: the dense float32 weights of a state dict saved from a quantised model (a QLoRA
@@ -68,6 +69,13 @@ def inference_bnb_config(bits: int, compute_dtype: torch.dtype | None, skip_modu
     config = bnb_config(bits, compute_dtype or torch.float16)
     config.llm_int8_skip_modules = list(skip_modules)
     return config
+
+
+def skip_at_any_depth(names) -> list[str]:
+    """`llm_int8_skip_modules` entries that keep the modules named `names` (a name component, e.g. "visual")
+    unquantised wherever they sit: transformers matches an entry from the start of the full module name or as its
+    suffix, so "visual" alone would quantise Qwen2.5-VL's `model.visual.blocks.0.attn.qkv`."""
+    return [rf"(?:.*\.)?{re.escape(name)}" for name in names]
 
 
 def _probe(bits: int, device: torch.device, compute_dtype: torch.dtype, quant_type: str) -> None:

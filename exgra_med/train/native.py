@@ -16,7 +16,7 @@ from exgra_med.data.chat import ChatEncoder, NativeCollator, NativeDataset, stop
 from exgra_med.errors import UserError
 from exgra_med.model.native.training import build_native_model, check_native_flags, load_native_weights, save_native
 from exgra_med.train.args import DataArguments, ModelArguments, TrainingArguments
-from exgra_med.train.families import Built, TrainingFamily
+from exgra_med.train.families import Built, TrainingFamily, train_dtype
 from exgra_med.train.vqa_eval import VQAScoringTrainer
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class NativeTraining(TrainingFamily):
                             "--simi_type average (image tokens differ in number between samples)")
 
     def build(self, model_args: ModelArguments, training_args: TrainingArguments) -> Built:
-        model, processor = build_native_model(self.path, model_args, training_args)
+        model, processor = build_native_model(self.path, model_args, training_args, train_dtype(training_args))
         return Built(model, processor)
 
     def record_settings(self, built: Built, data_args: DataArguments, training_args: TrainingArguments) -> None:

@@ -2,12 +2,15 @@
 
 Trainable by default: the language model and the projector / merger (+ the alignment head); the vision encoder stays
 frozen. `--freeze_backbone True` freezes the language model, `--lora_enable True` trains LoRA adapters on its linear
-layers instead (folded into the weights when saved). Every save writes the model in its own format (loadable with
-`AutoModelForImageTextToText`), its processor, and the alignment head beside it (`head.ALIGNMENT_WEIGHTS`).
+layers instead (folded into the weights when saved); `--bits 4|8` (QLoRA) loads the language model quantised by
+bitsandbytes under those adapters, and `--use_liger_kernel True` patches Liger's kernels onto the VLM. Every save
+writes the model in its own format, full precision (loadable with `AutoModelForImageTextToText`), its processor, and
+the alignment head beside it (`head.ALIGNMENT_WEIGHTS`).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from torch import nn
 from exgra_med.errors import UserError
 from exgra_med.model.lora import merge_lora_state_dict
 from exgra_med.model.native.aligned import AlignedVLM, load_alignment_head, save_alignment_head, text_hidden_size
+from exgra_med.model.native.backend import QUANT_SKIP_MODULES
 
 logger = logging.getLogger(__name__)
 
@@ -24,19 +28,20 @@ logger = logging.getLogger(__name__)
 PROJECTOR_NAMES = ("multi_modal_projector", "merger", "deepstack_merger_list", "mm_projector", "connector",
                    "image_newline")
 _PEFT_PREFIX = "base_model.model."
+# Unquantised under --bits 4|8: the vision encoder, the projectors (trained in full) and the output head.
+QLORA_SKIP_MODULES = tuple(dict.fromkeys((*QUANT_SKIP_MODULES, *PROJECTOR_NAMES)))
 
 
 def check_native_flags(model_args, training_args=None) -> None:
-    """Refuse the LLaVA-only flags and the options the native path does not offer yet (padding-free batches,
-    QLoRA, Liger kernels), one line naming the flag, before anything is loaded."""
+    """Refuse the LLaVA-only flags and the options the native path does not offer yet (padding-free batches),
+    one line naming the flag, before anything is loaded."""
     fixed = {"vision_tower": None, "pretrain_mm_mlp_adapter": None, "tune_mm_mlp_adapter": False,
              "mm_dense_connector_type": "none"}
     for flag, default in fixed.items():
         if getattr(model_args, flag) != default:
             raise UserError(f"--{flag} {getattr(model_args, flag)}: {model_args.model_name_or_path} is a "
                             "transformers-native VLM with its own vision encoder and projector; drop the flag")
-    not_yet = {"bits": (model_args, 16), "padding_free": (training_args, False),
-               "use_liger_kernel": (training_args, False)}
+    not_yet = {"padding_free": (training_args, False)}
     for flag, (args, default) in not_yet.items():
         if args is not None and getattr(args, flag, default) != default:
             raise UserError(f"--{flag} {getattr(args, flag)}: not available for transformers-native VLMs "
@@ -60,16 +65,23 @@ def lora_targets(vlm: nn.Module) -> list[str]:
     return [f"{prefix}.{n}" for n, m in decoder.named_modules() if isinstance(m, nn.Linear)]
 
 
-def set_native_trainable(model: AlignedVLM, model_args) -> None:
-    """Projector (+ alignment head) always; the language model fully, or LoRA adapters on it, unless frozen."""
+def set_native_trainable(model: AlignedVLM, model_args, activation_checkpointing: bool = False) -> None:
+    """Projector (+ alignment head) always; the language model fully, or LoRA adapters on it (on its quantised
+    weights with `--bits 4|8`), unless frozen."""
     model.requires_grad_(False)
     if model_args.lora_enable:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+        quantized = is_quantized(model.vlm)
+        if quantized:  # as QLoRA (and the LLaVA path): the unquantised weights in float32, the head too
+            model.vlm = prepare_model_for_kbit_training(model.vlm, use_gradient_checkpointing=activation_checkpointing)
+            if model.alignment is not None:
+                model.alignment.float()
         lora = LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
                           target_modules=lora_targets(model.vlm))
-        # Adapters in the weights' dtype: ZeRO-3 flattens each parameter group into one buffer of one dtype.
-        model.vlm = get_peft_model(model.vlm, lora, autocast_adapter_dtype=False)
+        # Adapters in the weights' dtype: ZeRO-3 flattens each parameter group into one buffer of one dtype. QLoRA
+        # (no ZeRO-3) keeps float32 adapters.
+        model.vlm = get_peft_model(model.vlm, lora, autocast_adapter_dtype=quantized)
     elif not model_args.freeze_backbone:
         model.language_model.requires_grad_(True)
         model.get_output_embeddings().requires_grad_(True)
@@ -83,25 +95,64 @@ def set_native_trainable(model: AlignedVLM, model_args) -> None:
         model.alignment.requires_grad_(True)
 
 
-def build_native_model(path: str, model_args, training_args):
-    """(AlignedVLM with the trainable parts set, processor) from a native VLM folder; a head saved in the folder (a
-    previous stage-2 run) is loaded when the alignment is on and it fits."""
+def build_native_model(path: str, model_args, training_args, dtype: torch.dtype | None):
+    """(AlignedVLM with the trainable parts set, processor) from a native VLM folder, its weights in `dtype` (None: the
+    folder's own); a head saved in the folder (a previous stage-2 run) is loaded when the alignment is on and it fits.
+    `--bits 4|8`: the language model loads quantised onto the training device (the rest unquantised);
+    `--use_liger_kernel True`: Liger's kernels on the VLM."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    alignment = model_args.alignment_config(seed=training_args.seed)
+    kernels = liger_kernels(training_args, alignment.enabled) if training_args.use_liger_kernel else None
+    quantized = {}
+    if model_args.bits < 16:
+        if training_args.load_best_model_at_end:
+            raise UserError(f"--bits {model_args.bits} with --load_best_model_at_end: a native VLM's checkpoints hold "
+                            "merged full-precision weights, which do not load back into its quantised layers; drop "
+                            "--load_best_model_at_end and pick the checkpoint by its logged score")
+        from exgra_med.model.quantization import bnb_config, skip_at_any_depth
+
+        config = bnb_config(model_args.bits, dtype or torch.float32, model_args.double_quant, model_args.quant_type)
+        config.llm_int8_skip_modules = skip_at_any_depth(QLORA_SKIP_MODULES)
+        # bitsandbytes quantises while placing the weights
+        quantized = {"quantization_config": config, "device_map": {"": training_args.device}}
     if training_args.deepspeed and torch.distributed.is_available() and torch.distributed.is_initialized():
         import deepspeed
 
         # As the LLaVA path: ZeRO-3 reads the world size from DeepSpeed's own communicator while loading.
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
-    dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else None
     vlm = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype,
-                                                      attn_implementation=model_args.attn_implementation)
+                                                      attn_implementation=model_args.attn_implementation, **quantized)
     processor = AutoProcessor.from_pretrained(path)
-    model = AlignedVLM(vlm, model_args.alignment_config(seed=training_args.seed))
+    model = AlignedVLM(vlm, alignment)
     if model.alignment is not None:
         load_alignment_head(model, path)
-    set_native_trainable(model, model_args)
+    set_native_trainable(model, model_args, training_args.activation_checkpointing)
+    if kernels is not None:
+        from exgra_med.model.liger import apply_liger
+
+        apply_liger(model, **kernels)
     return model, processor
+
+
+def liger_kernels(training_args, alignment: bool) -> dict[str, bool]:
+    """`--liger_kernel_config` for a native VLM. With the alignment on, not Liger's fused linear cross-entropy: its
+    forward of the VLM drops the image features the alignment's image nodes are made of."""
+    kernels = dict(training_args.liger_kernel_config or {})
+    if alignment:
+        if kernels.get("fused_linear_cross_entropy"):
+            raise UserError("--liger_kernel_config fused_linear_cross_entropy: Liger's fused forward of a native VLM "
+                            "returns no image features, which the alignment needs; leave it out (the other kernels "
+                            "apply)")
+        kernels["fused_linear_cross_entropy"] = False
+    return kernels
+
+
+def is_quantized(vlm: nn.Module) -> bool:
+    """Whether `vlm` (possibly PEFT-wrapped) holds bitsandbytes-quantised weights (`--bits 4|8`)."""
+    get_base = getattr(vlm, "get_base_model", None)
+    base = get_base() if callable(get_base) else vlm
+    return getattr(base, "hf_quantizer", None) is not None
 
 
 def save_native(model: AlignedVLM, state: dict[str, torch.Tensor], out_dir: str | Path, processor,
@@ -110,13 +161,30 @@ def save_native(model: AlignedVLM, state: dict[str, torch.Tensor], out_dir: str 
     vlm_state = {k[len("vlm."):]: v for k, v in state.items() if k.startswith("vlm.")}
     head_state = {k[len("alignment."):]: v for k, v in state.items() if k.startswith("alignment.")}
     if any(".lora_A." in k for k in vlm_state):
+        # A QLoRA run's 4-/8-bit base weights are dequantised (float32) before the adapters are folded in.
         merged, n = merge_lora_state_dict(vlm_state, lora_alpha)
         vlm_state = {k.removeprefix(_PEFT_PREFIX): v for k, v in merged.items()}
         logger.info("folded %d LoRA adapters into the saved weights", n)
-    model.base_vlm.save_pretrained(out_dir, state_dict=vlm_state)
+    base = model.base_vlm
+    # A quantised model's save_pretrained writes its own packed weights and quantization_config: save through a
+    # weightless dense copy instead.
+    (dense_twin(base) if is_quantized(base) else base).save_pretrained(out_dir, state_dict=vlm_state)
     processor.save_pretrained(out_dir)
     if model.alignment is not None and head_state:
         save_alignment_head(head_state, out_dir, model.alignment_config, text_hidden_size(model.base_vlm))
+
+
+def dense_twin(vlm: nn.Module) -> nn.Module:
+    """A weightless (meta) float32 copy of a quantised model, its config without the quantisation: what the dense
+    weights of a QLoRA run are saved through."""
+    config = copy.deepcopy(vlm.config)
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    with torch.device("meta"):
+        twin = type(vlm)._from_config(config, dtype=torch.float32)
+    twin.generation_config = copy.deepcopy(vlm.generation_config)
+    return twin
 
 
 def load_native_weights(model: AlignedVLM, folder: str | Path) -> None:
