@@ -10,6 +10,13 @@ sequence, e.g. `<|im_end|>` or `<end_of_turn>`) are targets. The template is ren
 of each answer, which locates the answers in the text whatever the template's layout; that text (with the answers)
 is tokenized with offsets as in `exgra_med.data.dataset`, and the tokens are matched to the processor's expanded ids,
 which differ only by the inserted image tokens. Any disagreement raises instead of training on a wrong mask.
+
+Padding-free batches (`NativeCollator(padding_free=True)`): the samples side by side in rows as
+`exgra_med.data.collate.DataCollator` packs them (`pack_rows`; positions restarting per sample, each sample's first
+label IGNORE_INDEX, per-token inputs packed alike, no attention mask). The model scatters image features into the
+image tokens in the order they appear in the flattened rows, so the per-image inputs follow the rows' sample order,
+`row_order`; the alignment texts, `ids` and `images_per_sample` keep the batch order (the alignment's noise is drawn
+per batch index, so the packed batch aligns exactly as the padded one).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from torch.utils.data import Dataset
 
 from exgra_med.constants import DEFAULT_IMAGE_TOKEN, GPT, IGNORE_INDEX
 from exgra_med.conversation import Segment
-from exgra_med.data.collate import pad_right
+from exgra_med.data.collate import pack_rows, pad_right
 from exgra_med.data.dataset import TokenizationMismatchError, alignment_text, tokenize_segments
 from exgra_med.data.images import DEFAULT_ASPECT_RATIO, ImageLoadError, expand2square, load_image
 from exgra_med.data.records import RecordError, load_records, record_images, record_label
@@ -251,6 +258,18 @@ def _pad_trailing(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def _image_inputs(encoded: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+    """Per-image inputs of `encoded` concatenated in that order (per-sample counts stacked, 0 for no image)."""
+    batch: dict[str, torch.Tensor] = {}
+    for key in sorted({k for e in encoded for k in e.image_inputs}):
+        if key in PER_SAMPLE_COUNTS:
+            values = [e.image_inputs.get(key, torch.zeros(1, dtype=torch.long)) for e in encoded]
+        else:
+            values = [e.image_inputs[key] for e in encoded if key in e.image_inputs]
+        batch[key] = torch.cat(_pad_trailing(values)) if values[0].dim() else torch.stack(values)
+    return batch
+
+
 def collate_encoded(encoded: Sequence[Encoded], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
     """Model inputs of a batch: ids / attention mask (and labels, per-token inputs) padded on `padding_side`, per-image
     inputs concatenated in sample order, and `images_per_sample` (a list of B counts)."""
@@ -269,26 +288,68 @@ def collate_encoded(encoded: Sequence[Encoded], pad_id: int, padding_side: str =
         batch["labels"] = pad([e.labels for e in encoded], IGNORE_INDEX)[0]
     for key in sorted({k for e in encoded for k in e.token_inputs}):
         batch[key] = pad([e.token_inputs.get(key, torch.zeros_like(e.input_ids)) for e in encoded], 0)[0]
-    for key in sorted({k for e in encoded for k in e.image_inputs}):
-        if key in PER_SAMPLE_COUNTS:
-            values = [e.image_inputs.get(key, torch.zeros(1, dtype=torch.long)) for e in encoded]
-        else:
-            values = [e.image_inputs[key] for e in encoded if key in e.image_inputs]
-        batch[key] = torch.cat(_pad_trailing(values)) if values[0].dim() else torch.stack(values)
+    batch.update(_image_inputs(encoded))
     batch["images_per_sample"] = [e.n_images for e in encoded]  # a list: read on the host, never synced
     return batch
 
 
-class NativeCollator:
-    """Batches `NativeDataset` items: right padding, labels with IGNORE_INDEX, alignment texts with their masks."""
+def pack_encoded(encoded: Sequence[Encoded], pad_id: int, one_row: bool = False) -> dict[str, Any]:
+    """Padding-free model inputs of training samples (see the module docstring): `input_ids`, `labels`,
+    `position_ids` and the per-token inputs (R, C); the per-image inputs in `row_order` (a list of B batch indices,
+    the samples in the order the rows hold them); `images_per_sample` in batch order."""
+    lengths = [len(e.input_ids) for e in encoded]
+    if min(lengths) == 0 or any(e.labels is None for e in encoded):
+        raise ValueError("padding-free batches pack training samples with tokens and labels")
+    rows = pack_rows(lengths, one_row)
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    token_keys = sorted({k for e in encoded for k in e.token_inputs})
+    columns: dict[str, list[torch.Tensor]] = {k: [] for k in ("input_ids", "labels", "position_ids", *token_keys)}
+    for row in rows:
+        pieces: dict[str, list[torch.Tensor]] = {k: [] for k in columns}
+        for i in row:
+            e = encoded[i]
+            labels = e.labels.clone()
+            labels[0] = IGNORE_INDEX  # no sample learns to predict the next one's first token
+            pieces["input_ids"].append(e.input_ids)
+            pieces["labels"].append(labels)
+            pieces["position_ids"].append(torch.arange(lengths[i]))
+            for key in token_keys:
+                pieces[key].append(e.token_inputs.get(key, torch.zeros_like(e.input_ids)))
+        tail = width - sum(lengths[i] for i in row)  # filler: its own segment (positions from 0), ignored
+        if tail:
+            fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, **dict.fromkeys(token_keys, 0)}
+            for key in columns:
+                pieces[key].append(torch.arange(tail) if key == "position_ids" else torch.full((tail,), fill[key]))
+        for key in columns:
+            columns[key].append(torch.cat(pieces[key]).to(pieces[key][0].dtype))
+    batch: dict[str, Any] = {key: torch.stack(values) for key, values in columns.items()}
+    order = [i for row in rows for i in row]
+    batch.update(_image_inputs([encoded[i] for i in order]))
+    batch["images_per_sample"] = [e.n_images for e in encoded]  # lists: read on the host, never synced
+    batch["row_order"] = order
+    return batch
 
-    def __init__(self, pad_token_id: int):
+
+class NativeCollator:
+    """Batches `NativeDataset` items: right padding, labels with IGNORE_INDEX, alignment texts with their masks; or
+    the samples packed into rows without padding (`padding_free`; all in one row with `one_row`, see `pack_encoded`)."""
+
+    def __init__(self, pad_token_id: int, padding_free: bool = False, one_row: bool = False):
         self.pad_token_id = int(pad_token_id)
+        self.padding_free = padding_free
+        self.one_row = one_row
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if not items:
             raise ValueError("cannot collate an empty batch")
-        batch: dict[str, Any] = collate_encoded([x["encoded"] for x in items], self.pad_token_id)
+        encoded = [x["encoded"] for x in items]
+        if self.padding_free:
+            empty = [x["id"] for x, e in zip(items, encoded) if len(e.input_ids) == 0]
+            if empty:
+                raise ValueError(f"cannot pack samples without tokens (ids {empty})")
+            batch: dict[str, Any] = pack_encoded(encoded, self.pad_token_id, self.one_row)
+        else:
+            batch = collate_encoded(encoded, self.pad_token_id)
         batch["ids"] = [x["id"] for x in items]
         for key, mask in (("response_ids", "response_mask"), ("extended_ids", "extended_mask")):
             if key in items[0]:

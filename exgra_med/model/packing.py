@@ -177,3 +177,60 @@ def block_causal_mask(mask1: torch.Tensor, mask2: torch.Tensor, impl: str,
     if impl == "eager":
         mask = torch.zeros(mask.shape, device=dev, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
     return mask, positions.expand(mask1.shape[0], -1)
+
+
+def packed_rope_positions(rope_index, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                          mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor | None) -> torch.Tensor:
+    """Multimodal RoPE positions of a packed batch (Qwen2-VL family): (R, C) ids, restarting positions and token types
+    -> (4, R, C), the text positions followed by the (3, R, C) temporal / height / width positions that the model's
+    `rope_index` (`get_rope_index`) gives each segment alone. transformers' Qwen2-VL family reads this 4-row form in
+    packed batches: the first row tells the attention mask where the samples start."""
+    if bool((mm_token_type_ids > 1).any()):
+        raise ValueError("padding-free batches with videos are not supported (mm_token_type_ids 2)")
+    is_image = mm_token_type_ids == 1
+    image_starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]  # (R, C): first token of each image
+    positions = position_ids.new_zeros((3, *position_ids.shape))
+    used, width = 0, position_ids.shape[1]
+    for r in range(position_ids.shape[0]):
+        starts = (position_ids[r] == 0).nonzero().flatten().tolist() + [width]
+        for s, e in zip(starts[:-1], starts[1:]):
+            n = int(image_starts[r, s:e].sum())
+            grid = image_grid_thw[used:used + n] if n else None
+            used += n
+            segment = rope_index(input_ids[r:r + 1, s:e], mm_token_type_ids=mm_token_type_ids[r:r + 1, s:e],
+                                 image_grid_thw=grid)[0]  # (3, 1, e - s)
+            positions[:, r, s:e] = segment[:, 0]
+    if used != (0 if image_grid_thw is None else image_grid_thw.shape[0]):
+        raise ValueError(f"the packed rows hold {used} images but image_grid_thw lists "
+                         f"{0 if image_grid_thw is None else image_grid_thw.shape[0]}")
+    return torch.cat([position_ids[None], positions])  # (4, R, C)
+
+
+# Native VLM architectures (model_type) whose padding-free batches give the padded batches' LM and alignment losses
+# and weights (tests/vlm/test_vlm_padding_free.py); `exgra_med.model.native.aligned.AlignedVLM` feeds them packed rows.
+PACKED_NATIVE_VLMS = ("llava_onevision", "qwen2_5_vl")
+# Native VLM architectures that cannot pack, and why.
+UNPACKABLE_NATIVE_VLMS = {
+    "gemma3": "Gemma 3's sliding-window layers attend bidirectionally within each image, and transformers looks those "
+              "image blocks up by the position inside each packed sample instead of the token's place in the row "
+              "(packed losses differ from padded ones)",
+}
+
+
+def check_native_padding_free(config: PretrainedConfig, attn_implementation: str | None = None) -> None:
+    """Raise `PaddingFreeError` unless the native VLM that `config` describes trains padding-free as it does padded
+    (checked from the config alone, before any weights are loaded)."""
+    model_type = getattr(config, "model_type", "?")
+    if model_type in UNPACKABLE_NATIVE_VLMS:
+        raise PaddingFreeError(f"--padding_free True: {UNPACKABLE_NATIVE_VLMS[model_type]}; train {model_type} padded")
+    if model_type not in PACKED_NATIVE_VLMS:
+        raise PaddingFreeError(f"--padding_free True: padding-free batches are verified on the native VLMs "
+                               f"{', '.join(PACKED_NATIVE_VLMS)} only, not {model_type!r}; train it padded")
+    attn = attn_implementation or getattr(config, "_attn_implementation", None) or "sdpa"
+    text_config = config.get_text_config()
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(text_config) in MODEL_FOR_CAUSAL_LM_MAPPING:  # a language model of its own (LLaVA-OneVision's Qwen2)
+        check_padding_free(text_config, attn)
+    else:
+        check_attention_packs(attn)

@@ -11,10 +11,12 @@ import logging
 import os
 
 import torch
+from transformers import AutoConfig
 
 from exgra_med.data.chat import ChatEncoder, NativeCollator, NativeDataset, stop_strings
 from exgra_med.errors import UserError
 from exgra_med.model.native.training import build_native_model, check_native_flags, load_native_weights, save_native
+from exgra_med.model.packing import check_native_padding_free, packs_in_one_row
 from exgra_med.train.args import DataArguments, ModelArguments, TrainingArguments
 from exgra_med.train.families import Built, TrainingFamily, train_dtype
 from exgra_med.train.vqa_eval import VQAScoringTrainer
@@ -72,6 +74,8 @@ class NativeTraining(TrainingFamily):
 
     def check_flags(self, model_args: ModelArguments, training_args: TrainingArguments) -> None:
         check_native_flags(model_args, training_args)
+        if training_args.padding_free:  # from the config alone, before any weights are read
+            check_native_padding_free(AutoConfig.from_pretrained(self.path), model_args.attn_implementation)
         alignment = model_args.alignment_config(seed=training_args.seed)
         if alignment.enabled and not alignment.multi_graph and alignment.simi_type != "average":
             raise UserError(f"--simi_type {alignment.simi_type}: native VLMs support the contrastive ablation with "
@@ -97,7 +101,10 @@ class NativeTraining(TrainingFamily):
                              records=records)
 
     def collator(self, built: Built, training_args: TrainingArguments) -> NativeCollator:
-        return NativeCollator(_pad_id(built.processing.tokenizer))
+        # Padding-free rows: one row for attention that skips the other samples' keys, else rows of bounded length.
+        one_row = packs_in_one_row(built.model.config._attn_implementation)
+        return NativeCollator(_pad_id(built.processing.tokenizer), padding_free=training_args.padding_free,
+                              one_row=one_row)
 
     def trainer_kwargs(self, built: Built, model_args: ModelArguments) -> dict:
         return {"lora_alpha": model_args.lora_alpha}

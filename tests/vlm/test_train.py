@@ -169,10 +169,6 @@ def test_llava_only_flags_are_refused_in_one_line(tiny_vlm, easy_vqa_dir, tmp_pa
     assert err.startswith("exgra-med train: error: --vision_tower") and "transformers-native VLM" in err
     assert cli(["train", *base, "--simi_type", "OT", "--multi_graph", "False"]) == 2
     assert "--simi_type OT" in capsys.readouterr().err
-    for flags in (["--padding_free", "True"],):
-        assert cli(["train", *base, *flags]) == 2
-        err = capsys.readouterr().err.strip().splitlines()[-1]
-        assert err.startswith(f"exgra-med train: error: {flags[0]}") and "not available for" in err, err
 
 
 def test_fine_tuning_scores_val_keeps_the_best_checkpoint_and_scores_test(tiny_vlm, easy_vqa_dir, tmp_path):

@@ -9,6 +9,13 @@ loss (METHOD section 4, `loss = lm_loss + alpha * align_loss`):
   response and extended texts through the model's language model, pooled, and the configured objective).
 The head's weights and options are saved beside the model in their own files (`ALIGNMENT_WEIGHTS`,
 `ALIGNMENT_CONFIG`), so a trained folder is still a plain checkpoint of the base architecture.
+
+Padding-free batches (`exgra_med.data.chat.pack_encoded`: rows of samples, `position_ids` restarting per sample, no
+attention mask, images in `row_order`): the model runs without a KV cache (transformers finds the samples of a row
+from the position ids only then); models with multimodal RoPE (`get_rope_index`, the Qwen2-VL family) get each
+sample's own 3D positions in the 4-row packed form (`exgra_med.model.packing.packed_rope_positions`); the image
+nodes go back to batch order, and the head's text pass packs too. Which architectures pack:
+`exgra_med.model.packing.check_native_padding_free`.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from transformers.utils import ModelOutput
 from exgra_med.align.config import AlignmentConfig, build_alignment_loss
 from exgra_med.io import atomic_file, read_json, write_json_atomic
 from exgra_med.model.alignment_head import AlignmentHead, AlignmentTexts
+from exgra_med.model.packing import is_packed, packed_rope_positions
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +40,7 @@ ALIGNMENT_WEIGHTS = "exgra_med_alignment.safetensors"
 ALIGNMENT_CONFIG = "exgra_med_alignment.json"
 # Batch keys that are the head's, not the model's.
 HEAD_INPUTS = ("images_per_sample", "response_ids", "response_mask", "extended_ids", "extended_mask", "ids",
-               "num_items_in_batch")
+               "num_items_in_batch", "row_order")
 
 
 @dataclass
@@ -111,19 +119,51 @@ class AlignedVLM(nn.Module):
                 labels: torch.LongTensor | None = None, images_per_sample: list[int] | None = None,
                 response_ids: torch.LongTensor | None = None, response_mask: torch.Tensor | None = None,
                 extended_ids: torch.LongTensor | None = None, extended_mask: torch.Tensor | None = None,
-                **model_inputs: Any) -> AlignedVLMOutput:
-        """The model's forward (LM loss with `labels`), plus `alpha * align_loss` when alignment texts are given."""
+                row_order: list[int] | None = None, **model_inputs: Any) -> AlignedVLMOutput:
+        """The model's forward (LM loss with `labels`), plus `alpha * align_loss` when alignment texts are given.
+        A padding-free batch (see the module docstring) lists its samples' batch indices in row order in
+        `row_order`; `images_per_sample` and the alignment texts stay in batch order."""
         for key in ("ids", "num_items_in_batch"):
             model_inputs.pop(key, None)
+        packed = is_packed(model_inputs.get("position_ids"), attention_mask)
+        num_samples = len(images_per_sample) if images_per_sample is not None else input_ids.shape[0]
+        order = list(row_order) if packed and row_order is not None else list(range(num_samples))
+        if packed:
+            if model_inputs.get("use_cache"):
+                raise ValueError("a padding-free batch cannot use a KV cache")
+            model_inputs["use_cache"] = False  # a cache would hide the samples' boundaries from the attention mask
+            model_inputs["position_ids"] = self.packed_position_ids(input_ids, **model_inputs)
         out = self.vlm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **model_inputs)
         align = None
         if self.alignment is not None and response_ids is not None and labels is not None:
-            image = self.image_nodes(getattr(out, "image_outputs", None), images_per_sample, input_ids.shape[0])
+            counts = None if images_per_sample is None else [images_per_sample[i] for i in order]
+            image = self.image_nodes(getattr(out, "image_outputs", None), counts, num_samples)  # (B, D), row order
+            image = image[torch.tensor(order, device=image.device).argsort()]  # (B, D), batch order
             texts = AlignmentTexts(response_ids, response_mask, extended_ids, extended_mask)
-            align = self.alignment_head(image[:, None, :], texts, self.base_vlm)
+            language_model = self.base_vlm
+            if packed and self.rope_index is not None:
+                language_model = _PackedTextPositions(language_model)
+            align = self.alignment_head(image[:, None, :], texts, language_model, packed=packed)
         loss = out.loss if align is None else out.loss + self.alignment_config.alpha * align.loss
         return AlignedVLMOutput(loss=loss, lm_loss=out.loss, align_loss=None if align is None else align.loss,
                                 align_parts=None if align is None else dict(align.parts), logits=out.logits)
+
+    @property
+    def rope_index(self):
+        """The model's multimodal RoPE index (`get_rope_index` of the Qwen2-VL family), None for 1-D positions."""
+        return getattr(getattr(self.base_vlm, "model", None), "get_rope_index", None)
+
+    def packed_position_ids(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                            **model_inputs: Any) -> torch.Tensor:
+        """The position ids a packed batch gives the model: the restarting (R, C) positions, or under multimodal RoPE
+        the (4, R, C) form with each sample's own 3D positions."""
+        if self.rope_index is None or position_ids.dim() != 2:
+            return position_ids
+        if model_inputs.get("mm_token_type_ids") is None:
+            raise ValueError(f"{type(self.base_vlm).__name__}: a padding-free batch needs mm_token_type_ids (the "
+                             "processor's token types) to place each sample's 3D positions")
+        return packed_rope_positions(self.rope_index, input_ids, position_ids, model_inputs["mm_token_type_ids"],
+                                     model_inputs.get("image_grid_thw"))
 
     def image_nodes(self, image_outputs, images_per_sample: list[int] | None, batch_size: int) -> torch.Tensor:
         """(B, D): each sample's image features (after the projector), mean over the tokens of all its images."""
@@ -147,6 +187,29 @@ class AlignedVLM(nn.Module):
     def alignment_head(self) -> AlignmentHead | None:
         """The alignment head over this model's objective (`self.alignment`), None when the alignment is off."""
         return None if self.alignment is None else AlignmentHead(self.alignment, self.alignment_config)
+
+
+class _PackedTextPositions:
+    """A multimodal-RoPE VLM as the alignment head's packed text pass uses it: the decoder gets the texts' restarting
+    (R, C) positions in the 4-row packed form (the Qwen2-VL family builds the packed attention mask from its first
+    row; given 2-D positions it would attend across the texts of a row)."""
+
+    def __init__(self, vlm: nn.Module):
+        self.vlm = vlm
+        self.config = vlm.config
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vlm.get_input_embeddings()
+
+    def get_decoder(self):
+        decoder = self.vlm.get_decoder()
+
+        def run(position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs):
+            if position_ids is not None and position_ids.dim() == 2 and attention_mask is None:
+                position_ids = position_ids[None].expand(4, -1, -1)  # (4, R, C): text = t = h = w positions
+            return decoder(position_ids=position_ids, attention_mask=attention_mask, **kwargs)
+
+        return run
 
 
 # --- the head's files --------------------------------------------------------------------------------------

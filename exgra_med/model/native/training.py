@@ -33,19 +33,13 @@ QLORA_SKIP_MODULES = tuple(dict.fromkeys((*QUANT_SKIP_MODULES, *PROJECTOR_NAMES)
 
 
 def check_native_flags(model_args, training_args=None) -> None:
-    """Refuse the LLaVA-only flags and the options the native path does not offer yet (padding-free batches),
-    one line naming the flag, before anything is loaded."""
+    """Refuse the LLaVA-only flags, one line naming the flag, before anything is loaded."""
     fixed = {"vision_tower": None, "pretrain_mm_mlp_adapter": None, "tune_mm_mlp_adapter": False,
              "mm_dense_connector_type": "none"}
     for flag, default in fixed.items():
         if getattr(model_args, flag) != default:
             raise UserError(f"--{flag} {getattr(model_args, flag)}: {model_args.model_name_or_path} is a "
                             "transformers-native VLM with its own vision encoder and projector; drop the flag")
-    not_yet = {"padding_free": (training_args, False)}
-    for flag, (args, default) in not_yet.items():
-        if args is not None and getattr(args, flag, default) != default:
-            raise UserError(f"--{flag} {getattr(args, flag)}: not available for transformers-native VLMs "
-                            f"({model_args.model_name_or_path}) yet; it applies to the LLaVA-style model")
 
 
 def projector_modules(vlm: nn.Module) -> list[tuple[str, nn.Module | nn.Parameter]]:
