@@ -4,14 +4,18 @@ Images travel as `image_url` content parts holding base64 data URLs (at most one
 Streaming answers are server-sent events in OpenAI's chunk format. Concurrent requests are decoded together in batches
 (`--max-batch-size`); more than `--max-queue` waiting requests get a 429. Prompts (history included) longer than the
 model's context or `--max-prompt-tokens` get a 400 before any work; `max_tokens` is capped by `--max-new-tokens`;
-`min_tokens` (as in vLLM) holds back the end of sequence for that many tokens. A client that disconnects cancels its
+`min_tokens` (as in vLLM) holds back the end of sequence for that many tokens. Bodies beyond `--max-request-bytes` get
+a 413 before they are read (from Content-Length, or while reading), more than `--max-messages` messages a 400 before
+any other work, and so do numbers that are not finite or out of range. A client that disconnects cancels its
 generation; SIGTERM stops the server within seconds. Bad input gets a 4xx with an OpenAI-style error body. For serving
 at scale, use vLLM or SGLang on the output of `exgra-med export-hf`.
 """
 
 import argparse
+import contextlib
 import json
 import logging
+import math
 import queue
 import socket
 import time
@@ -24,18 +28,28 @@ from exgra_med.errors import UserError
 from exgra_med.model.options import DecodingOptions, ModelOptions
 from exgra_med.serve.batching import Job, QueueFullError, ServerClosingError
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine, Message, PromptTooLongError
+from exgra_med.serve.loading import load_engine_or_exit_code
 from exgra_med.serve.options import SERVE_MAX_NEW_TOKENS, add_serving_limits
 from exgra_med.serve.uploads import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
+    PrivateFolder,
     UploadError,
     decode_data_url,
     image_from_bytes,
+    remove_leftovers,
 )
 
 logger = logging.getLogger(__name__)
 
 ROLES = {"user": HUMAN, "assistant": GPT}
+DEFAULT_MAX_MESSAGES = 512
+TEXT_ALLOWANCE = 1024 * 1024  # request bytes besides the image
+
+
+def default_max_request_bytes(max_image_bytes: int) -> int:
+    """The default body limit: one base64 image of `max_image_bytes`, and 1 MiB of text and JSON."""
+    return max_image_bytes * 4 // 3 + TEXT_ALLOWANCE
 
 
 class RequestError(ValueError):
@@ -69,10 +83,14 @@ def _text_and_images(content: Any, where: str) -> tuple[str, list[str]]:
     return "\n".join(texts), images
 
 
-def parse_messages(messages: Any) -> tuple[list[Message], str | None, list[str]]:
+def parse_messages(messages: Any, max_messages: int = DEFAULT_MAX_MESSAGES) -> tuple[list[Message], str | None,
+                                                                                      list[str]]:
     """OpenAI messages -> (conversation, system prompt or None, image URLs in order)."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list", param="messages")
+    if len(messages) > max_messages:
+        raise RequestError(f"at most {max_messages} messages are accepted, got {len(messages)} (limit --max-messages)",
+                           param="messages")
     conversation: list[Message] = []
     system, images = None, []
     for i, message in enumerate(messages):
@@ -95,16 +113,38 @@ def parse_messages(messages: Any) -> tuple[list[Message], str | None, list[str]]
     return conversation, system, images
 
 
+def _finite(body: dict, name: str) -> float | None:
+    """`body[name]` as a finite number, or None when absent; anything else (NaN, 1e999, a string) is refused."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(f"{name} must be a finite number, got {value!r}", param=name)
+    return value
+
+
+def _count(body: dict, name: str, minimum: int) -> int | None:
+    """`body[name]` as an integer >= `minimum`, or None when absent."""
+    value = _finite(body, name)
+    if value is not None and (value != int(value) or value < minimum):
+        raise RequestError(f"{name} must be an integer >= {minimum}, got {value!r}", param=name)
+    return None if value is None else int(value)
+
+
 def _settings(body: dict, default: GenerationSettings, max_tokens_limit: int) -> GenerationSettings:
     """The request's decoding settings; `max_tokens` defaults to, and is capped by, `max_tokens_limit`;
     `min_tokens` (vLLM's extension) keeps the end-of-sequence token away for that many tokens."""
-    limit = body.get("max_completion_tokens", body.get("max_tokens")) or max_tokens_limit
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    limit = _count(body, name, 1) or max_tokens_limit
+    temperature, top_p = _finite(body, "temperature"), _finite(body, "top_p")
     try:
-        temperature = float(body["temperature"]) if body.get("temperature") is not None else default.temperature
-        top_p = float(body["top_p"]) if body.get("top_p") is not None else default.top_p
-        return GenerationSettings(max_new_tokens=min(int(limit), max_tokens_limit), temperature=temperature,
-                                  top_p=top_p, min_new_tokens=int(body.get("min_tokens") or 0))
-    except (TypeError, ValueError) as e:
+        return GenerationSettings(
+            max_new_tokens=min(limit, max_tokens_limit),
+            temperature=default.temperature if temperature is None else temperature,
+            top_p=default.top_p if top_p is None else top_p,
+            min_new_tokens=_count(body, "min_tokens", 0) or 0,
+        )
+    except ValueError as e:
         raise RequestError(f"invalid sampling parameter: {e}") from e
 
 
@@ -114,16 +154,31 @@ def create_app(
     max_image_bytes: int = DEFAULT_MAX_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_tokens_limit: int | None = None,
+    max_request_bytes: int | None = None,
+    max_messages: int = DEFAULT_MAX_MESSAGES,
+    upload_folder: PrivateFolder | None = None,
 ):
     """The FastAPI application serving `engine` under the model id `engine.name`; `max_tokens_limit` (default: the
-    default settings' `max_new_tokens`) caps every request's `max_tokens`."""
+    default settings' `max_new_tokens`) caps every request's `max_tokens`; `max_request_bytes` (default:
+    `default_max_request_bytes`) bounds the body. Images are decoded from a file in `upload_folder` (default: a new
+    `PrivateFolder`, `app.state.upload_folder`)."""
+    # lazy: fastapi is the `serve` extra
     from fastapi import FastAPI, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse, StreamingResponse
 
     default_settings = default_settings or GenerationSettings()
     max_tokens_limit = max_tokens_limit or default_settings.max_new_tokens
-    app = FastAPI(title="ExGra-Med API", docs_url=None, redoc_url=None)
+    max_request_bytes = max_request_bytes or default_max_request_bytes(max_image_bytes)
+    upload_folder = upload_folder or PrivateFolder("api")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        upload_folder.remove()  # at shutdown: uvicorn then re-raises SIGTERM, and the process ends without `finally`
+
+    app = FastAPI(title="ExGra-Med API", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.upload_folder = upload_folder
     created = int(time.time())
 
     def error(status: int, message: str, param: str | None = None) -> JSONResponse:
@@ -138,8 +193,9 @@ def create_app(
                                              "owned_by": "exgra-med"}]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: dict[str, Any], request: Request) -> Any:
+    async def chat_completions(request: Request) -> Any:
         try:
+            body = await run_in_threadpool(_json_object, await _read_body(request))
             job = await run_in_threadpool(_submit, body)
         except (RequestError, UploadError) as e:
             logger.info("rejected request: %s", e)
@@ -171,17 +227,33 @@ def create_app(
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
                              "finish_reason": finish}], "usage": usage}
 
+    async def _read_body(request: Request) -> bytes:
+        # Counted before it is read (Content-Length) and while it is read (chunked): a huge body is never parsed.
+        too_large = RequestError(f"request body too large: more than {max_request_bytes} bytes "
+                                 "(limit --max-request-bytes)", status=413)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_request_bytes:
+            raise too_large
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_request_bytes:
+                raise too_large
+        return bytes(body)
+
     def _submit(body: dict) -> Job:
         if body.get("model") not in (engine.name, None):
             raise RequestError(f"model {body.get('model')!r} not found; this server serves {engine.name!r}",
                                status=404, param="model")
         if body.get("n", 1) != 1:
             raise RequestError("only n=1 is supported", param="n")
-        conversation, system, urls = parse_messages(body.get("messages"))
+        conversation, system, urls = parse_messages(body.get("messages"), max_messages)
         settings = _settings(body, default_settings, max_tokens_limit)
         # The cheap length check first: a huge prompt is refused before its image is decoded.
         engine.check_prompt_text(conversation, settings, system)
-        image = image_from_bytes(decode_data_url(urls[0], max_image_bytes), max_pixels) if urls else None
+        image = None
+        if urls:
+            image = image_from_bytes(decode_data_url(urls[0], max_image_bytes), upload_folder.path, max_pixels)
         return engine.submit(conversation, image, settings, system)
 
     async def _next(job: Job, request: Request | None = None) -> str | None:
@@ -217,13 +289,18 @@ def create_app(
                 logger.info("client went away; generation cancelled")
             job.cancel()
 
-    from fastapi.exceptions import RequestValidationError
-
-    @app.exception_handler(RequestValidationError)
-    async def _bad_json(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error(400, f"invalid request body: {exc.errors()[:1]}")
-
     return app
+
+
+def _json_object(body: bytes) -> dict:
+    """The request body as a JSON object; anything else is a 400."""
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise RequestError(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise RequestError("the request body must be a JSON object")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,20 +316,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: folder name)")
     p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest accepted image upload")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest accepted canvas")
+    p.add_argument("--max-request-bytes", type=int, default=None,
+                   help="largest request body in bytes; when unset, a base64 image of --max-image-bytes and 1 MiB")
+    p.add_argument("--max-messages", type=int, default=DEFAULT_MAX_MESSAGES, help="most messages in a request")
     add_serving_limits(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: load the model and serve it until interrupted (binds 127.0.0.1 unless told otherwise)."""
-    from exgra_med.serve.loading import load_engine_or_exit_code
-
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag, value in (("--max-request-bytes", args.max_request_bytes), ("--max-messages", args.max_messages)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:  # bound before the model loads: a port in use is reported at once
         sock = socket.create_server((args.host, args.port))
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
+    remove_leftovers()  # the uploads of a server that was killed go now, not after the model loads
     loaded = load_engine_or_exit_code(args, "exgra-med serve-api")
     if isinstance(loaded, int):
         sock.close()
@@ -260,9 +343,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine, settings = loaded
     if args.served_model_name:
         engine.name = args.served_model_name
-    import uvicorn
+    import uvicorn  # lazy: the `serve` extra
 
-    app = create_app(engine, settings, args.max_image_bytes, args.max_image_pixels, settings.max_new_tokens)
+    app = create_app(engine, settings, args.max_image_bytes, args.max_image_pixels, settings.max_new_tokens,
+                     args.max_request_bytes, args.max_messages)
     host, port = sock.getsockname()[:2]
     print(f"serving model {engine.name!r} on http://{host}:{port}/v1", flush=True)
     class Server(uvicorn.Server):
@@ -278,4 +362,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.run(sockets=[sock])
     finally:
         engine.close()
+        app.state.upload_folder.remove()
     return 0

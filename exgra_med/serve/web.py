@@ -4,18 +4,19 @@ The server binds 127.0.0.1 unless `--host` says otherwise and serves no file bey
 the example images (Gradio's `allowed_paths` names only the examples folder). It has the API's limits: uploads of at
 most `--max-image-bytes` bytes and `--max-image-pixels` pixels (read from the header before decoding), conversations
 (history included) within the model's context and `--max-prompt-tokens`, `--max-batch-size` users decoded together
-and `--max-queue` waiting. Uploads live in a private temporary folder, deleted when the server stops (also on
-SIGTERM); messages never show server paths.
+and `--max-queue` waiting. As the API, it fetches nothing: a file named by URL is refused (Gradio would download it).
+Uploads live in a private folder (mode 0700), deleted when the server stops (also on SIGTERM) or, after a kill, when
+the next server starts; responses and messages show the folder under an alias, never a server path.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
-import shutil
+import secrets
 import signal
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -25,8 +26,17 @@ from exgra_med.data.images import ImageLoadError, image_header, load_image
 from exgra_med.model.options import DecodingOptions, ModelOptions
 from exgra_med.serve.batching import QueueFullError, ServerClosingError
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine, Message, PromptTooLongError
+from exgra_med.serve.loading import load_engine_or_exit_code
 from exgra_med.serve.options import SERVE_MAX_NEW_TOKENS, add_serving_limits
-from exgra_med.serve.uploads import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from exgra_med.serve.uploads import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    FolderAlias,
+    PrivateFolder,
+    UploadError,
+    refuse_remote_files,
+    remove_leftovers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -92,12 +102,29 @@ def open_upload(path: str, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int =
         raise ImageLoadError(_without_paths(str(e), path)) from None
 
 
+@functools.cache
+def _uploads_only_blocks() -> type:
+    """`gr.Blocks` whose events refuse a file named by URL before Gradio downloads it (it would, for an http(s) path:
+    `processing_utils.async_move_files_to_cache` moves every input file to the cache before `preprocess`)."""
+    import gradio as gr  # lazy: the `serve` extra
+
+    class UploadsOnlyBlocks(gr.Blocks):
+        async def preprocess_data(self, block_fn, inputs, state, explicit_call=False):
+            try:
+                refuse_remote_files(inputs)
+            except UploadError as e:
+                raise gr.Error(str(e)) from None
+            return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+
+    return UploadsOnlyBlocks
+
+
 def build_demo(engine: InferenceEngine, settings: GenerationSettings | None = None,
                examples_dir: Path | None = None, max_image_bytes: int = DEFAULT_MAX_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS):
     """The Gradio Blocks app around `engine`, with the upload limits of the API."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    import gradio as gr
+    import gradio as gr  # lazy: the `serve` extra
 
     settings = settings or GenerationSettings()
 
@@ -136,7 +163,7 @@ def build_demo(engine: InferenceEngine, settings: GenerationSettings | None = No
             history[-1] = {"role": "assistant", "content": f"({e})"}
             yield "", history
 
-    with gr.Blocks(title="ExGra-Med demo") as demo:
+    with _uploads_only_blocks()(title="ExGra-Med demo") as demo:
         gr.Markdown("# ExGra-Med: medical visual question answering")
         gr.Markdown(f"**{RESEARCH_USE_NOTICE}**", elem_id="notice")
         with gr.Row():
@@ -164,25 +191,29 @@ def launch_demo(engine: InferenceEngine, host: str = "127.0.0.1", port: int = 78
                 settings: GenerationSettings | None = None, examples_dir: Path | None = None,
                 max_image_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS):
     """Build and start the demo in a background thread; returns (demo, local URL). `demo.close()` stops it and
-    deletes its uploads (they go to a private temporary folder, `demo.upload_dir`)."""
+    deletes its uploads (they go to a `PrivateFolder`, `demo.upload_dir`, shown to clients under an alias)."""
+    from starlette.middleware import Middleware  # lazy: installed with gradio, the `serve` extra
+
     examples_dir = examples_dir if examples_dir is not None else default_examples_dir()
-    upload_dir = tempfile.mkdtemp(prefix="exgra-med-web-")
-    os.environ["GRADIO_TEMP_DIR"] = upload_dir  # read by Gradio when the app and its components are built
+    folder = PrivateFolder("web")
+    os.environ["GRADIO_TEMP_DIR"] = str(folder.path)  # read by Gradio when the app and its components are built
     demo = build_demo(engine, settings, examples_dir, max_image_bytes, max_pixels)
-    demo.upload_dir = Path(upload_dir)
+    demo.upload_dir = folder.path
     close = demo.close
 
     def close_and_clean(verbose: bool = True) -> None:
         close(verbose)
-        shutil.rmtree(upload_dir, ignore_errors=True)
+        folder.remove()
 
     demo.close = close_and_clean
     allowed = [str(examples_dir)] if examples_dir.is_dir() else []
+    alias = Middleware(FolderAlias, folder=folder.path, alias=f"upload-{secrets.token_hex(6)}")
     _, url, _ = demo.queue(default_concurrency_limit=engine.scheduler.max_batch_size).launch(
         server_name=host, server_port=port, share=False, allowed_paths=allowed, ssr_mode=False,
         prevent_thread_lock=True, quiet=True, footer_links=[], max_file_size=max_image_bytes,
+        app_kwargs={"middleware": [alias]},
     )
-    logger.info("demo serving on %s (uploads in %s)", url, upload_dir)
+    logger.info("demo serving on %s (uploads in %s)", url, folder.path)
     return demo, url
 
 
@@ -205,10 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: load the model and serve the demo until interrupted."""
-    from exgra_med.serve.loading import load_engine_or_exit_code
-
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    remove_leftovers()  # the uploads of a server that was killed go now, not after the model loads
     loaded = load_engine_or_exit_code(args, "exgra-med web")
     if isinstance(loaded, int):
         return loaded

@@ -1,11 +1,14 @@
 """`exgra-med serve-api` in a subprocess on 127.0.0.1 (ephemeral port), driven with the `openai` client:
-non-streaming and streaming answers, 8 concurrent requests, and 4xx answers to bad input while staying up."""
+non-streaming and streaming answers, 8 concurrent requests, and 4xx answers to bad input while staying up: bodies too
+large refused before they are read, too many messages and non-finite or out-of-range numbers before any work."""
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -249,3 +252,83 @@ def test_bounds_queue_disconnect_and_sigterm(tiny_model_dir):
             proc.kill()
     output = proc.stdout.read()
     assert "client went away; generation cancelled" in output, output[-3000:]
+
+
+def _raw_post(url: str, head: dict[str, str], chunks, path: str = "/v1/chat/completions") -> str:
+    """POST `chunks` (bytes, sent one by one) over a plain socket and return the response, read as soon as the server
+    answers: the request may still be incomplete (the server may stop reading it)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    lines = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", "Content-Type: application/json",
+             *(f"{k}: {v}" for k, v in head.items())]
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        try:
+            for chunk in chunks:
+                sock.sendall(chunk)
+        except OSError:  # the server answered and closed while we were still sending
+            pass
+        response = b""
+        while b"\r\n\r\n" not in response and (data := sock.recv(65536)):
+            response += data
+        head_end = response.find(b"\r\n\r\n") + 4
+        length = re.search(rb"(?i)content-length: *(\d+)", response[:head_end])
+        while length and len(response) < head_end + int(length[1]) and (data := sock.recv(65536)):
+            response += data
+    return response.decode("utf-8", "replace")
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(server):
+    """413 from the declared Content-Length, or once a chunked body passes the limit: the server answers while the
+    body is still being sent (here: never finished), so an oversized request costs no parsing."""
+    client, _ = server
+    url = str(client.base_url)
+    limit = MAX_IMAGE_BYTES * 4 // 3 + 1024 * 1024  # the default: a base64 image of --max-image-bytes, and 1 MiB
+    part = b"[" + b'{"role": "user", "content": ""}, ' * 2000  # the start of 400k empty messages (13 MB)
+    declared = _raw_post(url, {"Content-Length": str(13_200_014)}, [part])
+    assert declared.startswith("HTTP/1.1 413"), declared[:300]
+    assert f"request body too large: more than {limit} bytes (limit --max-request-bytes)" in declared
+
+    def chunked(total: int):
+        piece = b'{"role": "user", "content": ""}, ' * 1000
+        for _ in range(total // len(piece) + 1):
+            yield f"{len(piece):x}\r\n".encode() + piece + b"\r\n"  # never the last (empty) chunk
+
+    streamed = _raw_post(url, {"Transfer-Encoding": "chunked"}, chunked(limit + 200_000))
+    assert streamed.startswith("HTTP/1.1 413"), streamed[:300]
+    assert "request body too large" in streamed
+    assert client.models.list().data  # still serving
+
+
+def test_numbers_and_message_counts_are_bounded_before_any_work(server):
+    """Non-finite or out-of-range numbers and too many messages get a 400 naming the parameter. Each request also
+    holds an image that cannot be decoded: the answer is about the parameter, so the image was never decoded."""
+    import httpx
+
+    client, model = server
+    bad_image = json.dumps(_messages(_data_url(b"not an image")))
+    cases = [
+        (f'{{"messages": {bad_image}, "max_tokens": 1e999}}', "max_tokens must be a finite number"),
+        (f'{{"messages": {bad_image}, "max_completion_tokens": -Infinity}}',
+         "max_completion_tokens must be a finite number"),
+        (f'{{"messages": {bad_image}, "temperature": NaN}}', "temperature must be a finite number"),
+        (f'{{"messages": {bad_image}, "top_p": NaN}}', "top_p must be a finite number"),
+        (f'{{"messages": {bad_image}, "max_tokens": 0}}', "max_tokens must be an integer >= 1, got 0"),
+        (f'{{"messages": {bad_image}, "max_tokens": 2.5}}', "max_tokens must be an integer >= 1, got 2.5"),
+        (f'{{"messages": {bad_image}, "min_tokens": -1}}', "min_tokens must be an integer >= 0, got -1"),
+        (f'{{"messages": {bad_image}, "temperature": "hot"}}', "temperature must be a finite number"),
+        (json.dumps({"messages": [{"role": "user", "content": ""}] * 600}),
+         "at most 512 messages are accepted, got 600 (limit --max-messages)"),
+        ("[1, 2]", "the request body must be a JSON object"),
+        ('{"messages": [', "the request body is not valid JSON"),
+    ]
+    with httpx.Client(base_url=str(client.base_url), timeout=30) as http:
+        for body, message in cases:
+            reply = http.post("/chat/completions", content=body, headers={"content-type": "application/json"})
+            assert reply.status_code == 400, (body[:80], reply.text[:300])
+            assert message in reply.json()["error"]["message"], (message, reply.text[:300])
+        good = http.post("/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                    "max_tokens": 2, "temperature": 0})
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] <= 2

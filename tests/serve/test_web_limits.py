@@ -1,5 +1,6 @@
 """The Gradio demo over real HTTP (gradio_client): the API's upload limits (bytes, pixels, decompression bombs),
-conversations beyond the context refused with a message, no server paths in messages, uploads deleted on stop."""
+conversations beyond the context refused with a message, no server paths in messages, uploads deleted on stop, files
+named by URL refused with nothing fetched."""
 
 from __future__ import annotations
 
@@ -86,3 +87,65 @@ def test_uploads_are_deleted_when_the_demo_stops(tiny_model_dir, tmp_path):
         app.close()
         engine.close()
     assert not app.upload_dir.exists()
+
+
+@pytest.fixture
+def remote_image(monkeypatch):
+    """An HTTP server on 127.0.0.1 standing for a remote host: it serves a PNG at any path and records the requests
+    it gets. Gradio's SSRF guard refuses loopback hosts, so it is told this one is public, as any internet host is."""
+    import io
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import gradio.processing_utils
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(buf, format="PNG")
+    requests: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(buf.getvalue())))
+            self.end_headers()
+            self.wfile.write(buf.getvalue())
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(gradio.processing_utils, "PUBLIC_HOSTNAME_WHITELIST",
+                        [*gradio.processing_utils.PUBLIC_HOSTNAME_WHITELIST, "127.0.0.1"])
+    yield f"http://127.0.0.1:{server.server_address[1]}", requests
+    server.shutdown()
+    server.server_close()
+
+
+def _call(url: str, api: str, data: list) -> str:
+    """One event through Gradio's REST API (POST, then the event's stream): the stream's text."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=60) as http:
+        event = http.post(f"gradio_api/call/{api}", json={"data": data})
+        event.raise_for_status()
+        return http.get(f"gradio_api/call/{api}/{event.json()['event_id']}").text
+
+
+def test_files_named_by_url_are_refused_and_nothing_is_fetched(demo, remote_image):
+    """The API's policy: a file sent as a Gradio FileData whose path is a URL (which Gradio would download) is refused
+    with a message, whether it is the image input, a file in the chat history, or the preview's input."""
+    _, url, _ = demo
+    remote, requests = remote_image
+    image = {"path": f"{remote}/scan.png", "url": f"{remote}/scan.png", "orig_name": "scan.png",
+             "meta": {"_type": "gradio.FileData"}}
+    history = [{"role": "user", "content": [{"type": "file", "file": image}]},
+               {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}]
+    for api, data in [("respond", ["What color is it?", image, []]),
+                      ("respond", ["What color is it?", None, history]),
+                      ("preview", [image])]:
+        stream = _call(url, api, data)
+        assert requests == [], (api, stream[-300:])  # the "remote" host got nothing
+        assert "event: error" in stream and "remote URLs are not fetched" in stream, (api, stream[-500:])
