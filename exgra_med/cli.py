@@ -16,6 +16,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 
+from exgra_med import __version__
 from exgra_med.errors import USER_ERROR_EXIT_CODE, debug_requested, is_user_error, one_line
 
 # command -> ("module:function", one-line help). Add a line here when a command lands.
@@ -85,7 +86,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in {"-V", "--version"}:
-        from exgra_med import __version__
 
         print(__version__)
         return 0
@@ -94,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"exgra-med: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     if name not in LIGHT_COMMANDS:
+        # lazy: the Auto-class registration (torch, transformers: ~10 s) only for commands that load models
         import exgra_med.model  # noqa: F401 - the Auto-class registration that the console script defers
     module_name, func_name = COMMANDS[name][0].split(":")
     func = getattr(importlib.import_module(module_name), func_name)

@@ -169,3 +169,40 @@ def test_the_cycle_finder():
 
 def test_no_import_cycle_between_packages():
     assert find_cycle(_names_only(package_imports())) is None
+
+
+LAZY_MARK = "# lazy:"
+
+
+def unmarked_function_imports(source: str) -> list[int]:
+    """Line numbers of imports inside functions that carry no `# lazy: <reason>`, on their own line or above the run
+    of imports they belong to: an import is deferred only on purpose (an optional extra, the start-up time of light
+    commands, an import cycle)."""
+    lines = source.splitlines()
+    imports = [sub for node in ast.walk(ast.parse(source)) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+               for sub in ast.walk(node) if isinstance(sub, (ast.Import, ast.ImportFrom))]
+    spans = {line for sub in imports for line in range(sub.lineno, sub.end_lineno + 1)}
+    found = set()
+    for sub in imports:
+        if LAZY_MARK in lines[sub.lineno - 1]:
+            continue
+        above = sub.lineno - 1
+        while above in spans:  # up through the run of imports this one belongs to
+            above -= 1
+        if not (above >= 1 and lines[above - 1].strip().startswith(LAZY_MARK)):
+            found.add(sub.lineno)
+    return sorted(found)
+
+
+def test_the_lazy_import_checker_finds_unmarked_imports():
+    source = ("import os\n\ndef f():\n    import json\n    # lazy: optional extra\n    import yaml\n"
+              "    from a import (\n        b,\n    )\n    import toml  # lazy: optional extra\n\n"
+              "    import csv\n\nclass A:\n    def g(self):\n        import csv\n")
+    assert unmarked_function_imports(source) == [4, 12, 16]
+
+
+@pytest.mark.parametrize("file", sorted(PACKAGE_ROOT.rglob("*.py")), ids=lambda f: str(f.relative_to(PACKAGE_ROOT)))
+def test_function_level_imports_are_deliberate_and_marked(file):
+    lines = unmarked_function_imports(file.read_text(encoding="utf-8"))
+    assert not lines, (f"{file}: imports inside functions at lines {lines}; import at the top of the module, or say "
+                       f"why it must wait with '{LAZY_MARK} <reason>'")

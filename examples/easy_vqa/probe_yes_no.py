@@ -60,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from exgra_med.conversation import get_template
-    from exgra_med.model.tiny import default_corpus
-    from exgra_med.model.tokenizer import build_word_tokenizer
+    from exgra_med.model.tokenizer import build_word_tokenizer, default_corpus
 
     p = argparse.ArgumentParser(prog="python -m examples.easy_vqa.probe_yes_no", description=__doc__.splitlines()[0])
     p.add_argument("--init-std", type=float, default=0.02, help="std of the LLM's random weights (0.02: the demo's)")

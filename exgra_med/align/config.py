@@ -163,6 +163,7 @@ def build_alignment_loss(config: AlignmentConfig, dim: int) -> nn.Module | None:
     if not config.contrastive:
         return None
     if config.multi_graph:
+        # lazy: the options are read without torch_geometric (seconds) and the solver
         from exgra_med.align.loss import MultiGraphAlignmentLoss
 
         solver_kwargs: dict[str, Any] = {"backend": config.solver}
@@ -176,6 +177,7 @@ def build_alignment_loss(config: AlignmentConfig, dim: int) -> nn.Module | None:
             relative_lambda=config.relative_lambda, solver_kwargs=solver_kwargs,
             undo_loss_scale=config.undo_loss_scale,
         )
+    # lazy: the options are read without torch_geometric (seconds) and the solver
     from exgra_med.align.contrastive import ContrastiveAlignmentLoss
 
     return ContrastiveAlignmentLoss(dim, loss_type=config.contrastive_loss_type, simi_type=config.simi_type,

@@ -175,6 +175,7 @@ class MultiGraphAlignmentLoss(nn.Module):
         is_dist, _, world = _dist_info()
         if not self.global_batch or not is_dist or world == 1:
             return x
+        # lazy: torch.distributed's autograd collectives, only for --align_global_batch under torch.distributed
         from torch.distributed.nn.functional import all_gather
 
         return torch.cat(all_gather(x.contiguous()), dim=0)  # (world * B, D), differentiable

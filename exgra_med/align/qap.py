@@ -360,6 +360,7 @@ def _exhaustive(unary: torch.Tensor, quadratic: torch.Tensor, edges1: torch.Tens
 def _lpmp(unary: torch.Tensor, quadratic: torch.Tensor, edges1: torch.Tensor,
           edges2: torch.Tensor) -> torch.Tensor:
     try:
+        # lazy: lpmp_py is an optional solver, not a dependency
         from lpmp_py.raw_solvers import gm_solver
     except ImportError as err:
         raise ImportError("backend='lpmp' needs the optional package `lpmp_py` (LPMP's Python bindings, "

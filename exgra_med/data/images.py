@@ -16,7 +16,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
+from exgra_med.data.records import record_images, record_label
 from exgra_med.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ def _first(value: Any) -> float:
 def dicom_to_pil(path: str | os.PathLike) -> Image.Image:
     """Decode a DICOM file to an 8-bit RGB image: rescale slope/intercept, then the stored window
     (WindowCenter/WindowWidth) or min-max scaling, with MONOCHROME1 inverted. Multi-frame: first frame."""
+    # lazy: pydicom only for DICOM files
     import pydicom
 
     ds = pydicom.dcmread(str(path))
@@ -85,6 +88,7 @@ def dicom_to_pil(path: str | os.PathLike) -> Image.Image:
     if photometric == "RGB" and pixels.ndim == 3:
         return Image.fromarray(pixels.astype(np.uint8))
     # YBR and palette images: pydicom's colour conversion handles them.
+    # lazy: pydicom only for DICOM files
     from pydicom.pixels import convert_color_space
 
     rgb = convert_color_space(pixels, photometric, "RGB")
@@ -132,6 +136,7 @@ def image_header(path: str | os.PathLike, max_pixels: int | None = None) -> tupl
         raise ImageLoadError(f"image file not found: {path}")
     try:
         if _is_dicom(path):
+            # lazy: pydicom only for DICOM files
             import pydicom
 
             ds = pydicom.dcmread(str(path), stop_before_pixels=True)
@@ -163,7 +168,6 @@ def check_record_images(
 
     The first failure raises `ImageLoadError` naming `source`, the record and the file.
     """
-    from exgra_med.data.records import record_images, record_label
 
     folder = Path(image_folder)
     if not folder.is_dir():
@@ -171,7 +175,6 @@ def check_record_images(
     pairs = [(i, name) for i, r in enumerate(records) for name in record_images(r)]
     count = len(pairs)
     if progress:
-        from tqdm.auto import tqdm
 
         pairs = tqdm(pairs, desc="checking images", unit="img", mininterval=2.0)
     for i, name in pairs:

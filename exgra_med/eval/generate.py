@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from exgra_med.constants import DEFAULT_IMAGE_TOKEN
 from exgra_med.data.images import DEFAULT_ASPECT_RATIO
@@ -131,7 +132,6 @@ def answer_in_batches(
     answers: dict[str, str] = {}
     bar = None
     if progress:
-        from tqdm.auto import tqdm
 
         bar = tqdm(total=len(order), desc="answers", unit="q")
     try:

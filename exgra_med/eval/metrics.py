@@ -63,6 +63,7 @@ def f1_precision_recall(prediction: str, reference: str) -> tuple[float, float, 
 
 def bleu_scores(prediction: str, reference: str) -> tuple[float, float, float, float]:
     """nltk `sentence_bleu` without smoothing: default weights, then unigram, bigram, trigram only."""
+    # lazy: nltk only for BLEU; `score` starts without it
     from nltk.translate.bleu_score import sentence_bleu
 
     hyp, refs = prediction.lower().split(), [reference.lower().split()]

@@ -83,9 +83,11 @@ def _save(fig, out: Path, dpi: int) -> Path:
 
 
 def _figure(width: float, height: float):
+    # lazy: matplotlib (about 1 s) only when a figure is drawn
     import matplotlib
 
     matplotlib.use("Agg")
+    # lazy: matplotlib (about 1 s) only when a figure is drawn
     import matplotlib.pyplot as plt
 
     return plt, plt.figure(figsize=(width, height))

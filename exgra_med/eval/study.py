@@ -152,6 +152,7 @@ def table(cells: Sequence[Mapping]) -> str:
 
 
 def summarize(cells_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
+    # lazy: matplotlib (through eval.plots) only when the figure is drawn
     from exgra_med.eval.plots import plot_efficiency
 
     cells = load_cells(cells_dir)

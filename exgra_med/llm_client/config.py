@@ -42,6 +42,7 @@ def load_env_file(env_file: str | os.PathLike | None = None) -> Path | None:
     With `env_file=None` the nearest `.env` upwards from the working directory is used, if any.
     Returns the file that was loaded, or None.
     """
+    # lazy: python-dotenv is optional (the api extra)
     from dotenv import find_dotenv, load_dotenv
 
     if env_file is not None:
@@ -89,6 +90,7 @@ def load_api_config(
 def make_client(config: ApiConfig, timeout: float) -> Any:
     """An `openai.OpenAI` client for `config` with its own retries disabled (ours are in `retry.py`)."""
     try:
+        # lazy: openai is optional (the api extra)
         import openai
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("the API tools need the `openai` package: pip install 'exgra-med[api]'") from e

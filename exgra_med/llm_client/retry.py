@@ -91,6 +91,7 @@ def _status_code(exc: BaseException) -> int | None:
 
 def classify(exc: BaseException) -> ErrorKind:
     """Decide whether `exc` (from the openai client or from reply validation) is retried."""
+    # lazy: openai is optional (the api extra)
     import openai
 
     retryable = (

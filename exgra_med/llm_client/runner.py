@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tqdm.auto import tqdm
+
 from exgra_med.llm_client.progress import ProgressLog
 from exgra_med.llm_client.retry import (
     ErrorKind,
@@ -175,7 +177,6 @@ def run_jobs(
     log first. Jobs that failed in an earlier run are retried when `retry_failed`. Returns the final
     entries of all finished jobs; jobs left unfinished (a fatal error, Ctrl-C) are absent.
     """
-    from tqdm.auto import tqdm
 
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")

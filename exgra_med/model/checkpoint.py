@@ -11,6 +11,7 @@ dtype. All parts (LLM, vision tower, projector) end in the one dtype.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import shutil
@@ -20,9 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from exgra_med.io import atomic_file, read_json
 from exgra_med.model.config import ExGraMedConfig
+from exgra_med.model.hub import resolve_path
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -56,7 +62,6 @@ def weights_fingerprint(folder: str | Path, samples: int = 16, chunk: int = 1 <<
     `*.bin`, `*.pt`: the model's shards, a projector, an alignment head), its name, its size and `samples` pieces of
     `chunk` bytes spread over it, the first holding a safetensors file's header. Retraining into the same folder
     changes the values everywhere, so it changes the digest; None when the folder holds no weight file."""
-    import hashlib
 
     files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt"))
     if not files:
@@ -85,7 +90,6 @@ def read_weights(path: str | Path, keep: Callable[[str], bool] | None = None) ->
     state: dict[str, torch.Tensor] = {}
     for file in files:
         if file.suffix == ".safetensors":
-            from safetensors import safe_open
 
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
@@ -102,7 +106,6 @@ def read_weights(path: str | Path, keep: Callable[[str], bool] | None = None) ->
 # --- writing -----------------------------------------------------------------------------------------------
 def write_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> Path:
     """Write `state` as one safetensors file, atomically (tensors moved to the CPU and made contiguous)."""
-    from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     with atomic_file(path) as tmp:
@@ -122,7 +125,6 @@ def write_weights(
 ) -> list[Path]:
     """Write a model's weights into `folder` as transformers does: model.safetensors, or shards plus
     model.safetensors.index.json. Each file is atomic; use `staged_output_dir` for the folder as a whole."""
-    from huggingface_hub import split_torch_state_dict_into_shards
 
     folder = Path(folder)
     split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
@@ -206,7 +208,7 @@ def load_model(
     straight onto `device`; the vision tower and projector stay unquantised. `config_overrides` set config fields.
     """
     # The model modules are imported where they are used: they themselves read weights through this module.
-    from exgra_med.model.hub import resolve_path
+    # lazy: import cycle: reference, vision and modeling import this module, and the loaders here sit above them
     from exgra_med.model.reference import is_reference_checkpoint
 
     path = resolve_path(path, "model", require=("config.json",))
@@ -248,8 +250,7 @@ def _quantized(quantization_config: object | None, device: str | torch.device | 
 
 
 def _load_exgra_med(path: Path, dtype, device, attn_implementation, quantization_config, config_overrides):
-    from transformers import AutoTokenizer
-
+    # lazy: import cycle: reference, vision and modeling import this module, and the loaders here sit above them
     from exgra_med.model.modeling import ExGraMedForConditionalGeneration
     from exgra_med.model.vision import load_image_processor
 
@@ -263,10 +264,11 @@ def _load_exgra_med(path: Path, dtype, device, attn_implementation, quantization
 
 def _load_reference(path: Path, vision_tower, dtype, device, attn_implementation, quantization_config,
                     config_overrides):
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
+    # lazy: import cycle: reference, vision and modeling import this module, and the loaders here sit above them
     from exgra_med.model import reference
     from exgra_med.model.modeling import ExGraMedForConditionalGeneration
+
+    # lazy: import cycle: reference, vision and modeling import this module, and the loaders here sit above them
     from exgra_med.model.vision import load_image_processor, load_vision_tower
 
     cfg = reference.read_reference_config(path)

@@ -14,12 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from transformers import LlavaImageProcessor, LlavaProcessor
 
-from exgra_med.constants import HUMAN
+from exgra_med.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN, HUMAN
 from exgra_med.conversation import ConversationTemplate, get_template
 from exgra_med.data.images import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
 from exgra_med.model.auto import choose_setting, recorded_settings
 from exgra_med.model.checkpoint import check_output_dir, load_model, staged_output_dir
+from exgra_med.model.export import check_exportable, to_hf_llava
 from exgra_med.model.options import ModelOptions
 
 logger = logging.getLogger(__name__)
@@ -68,7 +70,6 @@ def llava_image_processor(processor, image_aspect_ratio: str = DEFAULT_ASPECT_RA
     """A `LlavaImageProcessor` with `processor`'s settings that preprocesses as `exgra_med.data.images`: "square"
     (the reference) is the processor's own resize + centre crop; "pad" sets `do_pad`, a square of the mean colour
     first (exgra_med.data.images.expand2square)."""
-    from transformers import LlavaImageProcessor
 
     keys = ("size", "crop_size", "image_mean", "image_std", "resample", "do_resize", "do_center_crop",
             "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb")
@@ -90,10 +91,7 @@ def export_hf(
 
     Raises ValueError (before writing anything) when the connector has no LLaVA counterpart.
     """
-    from transformers import LlavaProcessor
 
-    from exgra_med.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
-    from exgra_med.model.export import check_exportable, to_hf_llava
 
     check_output_dir(out_dir)
     model, tokenizer, processor = load_model(src, vision_tower=vision_tower, dtype=dtype)

@@ -14,6 +14,20 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from huggingface_hub import constants, list_repo_files, snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    IncompleteSnapshotError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
+
+from exgra_med import __version__
+
 logger = logging.getLogger(__name__)
 
 OPEN_CLIP_HUB_PREFIX = "hf-hub:"
@@ -53,7 +67,6 @@ def ignore_patterns(repo_files: Sequence[str] | None) -> list[str]:
 def _repo_files(repo_id: str, revision: str | None) -> list[str] | None:
     """The file list of a Hub repository, or None offline or when the Hub cannot say (snapshot_download then
     reports the reason)."""
-    from huggingface_hub import constants, list_repo_files
 
     if constants.HF_HUB_OFFLINE:
         return None
@@ -64,20 +77,6 @@ def _repo_files(repo_id: str, revision: str | None) -> list[str] | None:
 
 
 def _download(name: str, what: str) -> Path:
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        HFValidationError,
-        IncompleteSnapshotError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-    from huggingface_hub.utils import validate_repo_id
-
-    from exgra_med import __version__
-
     repo_id, revision = split_revision(name)
     try:
         validate_repo_id(repo_id)

@@ -14,12 +14,15 @@ transformers (liger-kernel 0.8.5's Qwen2.5-VL patcher with transformers 5.25).
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
 
 from exgra_med.errors import UserError
 from exgra_med.io import read_json
+from exgra_med.model.checkpoint import is_exgra_med_checkpoint
+from exgra_med.model.reference import is_reference_checkpoint
 
 FLAG = "--use_liger_kernel True"
 
@@ -30,6 +33,7 @@ class LigerUnavailableError(UserError):
 
 def supported_model_types() -> list[str]:
     """The LLM `model_type`s the installed liger-kernel has kernels for."""
+    # lazy: liger-kernel is optional (the liger extra)
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
     return sorted(MODEL_TYPE_TO_APPLY_LIGER_FN)
@@ -38,8 +42,6 @@ def supported_model_types() -> list[str]:
 def llm_model_type(model_path: str | Path) -> str | None:
     """The `model_type` of the LLM in a model folder (a plain LLM, an ExGra-Med checkpoint or a reference-layout
     LLaVA-Med folder), read from its config.json; None when the folder has none."""
-    from exgra_med.model.checkpoint import is_exgra_med_checkpoint
-    from exgra_med.model.reference import is_reference_checkpoint
 
     config_file = Path(model_path) / "config.json"
     if not config_file.is_file():
@@ -55,6 +57,7 @@ def check_liger(device: str | torch.device, model_type: str | None) -> None:
     """Raise LigerUnavailableError (one line) unless Liger can run here: liger-kernel installed, training on a
     CUDA device, and kernels for `model_type` (None: not checked)."""
     try:
+        # lazy: liger-kernel is optional (the liger extra)
         import liger_kernel  # noqa: F401
     except ImportError as e:
         raise LigerUnavailableError(f"{FLAG} needs liger-kernel: pip install 'exgra-med[liger]'") from e
@@ -75,6 +78,7 @@ def apply_liger(model: torch.nn.Module, **kernel_config: bool) -> torch.nn.Modul
     (`base_vlm`) of an AlignedVLM, either possibly PEFT-wrapped; `kernel_config` switches single kernels (`rope`,
     `rms_norm`, `swiglu`, `fused_linear_cross_entropy`, ...), as transformers' `liger_kernel_config`. Returns the
     patched transformers model."""
+    # lazy: liger-kernel is optional (the liger extra)
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
     target = getattr(model, "base_vlm", None)  # a native VLM: Liger's patcher for its own model type
@@ -88,7 +92,6 @@ def apply_liger(model: torch.nn.Module, **kernel_config: bool) -> torch.nn.Modul
     try:
         _apply_liger_kernel_to_instance(model=target, **kernel_config)
     except ImportError as e:  # Liger's patcher for this type names classes the installed transformers lacks
-        from importlib.metadata import version
 
         raise LigerUnavailableError(
             f"{FLAG}: liger-kernel {version('liger-kernel')} cannot patch {model_type!r} models with transformers "

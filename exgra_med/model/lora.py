@@ -24,6 +24,8 @@ import torch
 
 from exgra_med.io import read_json
 from exgra_med.model.checkpoint import check_output_dir, read_weights, staged_output_dir, write_json, write_weights
+from exgra_med.model.quantization import dequantize_bnb_state
+from exgra_med.model.vision import load_image_processor
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +45,6 @@ def merge_lora_state_dict(
     unpaired adapters, several adapters, or LoRA on modules other than linear weights. Base weights of a QLoRA run
     (bitsandbytes 4-/8-bit) are dequantised to float32 first, so the merged weights are full precision.
     """
-    from exgra_med.model.quantization import dequantize_bnb_state
 
     state, _ = dequantize_bnb_state(state)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -138,7 +139,6 @@ def merge_lora_checkpoint(
                 if (proc_dir / name).is_file():
                     shutil.copy2(proc_dir / name, tmp / name)
         else:
-            from exgra_med.model.vision import load_image_processor
 
             load_image_processor(str(proc_dir)).save_pretrained(tmp)
     logger.info("merged %d LoRA modules of %s (alpha %s) -> %s", n, src, lora_alpha, out_dir)

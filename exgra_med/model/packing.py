@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from exgra_med.data.collate import pack_rows
 from exgra_med.errors import UserError
@@ -57,7 +58,6 @@ def check_padding_free(text_config: PretrainedConfig, attn_implementation: str |
             f"--padding_free True: the {model_type} LLM has {sorted(layer_types - set(_ATTENTION_LAYERS))} layers, "
             "which would carry state from one packed sample into the next; train it padded"
         )
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     try:
         model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)]
@@ -228,7 +228,6 @@ def check_native_padding_free(config: PretrainedConfig, attn_implementation: str
                                f"{', '.join(PACKED_NATIVE_VLMS)} only, not {model_type!r}; train it padded")
     attn = attn_implementation or getattr(config, "_attn_implementation", None) or "sdpa"
     text_config = config.get_text_config()
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     if type(text_config) in MODEL_FOR_CAUSAL_LM_MAPPING:  # a language model of its own (LLaVA-OneVision's Qwen2)
         check_padding_free(text_config, attn)

@@ -12,6 +12,11 @@ import torch
 from transformers import BatchFeature, ProcessorMixin
 
 from exgra_med.constants import DEFAULT_IMAGE_TOKEN
+from exgra_med.data.dataset import image_placeholder
+from exgra_med.data.images import preprocess_image
+from exgra_med.model.config import ExGraMedConfig
+from exgra_med.model.connector import num_image_tokens
+from exgra_med.model.vision import VisionTower
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision")
 
@@ -19,8 +24,6 @@ _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revi
 def image_token_count(config) -> int:
     """Tokens one image takes in the LLM input for an `ExGraMedConfig` (its vision tower built on the meta device,
     so nothing is allocated)."""
-    from exgra_med.model.connector import num_image_tokens
-    from exgra_med.model.vision import VisionTower
 
     with torch.device("meta"):
         tower = VisionTower(config.vision_config, config.vision_tower_type)
@@ -55,7 +58,6 @@ class ExGraMedProcessor(ProcessorMixin):
         """As `ProcessorMixin.from_pretrained`; the image-token count and `<im_start>`/`<im_end>` use come from the
         checkpoint's config.json unless given."""
         if "num_image_tokens" not in kwargs or "mm_use_im_start_end" not in kwargs:
-            from exgra_med.model.config import ExGraMedConfig
 
             hub = {k: kwargs[k] for k in _HUB_KWARGS if kwargs.get(k) is not None}
             config = ExGraMedConfig.from_pretrained(pretrained_model_name_or_path, **hub)
@@ -65,7 +67,6 @@ class ExGraMedProcessor(ProcessorMixin):
 
     def expand_image_tokens(self, text: str) -> str:
         """`text` with each `<image>` replaced by the model's image tokens."""
-        from exgra_med.data.dataset import image_placeholder
 
         return text.replace(DEFAULT_IMAGE_TOKEN, image_placeholder(self.num_image_tokens, self.mm_use_im_start_end))
 
@@ -73,7 +74,6 @@ class ExGraMedProcessor(ProcessorMixin):
                  **kwargs) -> BatchFeature:
         """Tokenize `text` (a prompt or a batch, padded) with `<image>` expanded; preprocess `images` (one per
         `<image>`, in order) into `pixel_values` (B, 3, H, W)."""
-        from exgra_med.data.images import preprocess_image
 
         if text is None:
             raise ValueError("ExGraMedProcessor needs text (a prompt with <image> where the image goes)")

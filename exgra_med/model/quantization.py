@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 
 import torch
+from transformers import BitsAndBytesConfig
 
 from exgra_med.errors import UserError
 
@@ -33,7 +34,6 @@ class QuantizationUnavailableError(UserError):
 def bnb_config(bits: int, compute_dtype: torch.dtype, double_quant: bool = True, quant_type: str = "nf4"):
     """The `BitsAndBytesConfig` for `bits` (4 or 8): LLaVA's QLoRA settings (compute dtype, double quantisation,
     nf4/fp4), with `QUANT_SKIP_MODULES` unquantised."""
-    from transformers import BitsAndBytesConfig
 
     if bits == 4:
         return BitsAndBytesConfig(
@@ -61,13 +61,14 @@ def inference_bnb_config(bits: int, compute_dtype: torch.dtype | None, skip_modu
             "(the model then loads in float32) or pass --dtype bfloat16 to halve the memory."
         )
     try:
+        # lazy: bitsandbytes is optional (the quant extra)
         import bitsandbytes  # noqa: F401 - the capability check
     except ImportError as e:
         raise QuantizationUnavailableError(
             f"{flag} needs bitsandbytes: pip install 'exgra-med[quant]' (or pip install bitsandbytes)"
         ) from e
     config = bnb_config(bits, compute_dtype or torch.float16)
-    config.llm_int8_skip_modules = list(skip_modules)
+    config.llm_int8_skip_modules = skip_at_any_depth(skip_modules)  # e.g. Qwen2.5-VL's model.visual.*
     return config
 
 
@@ -80,6 +81,7 @@ def skip_at_any_depth(names) -> list[str]:
 
 def _probe(bits: int, device: torch.device, compute_dtype: torch.dtype, quant_type: str) -> None:
     """Quantise a small linear layer on `device`, run it forward and backward (what QLoRA training does)."""
+    # lazy: bitsandbytes is optional (the quant extra)
     import bitsandbytes as bnb
 
     torch_layer = torch.nn.Linear(64, 64, bias=False)
@@ -103,6 +105,7 @@ def check_bitsandbytes(bits: int, device: str | torch.device, compute_dtype: tor
     `bits`-bit layer of bitsandbytes runs forward and backward on `device` in `compute_dtype`."""
     device = torch.device(device)
     try:
+        # lazy: bitsandbytes is optional (the quant extra)
         import bitsandbytes as bnb
     except ImportError as e:
         raise QuantizationUnavailableError(
@@ -130,6 +133,7 @@ def dequantize_bnb_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torc
     if not four_bit and not eight_bit:
         return state, 0
     try:
+        # lazy: bitsandbytes is optional (the quant extra)
         import bitsandbytes.functional as bnbf
     except ImportError as e:
         raise QuantizationUnavailableError(

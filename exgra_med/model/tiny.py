@@ -16,11 +16,22 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+from safetensors.torch import save_file
+from transformers import (
+    AutoModelForCausalLM,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+)
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from exgra_med.conversation import TEMPLATES
 from exgra_med.model.loading import ConnectorOptions, build_from_parts
+from exgra_med.model.native.tiny import ARCHES, TinySize, make_tiny_vlm
+from exgra_med.model.tokenizer import build_word_tokenizer, default_corpus
+from exgra_med.model.vision import _build_open_clip_trunk
 
 logger = logging.getLogger(__name__)
 
@@ -28,33 +39,7 @@ LLM_TYPES = ("llama", "mistral", "qwen2")
 VISION_TYPES = ("clip", "biomedclip")
 
 
-def default_corpus() -> list[str]:
-    """Text the tiny tokenizer is trained on: every template's fixed text and the easy-VQA questions/answers."""
-    texts = []
-    for template in TEMPLATES.values():
-        texts.append(template.render([("human", "hello"), ("gpt", "hi")], add_generation_prompt=True))
-    try:
-        import easy_vqa
-
-        for split in ("train", "test"):
-            questions, answers, _ = getattr(easy_vqa, f"get_{split}_questions")()
-            texts += questions + answers
-        texts += easy_vqa.get_answers()
-    except ImportError:  # easy-vqa is a dependency; a missing one only narrows the vocabulary
-        logger.warning("easy-vqa not installed: the tiny tokenizer knows only the templates' words")
-    texts += [
-        "Describe the image concisely.",
-        "What is shown in this picture? Provide a brief description of the image.",
-        'Answer with either "Yes" or "No"',
-        "The image shows a medical scan of the chest, the brain, the abdomen and a pathology slide.",
-        "yes no circle rectangle triangle red green blue black gray yellow teal brown",
-    ]
-    return texts
-
-
 def _llm_config(kind: str, vocab_size: int, hidden: int, layers: int, heads: int, tokenizer) -> object:
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
-
     common = dict(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -79,7 +64,6 @@ def _llm_config(kind: str, vocab_size: int, hidden: int, layers: int, heads: int
 
 def write_tiny_llm(out: Path, kind: str, texts: Iterable[str], hidden: int, layers: int, heads: int) -> None:
     """A random causal LM with a word-level tokenizer trained on `texts`."""
-    from exgra_med.model.tokenizer import build_word_tokenizer
 
     tokenizer = build_word_tokenizer(texts)
     config = _llm_config(kind, len(tokenizer), hidden, layers, heads, tokenizer)
@@ -110,9 +94,7 @@ def write_tiny_clip(out: Path, image_size: int, patch_size: int, hidden: int, la
 
 def write_tiny_biomedclip(out: Path, image_size: int) -> None:
     """A random BiomedCLIP-shaped open_clip folder (timm `test_vit` trunk), loadable as `local-dir:OUT`."""
-    from safetensors.torch import save_file
 
-    from exgra_med.model.vision import _build_open_clip_trunk
 
     model_cfg = {
         "embed_dim": 64,
@@ -176,7 +158,6 @@ def make_tiny_model(
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: exgra-med make-tiny-model --out DIR [--arch llava|qwen2_5_vl|gemma3|llava_onevision]
     [--vision clip|biomedclip] [--llm llama|mistral|qwen2]."""
-    from exgra_med.model.native.tiny import ARCHES, TinySize, make_tiny_vlm
 
     p = argparse.ArgumentParser(
         prog="exgra-med make-tiny-model", description=__doc__.splitlines()[0],

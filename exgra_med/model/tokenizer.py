@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from exgra_med.constants import (
@@ -54,7 +55,6 @@ def build_word_tokenizer(
     Byte-level BPE never produces `<unk>` and decodes back to the exact input text. Saved with
     `save_pretrained(out_dir)` when `out_dir` is given.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     if vocab_size < len(SPECIAL_TOKENS) + 256:
         raise ValueError(f"vocab_size must be at least {len(SPECIAL_TOKENS) + 256} (bytes + special tokens)")
@@ -111,3 +111,28 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, mm_use_im_start_end: b
     """What training does to an LLM's tokenizer, as the reference: a pad token if it has none, then the image
     tokens. Returns how many tokens were added (the caller resizes the embeddings by that much)."""
     return ensure_pad_token(tokenizer) + add_image_tokens(tokenizer, mm_use_im_start_end)
+
+
+def default_corpus() -> list[str]:
+    """Text the tiny tokenizer is trained on: every template's fixed text and the easy-VQA questions/answers."""
+    texts = []
+    for template in TEMPLATES.values():
+        texts.append(template.render([("human", "hello"), ("gpt", "hi")], add_generation_prompt=True))
+    try:
+        # lazy: the easy-VQA package only for the default corpus
+        import easy_vqa
+
+        for split in ("train", "test"):
+            questions, answers, _ = getattr(easy_vqa, f"get_{split}_questions")()
+            texts += questions + answers
+        texts += easy_vqa.get_answers()
+    except ImportError:  # easy-vqa is a dependency; a missing one only narrows the vocabulary
+        logger.warning("easy-vqa not installed: the tiny tokenizer knows only the templates' words")
+    texts += [
+        "Describe the image concisely.",
+        "What is shown in this picture? Provide a brief description of the image.",
+        'Answer with either "Yes" or "No"',
+        "The image shows a medical scan of the chest, the brain, the abdomen and a pathology slide.",
+        "yes no circle rectangle triangle red green blue black gray yellow teal brown",
+    ]
+    return texts

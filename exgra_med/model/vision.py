@@ -13,7 +13,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, CLIPImageProcessor
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    CLIPImageProcessor,
+    CLIPVisionModel,
+    SiglipVisionModel,
+)
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from exgra_med.model.checkpoint import read_weights
@@ -53,6 +60,7 @@ def _strip_prefix(path: str) -> Path:
 
 def _build_open_clip_trunk(model_cfg: dict) -> nn.Module:
     """The timm trunk of an open_clip vision tower, built from `model_cfg` alone (no text tower, no network)."""
+    # lazy: open_clip (about 1 s) only for open_clip towers
     from open_clip.model import _build_vision_tower
 
     vision_cfg = dict(model_cfg["vision_cfg"])
@@ -124,7 +132,6 @@ def load_vision_tower(path: str, attn_implementation: str | None = None) -> tupl
     vision_cfg = getattr(cfg, "vision_config", cfg)  # a full CLIP/SigLIP folder holds a vision_config
     if vision_cfg.model_type not in ("clip_vision_model", "siglip_vision_model"):
         raise ValueError(f"{path}: expected a CLIP or SigLIP vision model, found model_type={vision_cfg.model_type!r}")
-    from transformers import CLIPVisionModel, SiglipVisionModel
 
     model_cls = CLIPVisionModel if vision_cfg.model_type == "clip_vision_model" else SiglipVisionModel
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
@@ -162,6 +169,5 @@ def load_image_processor(path: str) -> CLIPImageProcessor:
             image_mean=pre.get("mean", list(OPENAI_CLIP_MEAN)),
             image_std=pre.get("std", list(OPENAI_CLIP_STD)),
         )
-    from transformers import AutoImageProcessor
 
     return AutoImageProcessor.from_pretrained(path)

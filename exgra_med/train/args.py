@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import transformers
 
 from exgra_med.align.config import AlignmentConfig, flag_name
+from exgra_med.conversation import TEMPLATES
 from exgra_med.data.images import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
 from exgra_med.model.config import DENSE_CONNECTOR_TYPES, SELECT_FEATURES, check_projector_type
 from exgra_med.model.quantization import QUANT_BITS, QUANT_TYPES
@@ -139,8 +140,6 @@ class DataArguments:
     eval_batch_size: int = field(default=16, metadata={"help": "batch size of in-training answer generation"})
 
     def __post_init__(self):
-        from exgra_med.conversation import TEMPLATES
-
         if self.conv_template not in TEMPLATES:
             raise ValueError(f"--conv_template must be one of {sorted(TEMPLATES)}, got {self.conv_template!r}")
         if self.image_aspect_ratio not in ASPECT_RATIOS:

@@ -11,14 +11,18 @@ Fine-tuning: `--model_name_or_path` an ExGra-Med checkpoint (e.g. the stage-2 ou
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoConfig
 
 from exgra_med.data.collate import DataCollator
 from exgra_med.data.dataset import SupervisedDataset
 from exgra_med.model.delimiters import delimiter_ids, train_only_rows
 from exgra_med.model.hub import resolve_path
+from exgra_med.model.liger import apply_liger
 from exgra_med.model.loading import (
     ConnectorOptions,
     build_from_parts,
@@ -27,7 +31,10 @@ from exgra_med.model.loading import (
     load_projector,
     save_projector,
 )
-from exgra_med.model.packing import packs_in_one_row
+from exgra_med.model.lora import merge_lora_checkpoint
+from exgra_med.model.modeling import build_alignment
+from exgra_med.model.packing import check_attention_packs, check_padding_free, packs_in_one_row
+from exgra_med.model.quantization import bnb_config
 from exgra_med.train.args import DataArguments, ModelArguments, TrainingArguments
 from exgra_med.train.families import Built, TrainingFamily, train_dtype
 from exgra_med.train.trainer import ExGraMedTrainer
@@ -84,13 +91,13 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments):
     dtype = train_dtype(training_args)
     quant, device = None, None
     if model_args.bits < 16:
-        from exgra_med.model.quantization import bnb_config
 
         quant = bnb_config(model_args.bits, dtype or torch.float32, model_args.double_quant, model_args.quant_type)
         device = training_args.device  # bitsandbytes quantises while placing the weights
     # The run's seed seeds the alignment's generator when the module is built (the checkpoint records it).
     alignment = model_args.alignment_config(seed=training_args.seed)
     if training_args.deepspeed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        # lazy: deepspeed is optional (the deepspeed extra)
         import deepspeed
 
         # ZeRO-3 partitions the weights while loading, with a DeepSpeed config that reads the world size from
@@ -108,7 +115,6 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments):
         )
         model.train()
         if model.alignment is None and alignment.enabled:
-            from exgra_med.model.modeling import build_alignment
 
             # In the loaded weights' dtype: DeepSpeed ZeRO-3 flattens each parameter group into one buffer.
             model.alignment = build_alignment(model.config).to(device=device, dtype=model.dtype)
@@ -137,7 +143,6 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments):
         load_projector(model, model_args.pretrain_mm_mlp_adapter)
     set_trainable(model, model_args, training_args.activation_checkpointing)
     if training_args.use_liger_kernel:
-        from exgra_med.model.liger import apply_liger
 
         apply_liger(model, **(training_args.liger_kernel_config or {}))
     return model, tokenizer, processor
@@ -145,7 +150,6 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments):
 
 def check_padding_free_flags(model_args: ModelArguments, training_args: TrainingArguments) -> None:
     """`--padding_free True` needs an attention implementation that confines attention to each packed sample."""
-    from exgra_med.model.packing import check_attention_packs
 
     if training_args.padding_free:
         check_attention_packs(model_args.attn_implementation)
@@ -153,9 +157,7 @@ def check_padding_free_flags(model_args: ModelArguments, training_args: Training
 
 def check_llm_packs(model_path: str, attn_implementation: str) -> None:
     """Refuse `--padding_free True` for an LLM (plain folder or inside an ExGra-Med checkpoint) that cannot pack."""
-    from transformers import AutoConfig
 
-    from exgra_med.model.packing import check_padding_free
 
     config = AutoConfig.from_pretrained(model_path)
     check_padding_free(getattr(config, "text_config", config), attn_implementation)
@@ -174,7 +176,6 @@ def set_trainable(model, model_args: ModelArguments, activation_checkpointing: b
             train_only_rows(model.get_input_embeddings(), ids)
         return
     if model_args.lora_enable:
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
         quantized = model_args.bits < 16
         if quantized:  # LLM frozen, its unquantised parts (norms, embeddings, head) in float32, as QLoRA does
@@ -222,9 +223,7 @@ def save_merged_lora(trainer: ExGraMedTrainer, out: Path, lora_alpha: float) -> 
     the writing process (global rank 0) then merges the saved weights file by file (`merge-lora`'s code) and moves
     the result into `out`.
     """
-    import shutil
 
-    from exgra_med.model.lora import merge_lora_checkpoint
 
     unmerged, merged = out / "lora-unmerged", out / ".lora-merged"
     trainer.save_model(str(unmerged))

@@ -17,7 +17,11 @@ import torch
 import transformers
 from transformers import HfArgumentParser, set_seed
 
+from exgra_med.errors import UserError
+from exgra_med.io import read_json
 from exgra_med.model.auto import model_family, resolve_model_path
+from exgra_med.model.liger import check_liger, llm_model_type
+from exgra_med.model.quantization import check_bitsandbytes
 from exgra_med.train.args import DataArguments, ModelArguments, TrainingArguments
 from exgra_med.train.families import TrainingFamily, train_dtype
 from exgra_med.train.inputs import check_output_dir, resume_arg, validate_inputs
@@ -53,7 +57,6 @@ def _zero_stage(training_args: TrainingArguments) -> int:
     if not config:
         return 0
     if isinstance(config, (str, os.PathLike)):
-        from exgra_med.io import read_json
 
         config = read_json(config)
     return int(config.get("zero_optimization", {}).get("stage", 0))
@@ -63,10 +66,8 @@ def check_environment(model_args: ModelArguments, training_args: TrainingArgumen
     """What the flags need from this machine and the installed extras, checked before any data or model is read:
     `--bits 4|8` (bitsandbytes with a backend that runs them; not with FSDP or ZeRO-3, which shard the weights
     that bitsandbytes packs) and `--use_liger_kernel` (liger-kernel, CUDA, an LLM type it has kernels for)."""
-    from exgra_med.errors import UserError
 
     if model_args.bits < 16:
-        from exgra_med.model.quantization import check_bitsandbytes
 
         if training_args.fsdp or _zero_stage(training_args) == 3:
             raise UserError(f"--bits {model_args.bits} (QLoRA) runs with DDP or DeepSpeed ZeRO-2, not with FSDP or "
@@ -74,7 +75,6 @@ def check_environment(model_args: ModelArguments, training_args: TrainingArgumen
         check_bitsandbytes(model_args.bits, training_args.device, train_dtype(training_args) or torch.float32,
                            model_args.quant_type)
     if training_args.use_liger_kernel:
-        from exgra_med.model.liger import check_liger, llm_model_type
 
         path = model_args.model_name_or_path
         model_type = llm_model_type(path) if os.path.isdir(path) else None  # a Hub id: checked once it is loaded

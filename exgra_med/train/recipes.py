@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from transformers import HfArgumentParser
 
 from exgra_med.errors import UserError
@@ -30,7 +31,6 @@ class RecipeError(UserError):
 def read_recipe(path: str | Path, known: set[str]) -> dict[str, Any]:
     """The flags of a recipe file; raises RecipeError naming the file (and the key) when it is not a mapping of
     known flags."""
-    import yaml
 
     path = Path(path)
     if not path.is_file():
@@ -92,7 +92,6 @@ def parse_with_recipe(
 
 def write_resolved_recipe(resolved: dict[str, Any], output_dir: str | Path, source: str | None = None) -> Path:
     """Write `resolved` as `OUTPUT_DIR/train_recipe.yaml` (atomically)."""
-    import yaml
 
     path = Path(output_dir) / RESOLVED_RECIPE
     path.parent.mkdir(parents=True, exist_ok=True)

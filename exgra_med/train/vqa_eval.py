@@ -19,6 +19,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch.distributed as dist
+from torch.distributed.fsdp import FullyShardedDataParallel
+
 from exgra_med.data.images import DEFAULT_ASPECT_RATIO
 from exgra_med.eval.generate import answer_line, generate_answers, load_questions
 from exgra_med.eval.metrics import vqa_train_metrics
@@ -132,7 +135,6 @@ class VQAScoringTrainer(ExGraMedTrainer):
                 generate_kwargs={"synced_gpus": True} if synced else None,
             )
         if world > 1:
-            import torch.distributed as dist
 
             gathered: list[dict[str, str] | None] = [None] * world
             dist.all_gather_object(gathered, answers)
@@ -140,8 +142,6 @@ class VQAScoringTrainer(ExGraMedTrainer):
         return answers
 
     def _is_fsdp_v1(self) -> bool:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
         return any(isinstance(m, FullyShardedDataParallel) for m in self.model_wrapped.modules())
 
     def _needs_synced_generation(self) -> bool:
@@ -151,7 +151,6 @@ class VQAScoringTrainer(ExGraMedTrainer):
 
     def _full_parameters(self):
         if self.is_fsdp_enabled and self._is_fsdp_v1():
-            from torch.distributed.fsdp import FullyShardedDataParallel
 
             return FullyShardedDataParallel.summon_full_params(self.model_wrapped, writeback=False, recurse=True)
         return contextlib.nullcontext()

@@ -75,7 +75,7 @@ def test_missing_weights_name_the_folder(tmp_path):
 
 
 def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
-    import safetensors.torch
+    import exgra_med.model.checkpoint as checkpoint
 
     target = tmp_path / "w.safetensors"
     write_safetensors({"a": torch.ones(2)}, target)
@@ -86,7 +86,7 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", half_written)
+    monkeypatch.setattr(checkpoint, "save_file", half_written)
     with pytest.raises(OSError, match="disk full"):
         write_safetensors({"a": torch.zeros(2)}, target)
     with pytest.raises(OSError, match="disk full"):

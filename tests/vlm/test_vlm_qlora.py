@@ -113,6 +113,24 @@ def test_qlora_skips_the_vision_encoder_and_projector_wherever_they_sit():
         assert should_convert_module(quantised, skip), quantised
 
 
+def test_inference_quantisation_skips_the_vision_encoder_and_projector_wherever_they_sit(monkeypatch):
+    """--load-4bit / --load-8bit on a native VLM: the same any-depth skip entries as QLoRA training (a bare "visual"
+    would quantise `model.visual.blocks.*`)."""
+    _bnb()
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from exgra_med.model.native.backend import QUANT_SKIP_MODULES
+    from exgra_med.model.quantization import inference_bnb_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the config only; nothing is loaded
+    for bits in (4, 8):
+        skip = inference_bnb_config(bits, torch.bfloat16, QUANT_SKIP_MODULES).llm_int8_skip_modules
+        for kept in ("model.visual.blocks.0.attn.qkv", "model.visual.merger.mlp.0", "lm_head",
+                     "model.multi_modal_projector.linear_1"):
+            assert not should_convert_module(kept, skip), (bits, kept)
+        assert should_convert_module("model.language_model.layers.0.mlp.up_proj", skip)
+
+
 def test_liger_on_a_native_vlm_fails_on_cpu_in_one_line_as_on_the_llava_path(tiny_vlm, tiny_model_dir, easy_vqa_dir,
                                                                             tmp_path, capsys):
     from exgra_med.cli import main as cli

@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from exgra_med.constants import DEFAULT_IMAGE_TOKEN
 from exgra_med.data.prepare.vqa import is_yes_no, make_vqa_record, split_train_val, write_vqa_outputs
 from exgra_med.io import write_json_atomic
@@ -127,7 +129,6 @@ def _copy_image(src: str, dst: Path, image_size: int | None) -> None:
         if image_size is None:
             shutil.copyfile(src, tmp)
         else:
-            from PIL import Image
 
             with Image.open(src) as img:
                 img.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC).save(
@@ -140,6 +141,7 @@ def _copy_image(src: str, dst: Path, image_size: int | None) -> None:
 
 
 def _load_split(split: str) -> tuple[list[tuple[str, str, int]], dict[int, str]]:
+    # lazy: the easy-VQA package only for its preparation
     import easy_vqa
 
     if split == "train":

@@ -26,6 +26,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from exgra_med.data.prepare.vqa import (
     add_common_arguments,
     check_images,
@@ -101,6 +103,7 @@ def find_parquets(raw: Path) -> dict[str, list[Path]]:
 
 def _parquet_rows(paths: Sequence[Path]) -> Iterator[tuple[Path, int, dict]]:
     try:
+        # lazy: pyarrow is optional (the dev extra); only PathVQA's parquet files need it
         import pyarrow.parquet as pq
     except ImportError as e:  # optional: only the Hugging Face copy needs it
         raise ImportError("reading PathVQA parquet files needs pyarrow: pip install pyarrow") from e
@@ -114,7 +117,6 @@ def _parquet_rows(paths: Sequence[Path]) -> Iterator[tuple[Path, int, dict]]:
 
 def write_image(data: bytes, folder: Path) -> str:
     """Write image bytes once under `folder`, named by content hash; returns the file name."""
-    from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
         ext = ".png" if im.format == "PNG" else ".jpg"

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
@@ -216,7 +217,6 @@ class _PackedTextPositions:
 def save_alignment_head(state: dict[str, torch.Tensor], out_dir: str | Path, config: AlignmentConfig,
                         hidden_size: int) -> None:
     """Write the head's weights (`alignment.*` keys stripped) and options beside a saved model."""
-    from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     with atomic_file(out_dir / ALIGNMENT_WEIGHTS) as tmp:
@@ -235,7 +235,6 @@ def load_alignment_head(model: AlignedVLM, folder: str | Path) -> bool:
     path = Path(folder) / ALIGNMENT_WEIGHTS
     if model.alignment is None or not path.is_file():
         return False
-    from safetensors.torch import load_file
 
     state = load_file(str(path))
     try:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from exgra_med.constants import DEFAULT_IMAGE_TOKEN, HUMAN
 from exgra_med.conversation import ConversationTemplate
@@ -122,7 +123,6 @@ def load_native(path: str, dtype: torch.dtype | None = None, device: str | None 
                 attn_implementation: str = "sdpa", quantization_config: object | None = None):
     """(model, processor) of a native VLM folder through transformers' Auto classes, on `device` (quantised
     weights are placed while loading)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
     if quantization_config is not None:

@@ -14,7 +14,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerFast
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessor,
+    Gemma3Processor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessor,
+    LlavaOnevisionProcessor,
+    LlavaOnevisionVideoProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+)
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+from exgra_med.model.tokenizer import default_corpus
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +94,6 @@ def build_chat_tokenizer(
     """A byte-level BPE tokenizer trained on `texts` with `special_tokens` (ids in that order from 0) and a chat
     template; `tokens` names the roles (eos_token, pad_token, bos_token, ...) and the architecture's extra special
     tokens (image_token, boi_token, ...), saved in tokenizer_config.json as the released tokenizers do."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -95,8 +113,6 @@ def build_chat_tokenizer(
 
 
 def _corpus(extra: Sequence[str]) -> list[str]:
-    from exgra_med.model.tiny import default_corpus
-
     return default_corpus() + list(extra) + ["user assistant model system You are a helpful assistant."]
 
 
@@ -105,10 +121,6 @@ def _ids(tokenizer: PreTrainedTokenizerFast, *names: str) -> list[int]:
 
 
 def _qwen2_5_vl(size: TinySize, corpus: list[str]):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                "<|image_pad|>", "<|video_pad|>"]
     tokenizer = build_chat_tokenizer(
@@ -144,8 +156,6 @@ def _qwen2_5_vl(size: TinySize, corpus: list[str]):
 
 
 def _gemma3(size: TinySize, corpus: list[str]):
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
-
     special = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
                "<end_of_image>", "<image_soft_token>"]
     tokenizer = build_chat_tokenizer(
@@ -179,14 +189,6 @@ def _gemma3(size: TinySize, corpus: list[str]):
 
 
 def _llava_onevision(size: TinySize, corpus: list[str]):
-    from transformers import (
-        LlavaOnevisionConfig,
-        LlavaOnevisionForConditionalGeneration,
-        LlavaOnevisionImageProcessor,
-        LlavaOnevisionProcessor,
-        LlavaOnevisionVideoProcessor,
-    )
-
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
     tokenizer = build_chat_tokenizer(
         corpus, special, ONEVISION_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>",

@@ -15,12 +15,16 @@ import logging
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from exgra_med.errors import UserError
+from exgra_med.model.liger import apply_liger
 from exgra_med.model.lora import merge_lora_state_dict
 from exgra_med.model.native.aligned import AlignedVLM, load_alignment_head, save_alignment_head, text_hidden_size
 from exgra_med.model.native.backend import QUANT_SKIP_MODULES
+from exgra_med.model.quantization import bnb_config, skip_at_any_depth
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +68,6 @@ def set_native_trainable(model: AlignedVLM, model_args, activation_checkpointing
     weights with `--bits 4|8`), unless frozen."""
     model.requires_grad_(False)
     if model_args.lora_enable:
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
         quantized = is_quantized(model.vlm)
         if quantized:  # as QLoRA (and the LLaVA path): the unquantised weights in float32, the head too
@@ -94,7 +97,6 @@ def build_native_model(path: str, model_args, training_args, dtype: torch.dtype 
     folder's own); a head saved in the folder (a previous stage-2 run) is loaded when the alignment is on and it fits.
     `--bits 4|8`: the language model loads quantised onto the training device (the rest unquantised);
     `--use_liger_kernel True`: Liger's kernels on the VLM."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     alignment = model_args.alignment_config(seed=training_args.seed)
     kernels = liger_kernels(training_args, alignment.enabled) if training_args.use_liger_kernel else None
@@ -104,13 +106,13 @@ def build_native_model(path: str, model_args, training_args, dtype: torch.dtype 
             raise UserError(f"--bits {model_args.bits} with --load_best_model_at_end: a native VLM's checkpoints hold "
                             "merged full-precision weights, which do not load back into its quantised layers; drop "
                             "--load_best_model_at_end and pick the checkpoint by its logged score")
-        from exgra_med.model.quantization import bnb_config, skip_at_any_depth
 
         config = bnb_config(model_args.bits, dtype or torch.float32, model_args.double_quant, model_args.quant_type)
         config.llm_int8_skip_modules = skip_at_any_depth(QLORA_SKIP_MODULES)
         # bitsandbytes quantises while placing the weights
         quantized = {"quantization_config": config, "device_map": {"": training_args.device}}
     if training_args.deepspeed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        # lazy: deepspeed is optional (the deepspeed extra)
         import deepspeed
 
         # As the LLaVA path: ZeRO-3 reads the world size from DeepSpeed's own communicator while loading.
@@ -123,7 +125,6 @@ def build_native_model(path: str, model_args, training_args, dtype: torch.dtype 
         load_alignment_head(model, path)
     set_native_trainable(model, model_args, training_args.activation_checkpointing)
     if kernels is not None:
-        from exgra_med.model.liger import apply_liger
 
         apply_liger(model, **kernels)
     return model, processor
