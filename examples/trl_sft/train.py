@@ -27,7 +27,7 @@ from exgra_med.align.config import AlignmentConfig, build_alignment_loss
 from exgra_med.constants import DEFAULT_IMAGE_TOKEN, GPT
 from exgra_med.data.dataset import alignment_text
 from exgra_med.data.records import RecordError, load_records, record_images, record_label
-from exgra_med.model.alignment_head import AlignmentHead, AlignmentTexts
+from exgra_med.model.alignment_head import AlignmentHead, AlignmentTexts, sample_image_features
 from exgra_med.model.native.aligned import save_alignment_head, text_hidden_size
 
 try:
@@ -85,19 +85,6 @@ class AlignmentTextCollator:
         return batch
 
 
-def sample_image_tokens(features, images_per_sample: list[int]) -> torch.Tensor:
-    """(B, 1, D): each sample's image features after the projector, mean over the tokens of all its images."""
-    per_image = list(features)  # a tuple of (N_i, D), or a (images, N, D) tensor
-    if min(images_per_sample) < 1 or sum(images_per_sample) != len(per_image):
-        raise ValueError(f"images per sample {images_per_sample}, but {len(per_image)} image feature sets from the "
-                         "model: the alignment needs the features of at least one image per sample")
-    nodes, start = [], 0
-    for n in images_per_sample:
-        nodes.append(torch.cat([f.reshape(-1, f.shape[-1]) for f in per_image[start:start + n]]).mean(0))
-        start += n
-    return torch.stack(nodes)[:, None]
-
-
 def build_objective(config: AlignmentConfig, hidden_size: int) -> nn.Module:
     """The alignment objective (its GNN) for D = `hidden_size`, initialised from `config.seed` alone."""
     with torch.random.fork_rng(devices=[]):
@@ -124,7 +111,7 @@ class AlignedSFTTrainer(SFTTrainer):
         # The model's own forward, not SFTTrainer's fused LM head (its output holds no image features): the LM loss
         # from the labels, and the image features after the projector / merger in `image_outputs`.
         out = model(**{k: v for k, v in inputs.items() if k not in HEAD_KEYS}, use_cache=False)
-        image = sample_image_tokens(out.image_outputs.pooler_output, images_per_sample)  # (B, 1, D)
+        image = sample_image_features(out.image_outputs.pooler_output, images_per_sample)  # (B, 1, D)
         align = self.alignment_head(image, texts, self.accelerator.unwrap_model(model))
         loss = out.loss + self.alignment_head.config.alpha * align.loss
         if model.training:

@@ -34,13 +34,13 @@ import torch
 from torch import nn
 
 from exgra_med.align.config import AlignmentConfig, build_alignment_loss
-from exgra_med.model.packing import block_causal_mask, pack_texts, packs_in_one_row
+from exgra_med.model.packing import block_causal_mask, decoder_positions, pack_texts, packs_in_one_row
 
 if TYPE_CHECKING:
     from exgra_med.align.loss import AlignmentOutput
     from exgra_med.model.packing import PackedTexts
 
-__all__ = ["AlignmentHead", "AlignmentTexts"]
+__all__ = ["AlignmentHead", "AlignmentTexts", "sample_image_features"]
 
 
 @dataclass
@@ -61,6 +61,22 @@ class AlignmentTexts:
             return None
         return cls(batch["response_ids"], batch["response_mask"], batch.get("extended_ids"),
                    batch.get("extended_mask"))
+
+
+def sample_image_features(features, images_per_sample: list[int]) -> torch.Tensor:
+    """(B, 1, D): each sample's image features after the projector, the mean over the tokens of all its images, from
+    a VLM's per-image features (`image_outputs.pooler_output` of transformers' VLMs: a tuple of (N_i, D), or an
+    (images, N, D) tensor) and the number of images of each sample, in order."""
+    per_image = list(features) if isinstance(features, (list, tuple)) else list(features.unbind(0))
+    counts = [int(c) for c in images_per_sample]
+    if not counts or min(counts) < 1 or sum(counts) != len(per_image):
+        raise ValueError(f"the alignment needs at least one image per sample: images per sample {counts}, "
+                         f"{len(per_image)} image feature sets from the model")
+    nodes, start = [], 0
+    for n in counts:
+        nodes.append(torch.cat([f.reshape(-1, f.shape[-1]) for f in per_image[start:start + n]]).mean(0))
+        start += n
+    return torch.stack(nodes)[:, None]
 
 
 def _pad_right(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
@@ -133,7 +149,8 @@ class AlignmentHead:
         text_config = self._text_config(language_model)
         one_row = packs_in_one_row(getattr(text_config, "_attn_implementation", None))
         packed = pack_texts(ids, mask, one_row, fill_value=text_config.pad_token_id or 0)
-        hidden = language_model.get_decoder()(input_ids=packed.ids, position_ids=packed.position_ids,
+        positions = decoder_positions(text_config, packed.position_ids)  # (4, R, C) under multimodal RoPE
+        hidden = language_model.get_decoder()(input_ids=packed.ids, position_ids=positions,
                                               use_cache=False).last_hidden_state
         return hidden, packed
 

@@ -206,6 +206,19 @@ def packed_rope_positions(rope_index, input_ids: torch.Tensor, position_ids: tor
     return torch.cat([position_ids[None], positions])  # (4, R, C)
 
 
+# Text decoders with multimodal RoPE (the Qwen2-VL family): they read packed samples from (4, R, C) positions whose
+# first row holds the restarting text positions; given (R, C) positions they would attend across the samples of a row.
+MROPE_TEXT_MODELS = ("qwen2_vl_text", "qwen2_5_vl_text")
+
+
+def decoder_positions(text_config, position_ids: torch.Tensor) -> torch.Tensor:
+    """Restarting (R, C) positions of text-only packed rows in the form `text_config`'s decoder reads them: (4, R, C)
+    under multimodal RoPE (text = temporal = height = width positions for text), else as they are."""
+    if getattr(text_config, "model_type", None) in MROPE_TEXT_MODELS:
+        return position_ids[None].expand(4, -1, -1)
+    return position_ids
+
+
 # Native VLM architectures (model_type) whose padding-free batches give the padded batches' LM and alignment losses
 # and weights (tests/vlm/test_vlm_padding_free.py); `exgra_med.model.native.aligned.AlignedVLM` feeds them packed rows.
 PACKED_NATIVE_VLMS = ("llava_onevision", "qwen2_5_vl")

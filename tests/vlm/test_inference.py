@@ -211,9 +211,14 @@ def test_quantised_serving_keeps_the_vision_side_unquantised(tiny_vlm, monkeypat
     monkeypatch.setattr(auto, "load_native", fake_load)
     with pytest.raises(RuntimeError, match="stop here"):
         InferenceEngine.from_path(str(tiny_vlm("qwen2_5_vl")), LoadOptions(bits=4, device="cuda"))
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
     config = seen["config"]
-    assert config.load_in_4bit and set(config.llm_int8_skip_modules) == {
-        "visual", "vision_tower", "multi_modal_projector", "merger", "lm_head"}
+    assert config.load_in_4bit
+    for kept in ("model.visual.blocks.0.attn.qkv", "model.visual.merger.mlp.0", "lm_head",
+                 "model.multi_modal_projector.linear_1", "model.vision_tower.vision_model.encoder.layers.0.mlp.fc1"):
+        assert not should_convert_module(kept, config.llm_int8_skip_modules), kept
+    assert should_convert_module("model.language_model.layers.0.mlp.up_proj", config.llm_int8_skip_modules)
 
 
 def test_a_hub_id_in_the_cache_is_served_and_evaluated(tiny_vlm, easy_vqa_dir, questions, tmp_path, monkeypatch):

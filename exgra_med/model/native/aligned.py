@@ -32,7 +32,7 @@ from transformers.utils import ModelOutput
 
 from exgra_med.align.config import AlignmentConfig, build_alignment_loss
 from exgra_med.io import atomic_file, read_json, write_json_atomic
-from exgra_med.model.alignment_head import AlignmentHead, AlignmentTexts
+from exgra_med.model.alignment_head import AlignmentHead, AlignmentTexts, sample_image_features
 from exgra_med.model.packing import is_packed, packed_rope_positions
 
 logger = logging.getLogger(__name__)
@@ -141,10 +141,7 @@ class AlignedVLM(nn.Module):
             image = self.image_nodes(getattr(out, "image_outputs", None), counts, num_samples)  # (B, D), row order
             image = image[torch.tensor(order, device=image.device).argsort()]  # (B, D), batch order
             texts = AlignmentTexts(response_ids, response_mask, extended_ids, extended_mask)
-            language_model = self.base_vlm
-            if packed and self.rope_index is not None:
-                language_model = _PackedTextPositions(language_model)
-            align = self.alignment_head(image[:, None, :], texts, language_model, packed=packed)
+            align = self.alignment_head(image[:, None, :], texts, self.base_vlm, packed=packed)
         loss = out.loss if align is None else out.loss + self.alignment_config.alpha * align.loss
         return AlignedVLMOutput(loss=loss, lm_loss=out.loss, align_loss=None if align is None else align.loss,
                                 align_parts=None if align is None else dict(align.parts), logits=out.logits)
@@ -171,46 +168,15 @@ class AlignedVLM(nn.Module):
         if image_outputs is None or getattr(image_outputs, "pooler_output", None) is None:
             raise ValueError(f"{type(self.base_vlm).__name__} returned no image features (image_outputs); the "
                              "alignment needs every sample of the batch to hold an image")
-        features = image_outputs.pooler_output
-        per_image = list(features) if isinstance(features, (list, tuple)) else list(features.unbind(0))
-        counts = [int(c) for c in (images_per_sample or [1] * batch_size)]
-        if len(counts) != batch_size or min(counts) < 1 or sum(counts) != len(per_image):
-            raise ValueError(f"the alignment needs at least one image per sample: images per sample {counts}, "
-                             f"{len(per_image)} image feature sets from the model")
-        nodes, start = [], 0
-        for n in counts:
-            tokens = torch.cat([f.reshape(-1, f.shape[-1]) for f in per_image[start:start + n]])  # (N, D)
-            nodes.append(tokens.mean(0))
-            start += n
-        return torch.stack(nodes)  # (B, D)
+        counts = images_per_sample or [1] * batch_size
+        if len(counts) != batch_size:
+            raise ValueError(f"images per sample {list(counts)} for a batch of {batch_size} samples")
+        return sample_image_features(image_outputs.pooler_output, counts)[:, 0]  # (B, D)
 
     @property
     def alignment_head(self) -> AlignmentHead | None:
         """The alignment head over this model's objective (`self.alignment`), None when the alignment is off."""
         return None if self.alignment is None else AlignmentHead(self.alignment, self.alignment_config)
-
-
-class _PackedTextPositions:
-    """A multimodal-RoPE VLM as the alignment head's packed text pass uses it: the decoder gets the texts' restarting
-    (R, C) positions in the 4-row packed form (the Qwen2-VL family builds the packed attention mask from its first
-    row; given 2-D positions it would attend across the texts of a row)."""
-
-    def __init__(self, vlm: nn.Module):
-        self.vlm = vlm
-        self.config = vlm.config
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.vlm.get_input_embeddings()
-
-    def get_decoder(self):
-        decoder = self.vlm.get_decoder()
-
-        def run(position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs):
-            if position_ids is not None and position_ids.dim() == 2 and attention_mask is None:
-                position_ids = position_ids[None].expand(4, -1, -1)  # (4, R, C): text = t = h = w positions
-            return decoder(position_ids=position_ids, attention_mask=attention_mask, **kwargs)
-
-        return run
 
 
 # --- the head's files --------------------------------------------------------------------------------------
