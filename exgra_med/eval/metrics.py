@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from exgra_med.errors import UserError
 from exgra_med.eval.glossary import normalize_word
 from exgra_med.io import read_json, read_jsonl, write_json_atomic
 
@@ -72,10 +73,40 @@ def bleu_scores(prediction: str, reference: str) -> tuple[float, float, float, f
         return tuple(float(sentence_bleu(refs, hyp, weights=w)) for w in _BLEU_WEIGHTS)  # type: ignore
 
 
+CANDIDATE_SHAPE = 'expected {"0": [answers]} or a list of answers (strings or numbers)'
+_JSON_NAMES = {dict: "object", list: "list", type(None): "null"}
+
+
+def _shape(value: Any) -> str:
+    """A short description of a JSON value's shape, for error messages."""
+    if isinstance(value, list):
+        kinds = sorted({_JSON_NAMES.get(type(v), type(v).__name__) for v in value})
+        return f"a list of {' and '.join(k + 's' for k in kinds)}" if kinds else "an empty list"
+    if isinstance(value, Mapping):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
+def candidate_answers(candidates: Any) -> list[Any]:
+    """The answers of a candidate file (`{"0": [...]}` or a plain list); a `ValueError` describes any other shape
+    (an object without "0", a list of objects or lists, an empty list) rather than scoring it as 0."""
+    answers = candidates
+    if isinstance(candidates, Mapping):
+        if "0" not in candidates:
+            keys = ", ".join(repr(k) for k in list(candidates)[:5])
+            raise ValueError(f"{CANDIDATE_SHAPE}, got an object without key '0' (keys: {keys or 'none'})")
+        answers = candidates["0"]
+        if not isinstance(answers, list):
+            raise ValueError(f"{CANDIDATE_SHAPE}, got an object whose '0' is a {type(answers).__name__}")
+    if (not isinstance(answers, list) or not answers
+            or not all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in answers)):
+        raise ValueError(f"{CANDIDATE_SHAPE}, got {_shape(answers)}")
+    return answers
+
+
 def normalize_candidates(candidates: Mapping[str, Sequence[Any]] | Sequence[Any]) -> list[str]:
     """The candidate list (`{"0": [...]}` or a plain list), numbers turned into text, normalised."""
-    answers = candidates["0"] if isinstance(candidates, Mapping) else candidates
-    return [normalize_word(str(a)) for a in answers]
+    return [normalize_word(str(a)) for a in candidate_answers(candidates)]
 
 
 def open_hit(prediction: str, reference: str, normalized_candidates: Sequence[str]) -> float:
@@ -220,8 +251,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     gt = read_json(args.gt)
     if not isinstance(gt, list):
         raise ValueError(f"{args.gt}: expected a list of records")
+    candidates = read_json(args.candidate)
     try:
-        scores = score_vqa(gt, load_predictions(args.pred), read_json(args.candidate))
+        candidate_answers(candidates)
+    except ValueError as e:
+        raise UserError(f"{args.candidate}: {e}") from e
+    try:
+        scores = score_vqa(gt, load_predictions(args.pred), candidates)
     except ValueError as e:
         raise ValueError(f"{args.pred} vs {args.gt}: {e}") from e
     print(f"num_open {int(scores['num_open'])} || num_close {int(scores['num_closed'])}")

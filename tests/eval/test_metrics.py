@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from exgra_med.cli import main as cli_main
 from exgra_med.eval.glossary import normalize_word
 from exgra_med.eval.metrics import (
     exact_match,
@@ -108,3 +109,22 @@ def test_score_command_names_missing_prediction(tmp_path):
     with pytest.raises(ValueError, match="17 ids without a prediction"):
         main(["--gt", str(FIXTURES / "test.json"), "--pred", str(pred),
               "--candidate", str(FIXTURES / "candidate.json")])
+
+
+@pytest.mark.parametrize("candidates, found", [
+    ({"1": ["yes"]}, "an object without key '0'"),  # was a KeyError traceback
+    ([{"id": 1}, {"id": 2}], "a list of objects"),  # a records file by mistake: was silently 0
+    ([["yes", "no"]], "a list of lists"),
+    ({"0": "yes"}, "'0' is a str"),
+    ([], "an empty list"),
+    ("yes", "a str"),
+])
+def test_score_refuses_a_candidate_file_of_the_wrong_shape_in_one_line(tmp_path, capsys, candidates, found):
+    path = tmp_path / "candidate.json"
+    path.write_text(json.dumps(candidates))
+    rc = cli_main(["score", "--gt", str(FIXTURES / "test.json"), "--pred", str(FIXTURES / "answers.jsonl"),
+                   "--candidate", str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"exgra-med score: error: {path}: ") and found in err[0]
+    assert 'expected {"0": [answers]} or a list of answers' in err[0]
