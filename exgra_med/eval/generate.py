@@ -216,9 +216,14 @@ def provenance(model: ModelOptions, decoding: DecodingOptions, strip_role_prefix
     return recorded
 
 
-def check_provenance(path: str | os.PathLike, rows: Sequence[dict], expected: dict) -> None:
+# What to do about an answers file of other settings: generate-vqa can replace it, grounding-audit cannot.
+RESTART_ADVICE = "Write to another --answers-file, or pass --restart to replace this one."
+
+
+def check_provenance(path: str | os.PathLike, rows: Sequence[dict], expected: dict,
+                     advice: str = RESTART_ADVICE) -> None:
     """Refuse to resume an answers file whose lines were produced otherwise than `expected` says (a `UserError`
-    naming the file and the settings that differ)."""
+    naming the file and the settings that differ, ending with the command's `advice`)."""
     for row in rows:
         found = (row.get("metadata") or {}).get("generation")
         if isinstance(found, dict) and "weights" not in found:  # a line from before the weights fingerprint
@@ -233,18 +238,18 @@ def check_provenance(path: str | os.PathLike, rows: Sequence[dict], expected: di
             if "weights" in keys:
                 why = f"the model's weights changed since they were written (retrained into the same folder?); {why}"
         raise UserError(
-            f"{path}: holds {len(rows)} answers that this run would not give ({why}); refusing to mix them. "
-            "Write to another --answers-file, or pass --restart to replace this one."
+            f"{path}: holds {len(rows)} answers that this run would not give ({why}); refusing to mix them. {advice}"
         )
 
 
 def pending_questions(
-    path: str | os.PathLike, questions: Sequence[dict], generation: dict
+    path: str | os.PathLike, questions: Sequence[dict], generation: dict, advice: str = RESTART_ADVICE
 ) -> tuple[list[dict], list[dict]]:
     """(the complete lines already in the answers file `path`, the `questions` it does not answer yet). Refuses
-    (`check_provenance`) a file written with other settings than `generation`; a torn last line is cut off."""
+    (`check_provenance`, with `advice`) a file written with other settings than `generation`; a torn last line is
+    cut off."""
     rows = read_answer_lines(path, repair=True)
-    check_provenance(path, rows, generation)
+    check_provenance(path, rows, generation, advice)
     done = {str(r["question_id"]) for r in rows}
     return rows, [r for r in questions if str(r["id"]) not in done]
 
@@ -283,20 +288,56 @@ def resolve_settings(options: ModelOptions) -> ModelOptions:
     return replace(options, conv_template=template, image_aspect_ratio=aspect)
 
 
+_JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+               bool: "a boolean", type(None): "null"}
+
+
 def load_questions(path: str | os.PathLike) -> list[dict]:
-    """A VQA question file (JSON list of records with unique `id`s); errors name the file and record."""
+    """A VQA question file (JSON list of records with unique `id`s, an `image` file name or none); errors name the
+    file and record."""
     records = read_json(path)
     if not isinstance(records, list):
         raise UserError(f"{path}: expected a JSON list of question records")
     seen: set[str] = set()
     for i, r in enumerate(records):
-        if not isinstance(r, dict) or "id" not in r:
+        if not isinstance(r, dict):
+            raise UserError(f"{path}: record #{i} is {_JSON_TYPES.get(type(r), type(r).__name__)}, not an object "
+                            "(a question record)")
+        if "id" not in r:
             raise ValueError(f"{path}: record #{i} has no 'id'")
+        image = r.get("image", "")
+        if image is None:
+            raise UserError(f"{path}: record #{i} (id {r['id']}): 'image' is null; give an image file name, or leave "
+                            "'image' out for a question without one")
+        if not isinstance(image, str):
+            kind = _JSON_TYPES.get(type(image), "a value")
+            raise UserError(f"{path}: record #{i} (id {r['id']}): 'image' is {kind}; give an image file name")
         if str(r["id"]) in seen:
             raise ValueError(f"{path}: record #{i} repeats id {r['id']!r}")
         seen.add(str(r["id"]))
         question_text(r)
     return records
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (refused when the flags are parsed, before any model loads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def check_answers_folder(path: str | os.PathLike) -> None:
+    """Refuse an answers file whose folder does not exist (a mistyped path would silently become new folders), before
+    the model loads. The one folder made for it is generate-vqa-multi's chunk folder (`<answers file>.chunks/`),
+    next to an answers file whose folder exists."""
+    folder = Path(path).parent
+    if folder.is_dir() or (folder.name.endswith(".chunks") and folder.parent.is_dir()):
+        return
+    raise UserError(f"--answers-file {path}: the folder {folder} does not exist; create it first")
 
 
 def add_answer_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 1024,
@@ -307,7 +348,7 @@ def add_answer_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 
     DecodingOptions.add_arguments(parser, max_new_tokens=max_new_tokens, temperature=temperature)
     group = parser.add_argument_group("answering", "the batched answer loop")
     group.add_argument("--image-folder", default=None, help="folder the records' image paths are relative to")
-    group.add_argument("--batch-size", type=int, default=16)
+    group.add_argument("--batch-size", type=positive_int, default=16, help="questions answered together")
     group.add_argument("--strip-role-prefix", action="store_true",
                        help='drop a leading "Assistant:" from answers (the reference keeps it; moves open EM/F1/'
                        "precision/BLEU, not open recall or closed accuracy)")
@@ -363,6 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = resolve_settings(options)
     generation = provenance(options, decoding, args.strip_role_prefix)
     check_answers_file(out, {"--question-file": args.question_file})
+    check_answers_folder(out)
     if args.restart and out.exists():
         read_answer_lines(out)  # only an answers file is replaced (NotAnswersFileError otherwise)
         logger.info("--restart: replacing %s", out)
@@ -370,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _, todo = pending_questions(out, questions, generation)
     logger.info("%s chunk %d/%d: %d questions, %d already answered, %d to go", args.question_file,
                 args.chunk_idx, args.num_chunks, len(questions), len(questions) - len(todo), len(todo))
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(exist_ok=True)  # generate-vqa-multi's chunk folder (check_answers_folder)
     if not todo:
         out.touch()
         return 0

@@ -23,12 +23,14 @@ from typing import Any
 from PIL import Image
 
 from exgra_med.data.images import load_image
+from exgra_med.errors import UserError
 from exgra_med.eval.baselines import format_comparison, majority_predictions, question_prior_predictions, summarize
 from exgra_med.eval.generate import (
     add_answer_arguments,
     answer_kwargs,
     answer_records,
     append_answers,
+    check_answers_folder,
     load_model,
     load_questions,
     pending_questions,
@@ -36,7 +38,7 @@ from exgra_med.eval.generate import (
     resolve_settings,
 )
 from exgra_med.eval.launch import check_answers_file
-from exgra_med.eval.metrics import score_vqa
+from exgra_med.eval.metrics import candidate_answers, score_vqa
 from exgra_med.io import read_json, write_json_atomic
 from exgra_med.model.backend import Backend
 from exgra_med.model.options import DecodingOptions, ModelOptions
@@ -136,6 +138,9 @@ def format_audit(result: Mapping[str, Any]) -> str:
         f"answers that differ from the real-image answers: {changed}",
     ])
 
+# grounding-audit has no --restart: an answers file of other settings is the user's to remove.
+AUDIT_ADVICE = "Write to another --answers-file, or delete this one to generate its answers again."
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The flags of `exgra-med grounding-audit`."""
@@ -161,21 +166,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     questions = load_questions(args.question_file)
     candidates = read_json(args.candidate)
+    try:  # its shape is checked before the model loads
+        candidate_answers(candidates)
+    except ValueError as e:
+        raise UserError(f"{args.candidate}: {e}") from e
     train = read_json(args.train) if args.train else None
     real = None
     if args.answers_file:
         check_answers_file(args.answers_file, {"--question-file": args.question_file, "--candidate": args.candidate,
                                                "--train": args.train})
+        check_answers_folder(args.answers_file)
         options = resolve_settings(options)
         # the settings generate-vqa records (the audit's own flags do not change an answer)
         generation = provenance(options, decoding, args.strip_role_prefix)
-        rows, todo = pending_questions(args.answers_file, questions, generation)  # refused here, before the model loads
+        # refused here, before the model loads
+        rows, todo = pending_questions(args.answers_file, questions, generation, advice=AUDIT_ADVICE)
         real = {str(r["question_id"]): r["text"] for r in rows}
         logger.info("%s: %d of the %d real-image answers to generate", args.answers_file, len(todo), len(questions))
     backend = load_model(options, decoding.seed)
     answering = answer_kwargs(args)
     if args.answers_file and todo:
-        Path(args.answers_file).parent.mkdir(parents=True, exist_ok=True)
         real.update(append_answers(args.answers_file, generation, backend, todo, model_id=Path(options.model).name,
                                    **answering))
     result = audit(backend, questions, candidates, train=train, seed=decoding.seed, real_answers=real, **answering)

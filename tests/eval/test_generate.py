@@ -290,3 +290,62 @@ def test_launcher_runs_chunks_as_processes_and_merges(tiny_model_dir, easy_vqa_d
     rows = [json.loads(line) for line in final.read_text().splitlines()]
     assert [r["question_id"] for r in rows] == [q["id"] for q in questions[:5]]
     assert [len(read_answer_lines(chunk_path(final, 2, i))) for i in range(2)] == [3, 2]
+
+
+def _refused_before_loading(monkeypatch, capsys, argv: list[str]) -> str:
+    """Run `argv` through the CLI with model loading forbidden; returns its one stderr line (exit code 2)."""
+    from exgra_med.cli import main as cli_main
+    from exgra_med.eval import generate
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the mistake was found")
+
+    monkeypatch.setattr(generate, "load_backend", no_loading)
+    rc = cli_main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize("records, expected", [
+    ([1, 2], "record #0 is a number, not an object (a question record)"),
+    (["What?"], "record #0 is a string, not an object (a question record)"),
+    ([{"id": 7, "image": None, "conversations": [{"from": "human", "value": "<image>\nWhat?"}]}],
+     "record #0 (id 7): 'image' is null; give an image file name, or leave 'image' out for a question without one"),
+    ([{"id": 7, "image": ["a.png"], "conversations": [{"from": "human", "value": "What?"}]}],
+     "record #0 (id 7): 'image' is a list; give an image file name"),
+])
+def test_question_records_of_the_wrong_shape_are_refused_in_one_line_before_the_model_loads(
+        tiny_model_dir, tmp_path, monkeypatch, capsys, records, expected):
+    questions = _question_file(tmp_path, records)
+    line = _refused_before_loading(monkeypatch, capsys, [
+        "generate-vqa", "--model", str(tiny_model_dir), "--question-file", str(questions),
+        "--answers-file", str(tmp_path / "a.jsonl")])
+    assert line == f"exgra-med generate-vqa: error: {questions}: {expected}"
+
+
+def test_an_answers_file_in_a_missing_folder_is_refused_before_the_model_loads(
+        tiny_model_dir, questions, tmp_path, monkeypatch, capsys):
+    answers = tmp_path / "no_such_dir" / "a.jsonl"
+    line = _refused_before_loading(monkeypatch, capsys, [
+        "generate-vqa", "--model", str(tiny_model_dir), "--question-file", str(_question_file(tmp_path, questions)),
+        "--answers-file", str(answers)])
+    assert line == (f"exgra-med generate-vqa: error: --answers-file {answers}: the folder {answers.parent} does not "
+                    "exist; create it first")
+    assert not answers.parent.exists()
+
+
+@pytest.mark.parametrize("command", ["generate-vqa", "grounding-audit"])
+def test_batch_size_is_checked_when_the_flags_are_parsed(tiny_model_dir, questions, tmp_path, monkeypatch, capsys,
+                                                         command):
+    from exgra_med.cli import main as cli_main
+    from exgra_med.eval import generate
+
+    monkeypatch.setattr(generate, "load_backend", lambda *a, **k: pytest.fail("the model was loaded"))
+    argv = [command, "--model", str(tiny_model_dir), "--question-file", str(_question_file(tmp_path, questions)),
+            "--batch-size", "0"]
+    argv += ["--answers-file", str(tmp_path / "a.jsonl")] if command == "generate-vqa" else ["--candidate", "c.json"]
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("argument --batch-size: must be an integer >= 1, got '0'")

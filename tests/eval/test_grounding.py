@@ -145,3 +145,25 @@ def test_eval_vqa_script_runs_the_audit(tiny_model_dir, easy_vqa_dir, questions,
     audit = json.loads((out / "test_answers_grounding.json").read_text())
     assert audit["questions"] == 6 and (out / "test_answers_scores.json").is_file()
     assert "0 of the 6 real-image answers to generate" in proc.stderr  # generate-vqa-multi's, reused
+
+
+@pytest.mark.parametrize("command, advice", [
+    ("generate-vqa", "Write to another --answers-file, or pass --restart to replace this one."),
+    ("grounding-audit", "Write to another --answers-file, or delete this one to generate its answers again."),
+])
+def test_an_answers_file_of_other_settings_is_refused_with_advice_that_fits_the_command(
+        tiny_model_dir, easy_vqa_dir, questions, tmp_path, monkeypatch, capsys, command, advice):
+    from exgra_med.cli import main as cli_main
+    from exgra_med.eval import generate
+
+    monkeypatch.setattr(generate, "load_backend", lambda *a, **k: pytest.fail("the model was loaded"))
+    qfile, answers = tmp_path / "q.json", tmp_path / "answers.jsonl"
+    qfile.write_text(json.dumps(questions[:2]))
+    answers.write_text(json.dumps({"question_id": questions[0]["id"], "text": "x",
+                                   "metadata": {"generation": {"model": "another"}}}) + "\n")
+    argv = [command, "--model", str(tiny_model_dir), "--question-file", str(qfile), "--answers-file", str(answers)]
+    argv += ["--candidate", str(easy_vqa_dir / "candidate.json")] if command == "grounding-audit" else []
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"exgra-med {command}: error: {answers}: holds 1 answers"), err
+    assert err[0].endswith(advice)
