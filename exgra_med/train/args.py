@@ -10,7 +10,7 @@ import transformers
 
 from exgra_med.align.config import AlignmentConfig, flag_name
 from exgra_med.conversation import TEMPLATES
-from exgra_med.data.images import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
+from exgra_med.data.images import ASPECT_RATIOS, DECODE_AUTO_MAX_IMAGES, DEFAULT_ASPECT_RATIO, IMAGE_CHECKS
 from exgra_med.model.config import DENSE_CONNECTOR_TYPES, SELECT_FEATURES, check_projector_type
 from exgra_med.model.quantization import QUANT_BITS, QUANT_TYPES
 
@@ -119,9 +119,17 @@ class DataArguments:
         default=None, metadata={"help": "folder the records' `image` paths are relative to"}
     )
     conv_template: str = field(default="llava_med", metadata={"help": "prompt template (llava_med = reference '###')"})
-    skip_image_check: bool = field(
+    image_check: str = field(
+        default="auto",
+        metadata={"help": "check every image before training: decode (every pixel: finds truncated files) | header "
+                          "(existence, format, canvas size) | none | auto (decode up to "
+                          f"{DECODE_AUTO_MAX_IMAGES} images, the header beyond)"},
+    )
+    skip_image_check: bool = field(default=False, metadata={"help": "the same as --image_check none"})
+    drop_bad_records: bool = field(
         default=False,
-        metadata={"help": "skip reading every image's header before training (data sets too large to scan)"},
+        metadata={"help": "drop the records whose images fail the check (each logged, all listed in "
+                          "OUTPUT_DIR/dropped_records.jsonl) instead of stopping"},
     )
     image_aspect_ratio: str = field(
         default=DEFAULT_ASPECT_RATIO,
@@ -144,6 +152,16 @@ class DataArguments:
             raise ValueError(f"--conv_template must be one of {sorted(TEMPLATES)}, got {self.conv_template!r}")
         if self.image_aspect_ratio not in ASPECT_RATIOS:
             raise ValueError(f"--image_aspect_ratio must be one of {ASPECT_RATIOS}, got {self.image_aspect_ratio!r}")
+        if self.image_check not in IMAGE_CHECKS:
+            raise ValueError(f"--image_check must be one of {IMAGE_CHECKS}, got {self.image_check!r}")
+        if self.skip_image_check:
+            if self.image_check not in ("auto", "none"):
+                raise ValueError(f"--skip_image_check True is --image_check none; drop one of them (got --image_check "
+                                 f"{self.image_check})")
+            self.image_check = "none"
+        if self.drop_bad_records and self.image_check == "none":
+            raise ValueError("--drop_bad_records True drops the records whose images fail the check; it needs "
+                             "--image_check auto, decode or header")
 
 
 @dataclass

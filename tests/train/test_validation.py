@@ -13,7 +13,9 @@ from exgra_med.data.images import ImageLoadError, ImageTooLargeError, check_reco
 from exgra_med.data.records import RecordError
 from exgra_med.errors import UserError
 from exgra_med.train import main as train_main
+from exgra_med.train.inputs import DROPPED_RECORDS_FILE, validate_inputs
 from exgra_med.train.llava import LlavaTraining
+from tests.data.test_image_check import write_truncated_png
 
 
 class ModelLoaded(Exception):
@@ -134,3 +136,68 @@ def test_image_header_checks(tmp_path, bomb_png):
     with pytest.raises(ImageLoadError, match="src.json: record 'c': field 'image'"):
         check_record_images(records, tmp_path, "src.json")
     assert check_record_images(records[:2], tmp_path, "src.json") == 1
+
+
+def test_a_truncated_png_fails_before_loading_or_its_record_is_dropped(
+        tiny_model_dir, easy_vqa_dir, tmp_path, no_model, caplog):
+    images, data, records = _data(easy_vqa_dir, tmp_path, n=5)
+    write_truncated_png(images / "cut.png")
+    records[2] = {**records[2], "image": "cut.png"}
+    data.write_text(json.dumps(records))
+    out = tmp_path / "run"
+    with pytest.raises(ImageLoadError, match=f"{data}: record {records[2]['id']!r}: field 'image': cannot decode "
+                                             r"image .*cut.png.*truncated"):
+        train_main.main(_argv(tiny_model_dir, data, images, out))
+    with pytest.raises(ModelLoaded):  # the header scan alone lets it through
+        train_main.main(_argv(tiny_model_dir, data, images, out, "--image_check", "header"))
+    with caplog.at_level("WARNING"), pytest.raises(ModelLoaded):  # dropped and named; the others go on
+        train_main.main(_argv(tiny_model_dir, data, images, out, "--drop_bad_records", "True"))
+    assert f"record {records[2]['id']!r}: field 'image': cannot decode image" in caplog.text
+    assert "dropped 1 of 5 records" in caplog.text
+
+    # The list of dropped records is written to the output folder.
+    model_args, data_args, _ = train_main.parse_args(
+        _argv(tiny_model_dir, data, images, out, "--drop_bad_records", "True"))
+    kept = validate_inputs(model_args, data_args, alignment=False, output_dir=out)
+    assert [r["id"] for r in kept] == [r["id"] for i, r in enumerate(records) if i != 2]
+    listed = [json.loads(line) for line in (out / DROPPED_RECORDS_FILE).read_text().splitlines()]
+    assert [(d["record"], d["field"], d["file"]) for d in listed] == [(records[2]["id"], "image", "cut.png")]
+    assert "truncated" in listed[0]["reason"] and listed[0]["data_path"] == str(data)
+
+    # Every record dropped: nothing to train on.
+    data.write_text(json.dumps([{**r, "image": "cut.png"} for r in records]))
+    with pytest.raises(UserError, match=r"--drop_bad_records: all 5 records .* dropped; nothing to train on"):
+        train_main.main(_argv(tiny_model_dir, data, images, out, "--drop_bad_records", "True"))
+
+
+def test_vision_tower_and_projector_are_checked_before_loading(
+        tiny_model_dir, easy_vqa_dir, tmp_path, no_model, offline_hub):
+    images, data, records = _data(easy_vqa_dir, tmp_path, n=3)
+    data.write_text(json.dumps(records))
+    out = tmp_path / "run"
+
+    def run(*flags: str) -> None:  # a repeated flag's last value wins
+        train_main.main(_argv(tiny_model_dir, data, images, out, *flags))
+
+    text_model = tmp_path / "text_tower"
+    text_model.mkdir()
+    shutil.copy(tiny_model_dir / "llm" / "config.json", text_model / "config.json")
+    with pytest.raises(UserError, match=r"--vision_tower .*text_tower: model_type 'llama' is not a vision tower"):
+        run("--vision_tower", str(text_model))
+    with pytest.raises(UserError, match="--vision_tower acme/no-such-tower: .*not in the Hugging Face cache"):
+        run("--vision_tower", "acme/no-such-tower")
+    with pytest.raises(UserError, match="--vision_tower hf-hub:acme/no-such-tower: .*not in the Hugging Face cache"):
+        run("--vision_tower", "hf-hub:acme/no-such-tower")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match=r"--vision_tower local-dir:.*empty: no open_clip_config.json"):
+        run("--vision_tower", f"local-dir:{empty}")
+    with pytest.raises(UserError, match="--pretrain_mm_mlp_adapter /nonexistent/stage1: no such file or folder"):
+        run("--pretrain_mm_mlp_adapter", "/nonexistent/stage1")
+    with pytest.raises(UserError, match=r"--pretrain_mm_mlp_adapter .*empty: holds no mm_projector.safetensors"):
+        run("--pretrain_mm_mlp_adapter", str(empty))
+    with pytest.raises(UserError, match="--pretrain_mm_mlp_adapter runs/stage1: .*not in the Hugging Face cache"):
+        run("--pretrain_mm_mlp_adapter", "runs/stage1")
+    for tower in ("acme/tiny-clip", "hf-hub:acme/tiny-biomedclip", str(tiny_model_dir / "vision")):
+        with pytest.raises(ModelLoaded):  # cached Hub towers and local folders go on to the model
+            run("--vision_tower", tower)
