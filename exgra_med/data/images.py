@@ -226,11 +226,15 @@ def find_bad_images(
         return None
 
     workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(run, items)
-        if progress:
-            results = tqdm(results, total=len(items), desc=f"checking images ({mode})", unit="img", mininterval=2.0)
-        return [bad for bad in results if bad is not None]
+    chunk = 256 * workers  # submitted a chunk at a time: memory stays bounded on millions of images
+    bad: list[BadImage] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
+            total=len(items), desc=f"checking images ({mode})", unit="img", mininterval=2.0,
+            disable=not progress) as bar:
+        for start in range(0, len(items), chunk):
+            bad += [b for b in pool.map(run, items[start:start + chunk]) if b is not None]
+            bar.update(min(chunk, len(items) - start))
+    return bad
 
 
 def check_record_images(

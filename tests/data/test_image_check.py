@@ -44,3 +44,10 @@ def test_image_check_flag_and_its_alias():
         DataArguments(data_path="d.json", image_check="full")
     with pytest.raises(ValueError, match="--skip_image_check True is --image_check none"):
         DataArguments(data_path="d.json", skip_image_check=True, image_check="decode")
+
+
+def test_every_bad_image_is_found_in_record_order_across_chunks(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    records = [{"id": i, "image": "gone.png" if i in (0, 255, 256, 599) else "ok.png"} for i in range(600)]
+    bad = find_bad_images(records, tmp_path, mode="header", workers=1)  # chunks of 256 images
+    assert [b.record_id for b in bad] == [0, 255, 256, 599]
