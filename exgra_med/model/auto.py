@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 from transformers import ProcessorMixin
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+from transformers.utils import is_flash_attn_2_available
 
 from exgra_med.conversation import get_template
 from exgra_med.data.images import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
 from exgra_med.errors import UserError
 from exgra_med.io import read_json
 from exgra_med.model.backend import Backend
-from exgra_med.model.checkpoint import load_model, resolve_dtype
+from exgra_med.model.checkpoint import check_weights, load_model, resolve_dtype
 from exgra_med.model.config import ExGraMedConfig
 from exgra_med.model.hub import resolve_path
 from exgra_med.model.llava_backend import LlavaBackend
@@ -128,13 +129,44 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str) -> None:
+    """Refuse (`UserError`, naming --device) a CUDA device that torch cannot see, before any weights load."""
+    try:
+        where = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"--device {device!r}: not a device (auto, cpu, cuda, cuda:N)") from e
+    if where.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU is visible to torch; use --device cpu (or auto)")
+    if where.index is not None and where.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+
+
+def flash_attention_available() -> bool:
+    """Whether transformers can run flash_attention_2 here (the flash-attn package and a CUDA GPU)."""
+    return is_flash_attn_2_available()
+
+
+def check_attn_implementation(name: str) -> None:
+    """Refuse (`UserError`, naming --attn-implementation) flash_attention_2 where it cannot run, before loading."""
+    if name == "flash_attention_2" and not flash_attention_available():
+        raise UserError("--attn-implementation flash_attention_2 needs the flash-attn package "
+                        "(pip install 'exgra-med[flash]') and a CUDA GPU; use sdpa")
+
+
 def load_backend(path: str, options: LoadOptions | None = None, default_template: str = "llava_med") -> Backend:
     """The back end of the model in `path` (a folder or a Hub id), loaded as `options` say, in eval mode.
-    `default_template` is the prompt template of a LLaVA-style checkpoint that records none."""
+    `default_template` is the prompt template of a LLaVA-style checkpoint that records none. A device, attention
+    kernel or weights folder that cannot work is refused in one line before any weights load."""
     options = options or LoadOptions()
+    if options.device is not None:
+        check_device(options.device)
+    check_attn_implementation(options.attn_implementation)
     device = options.device or default_device()
     dtype = resolve_dtype(options.dtype, device)
     folder = resolve_model_path(path)
+    check_weights(folder)
     config = _config(folder)
     recorded = _recorded(config)
     aspect = choose_setting("image_aspect_ratio", options.image_aspect_ratio, recorded, DEFAULT_ASPECT_RATIO, path)

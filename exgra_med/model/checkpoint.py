@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from exgra_med.errors import UserError
 from exgra_med.io import atomic_file, read_json
 from exgra_med.model.config import ExGraMedConfig
 from exgra_med.model.hub import resolve_path
@@ -55,6 +56,26 @@ def weight_files(folder: str | Path, keep: Callable[[str], bool] | None = None) 
     if not files:
         raise FileNotFoundError(f"{folder}: no weights ({', '.join(WEIGHT_FILES)} or a sharded index)")
     return files[:1]
+
+
+def check_weights(folder: str | Path) -> list[Path]:
+    """The weight files of a model folder (`weight_files`), checked before anything loads them: every shard its index
+    names exists, and every safetensors file is complete (its header read, a file cut short by an interrupted download
+    or copy refused). Raises `FileNotFoundError` / `UserError` naming the file."""
+    files = weight_files(folder)
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: weight files named by its index are missing: {', '.join(missing[:5])}")
+    for file in files:
+        if file.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except SafetensorError as e:
+            raise UserError(f"{file}: not a complete safetensors file ({e}); an interrupted download or copy? "
+                            "Fetch it again") from e
+    return files
 
 
 def weights_fingerprint(folder: str | Path, samples: int = 16, chunk: int = 1 << 16) -> str | None:
@@ -214,6 +235,7 @@ def load_model(
     path = resolve_path(path, "model", require=("config.json",))
     if not Path(path).is_dir():
         raise FileNotFoundError(f"{path}: model folder not found")
+    check_weights(path)
     if quantization_config is not None and device is None:
         raise ValueError("quantised loading needs a device (bitsandbytes places the weights while loading)")
     dtype = resolve_dtype(dtype, device)
