@@ -99,7 +99,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     family.check_flags(model_args, training_args)
     check_environment(model_args, training_args)
     alignment = model_args.alignment_config(seed=training_args.seed).enabled
-    records = validate_inputs(model_args, data_args, alignment, multi_image=family.multi_image)
+    records = validate_inputs(model_args, data_args, alignment, multi_image=family.multi_image,
+                              output_dir=training_args.output_dir)  # --drop_bad_records lists what it dropped there
     # Fine-tuning: VQA answers generated on val at each evaluation (eval_val_*), on test at the end (eval_test_*).
     val_split, test_split = vqa_splits(data_args, data_args.image_folder)
     check_eval_schedule(training_args, val_split)
