@@ -138,3 +138,11 @@ def test_a_real_bug_keeps_its_traceback(monkeypatch, capsys):
 
     assert run_command(checks, [], "exgra-med x") == 2
     assert capsys.readouterr().err == "exgra-med x: error: --thing must be positive\n"
+
+
+def test_chat_errors_carry_the_error_prefix(tiny_model_dir, tmp_path, capsys):
+    for argv in (["chat", "--model", str(tmp_path / "no_model")],
+                 ["chat", "--model", str(tiny_model_dir), "--device", "cpu", "--image", str(tmp_path / "no.png")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1].startswith("exgra-med chat: error: ") and "Traceback" not in err, err

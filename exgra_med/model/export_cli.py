@@ -19,6 +19,7 @@ from transformers import LlavaImageProcessor, LlavaProcessor
 from exgra_med.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN, HUMAN
 from exgra_med.conversation import ConversationTemplate, get_template
 from exgra_med.data.images import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
+from exgra_med.errors import one_line
 from exgra_med.model.auto import choose_setting, recorded_settings
 from exgra_med.model.checkpoint import check_output_dir, load_model, staged_output_dir
 from exgra_med.model.export import check_exportable, to_hf_llava
@@ -148,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         export_hf(options.model, args.out, options.torch_dtype, options.vision_tower, aspect, template)
     except ValueError as e:
-        print(f"exgra-med export-hf: {e}", file=sys.stderr)
+        print(f"exgra-med export-hf: error: {one_line(e)}", file=sys.stderr)
         return 2
     print(f"exported {args.src} -> {args.out} (load with transformers.LlavaForConditionalGeneration)")
     return 0

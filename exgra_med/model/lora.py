@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from exgra_med.errors import one_line
 from exgra_med.io import read_json
 from exgra_med.model.checkpoint import check_output_dir, read_weights, staged_output_dir, write_json, write_weights
 from exgra_med.model.quantization import dequantize_bnb_state
@@ -162,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         out = merge_lora_checkpoint(args.src, args.out, args.lora_alpha, args.rslora, args.image_processor)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"exgra-med merge-lora: {e}", file=sys.stderr)
+        print(f"exgra-med merge-lora: error: {one_line(e)}", file=sys.stderr)
         return 2
     print(f"merged LoRA checkpoint written to {out}")
     return 0

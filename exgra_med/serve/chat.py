@@ -18,15 +18,18 @@ from PIL import Image
 from exgra_med.constants import RESEARCH_USE_NOTICE
 from exgra_med.conversation import GPT, HUMAN
 from exgra_med.data.images import ImageLoadError, load_image
+from exgra_med.errors import one_line
 from exgra_med.model.options import DecodingOptions, ModelOptions
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine, Message
-from exgra_med.serve.loading import load_engine_or_exit_code
+from exgra_med.serve.loading import LOAD_ERROR_EXIT_CODE, load_engine
 from exgra_med.serve.options import SERVE_MAX_NEW_TOKENS
 
 logger = logging.getLogger(__name__)
 
 USER_PROMPT = "USER: "
 ASSISTANT_PREFIX = "ASSISTANT: "
+
+PROG = "exgra-med chat"
 
 
 class ChatSession:
@@ -88,7 +91,7 @@ class ChatSession:
 def build_parser() -> argparse.ArgumentParser:
     """The flags of `exgra-med chat`."""
     p = argparse.ArgumentParser(
-        prog="exgra-med chat", description=__doc__.splitlines()[0],
+        prog=PROG, description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     ModelOptions.add_arguments(p)
@@ -101,10 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: load the model, then read questions from the terminal until /exit or end of input."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    loaded = load_engine_or_exit_code(args, "exgra-med chat")
-    if isinstance(loaded, int):
-        return loaded
-    engine, settings = loaded
+    try:
+        engine, settings = load_engine(args)
+    except (ValueError, FileNotFoundError) as e:  # a bad folder or flag, quantisation unavailable (UserErrors)
+        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
+        return LOAD_ERROR_EXIT_CODE
     try:
         return _converse(ChatSession(engine, settings), args.image)
     finally:
@@ -119,7 +123,7 @@ def _converse(session: ChatSession, image: str | None) -> int:
         try:
             session.set_image(image)
         except ImageLoadError as e:
-            print(f"exgra-med chat: {e}", file=sys.stderr)
+            print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
             return 2
         print(f"(image loaded: {image})")
     print("Type a question; /image PATH, /clear, /exit.")

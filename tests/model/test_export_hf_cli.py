@@ -59,6 +59,8 @@ def test_unexportable_connector_fails_clearly(tmp_path, capsys):
     out = tmp_path / "hf"
     assert cli_main(["export-hf", "--in", str(src), "--out", str(out)]) == 2
     message = capsys.readouterr().err
+    # one line after the loader's progress bars
+    assert message.strip().splitlines()[-1].startswith("exgra-med export-hf: error: cannot express"), message
     assert "cannot express this model in transformers' LLaVA format" in message
     assert "mm_dense_connector_type='dci'" in message
     assert not out.exists()

@@ -79,4 +79,6 @@ def test_merge_formula_and_errors(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(ValueError, match="has lora_A but not its pair"):
         merge_lora_state_dict(state, lora_alpha=6)
     assert cli_main(["merge-lora", "--in", str(tiny_model_dir), "--out", str(tmp_path / "x")]) == 2
-    assert "no LoRA weights" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("exgra-med merge-lora: error: ") and "Traceback" not in err, err
+    assert "no LoRA weights" in err
