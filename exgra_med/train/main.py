@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import transformers
@@ -27,7 +28,13 @@ from exgra_med.train.families import TrainingFamily, train_dtype
 from exgra_med.train.inputs import check_output_dir, resume_arg, validate_inputs
 from exgra_med.train.llava import LlavaTraining
 from exgra_med.train.native import NativeTraining
-from exgra_med.train.recipes import RECIPE_SUFFIXES, RecipeError, parse_with_recipe, write_resolved_recipe
+from exgra_med.train.recipes import (
+    RECIPE_SUFFIXES,
+    RESOLVED_RECIPE,
+    RecipeError,
+    parse_with_recipe,
+    write_resolved_recipe,
+)
 from exgra_med.train.trainer import ExGraMedTrainer
 from exgra_med.train.vqa_eval import VQAGenerationSettings, check_eval_schedule, finish_with_test, vqa_splits
 
@@ -49,6 +56,9 @@ def parse_args_and_recipe(argv: Sequence[str] | None) -> tuple[tuple, dict]:
     except RecipeError:  # a bad recipe file or an unknown flag: one line through the CLI's error handler
         raise
     except ValueError as e:  # a dataclass's __post_init__ (ours or TrainingArguments') refused a value
+        if "bf16/gpu" in str(e):  # transformers advises use_cpu; the fix on a CPU is --bf16 False
+            raise UserError("--bf16 True (bf16 mixed precision) needs a GPU that supports bf16, and none is visible; "
+                            "pass --bf16 False to train on the CPU") from e
         parser.error(" ".join(str(e).split()))
 
 
@@ -156,10 +166,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(argv) if argv is not None else sys.argv[1:]
     (model_args, data_args, training_args), resolved = parse_args_and_recipe(argv)
     check_output_dir(model_args, training_args)  # before the resolved recipe is written into it
-    if int(os.environ.get("RANK", "0")) == 0:  # one writer under torchrun
+    out = Path(training_args.output_dir)
+    made_out, recipe, earlier = not out.exists(), out / RESOLVED_RECIPE, None
+    writer = int(os.environ.get("RANK", "0")) == 0  # one writer under torchrun
+    if writer:
+        earlier = recipe.read_text(encoding="utf-8") if recipe.is_file() else None
         source = argv[0] if argv and argv[0].endswith(RECIPE_SUFFIXES) else None
         write_resolved_recipe(resolved, training_args.output_dir, source)
-    train(model_args, data_args, training_args)
+    try:
+        train(model_args, data_args, training_args)
+    except BaseException:
+        # A run that failed before writing anything else (a refused flag or record, a model that did not load)
+        # leaves the folder as it found it; a run that wrote checkpoints keeps the recipe that made them.
+        if writer and out.is_dir() and [p.name for p in out.iterdir()] == [RESOLVED_RECIPE]:
+            if earlier is not None:
+                recipe.write_text(earlier, encoding="utf-8")
+            else:
+                recipe.unlink()
+                if made_out:
+                    out.rmdir()
+        raise
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         _shutdown_distributed()
     return 0

@@ -8,6 +8,7 @@ other flag given) is written to `OUTPUT_DIR/train_recipe.yaml`, so that every ru
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import enum
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from typing import Any
 
 import yaml
 from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
 
 from exgra_med.errors import UserError
 from exgra_med.io import atomic_file
@@ -39,14 +41,37 @@ def read_recipe(path: str | Path, known: set[str]) -> dict[str, Any]:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: invalid YAML: {e}") from e
-    if values is None:
-        values = {}
+    if values is None or values == {}:
+        raise RecipeError(f"{path}: the recipe is empty; a recipe is a mapping of trainer flags (see "
+                          "`exgra-med train --help`)")
     if not isinstance(values, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of trainer flags, found a {type(values).__name__}")
     unknown = sorted(str(k) for k in values if k not in known)
     if unknown:
         raise RecipeError(f"{path}: unknown trainer flag(s) {unknown} (see `exgra-med train --help`)")
     return values
+
+
+_SCALAR_TYPES = {int: "an integer", float: "a number", string_to_bool: "true or false"}
+
+
+def check_recipe_value(path: str | Path, name: str, value: Any, action: argparse.Action) -> None:
+    """Refuse (RecipeError naming the file and key) a recipe value that the flag's own type or choices would refuse
+    on the command line: a list for a one-number flag, 'abc' for a float, 1.5 for an integer, an unknown choice."""
+    expected = _SCALAR_TYPES.get(action.type)
+    if action.choices:
+        expected = "one of " + ", ".join(str(c) for c in action.choices)
+    if expected is None or value is None or action.nargs not in (None, "?"):
+        return  # strings, lists and structured flags (report_to, fsdp_config, ...) are left to the dataclasses
+    if isinstance(value, (list, dict)):
+        raise RecipeError(f"{path}: {name}: expected one value, got a {type(value).__name__} ({expected})")
+    try:
+        converted = action.type(value if isinstance(value, str) else str(value)) if action.type else value
+        valid = not action.choices or converted in action.choices
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        valid = False
+    if not valid:
+        raise RecipeError(f"{path}: {name}: invalid value {value!r} (expected {expected})")
 
 
 def _plain(value: Any) -> Any:
@@ -71,8 +96,10 @@ def parse_with_recipe(
     recipe: dict[str, Any] = {}
     dests = {a.dest: a for a in parser._actions if a.dest != "help"}
     if argv and argv[0].endswith(RECIPE_SUFFIXES):
-        recipe = read_recipe(argv.pop(0), set(dests))
+        path = argv.pop(0)
+        recipe = read_recipe(path, set(dests))
         for name, value in recipe.items():
+            check_recipe_value(path, name, value, dests[name])
             # A recipe value is the flag's new default (a string is converted as on the command line), and a
             # flag the recipe sets is no longer required on the command line.
             dests[name].default = value

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from exgra_med.train.main import main, parse_args
@@ -111,3 +112,51 @@ def test_a_tiny_recipe_trains_and_its_resolved_copy_reruns_to_the_same_arguments
     for name in ("learning_rate", "max_steps", "per_device_train_batch_size", "lr_scheduler_type", "warmup_steps",
                  "bf16", "output_dir", "seed", "save_strategy"):
         assert getattr(again[2], name) == getattr(first[2], name), name
+
+
+def _one_line(capsys, argv: list[str]) -> str:
+    from exgra_med.cli import main as cli_main
+
+    rc = cli_main(["train", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_bf16_recipe_on_a_cpu_says_in_one_line_to_pass_bf16_false(tmp_path, capsys):
+    line = _one_line(capsys, [str(RECIPES / "stage1.yaml"), "--output_dir", str(tmp_path / "out")])
+    assert line == ("exgra-med train: error: --bf16 True (bf16 mixed precision) needs a GPU that supports bf16, "
+                    "and none is visible; pass --bf16 False to train on the CPU")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("", "the recipe is empty; a recipe is a mapping of trainer flags"),
+    ("# only a comment\n", "the recipe is empty; a recipe is a mapping of trainer flags"),
+    ("num_train_epochs: [1, 2]\n", "num_train_epochs: expected one value, got a list"),
+    ("learning_rate: abc\n", "learning_rate: invalid value 'abc'"),
+    ("per_device_train_batch_size: 1.5\n", "per_device_train_batch_size: invalid value 1.5"),
+    ("bf16: maybe\n", "bf16: invalid value 'maybe'"),
+    ("lr_scheduler_type: sideways\n", "lr_scheduler_type: invalid value 'sideways'"),
+])
+def test_recipe_type_errors_and_empty_recipes_end_in_one_line(tmp_path, capsys, text, expected):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    line = _one_line(capsys, [str(recipe), "--output_dir", str(tmp_path / "out")])
+    assert line.startswith(f"exgra-med train: error: {recipe}: {expected}"), line
+
+
+def test_a_failed_validation_leaves_no_recipe_behind(tiny_model_dir, easy_vqa_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    line = _one_line(capsys, [str(RECIPES / "stage1.yaml"), *CPU, "--model_name_or_path", str(tiny_model_dir / "llm"),
+                              "--vision_tower", str(tiny_model_dir / "vision"),
+                              "--data_path", str(tmp_path / "missing.json"),
+                              "--image_folder", str(easy_vqa_dir / "images"), "--output_dir", str(out)])
+    assert "missing.json" in line
+    assert not out.exists()  # neither train_recipe.yaml nor the folder made for it
+    out.mkdir()
+    (out / RESOLVED_RECIPE).write_text("# an earlier run's recipe\n")
+    _one_line(capsys, [str(RECIPES / "stage1.yaml"), *CPU, "--model_name_or_path", str(tiny_model_dir / "llm"),
+                       "--data_path", str(tmp_path / "missing.json"), "--output_dir", str(out)])
+    assert (out / RESOLVED_RECIPE).read_text() == "# an earlier run's recipe\n"  # put back as it was
