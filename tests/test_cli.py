@@ -146,3 +146,10 @@ def test_chat_errors_carry_the_error_prefix(tiny_model_dir, tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.strip().splitlines()[-1].startswith("exgra-med chat: error: ") and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("command", ["web", "serve-api"])
+def test_server_load_errors_carry_the_error_prefix(command, tmp_path, capsys):
+    assert main([command, "--model", str(tmp_path / "no_model")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(f"exgra-med {command}: error: ") and "Traceback" not in err, err

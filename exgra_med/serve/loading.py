@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from exgra_med.errors import one_line
 from exgra_med.model.options import DecodingOptions, ModelOptions
 from exgra_med.model.quantization import QuantizationUnavailableError
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine
@@ -47,10 +48,10 @@ def load_engine(args: argparse.Namespace) -> tuple[InferenceEngine, GenerationSe
 def load_engine_or_exit_code(
     args: argparse.Namespace, prog: str
 ) -> tuple[InferenceEngine, GenerationSettings] | int:
-    """`load_engine`; on a user error (bad folder or flags, quantisation unavailable) prints `prog: message` as one
-    line to stderr and returns LOAD_ERROR_EXIT_CODE."""
+    """`load_engine`; on a user error (bad folder or flags, quantisation unavailable) prints `prog: error: message` as
+    one line to stderr, as every command does, and returns LOAD_ERROR_EXIT_CODE."""
     try:
         return load_engine(args)
     except (QuantizationUnavailableError, ValueError, FileNotFoundError) as e:
-        print(f"{prog}: {e}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return LOAD_ERROR_EXIT_CODE
