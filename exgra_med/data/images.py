@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
@@ -116,13 +117,21 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as e:  # not an OSError: a small file that declares a huge canvas
-        raise ImageTooLargeError(f"image too large to decode {path}: {e}") from e
+        raise _too_large(path, e, image_pixel_limit()) from e
     except (UnidentifiedImageError, OSError, ValueError, AttributeError, KeyError) as e:
         raise ImageLoadError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
     except Exception as e:  # pydicom raises its own exception types for broken files
         if type(e).__module__.startswith("pydicom"):
             raise ImageLoadError(f"cannot decode DICOM {path}: {type(e).__name__}: {e}") from e
         raise
+
+
+def _too_large(path: Path, error: Exception, limit: int) -> ImageTooLargeError:
+    """The error of a canvas PIL refused to open, stated against the limit in force (PIL's own message quotes its
+    internal limit, not the one the command was given)."""
+    declared = re.search(r"\((\d+) pixels\)", str(error))
+    size = f"{int(declared[1])} pixels" if declared else "a larger canvas"
+    return ImageTooLargeError(f"image too large: {path} declares {size} > {limit}")
 
 
 def image_pixel_limit() -> int:
@@ -151,7 +160,7 @@ def image_header(path: str | os.PathLike, max_pixels: int | None = None) -> tupl
             with Image.open(path) as img:
                 width, height, kind = img.width, img.height, str(img.format)
     except Image.DecompressionBombError as e:
-        raise ImageTooLargeError(f"image too large to decode {path}: {e}") from e
+        raise _too_large(path, e, min(image_pixel_limit(), max_pixels or image_pixel_limit())) from e
     except (UnidentifiedImageError, OSError, ValueError, AttributeError, KeyError, TypeError) as e:
         raise ImageLoadError(f"cannot read image header {path}: {type(e).__name__}: {e}") from e
     except Exception as e:  # pydicom's own exception types
