@@ -86,7 +86,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in {"-V", "--version"}:
-
         print(__version__)
         return 0
     name, rest = argv[0], argv[1:]

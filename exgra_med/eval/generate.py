@@ -132,7 +132,6 @@ def answer_in_batches(
     answers: dict[str, str] = {}
     bar = None
     if progress:
-
         bar = tqdm(total=len(order), desc="answers", unit="q")
     try:
         for start in range(0, len(order), batch_size):

@@ -177,7 +177,6 @@ def run_jobs(
     log first. Jobs that failed in an earlier run are retried when `retry_failed`. Returns the final
     entries of all finished jobs; jobs left unfinished (a fatal error, Ctrl-C) are absent.
     """
-
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     log = ProgressLog(progress_path)

@@ -111,7 +111,6 @@ def read_weights(path: str | Path, keep: Callable[[str], bool] | None = None) ->
     state: dict[str, torch.Tensor] = {}
     for file in files:
         if file.suffix == ".safetensors":
-
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
                     if keep is None or keep(key):
@@ -127,7 +126,6 @@ def read_weights(path: str | Path, keep: Callable[[str], bool] | None = None) ->
 # --- writing -----------------------------------------------------------------------------------------------
 def write_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> Path:
     """Write `state` as one safetensors file, atomically (tensors moved to the CPU and made contiguous)."""
-
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
@@ -146,7 +144,6 @@ def write_weights(
 ) -> list[Path]:
     """Write a model's weights into `folder` as transformers does: model.safetensors, or shards plus
     model.safetensors.index.json. Each file is atomic; use `staged_output_dir` for the folder as a whole."""
-
     folder = Path(folder)
     split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
     written = [write_safetensors({k: state[k] for k in keys}, folder / filename)

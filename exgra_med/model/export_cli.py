@@ -71,7 +71,6 @@ def llava_image_processor(processor, image_aspect_ratio: str = DEFAULT_ASPECT_RA
     """A `LlavaImageProcessor` with `processor`'s settings that preprocesses as `exgra_med.data.images`: "square"
     (the reference) is the processor's own resize + centre crop; "pad" sets `do_pad`, a square of the mean colour
     first (exgra_med.data.images.expand2square)."""
-
     keys = ("size", "crop_size", "image_mean", "image_std", "resample", "do_resize", "do_center_crop",
             "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb")
     settings = {k: getattr(processor, k) for k in keys if getattr(processor, k, None) is not None}
@@ -92,7 +91,6 @@ def export_hf(
 
     Raises ValueError (before writing anything) when the connector has no LLaVA counterpart.
     """
-
 
     check_output_dir(out_dir)
     model, tokenizer, processor = load_model(src, vision_tower=vision_tower, dtype=dtype)

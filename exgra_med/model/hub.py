@@ -67,7 +67,6 @@ def ignore_patterns(repo_files: Sequence[str] | None) -> list[str]:
 def _repo_files(repo_id: str, revision: str | None) -> list[str] | None:
     """The file list of a Hub repository, or None offline or when the Hub cannot say (snapshot_download then
     reports the reason)."""
-
     if constants.HF_HUB_OFFLINE:
         return None
     try:

@@ -42,7 +42,6 @@ def supported_model_types() -> list[str]:
 def llm_model_type(model_path: str | Path) -> str | None:
     """The `model_type` of the LLM in a model folder (a plain LLM, an ExGra-Med checkpoint or a reference-layout
     LLaVA-Med folder), read from its config.json; None when the folder has none."""
-
     config_file = Path(model_path) / "config.json"
     if not config_file.is_file():
         return None

@@ -46,7 +46,6 @@ def merge_lora_state_dict(
     unpaired adapters, several adapters, or LoRA on modules other than linear weights. Base weights of a QLoRA run
     (bitsandbytes 4-/8-bit) are dequantised to float32 first, so the merged weights are full precision.
     """
-
     state, _ = dequantize_bnb_state(state)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     adapters: set[str] = set()
@@ -140,7 +139,6 @@ def merge_lora_checkpoint(
                 if (proc_dir / name).is_file():
                     shutil.copy2(proc_dir / name, tmp / name)
         else:
-
             load_image_processor(str(proc_dir)).save_pretrained(tmp)
     logger.info("merged %d LoRA modules of %s (alpha %s) -> %s", n, src, lora_alpha, out_dir)
     return Path(out_dir)

@@ -24,7 +24,6 @@ _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revi
 def image_token_count(config) -> int:
     """Tokens one image takes in the LLM input for an `ExGraMedConfig` (its vision tower built on the meta device,
     so nothing is allocated)."""
-
     with torch.device("meta"):
         tower = VisionTower(config.vision_config, config.vision_tower_type)
     return num_image_tokens(
@@ -58,7 +57,6 @@ class ExGraMedProcessor(ProcessorMixin):
         """As `ProcessorMixin.from_pretrained`; the image-token count and `<im_start>`/`<im_end>` use come from the
         checkpoint's config.json unless given."""
         if "num_image_tokens" not in kwargs or "mm_use_im_start_end" not in kwargs:
-
             hub = {k: kwargs[k] for k in _HUB_KWARGS if kwargs.get(k) is not None}
             config = ExGraMedConfig.from_pretrained(pretrained_model_name_or_path, **hub)
             kwargs.setdefault("num_image_tokens", image_token_count(config))
@@ -67,14 +65,12 @@ class ExGraMedProcessor(ProcessorMixin):
 
     def expand_image_tokens(self, text: str) -> str:
         """`text` with each `<image>` replaced by the model's image tokens."""
-
         return text.replace(DEFAULT_IMAGE_TOKEN, image_placeholder(self.num_image_tokens, self.mm_use_im_start_end))
 
     def __call__(self, images=None, text: str | Sequence[str] | None = None, return_tensors: str = "pt",
                  **kwargs) -> BatchFeature:
         """Tokenize `text` (a prompt or a batch, padded) with `<image>` expanded; preprocess `images` (one per
         `<image>`, in order) into `pixel_values` (B, 3, H, W)."""
-
         if text is None:
             raise ValueError("ExGraMedProcessor needs text (a prompt with <image> where the image goes)")
         texts = [text] if isinstance(text, str) else list(text)

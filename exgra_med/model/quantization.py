@@ -34,7 +34,6 @@ class QuantizationUnavailableError(UserError):
 def bnb_config(bits: int, compute_dtype: torch.dtype, double_quant: bool = True, quant_type: str = "nf4"):
     """The `BitsAndBytesConfig` for `bits` (4 or 8): LLaVA's QLoRA settings (compute dtype, double quantisation,
     nf4/fp4), with `QUANT_SKIP_MODULES` unquantised."""
-
     if bits == 4:
         return BitsAndBytesConfig(
             load_in_4bit=True,

@@ -64,7 +64,6 @@ def _llm_config(kind: str, vocab_size: int, hidden: int, layers: int, heads: int
 
 def write_tiny_llm(out: Path, kind: str, texts: Iterable[str], hidden: int, layers: int, heads: int) -> None:
     """A random causal LM with a word-level tokenizer trained on `texts`."""
-
     tokenizer = build_word_tokenizer(texts)
     config = _llm_config(kind, len(tokenizer), hidden, layers, heads, tokenizer)
     model = AutoModelForCausalLM.from_config(config)
@@ -94,7 +93,6 @@ def write_tiny_clip(out: Path, image_size: int, patch_size: int, hidden: int, la
 
 def write_tiny_biomedclip(out: Path, image_size: int) -> None:
     """A random BiomedCLIP-shaped open_clip folder (timm `test_vit` trunk), loadable as `local-dir:OUT`."""
-
 
     model_cfg = {
         "embed_dim": 64,
@@ -158,7 +156,6 @@ def make_tiny_model(
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: exgra-med make-tiny-model --out DIR [--arch llava|qwen2_5_vl|gemma3|llava_onevision]
     [--vision clip|biomedclip] [--llm llama|mistral|qwen2]."""
-
     p = argparse.ArgumentParser(
         prog="exgra-med make-tiny-model", description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

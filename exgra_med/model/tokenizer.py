@@ -55,7 +55,6 @@ def build_word_tokenizer(
     Byte-level BPE never produces `<unk>` and decodes back to the exact input text. Saved with
     `save_pretrained(out_dir)` when `out_dir` is given.
     """
-
     if vocab_size < len(SPECIAL_TOKENS) + 256:
         raise ValueError(f"vocab_size must be at least {len(SPECIAL_TOKENS) + 256} (bytes + special tokens)")
     tok = Tokenizer(models.BPE(unk_token=UNK))

@@ -91,7 +91,6 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments):
     dtype = train_dtype(training_args)
     quant, device = None, None
     if model_args.bits < 16:
-
         quant = bnb_config(model_args.bits, dtype or torch.float32, model_args.double_quant, model_args.quant_type)
         device = training_args.device  # bitsandbytes quantises while placing the weights
     # The run's seed seeds the alignment's generator when the module is built (the checkpoint records it).
@@ -115,7 +114,6 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments):
         )
         model.train()
         if model.alignment is None and alignment.enabled:
-
             # In the loaded weights' dtype: DeepSpeed ZeRO-3 flattens each parameter group into one buffer.
             model.alignment = build_alignment(model.config).to(device=device, dtype=model.dtype)
         if quant is not None:  # the trained parts in full precision next to the quantised LLM
@@ -143,7 +141,6 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments):
         load_projector(model, model_args.pretrain_mm_mlp_adapter)
     set_trainable(model, model_args, training_args.activation_checkpointing)
     if training_args.use_liger_kernel:
-
         apply_liger(model, **(training_args.liger_kernel_config or {}))
     return model, tokenizer, processor
 
@@ -176,7 +173,6 @@ def set_trainable(model, model_args: ModelArguments, activation_checkpointing: b
             train_only_rows(model.get_input_embeddings(), ids)
         return
     if model_args.lora_enable:
-
         quantized = model_args.bits < 16
         if quantized:  # LLM frozen, its unquantised parts (norms, embeddings, head) in float32, as QLoRA does
             model.language_model = prepare_model_for_kbit_training(

@@ -67,7 +67,6 @@ def _zero_stage(training_args: TrainingArguments) -> int:
     if not config:
         return 0
     if isinstance(config, (str, os.PathLike)):
-
         config = read_json(config)
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
@@ -76,16 +75,13 @@ def check_environment(model_args: ModelArguments, training_args: TrainingArgumen
     """What the flags need from this machine and the installed extras, checked before any data or model is read:
     `--bits 4|8` (bitsandbytes with a backend that runs them; not with FSDP or ZeRO-3, which shard the weights
     that bitsandbytes packs) and `--use_liger_kernel` (liger-kernel, CUDA, an LLM type it has kernels for)."""
-
     if model_args.bits < 16:
-
         if training_args.fsdp or _zero_stage(training_args) == 3:
             raise UserError(f"--bits {model_args.bits} (QLoRA) runs with DDP or DeepSpeed ZeRO-2, not with FSDP or "
                             "ZeRO-3 (they shard the weights bitsandbytes packs); drop --fsdp or use zero2.json")
         check_bitsandbytes(model_args.bits, training_args.device, train_dtype(training_args) or torch.float32,
                            model_args.quant_type)
     if training_args.use_liger_kernel:
-
         path = model_args.model_name_or_path
         model_type = llm_model_type(path) if os.path.isdir(path) else None  # a Hub id: checked once it is loaded
         check_liger(training_args.device, model_type)

@@ -33,7 +33,6 @@ class RecipeError(UserError):
 def read_recipe(path: str | Path, known: set[str]) -> dict[str, Any]:
     """The flags of a recipe file; raises RecipeError naming the file (and the key) when it is not a mapping of
     known flags."""
-
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
@@ -119,7 +118,6 @@ def parse_with_recipe(
 
 def write_resolved_recipe(resolved: dict[str, Any], output_dir: str | Path, source: str | None = None) -> Path:
     """Write `resolved` as `OUTPUT_DIR/train_recipe.yaml` (atomically)."""
-
     path = Path(output_dir) / RESOLVED_RECIPE
     path.parent.mkdir(parents=True, exist_ok=True)
     header = "# Resolved `exgra-med train` recipe" + (f" (from {source})" if source else "") + "; rerun with\n"

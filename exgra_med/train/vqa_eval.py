@@ -135,7 +135,6 @@ class VQAScoringTrainer(ExGraMedTrainer):
                 generate_kwargs={"synced_gpus": True} if synced else None,
             )
         if world > 1:
-
             gathered: list[dict[str, str] | None] = [None] * world
             dist.all_gather_object(gathered, answers)
             answers = {k: v for part in gathered for k, v in (part or {}).items()}
@@ -151,7 +150,6 @@ class VQAScoringTrainer(ExGraMedTrainer):
 
     def _full_parameters(self):
         if self.is_fsdp_enabled and self._is_fsdp_v1():
-
             return FullyShardedDataParallel.summon_full_params(self.model_wrapped, writeback=False, recurse=True)
         return contextlib.nullcontext()
 

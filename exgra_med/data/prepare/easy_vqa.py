@@ -129,7 +129,6 @@ def _copy_image(src: str, dst: Path, image_size: int | None) -> None:
         if image_size is None:
             shutil.copyfile(src, tmp)
         else:
-
             with Image.open(src) as img:
                 img.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC).save(
                     tmp, format="PNG"

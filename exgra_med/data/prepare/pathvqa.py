@@ -117,7 +117,6 @@ def _parquet_rows(paths: Sequence[Path]) -> Iterator[tuple[Path, int, dict]]:
 
 def write_image(data: bytes, folder: Path) -> str:
     """Write image bytes once under `folder`, named by content hash; returns the file name."""
-
     with Image.open(io.BytesIO(data)) as im:
         ext = ".png" if im.format == "PNG" else ".jpg"
     name = hashlib.sha1(data).hexdigest() + ext

@@ -183,7 +183,6 @@ class AlignedVLM(nn.Module):
 def save_alignment_head(state: dict[str, torch.Tensor], out_dir: str | Path, config: AlignmentConfig,
                         hidden_size: int) -> None:
     """Write the head's weights (`alignment.*` keys stripped) and options beside a saved model."""
-
     out_dir = Path(out_dir)
     with atomic_file(out_dir / ALIGNMENT_WEIGHTS) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})

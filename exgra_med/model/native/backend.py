@@ -123,7 +123,6 @@ def load_native(path: str, dtype: torch.dtype | None = None, device: str | None 
                 attn_implementation: str = "sdpa", quantization_config: object | None = None):
     """(model, processor) of a native VLM folder through transformers' Auto classes, on `device` (quantised
     weights are placed while loading)."""
-
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
     if quantization_config is not None:
         kwargs.update(quantization_config=quantization_config, device_map={"": device})

@@ -94,7 +94,6 @@ def build_chat_tokenizer(
     """A byte-level BPE tokenizer trained on `texts` with `special_tokens` (ids in that order from 0) and a chat
     template; `tokens` names the roles (eos_token, pad_token, bos_token, ...) and the architecture's extra special
     tokens (image_token, boi_token, ...), saved in tokenizer_config.json as the released tokenizers do."""
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

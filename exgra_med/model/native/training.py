@@ -68,7 +68,6 @@ def set_native_trainable(model: AlignedVLM, model_args, activation_checkpointing
     weights with `--bits 4|8`), unless frozen."""
     model.requires_grad_(False)
     if model_args.lora_enable:
-
         quantized = is_quantized(model.vlm)
         if quantized:  # as QLoRA (and the LLaVA path): the unquantised weights in float32, the head too
             model.vlm = prepare_model_for_kbit_training(model.vlm, use_gradient_checkpointing=activation_checkpointing)
@@ -97,7 +96,6 @@ def build_native_model(path: str, model_args, training_args, dtype: torch.dtype 
     folder's own); a head saved in the folder (a previous stage-2 run) is loaded when the alignment is on and it fits.
     `--bits 4|8`: the language model loads quantised onto the training device (the rest unquantised);
     `--use_liger_kernel True`: Liger's kernels on the VLM."""
-
     alignment = model_args.alignment_config(seed=training_args.seed)
     kernels = liger_kernels(training_args, alignment.enabled) if training_args.use_liger_kernel else None
     quantized = {}
@@ -125,7 +123,6 @@ def build_native_model(path: str, model_args, training_args, dtype: torch.dtype 
         load_alignment_head(model, path)
     set_native_trainable(model, model_args, training_args.activation_checkpointing)
     if kernels is not None:
-
         apply_liger(model, **kernels)
     return model, processor
 
