@@ -95,7 +95,7 @@ def check_answers_file(answers_file: str | os.PathLike, inputs: dict[str, str | 
     for flag, path in inputs.items():
         if path is None or not Path(path).exists() or not out.exists():
             continue
-        if out.resolve() == Path(path).resolve() or os.path.samefile(out, path):
+        if os.path.samefile(out, path):  # the same file, whatever the spelling (links, relative paths)
             raise UserError(f"--answers-file {answers_file} is the {flag} file; write the answers to another file")
 
 

@@ -18,6 +18,7 @@ from exgra_med.data.images import (
 )
 from exgra_med.data.records import RecordError, load_records, record_images
 from exgra_med.errors import UserError
+from exgra_med.model.checkpoint import weight_files
 from exgra_med.model.hub import OPEN_CLIP_HUB_PREFIX, HubResolutionError, resolve_path, resolve_vision_tower
 from exgra_med.model.loading import PROJECTOR_FILES
 from exgra_med.model.vision import OPEN_CLIP_CONFIG, OPEN_CLIP_PREFIX, OPEN_CLIP_WEIGHTS
@@ -75,7 +76,8 @@ def check_vision_tower(value: str | None) -> None:
         config = _read_config(flag, value, folder / OPEN_CLIP_CONFIG)
         if not isinstance(config.get("model_cfg"), dict) or "vision_cfg" not in config["model_cfg"]:
             raise UserError(f"{flag} {value}: {folder / OPEN_CLIP_CONFIG} has no model_cfg.vision_cfg")
-        weights = OPEN_CLIP_WEIGHTS
+        if not any((folder / name).is_file() for name in OPEN_CLIP_WEIGHTS):
+            raise UserError(f"{flag} {value}: no weights in {folder} (none of {', '.join(OPEN_CLIP_WEIGHTS)})")
     else:
         if not (folder / "config.json").is_file():
             raise UserError(f"{flag} {value}: no config.json in {folder}; expected a CLIP or SigLIP vision model")
@@ -87,10 +89,10 @@ def check_vision_tower(value: str | None) -> None:
             raise UserError(f"{flag} {value}: model_type {top!r} is not a vision tower the loader supports (a CLIP or "
                             f"SigLIP vision model, or an open_clip tower as {OPEN_CLIP_PREFIX}DIR or "
                             f"{OPEN_CLIP_HUB_PREFIX}OWNER/NAME)")
-        weights = tuple(p.name for p in folder.glob("*.safetensors")) + tuple(p.name for p in folder.glob("*.bin"))
-        weights = weights or ("model.safetensors", "pytorch_model.bin")
-    if not any((folder / name).is_file() for name in weights):
-        raise UserError(f"{flag} {value}: no weights in {folder} (none of {', '.join(weights)})")
+        try:
+            weight_files(folder)  # the files transformers loads the tower from
+        except FileNotFoundError as e:
+            raise UserError(f"{flag} {value}: {e}") from e
 
 
 def check_projector(value: str | None) -> None:

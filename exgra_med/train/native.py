@@ -73,7 +73,7 @@ class NativeTraining(TrainingFamily):
     trainer_class = NativeTrainer
 
     def check_flags(self, model_args: ModelArguments, training_args: TrainingArguments) -> None:
-        check_native_flags(model_args, training_args)
+        check_native_flags(model_args)
         if training_args.padding_free:  # from the config alone, before any weights are read
             check_native_padding_free(AutoConfig.from_pretrained(self.path), model_args.attn_implementation)
         alignment = model_args.alignment_config(seed=training_args.seed)

@@ -36,7 +36,7 @@ _PEFT_PREFIX = "base_model.model."
 QLORA_SKIP_MODULES = tuple(dict.fromkeys((*QUANT_SKIP_MODULES, *PROJECTOR_NAMES)))
 
 
-def check_native_flags(model_args, training_args=None) -> None:
+def check_native_flags(model_args) -> None:
     """Refuse the LLaVA-only flags, one line naming the flag, before anything is loaded."""
     fixed = {"vision_tower": None, "pretrain_mm_mlp_adapter": None, "tune_mm_mlp_adapter": False,
              "mm_dense_connector_type": "none"}
