@@ -14,6 +14,7 @@ always agrees with the real tokenization (see `exgra_med.data.dataset`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -63,6 +64,11 @@ class ConversationTemplate:
     def render(self, messages: Sequence[tuple[str, str]], add_generation_prompt: bool = False) -> str:
         """The prompt string; with `add_generation_prompt` it ends where the assistant's answer begins."""
         return "".join(s.text for s in self.segments(messages, add_generation_prompt))
+
+    def chat_template(self, image_text: str) -> str:
+        """This format as a Jinja chat template (an exported model's processor renders prompts as `render` does);
+        an image part becomes "\\n" + `image_text`."""
+        return _jinja_template(self, image_text)
 
     def clean_answer(self, generated: str, strip_role: bool = True) -> str:
         """Cut generated text at `stop_str` and, with `strip_role`, drop a leading assistant role prefix (`simple`
@@ -144,6 +150,43 @@ _STYLES = {
     "mistral": _mistral,
     "plain": _plain,
 }
+
+
+def _say(text: str) -> str:
+    """Jinja that prints `text` verbatim (a JSON string literal is a valid Jinja one)."""
+    return "{{ " + json.dumps(text) + " }}" if text else ""
+
+
+def _jinja_template(template: ConversationTemplate, image_text: str) -> str:
+    """`template` as a Jinja chat template that renders chat messages exactly as `template.render` does (each style's
+    pieces as in `_STYLES` above: change both together); an image part becomes "\\n" + `image_text` (the
+    processor then expands its image token to the model's number of image tokens)."""
+    human, assistant = template.roles
+    turns = {  # style: (opening, user before, user after, assistant before, assistant after, generation prompt)
+        "llava_med": (f"{template.system}\n\n", f"### {human}: ", "\n", f"### {assistant}: ", "\n",
+                      f"### {assistant}:"),
+        "simple": (f"{template.system}###", f"{human}: ", "###", f"{assistant}: ", "###", ""),
+        "vicuna": (f"{template.system} ", f"{human}: ", " ", f"{assistant}: ", "</s>", f"{assistant}:"),
+        "mistral": ("", "[INST] ", " [/INST]", " ", " </s>", ""),
+        "plain": ("", "", "\n", "", "\n", ""),
+    }
+    if template.style not in turns or (template.style == "mistral" and template.system):
+        raise ValueError(f"prompt template {template.name!r} has no chat-template form for the export")
+    opening, user_before, user_after, reply_before, reply_after, generation = turns[template.style]
+    for role, text in template.few_shot:  # `simple` opens with one exchange
+        opening += (user_before + text + user_after) if role == HUMAN else (reply_before + text + reply_after)
+    content = (
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}"
+        "{% elif item['type'] == 'image' %}" + _say("\n" + image_text) + "{% endif %}{% endfor %}{% endif %}"
+    )
+    return (
+        _say(opening)
+        + "{% for message in messages %}{% if message['role'] == 'user' %}" + _say(user_before) + content
+        + _say(user_after) + "{% else %}" + _say(reply_before) + content + _say(reply_after) + "{% endif %}"
+        + "{% endfor %}{% if add_generation_prompt %}" + _say(generation) + "{% endif %}"
+    )
+
 
 TEMPLATES: dict[str, ConversationTemplate] = {
     "llava_med": ConversationTemplate("llava_med", "llava_med", LLAVA_SYSTEM, ("Human", "Assistant"), "###"),

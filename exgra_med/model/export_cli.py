@@ -7,7 +7,6 @@ processor + image token + chat template), so `AutoProcessor` and the serving eng
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -16,8 +15,8 @@ from pathlib import Path
 import torch
 from transformers import LlavaImageProcessor, LlavaProcessor
 
-from exgra_med.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN, HUMAN
-from exgra_med.conversation import ConversationTemplate, get_template
+from exgra_med.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
+from exgra_med.conversation import get_template
 from exgra_med.data.images import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
 from exgra_med.errors import one_line
 from exgra_med.model.auto import choose_setting, recorded_settings
@@ -29,42 +28,6 @@ logger = logging.getLogger(__name__)
 
 # The flags of the shared model group that apply to an export (it loads on no device, for no answers).
 EXPORT_FLAGS = ("vision_tower", "dtype", "image_aspect_ratio", "conv_template")
-
-
-def _say(text: str) -> str:
-    """Jinja that prints `text` verbatim (a JSON string literal is a valid Jinja one)."""
-    return "{{ " + json.dumps(text) + " }}" if text else ""
-
-
-def chat_template(template: ConversationTemplate, image_text: str) -> str:
-    """`template` (the prompt format the model was trained with, `exgra_med.conversation`) as a Jinja chat template
-    that renders chat messages exactly as `template.render` does; an image part becomes "\\n" + `image_text` (the
-    processor then expands its image token to the model's number of image tokens)."""
-    human, assistant = template.roles
-    turns = {  # style: (opening, user before, user after, assistant before, assistant after, generation prompt)
-        "llava_med": (f"{template.system}\n\n", f"### {human}: ", "\n", f"### {assistant}: ", "\n",
-                      f"### {assistant}:"),
-        "simple": (f"{template.system}###", f"{human}: ", "###", f"{assistant}: ", "###", ""),
-        "vicuna": (f"{template.system} ", f"{human}: ", " ", f"{assistant}: ", "</s>", f"{assistant}:"),
-        "mistral": ("", "[INST] ", " [/INST]", " ", " </s>", ""),
-        "plain": ("", "", "\n", "", "\n", ""),
-    }
-    if template.style not in turns or (template.style == "mistral" and template.system):
-        raise ValueError(f"prompt template {template.name!r} has no chat-template form for the export")
-    opening, user_before, user_after, reply_before, reply_after, generation = turns[template.style]
-    for role, text in template.few_shot:  # `simple` opens with one exchange
-        opening += (user_before + text + user_after) if role == HUMAN else (reply_before + text + reply_after)
-    content = (
-        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-        "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}"
-        "{% elif item['type'] == 'image' %}" + _say("\n" + image_text) + "{% endif %}{% endfor %}{% endif %}"
-    )
-    return (
-        _say(opening)
-        + "{% for message in messages %}{% if message['role'] == 'user' %}" + _say(user_before) + content
-        + _say(user_after) + "{% else %}" + _say(reply_before) + content + _say(reply_after) + "{% endif %}"
-        + "{% endfor %}{% if add_generation_prompt %}" + _say(generation) + "{% endif %}"
-    )
 
 
 def llava_image_processor(processor, image_aspect_ratio: str = DEFAULT_ASPECT_RATIO) -> object:
@@ -112,7 +75,7 @@ def export_hf(
         vision_feature_select_strategy="default",
         image_token=DEFAULT_IMAGE_PATCH_TOKEN,
         num_additional_image_tokens=1 if model.vision_tower.has_cls else 0,
-        chat_template=chat_template(get_template(template), image_text),
+        chat_template=get_template(template).chat_template(image_text),
     )
     with staged_output_dir(out_dir) as tmp:
         llava.save_pretrained(tmp)
