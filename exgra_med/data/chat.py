@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 
 from exgra_med.constants import DEFAULT_IMAGE_TOKEN, GPT, IGNORE_INDEX
 from exgra_med.conversation import Segment
-from exgra_med.data.collate import pack_rows, pad_right
+from exgra_med.data.collate import pack_row_tensors, pack_rows, pad_right
 from exgra_med.data.dataset import TokenizationMismatchError, alignment_text, tokenize_segments
 from exgra_med.data.images import DEFAULT_ASPECT_RATIO, ImageLoadError, expand2square, load_image
 from exgra_med.data.records import RecordError, load_records, record_images, record_label
@@ -301,29 +301,11 @@ def pack_encoded(encoded: Sequence[Encoded], pad_id: int, one_row: bool = False)
     if min(lengths) == 0 or any(e.labels is None for e in encoded):
         raise ValueError("padding-free batches pack training samples with tokens and labels")
     rows = pack_rows(lengths, one_row)
-    width = max(sum(lengths[i] for i in row) for row in rows)
-    token_keys = sorted({k for e in encoded for k in e.token_inputs})
-    columns: dict[str, list[torch.Tensor]] = {k: [] for k in ("input_ids", "labels", "position_ids", *token_keys)}
-    for row in rows:
-        pieces: dict[str, list[torch.Tensor]] = {k: [] for k in columns}
-        for i in row:
-            e = encoded[i]
-            labels = e.labels.clone()
-            labels[0] = IGNORE_INDEX  # no sample learns to predict the next one's first token
-            pieces["input_ids"].append(e.input_ids)
-            pieces["labels"].append(labels)
-            pieces["position_ids"].append(torch.arange(lengths[i]))
-            for key in token_keys:
-                pieces[key].append(e.token_inputs.get(key, torch.zeros_like(e.input_ids)))
-        tail = width - sum(lengths[i] for i in row)  # filler: its own segment (positions from 0), ignored
-        if tail:
-            fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, **dict.fromkeys(token_keys, 0)}
-            for key in columns:
-                pieces[key].append(torch.arange(tail) if key == "position_ids" else torch.full((tail,), fill[key]))
-        for key in columns:
-            columns[key].append(torch.cat(pieces[key]).to(pieces[key][0].dtype))
-    batch: dict[str, Any] = {key: torch.stack(values) for key, values in columns.items()}
     order = [i for row in rows for i in row]
+    token_keys = sorted({k for e in encoded for k in e.token_inputs})
+    samples = [{"input_ids": encoded[i].input_ids, "labels": encoded[i].labels, **encoded[i].token_inputs}
+               for i in order]
+    batch: dict[str, Any] = pack_row_tensors(samples, [len(row) for row in rows], pad_id, token_keys)
     batch.update(_image_inputs([encoded[i] for i in order]))
     batch["images_per_sample"] = [e.n_images for e in encoded]  # lists: read on the host, never synced
     batch["row_order"] = order

@@ -64,6 +64,36 @@ def pack_rows(lengths: Sequence[int], one_row: bool = False) -> list[list[int]]:
     return rows
 
 
+def pack_row_tensors(
+    items: Sequence[dict[str, torch.Tensor]], row_sizes: Sequence[int], pad_id: int,
+    token_keys: Sequence[str] = (), flatten: DataCollatorWithFlattening | None = None,
+) -> dict[str, torch.Tensor]:
+    """Padding-free rows (R, C) of samples given in row order, `row_sizes[r]` of them in row r: `input_ids`,
+    `labels` and `position_ids` as transformers' `DataCollatorWithFlattening` makes a row (positions restarting per
+    sample, each sample's first label IGNORE_INDEX), the per-token inputs `token_keys` (0 where a sample has none)
+    laid out alike, and each row topped up to the longest with a filler segment (pad tokens, positions from 0, labels
+    IGNORE_INDEX, token inputs 0)."""
+    flatten = flatten or DataCollatorWithFlattening(return_tensors="pt", separator_id=IGNORE_INDEX)
+    rows, start = [], 0
+    for size in row_sizes:
+        samples = items[start:start + size]
+        row = {k: v[0] for k, v in flatten([{"input_ids": x["input_ids"], "labels": x["labels"]}
+                                            for x in samples]).items() if k in ("input_ids", "labels", "position_ids")}
+        for key in token_keys:
+            row[key] = torch.cat([x.get(key, torch.zeros_like(x["input_ids"])) for x in samples])
+        rows.append(row)
+        start += size
+    width = max(len(row["input_ids"]) for row in rows)
+    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, **dict.fromkeys(token_keys, 0)}
+    out: dict[str, list[torch.Tensor]] = {key: [] for key in rows[0]}
+    for row in rows:
+        tail = width - len(row["input_ids"])  # filler: its own segment, ignored by the loss
+        for key, value in row.items():
+            pad = torch.arange(tail) if key == "position_ids" else torch.full((tail,), fill[key])
+            out[key].append(torch.cat([value, pad.to(value.dtype)]))
+    return {key: torch.stack(values) for key, values in out.items()}
+
+
 class DataCollator:
     """Collate dataset items into a batch; pads with the tokenizer's pad id (labels with IGNORE_INDEX), or packs
     the samples into rows without padding (`padding_free=True`; all in one row with `one_row=True`)."""
@@ -137,17 +167,4 @@ class DataCollator:
 
     def _pack(self, row_sizes: list[int], items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """input_ids, labels, position_ids (R, C) of `items` (in row order), `row_sizes[r]` samples in row r."""
-        rows, start = [], 0
-        for size in row_sizes:
-            rows.append(self._flatten([{"input_ids": x["input_ids"], "labels": x["labels"]}
-                                       for x in items[start:start + size]]))
-            start += size
-        width = max(row["input_ids"].shape[1] for row in rows)
-        out: dict[str, list[torch.Tensor]] = {"input_ids": [], "labels": [], "position_ids": []}
-        for row in rows:
-            tail = width - row["input_ids"].shape[1]  # filler: its own segment, ignored by the loss
-            fill = {"input_ids": torch.full((tail,), self.pad_token_id), "labels": torch.full((tail,), IGNORE_INDEX),
-                    "position_ids": torch.arange(tail)}
-            for key in out:
-                out[key].append(torch.cat([row[key][0], fill[key].to(row[key].dtype)]))
-        return {key: torch.stack(values) for key, values in out.items()}
+        return pack_row_tensors(items, row_sizes, self.pad_token_id, flatten=self._flatten)
