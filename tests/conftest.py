@@ -11,10 +11,16 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+# Under pytest-xdist each worker gets one core's worth of threads (two 2-thread torch processes on the 2-core machine
+# slow each other down many times over: OpenMP threads spin on a busy core); the subprocesses a test starts inherit
+# OMP_NUM_THREADS. Without xdist, OMP_NUM_THREADS (default 2) sets the threads of this process.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 import pytest
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 # A few sentences in the style of the demo data; the tokenizer also learns every template string.
 TINY_CORPUS = [
