@@ -1,7 +1,10 @@
 """`Backend`: the one interface train, eval and serve call, whatever model family sits behind it.
 
 A back end holds a loaded model with its tokenizer and image processor and knows how this family turns a question or
-a conversation into model inputs (`Prompt`), how it decodes a batch of prompts, and how its answers end. Two families
+a conversation into model inputs (`Prompt`), how it decodes a batch of prompts, and how its answers end. Besides
+`generate` (a whole batch at once), it decodes step by step for the serving engine's continuous batching: `prefill`
+(prompts -> first-token logits and a `DecodeState`), `decode_step` (one token per row), and `DecodeState.select` /
+`DecodeState.concat` to drop finished rows and let new ones join. Two families
 implement it: `exgra_med.model.llava_backend.LlavaBackend` (this project's LLaVA-style model, any HF causal LM behind
 a vision tower and connector) and `exgra_med.model.native.backend.NativeBackend` (any transformers-native VLM that
 `AutoModelForImageTextToText` loads: Qwen2.5-VL, Gemma 3, LLaVA-OneVision, ...). The family is chosen ONCE, when a
@@ -17,8 +20,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from exgra_med.constants import GPT, HUMAN
 from exgra_med.conversation import ConversationTemplate
@@ -34,6 +38,42 @@ class Prompt:
 
     input_ids: list[int]
     images: Any = None
+
+
+@dataclass
+class DecodeState:
+    """The per-row state of rows decoded together, step by step: the KV cache and the attention mask, left padded to
+    one length L, and the position of each row's last token, in `generate`'s layout ((B, 1), or (k, B, 1) for
+    multimodal RoPE such as Qwen2.5-VL's)."""
+
+    cache: DynamicCache  # layers of (B, H, L, D) keys and values
+    attention_mask: torch.Tensor  # (B, L), 0 on the left padding
+    last_positions: torch.Tensor  # (..., B, 1)
+
+    @property
+    def rows(self) -> int:
+        return self.attention_mask.shape[0]
+
+    def select(self, rows: Sequence[int]) -> DecodeState:
+        """The state of `rows` only, in that order; cache columns no kept row attends to are dropped."""
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.attention_mask.device)
+        mask = self.attention_mask[index]  # (B', L)
+        start = int(mask.any(0).long().argmax()) if mask.numel() else mask.shape[1]
+        layers = [(k[index.to(k.device), :, start:], v[index.to(v.device), :, start:]) for k, v, *_ in self.cache]
+        return DecodeState(DynamicCache(layers), mask[:, start:], self.last_positions.index_select(-2, index))
+
+    @staticmethod
+    def concat(states: Sequence[DecodeState]) -> DecodeState:
+        """Rows of several states decoded together: each left padded (zero keys and values, masked) to the longest."""
+        length = max(s.attention_mask.shape[1] for s in states)
+        pads = [length - s.attention_mask.shape[1] for s in states]
+        layers = [
+            tuple(torch.cat([F.pad(kv[i], (0, 0, pad, 0)) for kv, pad in zip(per_state, pads)]) for i in (0, 1))
+            for per_state in zip(*[list(s.cache) for s in states])
+        ]  # per layer: (sum B, H, length, D) keys and values
+        mask = torch.cat([F.pad(s.attention_mask, (pad, 0)) for s, pad in zip(states, pads)])
+        positions = torch.cat([s.last_positions for s in states], dim=-2)
+        return DecodeState(DynamicCache(layers), mask, positions)
 
 
 class StopOnString(StoppingCriteria):
@@ -145,6 +185,35 @@ class Backend(ABC):
     def new_tokens(self, out: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
         """The generated part of `generate`'s output."""
         return out
+
+    def prompt_position_ids(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """Position ids of left-padded prompts as `generate` computes them: from the attention mask, or the model's
+        own rule (Qwen2.5-VL's multimodal RoPE, (4, B, T)); transformers' per-model hook."""
+        return self.model._prepare_position_ids_for_generation(inputs["input_ids"], dict(inputs))
+
+    @property
+    def decoder(self) -> torch.nn.Module:
+        """The module a decoding step runs on (generated tokens are text: no image inputs)."""
+        return self.model
+
+    def prefill(self, prompts: Sequence[Prompt]) -> tuple[torch.Tensor, DecodeState]:
+        """Run prompts (left padded, with their images) through the model: the logits of each row's next token
+        (B, V) in float32, and the state to decode them on with `decode_step`."""
+        inputs = self.batch_inputs(prompts)
+        positions = self.prompt_position_ids(inputs)
+        out = self.model(**inputs, position_ids=positions, cache=DynamicCache(), use_cache=True, logits_to_keep=1)
+        state = DecodeState(out.cache, inputs["attention_mask"], positions[..., -1:])
+        return out.logits[:, -1].float(), state
+
+    def decode_step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed each row its next token (B,) and advance `state`; returns the logits of the token after (B, V)."""
+        device = state.attention_mask.device
+        state.attention_mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(state.rows, 1)], 1)
+        state.last_positions = state.last_positions + 1
+        out = self.decoder(input_ids=tokens.to(device)[:, None], attention_mask=state.attention_mask,
+                           position_ids=state.last_positions, cache=state.cache, use_cache=True, logits_to_keep=1)
+        state.cache = out.cache
+        return out.logits[:, -1].float()
 
     def generate_kwargs(self, max_new_tokens: int, temperature: float = 0.0, top_p: float | None = None,
                         **overrides) -> dict[str, Any]:

@@ -83,6 +83,17 @@ class LlavaBackend(Backend):
     def question_length(self, record: dict) -> int:
         return len(self._question(record))
 
+    @property
+    def decoder(self) -> torch.nn.Module:
+        """The language model, as `generate` decodes: a generated token that happens to be the image placeholder is
+        text there, not a request for pixels."""
+        return self.model.language_model
+
+    def prompt_position_ids(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """The language model's rule (`generate` runs on it, from the merged embeddings)."""
+        return self.model.language_model._prepare_position_ids_for_generation(
+            inputs["input_ids"], {"attention_mask": inputs["attention_mask"]})
+
     def batch_inputs(self, prompts: Sequence[Prompt]) -> dict[str, Any]:
         ids, mask = left_pad([p.input_ids for p in prompts], self.pad_token_id)  # (B, T)
         images = [p.images for p in prompts if p.images is not None]

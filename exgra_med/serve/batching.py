@@ -1,11 +1,15 @@
-"""Continuous request batching for serving: concurrent requests share one `generate` call, with a bounded queue.
+"""Request batching for serving: the queue every request goes through, and the static scheduler.
 
-Every caller (API request, web user, terminal) submits a `Job` and reads its text pieces from the job's own queue.
-One worker thread takes up to `max_batch_size` waiting jobs with the same sampling settings, left pads their prompts
-and decodes them together with the KV cache (the back end's `generate`); each row streams through its own
-`AnswerFilter` and stops on its own (stop string, end of sequence, its token limit, or cancellation), so a batch of 8
-costs about one long answer. More than `max_queue` waiting jobs is refused (`QueueFullError`, HTTP 429). `close()`
-cancels everything within one decoding step.
+Every caller (API request, web user, terminal) submits a `Job` and reads its text pieces from the job's own queue. A
+`Scheduler` holds the waiting jobs (more than `max_queue` are refused: `QueueFullError`, HTTP 429) and decodes them on
+one worker thread, at most `max_batch_size` rows at once; each row streams through its own `AnswerFilter` and stops on
+its own (stop string, end of sequence, its token limit, or cancellation). `close()` cancels everything within one
+decoding step. Two schedulers share this frame:
+
+- `exgra_med.serve.continuous.ContinuousScheduler` (the default): iteration-level batching, as vLLM and TGI do:
+  finished rows leave the batch and waiting requests join at the next decoding step.
+- `StaticScheduler` (here): up to `max_batch_size` waiting jobs with the same sampling settings are left padded and
+  decoded together by the back end's `generate`; new jobs are taken only when the whole batch has ended.
 
 For serving at scale, export the model with `exgra-med export-hf` and use vLLM or SGLang.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -102,27 +107,14 @@ class _RowStreamer(BaseStreamer):
             if job.done:
                 continue
             if job.cancelled.is_set():  # its row was stopped at the previous step: this token is padding
-                _finish(job, "cancelled")
+                finish_job(job, "cancelled")
                 continue
-            if token in self.eos_ids:
-                job.generated.append(token)
-                _finish(job, "stop")
-                continue
-            job.generated.append(token)
-            if len(job.generated) >= job.settings.min_new_tokens:
-                job.answer.arm()  # the stop string counts from this token on
-            job._decoded = text = self.tokenizer.decode(job.generated, skip_special_tokens=True)
-            if not text.endswith("\ufffd"):  # an incomplete UTF-8 character waits for its next token
-                _show(job)
-            if job.answer.stopped:
-                _finish(job, "stop")
-            elif len(job.generated) >= job.settings.max_new_tokens:
-                _finish(job, "length")
+            accept_token(job, token, self.tokenizer, self.eos_ids)
 
     def end(self) -> None:
         for job in self.jobs:
             if not job.done:
-                _finish(job, "length")
+                finish_job(job, "length")
 
 
 class _RowsDone(StoppingCriteria):
@@ -137,7 +129,7 @@ class _RowsDone(StoppingCriteria):
         return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
 
 
-class _RowMinTokens(LogitsProcessor):
+class RowMinTokens(LogitsProcessor):
     """Per-row `min_new_tokens`: the end-of-sequence token cannot be chosen by a row whose job has generated fewer
     tokens than its minimum (transformers' MinNewTokensLengthLogitsProcessor applies one minimum to the batch)."""
 
@@ -153,6 +145,24 @@ class _RowMinTokens(LogitsProcessor):
         return scores
 
 
+def accept_token(job: Job, token: int, tokenizer, eos_ids: set[int]) -> None:
+    """Append a generated token to `job`: stream its text through the job's filter and end the job on end of
+    sequence, its stop string or its token limit."""
+    job.generated.append(token)
+    if token in eos_ids:
+        finish_job(job, "stop")
+        return
+    if len(job.generated) >= job.settings.min_new_tokens:
+        job.answer.arm()  # the stop string counts from this token on
+    job._decoded = text = tokenizer.decode(job.generated, skip_special_tokens=True)
+    if not text.endswith("\ufffd"):  # an incomplete UTF-8 character waits for its next token
+        _show(job)
+    if job.answer.stopped:
+        finish_job(job, "stop")
+    elif len(job.generated) >= job.settings.max_new_tokens:
+        finish_job(job, "length")
+
+
 def _show(job: Job) -> None:
     piece = job.answer.push(job._decoded[job._shown:])
     job._shown = len(job._decoded)
@@ -160,7 +170,8 @@ def _show(job: Job) -> None:
         job.events.put(piece)
 
 
-def _finish(job: Job, reason: str) -> None:
+def finish_job(job: Job, reason: str) -> None:
+    """End `job` with `reason` ("stop", "length", "cancelled"): the filter's held-back text, then the end marker."""
     if job.done:
         return
     if len(job._decoded) > job._shown:
@@ -172,14 +183,15 @@ def _finish(job: Job, reason: str) -> None:
     job.events.put(_END)
 
 
-def _fail(job: Job, error: BaseException) -> None:
+def fail_job(job: Job, error: BaseException) -> None:
+    """End `job` with `error`, which its consumer re-raises."""
     if not job.done:
         job.done = True
         job.events.put(error)
 
 
-class BatchScheduler:
-    """Queues jobs and decodes them in batches on one worker thread (see the module docstring)."""
+class Scheduler(ABC):
+    """The queue in front of one worker thread that decodes jobs (see the module docstring); subclasses decode."""
 
     def __init__(self, engine, max_batch_size: int = 8, max_queue: int = 32):
         if max_batch_size < 1 or max_queue < 1:
@@ -189,7 +201,7 @@ class BatchScheduler:
         self._cond = threading.Condition()
         self._closing = threading.Event()
         self._worker: threading.Thread | None = None
-        self.batch_sizes: list[int] = []  # size of every batch run (for tests and logs)
+        self.batch_sizes: list[int] = []  # jobs started together, per prefill (for tests and logs)
 
     def submit(self, job: Job) -> Job:
         """Queue `job`; raises QueueFullError when `max_queue` jobs already wait, ServerClosingError after close."""
@@ -212,9 +224,18 @@ class BatchScheduler:
             waiting, self._waiting = self._waiting, []
             self._cond.notify_all()
         for job in waiting:
-            _fail(job, ServerClosingError("the server is shutting down"))
+            fail_job(job, ServerClosingError("the server is shutting down"))
         if self._worker is not None and self._worker is not threading.current_thread():
             self._worker.join(timeout)
+
+    @abstractmethod
+    def _loop(self) -> None:
+        """The worker: decode submitted jobs until `close()`."""
+
+
+class StaticScheduler(Scheduler):
+    """Decodes waiting jobs with equal sampling settings in one `generate` call; the next batch starts when the
+    whole batch has ended (the `--batching static` baseline)."""
 
     def _next_batch(self) -> list[Job] | None:
         with self._cond:
@@ -229,7 +250,7 @@ class BatchScheduler:
         live = []
         for job in batch:
             if job.cancelled.is_set():
-                _finish(job, "cancelled")
+                finish_job(job, "cancelled")
             else:
                 live.append(job)
         return live
@@ -247,20 +268,22 @@ class BatchScheduler:
             except Exception as e:  # noqa: BLE001 - handed to every consumer of the batch, which re-raises it
                 logger.exception("generation failed for a batch of %d", len(batch))
                 for job in batch:
-                    _fail(job, e)
+                    fail_job(job, e)
             if self._closing.is_set():
                 for job in batch:
-                    _fail(job, ServerClosingError("the server is shutting down"))
+                    fail_job(job, ServerClosingError("the server is shutting down"))
 
     @torch.inference_mode()
     def _run(self, jobs: list[Job]) -> None:
-        engine = self.engine
-        kwargs = engine.generate_kwargs(jobs[0].settings)
-        kwargs["max_new_tokens"] = max(j.settings.max_new_tokens for j in jobs)
-        eos_ids = set(engine.eos_token_ids)
-        streamer = _RowStreamer(jobs, engine.tokenizer, eos_ids)
-        criteria = StoppingCriteriaList([_RowsDone(jobs, self._closing)])
+        backend = self.engine.backend
+        eos_ids = set(backend.eos_token_ids)
+        streamer = _RowStreamer(jobs, backend.tokenizer, eos_ids)
+        # Each row's AnswerFilter finds the stop string: these criteria replace the back end's StopOnString.
+        overrides = {"streamer": streamer, "stopping_criteria": StoppingCriteriaList([_RowsDone(jobs, self._closing)])}
         if any(j.settings.min_new_tokens for j in jobs):
-            kwargs["logits_processor"] = LogitsProcessorList([_RowMinTokens(jobs, eos_ids)])
-        engine.generate_rows(jobs, streamer=streamer, stopping_criteria=criteria, **kwargs)
+            overrides["logits_processor"] = LogitsProcessorList([RowMinTokens(jobs, eos_ids)])
+        settings = jobs[0].settings
+        kwargs = backend.generate_kwargs(max(j.settings.max_new_tokens for j in jobs), settings.temperature,
+                                         settings.top_p, **overrides)
+        backend.generate([j.prompt for j in jobs], **kwargs)
         streamer.end()

@@ -3,9 +3,11 @@
 A conversation is a list of (role, text) messages (`"human"` / `"gpt"`) ending with a human turn, plus
 at most one image, attached to the first human turn as in LLaVA-Med. `<image>` in that turn marks where
 the image goes; without it the image follows the question ("question\\n<image>", the training layout).
-Concurrent callers (API requests, web users) are decoded together in batches (`batching.BatchScheduler`), behind a
-bounded queue. Prompts are checked against the model's context and `max_prompt_tokens` before any work
-(`PromptTooLongError`); a prompt far too long is refused from its length in characters, before tokenizing it.
+Concurrent callers (API requests, web users) are decoded together behind a bounded queue: by default with continuous
+batching (`continuous.ContinuousScheduler`: requests join and leave the batch at every decoding step), or in static
+batches (`batching.StaticScheduler`, `batching="static"`). Prompts are checked against the model's context and
+`max_prompt_tokens` before any work (`PromptTooLongError`); a prompt far too long is refused from its length in
+characters, before tokenizing it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from exgra_med.data.images import load_image
 from exgra_med.errors import UserError
 from exgra_med.model.auto import LoadOptions, load_backend
 from exgra_med.model.backend import Backend, Message
-from exgra_med.serve.batching import BatchScheduler, Job
+from exgra_med.serve.batching import Job, Scheduler, StaticScheduler
+from exgra_med.serve.continuous import ContinuousScheduler
+from exgra_med.serve.options import BATCHING, DEFAULT_MAX_BATCH_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -72,13 +76,20 @@ class InferenceEngine:
         max_prompt_tokens: int | None = None,
         max_batch_size: int = 8,
         max_queue: int = 32,
+        batching: str = "continuous",
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     ):
         """`max_prompt_tokens` caps prompts below the model's context; `max_batch_size` requests are decoded
-        together, and at most `max_queue` wait (more are refused with `batching.QueueFullError`)."""
+        together, and at most `max_queue` wait (more are refused with `batching.QueueFullError`). `batching` is
+        "continuous" (at most `max_batch_tokens` prompt tokens join per step) or "static"."""
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
         self.backend = backend.eval()
         self.name = name
         self.max_prompt_tokens = max_prompt_tokens
-        self.scheduler = BatchScheduler(self, max_batch_size, max_queue)
+        self.scheduler: Scheduler = (
+            ContinuousScheduler(self, max_batch_size, max_queue, max_batch_tokens) if batching == "continuous"
+            else StaticScheduler(self, max_batch_size, max_queue))
         # No token spans more characters than the longest vocabulary entry: a text longer than limit x this cannot
         # fit and is refused without tokenizing it.
         self._max_token_chars = max(max((len(t) for t in self.tokenizer.get_vocab()), default=1), 1)
@@ -158,24 +169,6 @@ class InferenceEngine:
     def eos_token_ids(self) -> set[int]:
         """The tokens that end an answer."""
         return self.backend.eos_token_ids
-
-    def generate_rows(self, jobs: Sequence[Job], **generate_kwargs) -> None:
-        """Decode `jobs` together: their prompts left padded with their images (the batching worker's call)."""
-        self.backend.generate([j.prompt for j in jobs], **generate_kwargs)
-
-    def generate_kwargs(self, settings: GenerationSettings) -> dict:
-        """`generate` keyword arguments for `settings` (greedy or sampled, pad/eos ids); each row's `AnswerFilter` finds
-        the stop string (`batching`)."""
-        kwargs = {
-            "max_new_tokens": settings.max_new_tokens,
-            "pad_token_id": self.backend.pad_token_id,
-            "eos_token_id": sorted(self.eos_token_ids) or None,
-        }
-        if settings.temperature > 0:
-            kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        return kwargs
 
     def submit(
         self,

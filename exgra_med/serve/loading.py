@@ -16,6 +16,7 @@ from exgra_med.errors import one_line
 from exgra_med.model.options import DecodingOptions, ModelOptions
 from exgra_med.model.quantization import QuantizationUnavailableError
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine
+from exgra_med.serve.options import DEFAULT_MAX_BATCH_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ def load_engine(args: argparse.Namespace) -> tuple[InferenceEngine, GenerationSe
         max_prompt_tokens=getattr(args, "max_prompt_tokens", None),
         max_batch_size=getattr(args, "max_batch_size", 8),
         max_queue=getattr(args, "max_queue", 32),
+        batching=getattr(args, "batching", "continuous"),
+        max_batch_tokens=getattr(args, "max_batch_tokens", DEFAULT_MAX_BATCH_TOKENS),
     )
     return engine, settings
 
