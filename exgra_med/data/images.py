@@ -33,6 +33,9 @@ DEFAULT_ASPECT_RATIO = "square"  # the reference's image_aspect_ratio default
 # DECODE_AUTO_MAX_IMAGES images, about two minutes on 8 cores at ~10 ms an image; the header beyond).
 IMAGE_CHECKS = ("auto", "decode", "header", "none")
 DECODE_AUTO_MAX_IMAGES = 100_000
+# An image is reduced before its processor only down to this many times the processor's input side (`load_image`).
+REDUCING_GAP = 3.0
+REDUCIBLE_MODES = ("RGB", "RGBA", "L", "LA")
 
 
 class ImageLoadError(OSError, UserError):
@@ -102,18 +105,24 @@ def dicom_to_pil(path: str | os.PathLike) -> Image.Image:
     return Image.fromarray(np.asarray(rgb, dtype=np.uint8))
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open `path` (any PIL format, or DICOM) as an RGB image; failures raise `ImageLoadError`
-    naming the path."""
+def load_image(path: str | os.PathLike, side: int | None = None) -> Image.Image:
+    """Open `path` (any PIL format, or DICOM) as an RGB image; failures raise `ImageLoadError` naming the path.
+
+    `side` (see `processor_input_side`): an image whose shorter side is at least 2 x REDUCING_GAP x `side` is reduced by
+    an integer factor while it is decoded (JPEG: DCT scaling, `Image.draft`) or right after (`Image.reduce`, a box
+    average), keeping its shorter side >= REDUCING_GAP x `side`; smaller images come back exactly as without `side`.
+    """
     path = Path(path)
     if not path.is_file():
         raise ImageLoadError(f"image file not found: {path}")
     try:
         if _is_dicom(path):
-            return dicom_to_pil(path)
+            image = dicom_to_pil(path)
+            return image if reduction_factor(*image.size, side) == 1 else _reduced(image, side)
         with Image.open(path) as img:
+            _draft(img, side)
             img.load()
-            return img.convert("RGB")
+            return _reduced(img, side)
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as e:  # not an OSError: a small file that declares a huge canvas
@@ -124,6 +133,99 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         if type(e).__module__.startswith("pydicom"):
             raise ImageLoadError(f"cannot decode DICOM {path}: {type(e).__name__}: {e}") from e
         raise
+
+
+def processor_input_side(processor: Any) -> int | None:
+    """The largest side, in pixels, that `processor` (an HF image processor) resizes or crops an image to: the largest
+    integer in its size settings (`size`, `crop_size`, `max_image_size`, grid pinpoints; times the crops of Gemma's
+    pan and scan). Dynamic-resolution processors state pixel counts there (Qwen2-VL's `max_pixels`), which only makes
+    the answer larger. None when it does not resize or says nothing: such images are never reduced."""
+    if processor is None or getattr(processor, "do_resize", True) is False:
+        return None
+    values: list[int] = []
+    for name in ("size", "crop_size", "max_image_size"):
+        setting = getattr(processor, name, None)
+        if dataclasses.is_dataclass(setting) and not isinstance(setting, type):  # transformers' SizeDict
+            setting = dataclasses.asdict(setting)
+        if isinstance(setting, dict):
+            values += [v for v in setting.values() if isinstance(v, int) and not isinstance(v, bool)]
+        elif isinstance(setting, int) and not isinstance(setting, bool):
+            values.append(setting)
+    for pinpoint in getattr(processor, "image_grid_pinpoints", None) or []:
+        values += [v for v in pinpoint if isinstance(v, int)]
+    values += [int(v) for v in (getattr(processor, "max_pixels", None),) if isinstance(v, int)]
+    if not values:
+        return None
+    side = max(values)
+    if getattr(processor, "do_pan_and_scan", False):
+        side *= max(int(getattr(processor, "pan_and_scan_max_num_crops", 1) or 1), 1)
+    return side
+
+
+def reduction_factor(width: int, height: int, side: int | None) -> int:
+    """The integer factor a `width` x `height` image is reduced by for a processor of input `side` (1: none): the
+    largest that keeps the shorter side >= REDUCING_GAP x `side`, so that the processor's own resampling still does
+    the work (Pillow: from a gap of 3 the result is indistinguishable from resampling the full image)."""
+    if not side:
+        return 1
+    return max(1, int(min(width, height) // (REDUCING_GAP * side)))
+
+
+def _draft(img: Image.Image, side: int | None) -> None:
+    # JPEG: decode at 1/2, 1/4 or 1/8 scale (DCT scaling), never below the reduced size; other formats ignore it.
+    factor = reduction_factor(img.width, img.height, side)
+    if factor > 1 and img.format == "JPEG":
+        img.draft(None, (img.width // factor, img.height // factor))
+
+
+def _reduced(img: Image.Image, side: int | None) -> Image.Image:
+    """`img` as a new RGB image, reduced by `reduction_factor`; the full-size canvas is not kept."""
+    factor = reduction_factor(img.width, img.height, side)
+    if factor == 1:
+        return img.convert("RGB")
+    if img.mode not in REDUCIBLE_MODES:  # P, 1, I;16, CMYK, ...: Image.reduce takes 8-bit L/RGB(A) and I/F only
+        img = img.convert("RGB")
+    img = img.reduce(factor)  # RGB(A) and L commute with the conversion to RGB: the same pixels either way
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}  # PIL stores others in 4
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+    """What `load_image(path, side)` does to an image, from its header: the canvas decoded (after a JPEG draft), the
+    size it comes back at, and the bytes it holds at its peak (the canvas, an RGB copy where one is needed first)."""
+
+    width: int
+    height: int
+    mode: str
+    size: tuple[int, int]
+    peak_bytes: int
+
+    @property
+    def pixels(self) -> int:
+        """Pixels of the image `load_image` returns."""
+        return self.size[0] * self.size[1]
+
+
+def plan_decode(path: str | os.PathLike, side: int | None = None, max_pixels: int | None = None) -> DecodePlan:
+    """The `DecodePlan` of `load_image(path, side)`, read from the header; raises as `image_header` does."""
+    width, height, kind = image_header(path, max_pixels)
+    if kind == "DICOM":
+        # pydicom's array, float64 values, a windowed copy and its rounding (dicom_to_pil), then L and RGB.
+        mode, canvas, per_pixel = "RGB", (width, height), 2 + 8 * 3 + 1 + 4
+    else:
+        with Image.open(path) as img:
+            _draft(img, side)  # sets the size a JPEG decodes at, without decoding
+            mode, canvas = img.mode, img.size
+        per_pixel = _PIXEL_BYTES.get(mode, 4)
+        if reduction_factor(*canvas, side) == 1 or mode not in REDUCIBLE_MODES:
+            per_pixel += 4  # the RGB copy, made while the decoded canvas is alive
+    factor = reduction_factor(*canvas, side)
+    size = (-(-canvas[0] // factor), -(-canvas[1] // factor))
+    peak = canvas[0] * canvas[1] * per_pixel + (size[0] * size[1] * 4 if factor > 1 else 0)
+    return DecodePlan(width, height, mode, size, peak)
 
 
 def _too_large(path: Path, error: Exception, limit: int) -> ImageTooLargeError:

@@ -2,7 +2,8 @@
 
 Images travel as `image_url` content parts holding base64 data URLs (at most one per request, as in LLaVA-Med).
 Streaming answers are server-sent events in OpenAI's chunk format. Concurrent requests are decoded together in batches
-(`--max-batch-size`); more than `--max-queue` waiting requests get a 429. Prompts (history included) longer than the
+(`--max-batch-size`); more than `--max-queue` waiting requests get a 429, and so do requests whose images find no room
+in `--max-image-memory-mb` within seconds (`image_memory`). Prompts (history included) longer than the
 model's context or `--max-prompt-tokens` get a 400 before any work; `max_tokens` is capped by `--max-new-tokens`;
 `min_tokens` (as in vLLM) holds back the end of sequence for that many tokens. Bodies beyond `--max-request-bytes` get
 a 413 before they are read (from Content-Length, or while reading), more than `--max-messages` messages a 400 before
@@ -28,6 +29,13 @@ from exgra_med.errors import UserError
 from exgra_med.model.options import DecodingOptions, ModelOptions
 from exgra_med.serve.batching import Job, QueueFullError, ServerClosingError
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine, Message, PromptTooLongError
+from exgra_med.serve.image_memory import (
+    DEFAULT_MAX_IMAGE_MEMORY_MB,
+    ImageDecoder,
+    ImageMemoryBusyError,
+    add_image_memory_limit,
+    server_decoder,
+)
 from exgra_med.serve.loading import load_engine_or_exit_code
 from exgra_med.serve.options import SERVE_MAX_NEW_TOKENS, add_serving_limits
 from exgra_med.serve.uploads import (
@@ -157,11 +165,14 @@ def create_app(
     max_request_bytes: int | None = None,
     max_messages: int = DEFAULT_MAX_MESSAGES,
     upload_folder: PrivateFolder | None = None,
+    max_image_memory_mb: int = DEFAULT_MAX_IMAGE_MEMORY_MB,
+    image_decoder: ImageDecoder | None = None,
 ):
     """The FastAPI application serving `engine` under the model id `engine.name`; `max_tokens_limit` (default: the
     default settings' `max_new_tokens`) caps every request's `max_tokens`; `max_request_bytes` (default:
     `default_max_request_bytes`) bounds the body. Images are decoded from a file in `upload_folder` (default: a new
-    `PrivateFolder`, `app.state.upload_folder`)."""
+    `PrivateFolder`, `app.state.upload_folder`) by `image_decoder` (default: `server_decoder`, within
+    `max_image_memory_mb`; `app.state.image_decoder`)."""
     # lazy: fastapi is the `serve` extra
     from fastapi import FastAPI, Request
     from fastapi.concurrency import run_in_threadpool
@@ -171,6 +182,7 @@ def create_app(
     max_tokens_limit = max_tokens_limit or default_settings.max_new_tokens
     max_request_bytes = max_request_bytes or default_max_request_bytes(max_image_bytes)
     upload_folder = upload_folder or PrivateFolder("api")
+    image_decoder = image_decoder or server_decoder(engine, max_pixels, max_image_memory_mb)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -179,13 +191,14 @@ def create_app(
 
     app = FastAPI(title="ExGra-Med API", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.upload_folder = upload_folder
+    app.state.image_decoder = image_decoder
     created = int(time.time())
 
-    def error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    def error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
         kinds = {404: "not_found_error", 429: "rate_limit_error", 503: "server_error"}
         body = {"error": {"message": message, "type": kinds.get(status, "invalid_request_error"), "param": param,
                           "code": status}}
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.get("/v1/models")
     def list_models() -> dict:
@@ -197,6 +210,9 @@ def create_app(
         try:
             body = await run_in_threadpool(_json_object, await _read_body(request))
             job = await run_in_threadpool(_submit, body)
+        except ImageMemoryBusyError as e:
+            logger.info("refused request: %s", e)
+            return error(429, str(e), headers={"Retry-After": str(e.retry_after)})
         except (RequestError, UploadError) as e:
             logger.info("rejected request: %s", e)
             return error(e.status, str(e), getattr(e, "param", None))
@@ -251,10 +267,11 @@ def create_app(
         settings = _settings(body, default_settings, max_tokens_limit)
         # The cheap length check first: a huge prompt is refused before its image is decoded.
         engine.check_prompt_text(conversation, settings, system)
-        image = None
-        if urls:
-            image = image_from_bytes(decode_data_url(urls[0], max_image_bytes), upload_folder.path, max_pixels)
-        return engine.submit(conversation, image, settings, system)
+        if not urls:
+            return engine.submit(conversation, None, settings, system)
+        # Decoded within the image memory budget, which is held until the image is encoded (its processor's arrays).
+        with image_from_bytes(decode_data_url(urls[0], max_image_bytes), upload_folder.path, image_decoder) as image:
+            return engine.submit(conversation, image, settings, system)
 
     async def _next(job: Job, request: Request | None = None) -> str | None:
         # Wait for the next piece in short slices, so that a client that went away is noticed (and its row stopped).
@@ -320,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest request body in bytes; when unset, a base64 image of --max-image-bytes and 1 MiB")
     p.add_argument("--max-messages", type=int, default=DEFAULT_MAX_MESSAGES, help="most messages in a request")
     add_serving_limits(p)
+    add_image_memory_limit(p)
     return p
 
 
@@ -327,7 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: load the model and serve it until interrupted (binds 127.0.0.1 unless told otherwise)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag, value in (("--max-request-bytes", args.max_request_bytes), ("--max-messages", args.max_messages)):
+    for flag, value in (("--max-request-bytes", args.max_request_bytes), ("--max-messages", args.max_messages),
+                        ("--max-image-memory-mb", args.max_image_memory_mb)):
         if value is not None and value < 1:
             parser.error(f"{flag} must be >= 1, got {value}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -346,7 +365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn  # lazy: the `serve` extra
 
     app = create_app(engine, settings, args.max_image_bytes, args.max_image_pixels, settings.max_new_tokens,
-                     args.max_request_bytes, args.max_messages)
+                     args.max_request_bytes, args.max_messages,
+                     image_decoder=server_decoder(engine, args.max_image_pixels, args.max_image_memory_mb,
+                                                  max_waiting=args.max_queue))
     host, port = sock.getsockname()[:2]
     print(f"serving model {engine.name!r} on http://{host}:{port}/v1", flush=True)
     class Server(uvicorn.Server):

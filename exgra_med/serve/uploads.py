@@ -1,7 +1,8 @@
 """Untrusted images sent over the network: data URLs / raw bytes -> RGB image, with size limits; where uploads live.
 
-Decoding goes through `exgra_med.data.images.load_image`, so uploads accept exactly what files do
-(PNG, JPEG, ... and DICOM). Every failure is an `UploadError` with an HTTP status and a message.
+Decoding goes through `exgra_med.serve.image_memory.ImageDecoder` (`exgra_med.data.images.load_image` within the
+server's image memory budget), so uploads accept exactly what files do (PNG, JPEG, ... and DICOM). Every failure is an
+`UploadError` with an HTTP status and a message.
 
 One policy for both servers: an image is sent (a data URL to the API, an upload to the web demo), never named by a URL
 for the server to fetch (`refuse_remote`). Uploaded bytes are kept, while needed, only in a `PrivateFolder`: mode 0700,
@@ -14,6 +15,7 @@ from __future__ import annotations
 import atexit
 import base64
 import binascii
+import contextlib
 import fcntl
 import logging
 import os
@@ -22,14 +24,16 @@ import secrets
 import shutil
 import stat
 import tempfile
-import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from exgra_med.data.images import ImageLoadError, ImageTooLargeError, image_header, load_image
 from exgra_med.errors import UserError
+
+if TYPE_CHECKING:
+    from exgra_med.serve.image_memory import ImageDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -89,39 +93,22 @@ def decode_data_url(url: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     return data
 
 
-def image_from_bytes(data: bytes, folder: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode image bytes (any PIL format or DICOM) to RGB; undecodable or huge images raise UploadError. The bytes
-    are in a file in `folder` (a `PrivateFolder`) only while they are decoded."""
+@contextlib.contextmanager
+def image_from_bytes(data: bytes, folder: str | os.PathLike, decoder: ImageDecoder) -> Iterator[Image.Image]:
+    """Image bytes (any PIL format or DICOM) decoded to RGB by `decoder` (`exgra_med.serve.image_memory`: the pixel
+    limit, the image memory budget, reduced for the model), held for the `with` block; undecodable or huge images raise
+    UploadError. The bytes are in a file in `folder` (a `PrivateFolder`) only while they are decoded."""
     fd, tmp = tempfile.mkstemp(prefix="upload-", suffix=".img", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        _check_pixels(tmp, max_pixels)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return load_image(tmp)
-    except ImageTooLargeError as e:
-        raise UploadError(_short(e, tmp), status=413) from e
-    except ImageLoadError as e:
-        raise UploadError(f"the image could not be decoded (PNG, JPEG or DICOM expected): {_short(e, tmp)}") from e
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise UploadError(f"image too large: {e}", status=413) from e
+        with decoder.open(tmp) as image:
+            os.unlink(tmp)
+            tmp = None
+            yield image
     finally:
-        os.unlink(tmp)
-
-
-def _check_pixels(path: str, max_pixels: int) -> None:
-    # Read only the header: a small file may still declare an enormous canvas.
-    try:
-        image_header(path, max_pixels=max_pixels)
-    except ImageTooLargeError as e:
-        raise UploadError(f"{_short(e, path)} (limit --max-image-pixels)", status=413) from e
-    except ImageLoadError:  # not decodable: load_image reports it
-        return
-
-
-def _short(error: Exception, tmp: str) -> str:
-    return str(error).replace(tmp, "<upload>")
+        if tmp is not None:
+            os.unlink(tmp)
 
 
 def private_root() -> Path:

@@ -2,7 +2,8 @@
 
 The server binds 127.0.0.1 unless `--host` says otherwise and serves no file beyond its own uploads and
 the example images (Gradio's `allowed_paths` names only the examples folder). It has the API's limits: uploads of at
-most `--max-image-bytes` bytes and `--max-image-pixels` pixels (read from the header before decoding), conversations
+most `--max-image-bytes` bytes and `--max-image-pixels` pixels (read from the header before decoding), decoded within
+`--max-image-memory-mb` (`image_memory`: a busy message when there is no room within seconds), conversations
 (history included) within the model's context and `--max-prompt-tokens`, `--max-batch-size` users decoded together
 and `--max-queue` waiting. As the API, it fetches nothing: a file named by URL is refused (Gradio would download it).
 Uploads live in a private folder (mode 0700), deleted when the server stops (also on SIGTERM) or, after a kill, when
@@ -12,6 +13,7 @@ the next server starts; responses and messages show the folder under an alias, n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import os
@@ -22,10 +24,16 @@ from pathlib import Path
 
 from exgra_med.constants import RESEARCH_USE_NOTICE
 from exgra_med.conversation import GPT, HUMAN
-from exgra_med.data.images import ImageLoadError, image_header, load_image
+from exgra_med.data.images import ImageLoadError
 from exgra_med.model.options import DecodingOptions, ModelOptions
 from exgra_med.serve.batching import QueueFullError, ServerClosingError
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine, Message, PromptTooLongError
+from exgra_med.serve.image_memory import (
+    DEFAULT_MAX_IMAGE_MEMORY_MB,
+    ImageDecoder,
+    add_image_memory_limit,
+    server_decoder,
+)
 from exgra_med.serve.loading import load_engine_or_exit_code
 from exgra_med.serve.options import SERVE_MAX_NEW_TOKENS, add_serving_limits
 from exgra_med.serve.uploads import (
@@ -41,6 +49,7 @@ from exgra_med.serve.uploads import (
 logger = logging.getLogger(__name__)
 
 IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom"]
+PREVIEW_SIDE = 256  # the preview (240 pixels high) is decoded reduced to at least 3 x this on its shorter side
 EXAMPLE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm"}
 # Questions paired with the example images, by file stem (other examples get the default question).
 EXAMPLE_QUESTIONS = {
@@ -89,16 +98,19 @@ def _without_paths(message: str, path: str | None) -> str:
     return message
 
 
-def open_upload(path: str, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS):
-    """An uploaded file as an RGB image, after the API's checks (bytes, then the header's pixel count); failures
-    raise ImageLoadError with a message that names no server path."""
+@contextlib.contextmanager
+def open_upload(path: str, decoder: ImageDecoder, max_bytes: int = DEFAULT_MAX_BYTES,
+                side: int | None = None) -> Iterator:
+    """An uploaded file as an RGB image, after the API's checks (bytes, then the header's pixel count), decoded by
+    the API's `decoder` (its image memory budget held for the `with` block; reduced for the model, or for `side`);
+    failures raise ImageLoadError with a message that names no server path."""
     try:
         size = os.path.getsize(path)
         if size > max_bytes:
             raise ImageLoadError(f"image too large: {size} bytes > {max_bytes} (limit --max-image-bytes)")
-        image_header(path, max_pixels)
-        return load_image(path)
-    except (ImageLoadError, OSError) as e:
+        with decoder.open(path, side) as image:
+            yield image
+    except (ImageLoadError, UploadError, OSError) as e:
         raise ImageLoadError(_without_paths(str(e), path)) from None
 
 
@@ -121,18 +133,21 @@ def _uploads_only_blocks() -> type:
 
 def build_demo(engine: InferenceEngine, settings: GenerationSettings | None = None,
                examples_dir: Path | None = None, max_image_bytes: int = DEFAULT_MAX_BYTES,
-               max_pixels: int = DEFAULT_MAX_PIXELS):
-    """The Gradio Blocks app around `engine`, with the upload limits of the API."""
+               max_pixels: int = DEFAULT_MAX_PIXELS, max_image_memory_mb: int = DEFAULT_MAX_IMAGE_MEMORY_MB):
+    """The Gradio Blocks app around `engine`, with the upload limits of the API (images decoded within
+    `max_image_memory_mb`, `demo.image_decoder`)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr  # lazy: the `serve` extra
 
     settings = settings or GenerationSettings()
+    decoder = server_decoder(engine, max_pixels, max_image_memory_mb, engine.scheduler.max_queue)
 
     def preview(path: str | None):
         if not path:
             return None, []
         try:
-            return open_upload(path, max_image_bytes, max_pixels), []
+            with open_upload(path, decoder, max_image_bytes, PREVIEW_SIDE) as image:
+                return image, []
         except ImageLoadError as e:
             gr.Warning(f"Cannot read this image: {e}")
             return None, []
@@ -147,12 +162,19 @@ def build_demo(engine: InferenceEngine, settings: GenerationSettings | None = No
         history += [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
         yield "", history
         try:
-            image = open_upload(path, max_image_bytes, max_pixels) if path else None
+            if path:  # the image memory budget is held until the image is encoded for the model
+                with open_upload(path, decoder, max_image_bytes) as image:
+                    job = engine.submit(messages, image, settings)
+            else:
+                job = engine.submit(messages, None, settings)
             answer = ""
-            for piece in engine.stream(messages, image, settings):
-                answer += piece
-                history[-1] = {"role": "assistant", "content": answer}
-                yield "", history
+            try:
+                for piece in job.pieces():
+                    answer += piece
+                    history[-1] = {"role": "assistant", "content": answer}
+                    yield "", history
+            finally:
+                job.cancel()  # no-op when complete; stops the row when the user went away
         except ImageLoadError as e:
             history[-1] = {"role": "assistant", "content": f"(cannot read the image: {e})"}
             yield "", history
@@ -184,12 +206,14 @@ def build_demo(engine: InferenceEngine, settings: GenerationSettings | None = No
         send.click(respond, inputs=[question, image_file, chatbot], outputs=[question, chatbot])
         question.submit(respond, inputs=[question, image_file, chatbot], outputs=[question, chatbot])
         clear.click(list, outputs=chatbot)
+    demo.image_decoder = decoder
     return demo
 
 
 def launch_demo(engine: InferenceEngine, host: str = "127.0.0.1", port: int = 7860,
                 settings: GenerationSettings | None = None, examples_dir: Path | None = None,
-                max_image_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS):
+                max_image_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
+                max_image_memory_mb: int = DEFAULT_MAX_IMAGE_MEMORY_MB):
     """Build and start the demo in a background thread; returns (demo, local URL). `demo.close()` stops it and
     deletes its uploads (they go to a `PrivateFolder`, `demo.upload_dir`, shown to clients under an alias)."""
     from starlette.middleware import Middleware  # lazy: installed with gradio, the `serve` extra
@@ -197,7 +221,7 @@ def launch_demo(engine: InferenceEngine, host: str = "127.0.0.1", port: int = 78
     examples_dir = examples_dir if examples_dir is not None else default_examples_dir()
     folder = PrivateFolder("web")
     os.environ["GRADIO_TEMP_DIR"] = str(folder.path)  # read by Gradio when the app and its components are built
-    demo = build_demo(engine, settings, examples_dir, max_image_bytes, max_pixels)
+    demo = build_demo(engine, settings, examples_dir, max_image_bytes, max_pixels, max_image_memory_mb)
     demo.upload_dir = folder.path
     close = demo.close
 
@@ -231,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest accepted image upload")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest accepted canvas")
     add_serving_limits(p)
+    add_image_memory_limit(p)
     return p
 
 
@@ -252,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = None
     try:
         demo, url = launch_demo(engine, args.host, args.port, settings, examples, args.max_image_bytes,
-                                args.max_image_pixels)
+                                args.max_image_pixels, args.max_image_memory_mb)
         print(f"ExGra-Med demo on {url} (Ctrl-C to stop)", flush=True)
         demo.block_thread()
     finally:

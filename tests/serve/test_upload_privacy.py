@@ -98,21 +98,21 @@ def test_the_api_decodes_uploads_in_its_private_folder(tiny_model_dir, tmp_path,
     private root), never a file in the shared temporary folder, and the file goes once decoded."""
     from fastapi.testclient import TestClient
 
-    import exgra_med.serve.uploads as uploads
+    import exgra_med.serve.image_memory as image_memory
     from exgra_med.model.auto import LoadOptions
     from exgra_med.serve.api import create_app
     from exgra_med.serve.engine import GenerationSettings, InferenceEngine
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     seen: list[tuple[Path, int, int]] = []
-    load_image = uploads.load_image
+    load_image = image_memory.load_image
 
-    def recording_load_image(path):
+    def recording_load_image(path, side=None):
         path = Path(path)
         seen.append((path, _mode(path.parent), _mode(path.parent.parent)))
-        return load_image(path)
+        return load_image(path, side)
 
-    monkeypatch.setattr(uploads, "load_image", recording_load_image)
+    monkeypatch.setattr(image_memory, "load_image", recording_load_image)
     engine = InferenceEngine.from_path(str(tiny_model_dir), LoadOptions(device="cpu"))
     try:
         client = TestClient(create_app(engine, GenerationSettings(max_new_tokens=2)))
