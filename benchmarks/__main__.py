@@ -219,13 +219,13 @@ def report(quick: bool) -> str:
             "",
             bench_generate.markdown(gen_rows),
             "",
-            "## Serving: 8 concurrent requests against one (`python -m benchmarks.bench_serve`)",
+            "## Serving: a mixed stream of short and long requests, static against continuous batching "
+            "(`python -m benchmarks.bench_serve`)",
             "",
             bench_serve.markdown(serve_rows),
             "",
-            f"The engine decoded them in batches of up to {serve_rows[-1]['largest_batch']}; one after the other they "
-            "would cost about 8x. One thread: on this shared 2-core machine two threads made the small batched "
-            "matrix products of the tiny model ten times slower.",
+            f"Continuous batching ran up to {serve_rows[-1]['largest_batch']} rows at once. One thread: on this shared "
+            "2-core machine two threads made the small batched matrix products of the tiny model ten times slower.",
             "",
             "## Memory: peak RSS increase during two stage-2 steps, model already loaded (CPU)",
             "",

@@ -1,10 +1,13 @@
-"""Serving under concurrency: 8 simultaneous requests against one request, through the batching engine.
+"""Serving a mixed stream of short and long requests: static against continuous batching, in one run.
 
-A tiny random model is built offline. One request, then 8 requests sent at once from 8 threads (the way the API and
-web servers call the engine), each with the same fixed answer length; the median wall time of each is reported and
-their ratio (8 requests decoded one after the other would cost about 8x).
+A tiny random model is built offline. The same arrival schedule (long answers every so often, short ones in between,
+each with an image) is replayed against the engine with `batching="static"` and with `batching="continuous"`,
+alternately, from one thread per request (the way the API and web servers call the engine). Answers have fixed
+lengths (no stop string, no end of sequence). Reported per scheduler: the median and 95th-percentile latency of the
+short requests (submit to last token), the long ones' median, and the throughput (generated tokens over the time from
+the first arrival to the last answer); and each as a ratio to static batching.
 
-    python -m benchmarks.bench_serve [--quick]
+    python -m benchmarks.bench_serve [--quick] [--threads 1]
 """
 
 from __future__ import annotations
@@ -13,64 +16,126 @@ import argparse
 import dataclasses
 import statistics
 import tempfile
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-CONCURRENT = 8
+MODES = ("static", "continuous")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+    """The arrival schedule: a long request every `long_every` s, `shorts_per_long` short ones evenly in between."""
+
+    longs: int = 4
+    long_tokens: int = 256
+    short_tokens: int = 8
+    shorts_per_long: int = 4
+    long_every: float = 0.4
+
+    def arrivals(self) -> list[tuple[float, int]]:
+        """(seconds after the start, answer tokens) of every request, in arrival order."""
+        out = []
+        for i in range(self.longs):
+            start = i * self.long_every
+            out.append((start, self.long_tokens))
+            gap = self.long_every / (self.shorts_per_long + 1)
+            out += [(start + (j + 1) * gap, self.short_tokens) for j in range(self.shorts_per_long)]
+        return out
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def replay(engine, stream: Stream, image: Image.Image) -> dict[str, list[float] | float]:
+    """Send the stream's requests at their arrival times; latencies per request kind and the throughput."""
+    from exgra_med.serve.engine import GenerationSettings  # lazy: the benchmark imports the package when it runs
+
+    latencies: dict[int, list[float]] = {stream.long_tokens: [], stream.short_tokens: []}
+    tokens, lock, start = [], threading.Lock(), time.perf_counter()
+
+    def ask(at: float, n: int) -> None:
+        time.sleep(max(0.0, start + at - time.perf_counter()))
+        sent = time.perf_counter()
+        job = engine.submit([("human", f"Describe finding {n} in the image.")], image, GenerationSettings(n))
+        list(job.pieces())
+        with lock:
+            latencies[n].append(time.perf_counter() - sent)
+            tokens.append(len(job.generated))
+
+    threads = [threading.Thread(target=ask, args=arrival) for arrival in stream.arrivals()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    return {"short": latencies[stream.short_tokens], "long": latencies[stream.long_tokens],
+            "tokens_per_s": sum(tokens) / elapsed}
 
 
 def run(quick: bool = False, threads: int = 1) -> list[dict]:
-    """Rows for 1 and CONCURRENT requests: median seconds, and the ratio to one request."""
-    from exgra_med.model.auto import LoadOptions
-    from exgra_med.model.tiny import make_tiny_model
-    from exgra_med.serve.engine import GenerationSettings, InferenceEngine
+    """One row per scheduler: short-request p50/p95 latency, long p50, tokens/s, and their ratios to static."""
+    from exgra_med.model.auto import LoadOptions  # lazy: as above
+    from exgra_med.model.tiny import make_tiny_model  # lazy: as above
+    from exgra_med.serve.engine import InferenceEngine  # lazy: as above
 
     torch.set_num_threads(threads)
-    repeats, max_new_tokens = (2, 16) if quick else (7, 64)
+    stream = Stream(longs=2, long_tokens=48, long_every=0.15) if quick else Stream()
+    repeats = 1 if quick else 3
     with tempfile.TemporaryDirectory() as tmp:
         make_tiny_model(Path(tmp) / "model", seed=0)
-        engine = InferenceEngine.from_path(str(Path(tmp) / "model"), LoadOptions(device="cpu"),
-                                           max_batch_size=CONCURRENT)
-        # A template without a stop string and an EOS the model never reaches: every answer has the full length.
-        engine.backend.template = dataclasses.replace(engine.backend.template, stop_str="")
-        engine.tokenizer.eos_token_id = None
-        settings = GenerationSettings(max_new_tokens=max_new_tokens)
+        engines = {mode: InferenceEngine.from_path(str(Path(tmp) / "model"), LoadOptions(device="cpu"),
+                                                   max_batch_size=8, batching=mode) for mode in MODES}
+        backend = engines["static"].backend
+        for engine in engines.values():
+            engine.backend = backend
+        # A template without a stop string and an EOS the model never reaches: every answer has its full length.
+        backend.template = dataclasses.replace(backend.template, stop_str="")
+        backend.tokenizer.eos_token_id = None
         image = Image.new("RGB", (64, 48), (200, 30, 30))
-        questions = [f"Question {i}: what colour is the shape?" for i in range(CONCURRENT)]
-
-        def ask(question: str) -> str:
-            return engine.answer([("human", question)], image, settings)
-
-        ask(questions[0])  # warm-up
-        rows = []
-        for n in (1, CONCURRENT):
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                with ThreadPoolExecutor(max_workers=n) as pool:
-                    list(pool.map(ask, questions[:n]))
-                times.append(time.perf_counter() - start)
-            rows.append({"benchmark": "serve", "requests": n, "max_new_tokens": max_new_tokens, "threads": threads,
-                         "repeats": repeats, "seconds": round(statistics.median(times), 3)})
-        batches = list(engine.scheduler.batch_sizes)
-        engine.close()
+        results: dict[str, list[dict]] = {mode: [] for mode in MODES}
+        replay(engines["continuous"], Stream(longs=1, long_tokens=8, shorts_per_long=1), image)  # warm-up
+        for _ in range(repeats):
+            for mode in MODES:  # alternate, so that both see the same disturbances of a shared machine
+                results[mode].append(replay(engines[mode], stream, image))
+        largest = engines["continuous"].scheduler.largest_batch
+        for engine in engines.values():
+            engine.close()
+    rows = []
+    for mode in MODES:
+        shorts = [x for r in results[mode] for x in r["short"]]
+        longs = [x for r in results[mode] for x in r["long"]]
+        rows.append({"benchmark": "serve", "batching": mode, "threads": threads, "repeats": repeats,
+                     "requests": len(stream.arrivals()), "long_tokens": stream.long_tokens,
+                     "short_tokens": stream.short_tokens,
+                     "short_p50_s": statistics.median(shorts), "short_p95_s": _percentile(shorts, 0.95),
+                     "long_p50_s": statistics.median(longs),
+                     "tokens_per_s": statistics.median(r["tokens_per_s"] for r in results[mode])})
+    base = rows[0]
     for row in rows:
-        row["ratio_to_one"] = round(row["seconds"] / rows[0]["seconds"], 2)
-    rows[-1]["largest_batch"] = max(batches)
+        for key in ("short_p50_s", "short_p95_s", "tokens_per_s"):
+            row[f"{key}_vs_static"] = round(row[key] / base[key], 3)
+    rows[-1]["largest_batch"] = largest
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
     """The rows as a markdown table."""
-    lines = ["| concurrent requests | new tokens each | threads | median s | time / one request |",
-             "|---:|---:|---:|---:|---:|"]
+    r0 = rows[0]
+    lines = [f"{r0['requests']} requests per round ({r0['long_tokens']}-token and {r0['short_tokens']}-token answers), "
+             f"{r0['repeats']} rounds per scheduler, {r0['threads']} thread(s).", "",
+             "| batching | short p50 s | short p95 s | long p50 s | tokens/s | short p50 / static | "
+             "short p95 / static | throughput / static |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['requests']} | {r['max_new_tokens']} | {r['threads']} | {r['seconds']:.2f} | "
-                     f"{r['ratio_to_one']:.2f}x |")
+        lines.append(f"| {r['batching']} | {r['short_p50_s']:.3f} | {r['short_p95_s']:.3f} | {r['long_p50_s']:.3f} | "
+                     f"{r['tokens_per_s']:.0f} | {r['short_p50_s_vs_static']:.2f}x | "
+                     f"{r['short_p95_s_vs_static']:.2f}x | {r['tokens_per_s_vs_static']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -81,4 +146,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     result = run(quick=args.quick, threads=args.threads)
     print(markdown(result))
-    print(f"\nlargest batch: {result[-1]['largest_batch']}; one after the other would be about {CONCURRENT}x")
+    print(f"\nlargest continuous batch: {result[-1]['largest_batch']} rows")

@@ -85,7 +85,13 @@ class ContinuousScheduler(Scheduler):
                 for job in rows:
                     finish_job(job, "length")
                 return
-            rows, state, pending = self._step(rows, state, pending, joining)
+            try:
+                rows, state, pending = self._step(rows, state, pending, joining)
+            except Exception as e:  # noqa: BLE001 - merging the rows failed: their consumers re-raise it
+                logger.exception("continuous batching failed for %d rows", len(rows) + len(joining))
+                for job in rows + joining:
+                    fail_job(job, e)
+                rows, state, pending = [], None, None
             self.largest_batch = max(self.largest_batch, len(rows))
 
     @torch.inference_mode()

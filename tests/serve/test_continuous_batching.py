@@ -115,6 +115,27 @@ def test_greedy_answers_equal_single_requests_when_rows_join_and_leave_mid_fligh
     assert engine.scheduler.largest_batch >= 2
 
 
+def test_a_failed_prefill_fails_the_joining_request_only(engine, monkeypatch):
+    long = engine.submit([("human", QUESTIONS[2])], None, LONG)
+    assert long.next_piece() is not None
+    prefill = engine.backend.prefill
+
+    def broken(prompts):
+        raise RuntimeError("prefill broke")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.backend, "prefill", broken)
+        with pytest.raises(RuntimeError, match="prefill broke"):
+            list(engine.submit([("human", QUESTIONS[0])], None, GenerationSettings(max_new_tokens=3)).pieces())
+    assert engine.backend.prefill == prefill
+    short = engine.submit([("human", QUESTIONS[0])], None, GenerationSettings(max_new_tokens=3))
+    assert "".join(short.pieces()) == engine.answer([("human", QUESTIONS[0])], None, GenerationSettings(3))
+    assert not long.done  # the running row went on through both
+    long.cancel()
+    list(long.pieces())
+    assert long.finish_reason == "cancelled"
+
+
 def test_close_ends_running_rows_and_refuses_waiting_and_new_jobs(engine):
     small = InferenceEngine(engine.backend, max_batch_size=1)
     running = small.submit([("human", QUESTIONS[0])], None, GenerationSettings(max_new_tokens=2000,
@@ -149,9 +170,9 @@ def _start(model_dir, *flags: str) -> tuple[subprocess.Popen, str]:
 
 def test_server_answers_a_short_request_while_a_long_one_decodes(tiny_model_dir):
     """The short request is answered, with the answer it gets alone, before the long one's stream ends: with static
-    batching it would wait for the long one's 400 tokens."""
-    proc, url = _start(tiny_model_dir, "--max-new-tokens", "400")
-    long = {"messages": [{"role": "user", "content": "Describe the image."}], "max_tokens": 400, "min_tokens": 400,
+    batching it would wait for the long one's 200 tokens."""
+    proc, url = _start(tiny_model_dir, "--max-new-tokens", "200")
+    long = {"messages": [{"role": "user", "content": "Describe the image."}], "max_tokens": 200, "min_tokens": 200,
             "stream": True}
     short = {"messages": [{"role": "user", "content": QUESTIONS[0]}], "max_tokens": 3}
     try:
