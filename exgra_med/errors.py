@@ -3,11 +3,14 @@
 `UserError` (a `ValueError`) is raised for what the user can fix: a missing file, a malformed record, a bad flag
 value. The `exgra-med` dispatcher prints such errors as one line and exits with `USER_ERROR_EXIT_CODE`; anything
 else is treated as a bug and shown with its traceback. `--debug` (or `EXGRA_MED_DEBUG=1`) always shows tracebacks.
+Every command's `--help` is formatted by `HelpFormatter`, so that each option shows its default once.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 from pathlib import Path
 
 USER_ERROR_EXIT_CODE = 2
@@ -57,3 +60,31 @@ def one_line(error: BaseException) -> str:
     else:
         text = str(error) or type(error).__name__
     return " ".join(text.split())
+
+
+# A help text that states its default in its own words ("default: the checkpoint's", "env X, default 6").
+_STATES_DEFAULT = re.compile(r"\bdefaults?\b|%\(default\)", re.IGNORECASE)
+_FLAG_ACTIONS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction,
+                 argparse._CountAction, argparse._HelpAction, argparse._VersionAction)
+
+
+def shows_default(action: argparse.Action) -> bool:
+    """Whether `action`'s default means something to show: not None, False, empty or SUPPRESS, not an on/off flag's,
+    not a required positional's."""
+    default = action.default
+    if default is None or default is False or default is argparse.SUPPRESS or isinstance(action, _FLAG_ACTIONS):
+        return False
+    if isinstance(default, (str, list, tuple, dict)) and not default:
+        return False
+    return bool(action.option_strings) or action.nargs in ("?", "*")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """The `--help` formatter of every command: argparse's, with " (default: X)" after the help of each option whose
+    default means something (`shows_default`) and whose help does not already state it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if _STATES_DEFAULT.search(text) or not shows_default(action):
+            return text
+        return f"{text} (default: %(default)s)"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from exgra_med.constants import GPT, HUMAN
+from exgra_med.errors import HelpFormatter
 from exgra_med.io import read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
 from exgra_med.llm_client import (
     InvalidReply,
@@ -181,7 +182,7 @@ def _parser() -> argparse.ArgumentParser:
     """The command's own flags; `run_job_command` adds the API ones."""
     p = argparse.ArgumentParser(
         prog=f"exgra-med {COMMAND}", description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--original_instruction_fpath", required=True, help="instruct records (.json or .jsonl)")
     p.add_argument("--system_prompt_fpath", default=None, help="system prompt (default: the shipped one)")

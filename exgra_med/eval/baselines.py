@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from exgra_med.data.records import question_text
+from exgra_med.errors import HelpFormatter
 from exgra_med.eval.metrics import load_predictions, reference_answer, score_vqa
 from exgra_med.io import read_json
 
@@ -117,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     [--pred answers.jsonl]`."""
     parser = argparse.ArgumentParser(
         prog="exgra-med vqa-baselines", description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--train", required=True, help="training records (the answer statistics)")
     parser.add_argument("--test", required=True, help="test records (the questions scored)")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from exgra_med.constants import DEFAULT_IMAGE_TOKEN
+from exgra_med.errors import HelpFormatter
 from exgra_med.io import read_jsonl, write_json_atomic, write_jsonl_atomic
 from exgra_med.llm_client import InvalidReply, ItemContext, RunResult, failures_path_for, progress_path_for
 from exgra_med.llm_client.chat import chat_request
@@ -177,7 +178,7 @@ def _parser() -> argparse.ArgumentParser:
     """The command's own flags; `run_job_command` adds the API ones."""
     p = argparse.ArgumentParser(
         prog=f"exgra-med {COMMAND}", description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--question-file", required=True, help="questions (JSON lines, LLaVA-Med qa50 format)")
     p.add_argument("--answers", required=True, help="model answers (JSON lines: question_id, text)")
@@ -187,11 +188,11 @@ def _parser() -> argparse.ArgumentParser:
         help="reference answers (JSONL: question_id + gpt4_answer/answer/text; default: --question-file)",
     )
     p.add_argument("--out", required=True, help="folder for reviews.jsonl, summary.json and the progress log")
-    p.add_argument("--judge-model", default=DEFAULT_JUDGE)
+    p.add_argument("--judge-model", default=DEFAULT_JUDGE, help="model id of the LLM judge")
     p.add_argument("--resume", action="store_true", help="continue the reviews already in --out")
     p.add_argument("--keep-failed", action="store_true", help="on resume, do not retry failed questions")
-    p.add_argument("--temperature", type=float, default=0.2)
-    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--temperature", type=float, default=0.2, help="sampling temperature of the judge")
+    p.add_argument("--max-tokens", type=int, default=1024, help="longest review the judge may write, in tokens")
     return p
 
 

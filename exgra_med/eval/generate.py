@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from exgra_med.constants import DEFAULT_IMAGE_TOKEN
 from exgra_med.data.images import DEFAULT_ASPECT_RATIO
 from exgra_med.data.records import question_text
-from exgra_med.errors import UserError, one_line
+from exgra_med.errors import HelpFormatter, UserError, one_line
 from exgra_med.eval.launch import check_answers_file, get_chunk, read_answer_lines
 from exgra_med.io import read_json
 from exgra_med.model.auto import (
@@ -375,13 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The flags of `exgra-med generate-vqa`."""
     parser = argparse.ArgumentParser(
         prog="exgra-med generate-vqa", description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_answer_arguments(parser)
     parser.add_argument("--question-file", required=True, help="VQA records (JSON list), e.g. test.json")
     parser.add_argument("--answers-file", required=True, help="JSON-lines output; a rerun resumes it")
-    parser.add_argument("--num-chunks", type=int, default=1)
-    parser.add_argument("--chunk-idx", type=int, default=0)
+    parser.add_argument("--num-chunks", type=int, default=1, help="split the questions into this many chunks")
+    parser.add_argument("--chunk-idx", type=int, default=0, help="the chunk this run answers (0-based)")
     parser.add_argument("--restart", action="store_true",
                         help="replace an existing answers file instead of resuming it")
     return parser

@@ -23,7 +23,7 @@ from typing import Any
 from PIL import Image
 
 from exgra_med.data.images import load_image
-from exgra_med.errors import UserError
+from exgra_med.errors import HelpFormatter, UserError
 from exgra_med.eval.baselines import format_comparison, majority_predictions, question_prior_predictions, summarize
 from exgra_med.eval.generate import (
     add_answer_arguments,
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The flags of `exgra-med grounding-audit`."""
     parser = argparse.ArgumentParser(
         prog="exgra-med grounding-audit", description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_answer_arguments(parser)
     parser.add_argument("--question-file", required=True, help="VQA records (JSON list), e.g. test.json")

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from exgra_med.errors import UserError
+from exgra_med.errors import HelpFormatter, UserError
 from exgra_med.io import read_json, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ def run_chunks(
 def main(argv: Sequence[str] | None = None) -> int:
     """`exgra-med generate-vqa-multi --num-chunks K --question-file F --answers-file F [generate-vqa flags]`."""
     parser = argparse.ArgumentParser(
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         prog="exgra-med generate-vqa-multi",
         description=__doc__.splitlines()[0],
         allow_abbrev=False,

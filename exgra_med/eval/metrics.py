@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from exgra_med.errors import UserError
+from exgra_med.errors import HelpFormatter, UserError
 from exgra_med.eval.glossary import normalize_word
 from exgra_med.io import read_json, read_jsonl, write_json_atomic
 
@@ -241,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`exgra-med score --gt test.json --pred answers.jsonl --candidate candidate.json [--json OUT]`."""
     parser = argparse.ArgumentParser(
         prog="exgra-med score", description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--gt", required=True, help="VQA test json (list of records)")
     parser.add_argument("--pred", required=True, help="answers JSON-lines file")

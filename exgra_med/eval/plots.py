@@ -21,6 +21,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from exgra_med.errors import HelpFormatter
 from exgra_med.io import atomic_file, read_json
 
 logger = logging.getLogger(__name__)
@@ -146,18 +147,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`exgra-med plot losses RUN_DIR [--out PNG]` or `exgra-med plot efficiency CSV [--out PNG]`."""
     parser = argparse.ArgumentParser(
         prog="exgra-med plot", description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     sub = parser.add_subparsers(dest="kind", required=True)
-    losses = sub.add_parser("losses", help="loss curves of a training run")
+    losses = sub.add_parser("losses", help="loss curves of a training run", formatter_class=HelpFormatter)
     losses.add_argument("run_dir", type=Path)
     efficiency = sub.add_parser(
-        "efficiency", aliases=["data-efficiency"], help="score vs. fraction of pre-training data (mean +- std)"
+        "efficiency", aliases=["data-efficiency"], help="score vs. fraction of pre-training data (mean +- std)",
+        formatter_class=HelpFormatter,
     )
     efficiency.add_argument("csv", type=Path)
     for p in (losses, efficiency):
         p.add_argument("--out", type=Path, default=None, help="output PNG")
-        p.add_argument("--dpi", type=int, default=100)
+        p.add_argument("--dpi", type=int, default=100, help="resolution of the PNG")
     args = parser.parse_args(argv)
     if args.kind == "losses":
         path = plot_losses(args.run_dir, args.out, args.dpi)

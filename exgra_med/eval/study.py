@@ -21,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from exgra_med.errors import HelpFormatter
 from exgra_med.io import read_json, write_json_atomic, write_text_atomic
 
 METHOD_NAMES = {"llava_med": "LLaVA-Med (alignment off)", "exgra_med": "ExGra-Med"}
@@ -182,10 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="exgra-med data-efficiency",
         description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    rec = sub.add_parser("record", help="write one cell's result file")
+    rec = sub.add_parser("record", help="write one cell's result file", formatter_class=HelpFormatter)
     rec.add_argument("--out", required=True)
     rec.add_argument("--method", required=True, choices=sorted(METHOD_NAMES))
     rec.add_argument("--fraction", required=True, type=float, help="percentage of the pre-training data")
@@ -194,7 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rec.add_argument("--stage2-audit", default=None, help="grounding-audit JSON of the stage-2 model")
     rec.add_argument("--seconds", nargs="*", default=[], metavar="STEP=S")
     rec.add_argument("--setting", nargs="*", default=[], metavar="KEY=VALUE")
-    summ = sub.add_parser("summarize", help="table.md, cells.csv and figure.png from the cell files")
+    summ = sub.add_parser("summarize", help="table.md, cells.csv and figure.png from the cell files",
+                          formatter_class=HelpFormatter)
     summ.add_argument("--cells", required=True, help="folder of cell result files")
     summ.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)

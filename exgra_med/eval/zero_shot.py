@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from exgra_med.constants import DEFAULT_IMAGE_TOKEN
+from exgra_med.errors import HelpFormatter
 from exgra_med.eval.generate import add_answer_arguments, answer_kwargs, answer_records, load_model, read_answer_lines
 from exgra_med.io import read_json, write_json_atomic
 from exgra_med.model.backend import Backend
@@ -163,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The flags of `exgra-med zero-shot`."""
     parser = argparse.ArgumentParser(
         prog="exgra-med zero-shot", description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_answer_arguments(parser, max_new_tokens=256, temperature=0.7)  # the reference's sampling
     parser.add_argument("--question-file", required=True, help="an OmniMedVQA json file, or a folder of them")

@@ -46,7 +46,7 @@ def add_api_arguments(parser: argparse.ArgumentParser, default_concurrency: int 
     )
     g.add_argument("--seed", type=int, default=0, help="seed of the backoff jitter")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
 
 
 @dataclass

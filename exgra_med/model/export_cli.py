@@ -18,7 +18,7 @@ from transformers import LlavaImageProcessor, LlavaProcessor
 from exgra_med.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
 from exgra_med.conversation import get_template
 from exgra_med.data.images import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
-from exgra_med.errors import one_line
+from exgra_med.errors import HelpFormatter, one_line
 from exgra_med.model.auto import choose_setting, recorded_settings
 from exgra_med.model.checkpoint import check_output_dir, load_model, staged_output_dir
 from exgra_med.model.export import check_exportable, to_hf_llava
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     model group (`exgra_med.model.options.ModelOptions`)."""
     p = argparse.ArgumentParser(
         prog="exgra-med export-hf", description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--in", dest="src", required=True, help="ExGra-Med checkpoint (or reference-layout) folder")
     p.add_argument("--out", required=True, help="output folder (transformers LlavaForConditionalGeneration)")

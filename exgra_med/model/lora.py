@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from exgra_med.errors import one_line
+from exgra_med.errors import HelpFormatter, one_line
 from exgra_med.io import read_json
 from exgra_med.model.checkpoint import check_output_dir, read_weights, staged_output_dir, write_json, write_weights
 from exgra_med.model.quantization import dequantize_bnb_state
@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI: exgra-med merge-lora --in CHECKPOINT_DIR --out DIR [--lora-alpha 16] [--rslora]."""
     p = argparse.ArgumentParser(
         prog="exgra-med merge-lora", description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--in", dest="src", required=True, help="checkpoint-N folder of a --lora_enable run")
     p.add_argument("--out", required=True, help="output folder (plain ExGra-Med checkpoint)")

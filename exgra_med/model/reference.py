@@ -21,6 +21,7 @@ import torch
 from transformers import LlamaConfig, PreTrainedConfig, PreTrainedTokenizerBase
 
 from exgra_med.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
+from exgra_med.errors import HelpFormatter
 from exgra_med.model.checkpoint import check_output_dir, load_model, staged_output_dir
 from exgra_med.model.config import ExGraMedConfig
 from exgra_med.model.connector import connector_input_dim
@@ -184,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI: exgra-med convert --from reference --in DIR --vision-tower DIR --out DIR."""
     p = argparse.ArgumentParser(
         prog="exgra-med convert", description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--from", dest="source", choices=("reference",), default="reference", help="source layout")
     p.add_argument("--in", dest="src", required=True, help="reference checkpoint folder (LlavaLlamaForCausalLM)")

@@ -28,6 +28,7 @@ from transformers import (
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from exgra_med.errors import HelpFormatter
 from exgra_med.model.loading import ConnectorOptions, build_from_parts
 from exgra_med.model.native.tiny import ARCHES, TinySize, make_tiny_vlm
 from exgra_med.model.tokenizer import build_word_tokenizer, default_corpus
@@ -158,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     [--vision clip|biomedclip] [--llm llama|mistral|qwen2]."""
     p = argparse.ArgumentParser(
         prog="exgra-med make-tiny-model", description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--arch", choices=("llava", *ARCHES), default="llava",
@@ -170,12 +171,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--patch-size", type=int, default=8, help="(llava)")
     p.add_argument("--hidden", type=int, default=None, help="LLM hidden size (default: 128 llava, 64 native)")
     p.add_argument("--layers", type=int, default=2, help="LLM layers")
-    p.add_argument("--vision-hidden", type=int, default=None, help="default: 128 llava, 32 native")
-    p.add_argument("--vision-layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vision-hidden", type=int, default=None, help="vision hidden size (default: 128 llava, 32 native)")
+    p.add_argument("--vision-layers", type=int, default=2, help="vision layers")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--projector", default="mlp2x_gelu", help="mm_projector_type of the assembled model")
-    p.add_argument("--dense-connector", default="none", choices=("none", "sti", "sci", "dci"))
+    p.add_argument("--dense-connector", default="none", choices=("none", "sti", "sci", "dci"),
+                   help="mm_dense_connector_type of the assembled model")
     p.add_argument("--no-im-start-end", action="store_true", help="plain image placeholder (no <im_start>/<im_end>)")
     args = p.parse_args(argv)
     if args.arch != "llava":

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from exgra_med.conversation import GPT, HUMAN
-from exgra_med.errors import UserError
+from exgra_med.errors import HelpFormatter, UserError
 from exgra_med.model.options import DecodingOptions, ModelOptions
 from exgra_med.serve.batching import Job, QueueFullError, ServerClosingError
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine, Message, PromptTooLongError
@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The flags of `exgra-med serve-api`."""
     p = argparse.ArgumentParser(
         prog="exgra-med serve-api", description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     ModelOptions.add_arguments(p)
     DecodingOptions.add_arguments(p, max_new_tokens=SERVE_MAX_NEW_TOKENS)

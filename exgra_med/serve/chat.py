@@ -18,7 +18,7 @@ from PIL import Image
 from exgra_med.constants import RESEARCH_USE_NOTICE
 from exgra_med.conversation import GPT, HUMAN
 from exgra_med.data.images import ImageLoadError, load_image
-from exgra_med.errors import one_line
+from exgra_med.errors import HelpFormatter, one_line
 from exgra_med.model.options import DecodingOptions, ModelOptions
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine, Message
 from exgra_med.serve.loading import LOAD_ERROR_EXIT_CODE, load_engine
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The flags of `exgra-med chat`."""
     p = argparse.ArgumentParser(
         prog=PROG, description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     ModelOptions.add_arguments(p)
     DecodingOptions.add_arguments(p, max_new_tokens=SERVE_MAX_NEW_TOKENS)

@@ -25,6 +25,7 @@ from pathlib import Path
 from exgra_med.constants import RESEARCH_USE_NOTICE
 from exgra_med.conversation import GPT, HUMAN
 from exgra_med.data.images import ImageLoadError
+from exgra_med.errors import HelpFormatter
 from exgra_med.model.options import DecodingOptions, ModelOptions
 from exgra_med.serve.batching import QueueFullError, ServerClosingError
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine, Message, PromptTooLongError
@@ -245,12 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The flags of `exgra-med web`."""
     p = argparse.ArgumentParser(
         prog="exgra-med web", description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     ModelOptions.add_arguments(p)
     DecodingOptions.add_arguments(p, max_new_tokens=SERVE_MAX_NEW_TOKENS)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=int, default=7860, help="port to listen on")
     p.add_argument("--examples-dir", default=None, help="folder of example images (default: the repo's assets/)")
     p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest accepted image upload")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest accepted canvas")

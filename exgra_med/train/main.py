@@ -18,7 +18,7 @@ import torch
 import transformers
 from transformers import HfArgumentParser, set_seed
 
-from exgra_med.errors import UserError
+from exgra_med.errors import HelpFormatter, UserError
 from exgra_med.io import read_json
 from exgra_med.model.auto import model_family, resolve_model_path
 from exgra_med.model.liger import check_liger, llm_model_type
@@ -50,7 +50,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ModelArguments, DataArgument
 
 def parse_args_and_recipe(argv: Sequence[str] | None) -> tuple[tuple, dict]:
     """((model, data, training arguments), the resolved recipe to record in the output folder)."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog="exgra-med train")
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog="exgra-med train",
+                              formatter_class=HelpFormatter)
     try:
         return parse_with_recipe(parser, list(argv) if argv is not None else sys.argv[1:])
     except RecipeError:  # a bad recipe file or an unknown flag: one line through the CLI's error handler

@@ -11,6 +11,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from exgra_med.errors import HelpFormatter
+
 # command-line name -> module under exgra_med.data.prepare
 DATASETS: dict[str, str] = {
     "easy-vqa": "easy_vqa",
@@ -24,7 +26,7 @@ DATASETS: dict[str, str] = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch `prepare <dataset> [args]` to that data set's `main`; returns the exit code."""
     parser = argparse.ArgumentParser(
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         prog="exgra-med prepare",
         description="Turn a raw data set into training / VQA records. "
         "Run `exgra-med prepare <dataset> --help` for the options of one data set.",

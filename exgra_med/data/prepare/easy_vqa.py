@@ -31,6 +31,7 @@ from PIL import Image
 
 from exgra_med.constants import DEFAULT_IMAGE_TOKEN
 from exgra_med.data.prepare.vqa import is_yes_no, make_vqa_record, split_train_val, write_vqa_outputs
+from exgra_med.errors import HelpFormatter
 from exgra_med.io import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -248,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI: `exgra-med prepare easy-vqa --out DIR [--max-images N] [--seed S] [--image-size PX]`."""
     parser = argparse.ArgumentParser(
         prog="exgra-med prepare easy-vqa", description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--max-images", type=int, default=None, help="at most this many images per split")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from exgra_med.data.extend import conversation_of, load_instruction_records
+from exgra_med.errors import HelpFormatter
 from exgra_med.io import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`exgra-med merge-extended --original F --extended F --out F [--allow-missing]`."""
     p = argparse.ArgumentParser(
         prog="exgra-med merge-extended", description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--original", required=True, help="instruct records (.json / .jsonl)")
     p.add_argument("--extended", required=True, help="output of extend-captions")

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from exgra_med.data.prepare.vqa import require
+from exgra_med.errors import HelpFormatter
 from exgra_med.io import read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Convert every OmniMedVQA JSON file under --raw (or one file) into --out."""
     parser = argparse.ArgumentParser(
         prog="exgra-med prepare omnimedvqa", description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--raw", required=True, type=Path, help="a QA_information folder or one .json file")
     parser.add_argument("--out", required=True, type=Path, help="output folder")

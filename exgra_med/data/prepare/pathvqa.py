@@ -39,6 +39,7 @@ from exgra_med.data.prepare.vqa import (
     split_train_val,
     write_vqa_outputs,
 )
+from exgra_med.errors import HelpFormatter
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Convert PathVQA (pickles or parquet) into train/val/test.json, candidate.json and images/."""
     parser = argparse.ArgumentParser(
         prog="exgra-med prepare pathvqa", description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_common_arguments(parser, val_fraction=0.1)
     parser.add_argument("--images", type=Path, default=None, help="image folder of the pickle release")

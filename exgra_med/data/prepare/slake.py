@@ -26,6 +26,7 @@ from exgra_med.data.prepare.vqa import (
     split_train_val,
     write_vqa_outputs,
 )
+from exgra_med.errors import HelpFormatter
 from exgra_med.io import read_json
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Convert a SLAKE release into train.json, val.json, test.json, candidate.json and images/."""
     parser = argparse.ArgumentParser(
         prog="exgra-med prepare slake", description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_common_arguments(parser, val_fraction=0.1)
     parser.add_argument("--images", type=Path, default=None, help="image folder (default: RAW/imgs)")

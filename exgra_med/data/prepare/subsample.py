@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from exgra_med.constants import DEFAULT_IMAGE_TOKEN
+from exgra_med.errors import HelpFormatter
 from exgra_med.io import read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`exgra-med subsample --in F --out F (--fraction X | --shots K [--per ...]) [--seed S]`."""
     parser = argparse.ArgumentParser(
         prog="exgra-med subsample", description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--in", dest="inp", required=True, type=Path, help="JSON list of records")
     parser.add_argument("--out", required=True, type=Path, help="output JSON file")
@@ -106,8 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode.add_argument("--shots", type=int, help="keep this many records per group")
     mode.add_argument("--balance-yes-no", action="store_true",
                       help="keep open records, and per yes/no question text as many yes as no records")
-    parser.add_argument("--per", choices=("answer_type", "answer"), default="answer_type")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per", choices=("answer_type", "answer"), default="answer_type",
+                        help="the groups --shots counts in: answer type (open/closed) or answer")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random choice")
     args = parser.parse_args(argv)
     records = read_json(args.inp)
     if not isinstance(records, list):

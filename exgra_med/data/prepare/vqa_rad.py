@@ -28,6 +28,7 @@ from exgra_med.data.prepare.vqa import (
     split_train_val,
     write_vqa_outputs,
 )
+from exgra_med.errors import HelpFormatter
 from exgra_med.io import read_json
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Convert a VQA-RAD release into train.json, val.json, test.json, candidate.json and images/."""
     parser = argparse.ArgumentParser(
         prog="exgra-med prepare vqa-rad", description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_common_arguments(parser, val_fraction=0.25)
     parser.add_argument("--val-size", type=int, default=None, help="val count (overrides --val-fraction)")
