@@ -30,14 +30,12 @@ from exgra_med.model.options import DecodingOptions, ModelOptions
 from exgra_med.serve.batching import Job, QueueFullError, ServerClosingError
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine, Message, PromptTooLongError
 from exgra_med.serve.image_memory import (
-    DEFAULT_MAX_IMAGE_MEMORY_MB,
     ImageDecoder,
     ImageMemoryBusyError,
-    add_image_memory_limit,
     server_decoder,
 )
 from exgra_med.serve.loading import load_engine_or_exit_code
-from exgra_med.serve.options import SERVE_MAX_NEW_TOKENS, add_serving_limits
+from exgra_med.serve.options import DEFAULT_MAX_IMAGE_MEMORY_MB, SERVE_MAX_NEW_TOKENS, add_serving_limits
 from exgra_med.serve.uploads import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
@@ -337,7 +335,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest request body in bytes; when unset, a base64 image of --max-image-bytes and 1 MiB")
     p.add_argument("--max-messages", type=int, default=DEFAULT_MAX_MESSAGES, help="most messages in a request")
     add_serving_limits(p)
-    add_image_memory_limit(p)
     return p
 
 

@@ -5,15 +5,14 @@ sent, ~0.5 GB at its peak), and servers decode requests in parallel before the g
 image a server decodes first reserves, from its header, the bytes its decode holds at the peak (`plan_decode`) and
 those its preprocessing will hold (`PREPROCESS_BYTES_PER_PIXEL` of the image the processor gets), against one budget
 (`--max-image-memory-mb`), and keeps them until the request is encoded for the model. A request that does not fit
-waits, first come first served, up to `WAIT_S`; then it is refused with HTTP 429 and `Retry-After` (as TGI answers an
-overloaded server), and so is a request that finds `--max-queue` others already waiting. An image that alone needs more
-than the whole budget gets a 413. Images are decoded only as large as the model's processor needs (`load_image`'s
-`side`), and memory freed by decoding goes back to the system (`release_freed_memory`).
+waits, first come first served, up to `IMAGE_MEMORY_WAIT_S` (30 s); then it is refused with HTTP 429 and `Retry-After`
+(as TGI answers an overloaded server), and so is a request that finds `--max-queue` others already waiting. An image
+that alone needs more than the whole budget gets a 413. Images are decoded only as large as the model's processor
+needs (`load_image`'s `side`), and memory freed by decoding goes back to the system (`release_freed_memory`).
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import ctypes
@@ -35,13 +34,11 @@ from exgra_med.data.images import (
     plan_decode,
     processor_input_side,
 )
+from exgra_med.serve.options import DEFAULT_MAX_IMAGE_MEMORY_MB, IMAGE_MEMORY_WAIT_S
 from exgra_med.serve.uploads import UploadError
 
 logger = logging.getLogger(__name__)
 
-# About five of the largest images the default --max-image-pixels admits (40 Mpx RGB: ~170 MB, reduced for the model).
-DEFAULT_MAX_IMAGE_MEMORY_MB = 1024
-WAIT_S = 30.0  # how long a request waits for the budget before a 429: a burst on few cores decodes for seconds
 RETRY_AFTER_S = 1
 # What an image processor holds per pixel of the image it gets (CLIP: a uint8 array, float32 copies while it
 # rescales and normalises; measured ~9 bytes a pixel, rounded up).
@@ -49,16 +46,8 @@ PREPROCESS_BYTES_PER_PIXEL = 16
 MB = 1024 * 1024
 
 
-def add_image_memory_limit(p: argparse.ArgumentParser) -> None:
-    """--max-image-memory-mb, the image memory budget of the `web` and `serve-api` servers."""
-    p.add_argument("--max-image-memory-mb", type=int, default=DEFAULT_MAX_IMAGE_MEMORY_MB,
-                   help="memory the server spends on decoding and preprocessing images at once; a request beyond it "
-                   f"waits up to {WAIT_S:g} s, then gets HTTP 429 / a busy message (an image that alone needs more "
-                   "gets HTTP 413)")
-
-
 class ImageMemoryBusyError(UploadError):
-    """No room in the image memory budget within `WAIT_S` (HTTP 429, retry after `retry_after` seconds)."""
+    """No room in the image memory budget within `IMAGE_MEMORY_WAIT_S` (HTTP 429, retry after `retry_after` seconds)."""
 
     def __init__(self, message: str, retry_after: int = RETRY_AFTER_S):
         super().__init__(message, status=429)
@@ -73,7 +62,7 @@ class ImageMemoryBudget:
     seconds or when `max_waiting` requests wait already; `n > limit` raises an `UploadError` (413) at once.
     """
 
-    def __init__(self, limit: int, wait_s: float = WAIT_S, max_waiting: int = 32):
+    def __init__(self, limit: int, wait_s: float = IMAGE_MEMORY_WAIT_S, max_waiting: int = 32):
         if limit < 1:
             raise ValueError(f"the image memory budget must be >= 1 byte, got {limit}")
         self.limit, self.wait_s, self.max_waiting = int(limit), wait_s, max_waiting

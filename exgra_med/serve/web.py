@@ -30,13 +30,11 @@ from exgra_med.model.options import DecodingOptions, ModelOptions
 from exgra_med.serve.batching import QueueFullError, ServerClosingError
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine, Message, PromptTooLongError
 from exgra_med.serve.image_memory import (
-    DEFAULT_MAX_IMAGE_MEMORY_MB,
     ImageDecoder,
-    add_image_memory_limit,
     server_decoder,
 )
 from exgra_med.serve.loading import load_engine_or_exit_code
-from exgra_med.serve.options import SERVE_MAX_NEW_TOKENS, add_serving_limits
+from exgra_med.serve.options import DEFAULT_MAX_IMAGE_MEMORY_MB, SERVE_MAX_NEW_TOKENS, add_serving_limits
 from exgra_med.serve.uploads import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
@@ -256,7 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest accepted image upload")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest accepted canvas")
     add_serving_limits(p)
-    add_image_memory_limit(p)
     return p
 
 
