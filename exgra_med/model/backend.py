@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from exgra_med.constants import GPT, HUMAN
 from exgra_med.conversation import ConversationTemplate
@@ -190,6 +190,19 @@ class Backend(ABC):
         """Position ids of left-padded prompts as `generate` computes them: from the attention mask, or the model's
         own rule (Qwen2.5-VL's multimodal RoPE, (4, B, T)); transformers' per-model hook."""
         return self.model._prepare_position_ids_for_generation(inputs["input_ids"], dict(inputs))
+
+    def generation_history(self, prompt: Prompt, generated: Sequence[int]) -> list[int]:
+        """The token ids `generate` shows its logits processors for one row: the prompt's and the generated ones."""
+        return [*prompt.input_ids, *generated]
+
+    def step_processors(self, prompt: Prompt, temperature: float, top_p: float) -> LogitsProcessorList:
+        """The logits processors (and, when sampling, warpers) `generate` applies to one row with these settings:
+        `generate_kwargs`' config completed from the model's generation config (repetition penalty, top-k, ...), by
+        transformers' own merge and builder; empty for plain greedy decoding."""
+        model = self.decoder
+        config, _ = model._prepare_generation_config(self.generate_kwargs(1, temperature, top_p)["generation_config"])
+        length = len(self.generation_history(prompt, []))
+        return model._get_logits_processor(generation_config=config, input_ids_seq_length=length, device=self.device)
 
     @property
     def decoder(self) -> torch.nn.Module:

@@ -89,6 +89,10 @@ class LlavaBackend(Backend):
         text there, not a request for pixels."""
         return self.model.language_model
 
+    def generation_history(self, prompt: Prompt, generated: Sequence[int]) -> list[int]:
+        """Only the generated tokens: `generate` starts from the merged embeddings and has no prompt ids."""
+        return list(generated)
+
     def prompt_position_ids(self, inputs: dict[str, Any]) -> torch.Tensor:
         """The language model's rule (`generate` runs on it, from the merged embeddings)."""
         return self.model.language_model._prepare_position_ids_for_generation(

@@ -57,6 +57,7 @@ class Job:
     generated: list[int] = field(default_factory=list)
     finish_reason: str = "stop"
     done: bool = False
+    processors: object = None  # continuous batching: the row's LogitsProcessorList, built at its first token
 
     def __post_init__(self):
         self.answer = AnswerFilter(self.template, armed=not self.settings.min_new_tokens)

@@ -6,7 +6,8 @@ Each step it decodes one token for every running row (`Backend.decode_step`), th
 limit, cancellation) leave it at once. The prefill of joining prompts counts against `max_batch_tokens` per step,
 together with one token per running row, so that a burst of long prompts does not stall the running rows for long; a
 prompt longer than the whole budget is prefilled alone in its step. Rows with different sampling settings share a step:
-each row is greedy or sampled with its own temperature and top-p (transformers' logits warpers).
+each row is greedy or sampled with its own temperature and top-p, through the logits processors and warpers `generate`
+would build for it (the model's generation config included: repetition penalty, top-k, ...).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import logging
 from collections.abc import Sequence
 
 import torch
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from exgra_med.model.backend import DecodeState
 from exgra_med.serve.batching import Job, RowMinTokens, Scheduler, accept_token, fail_job, finish_job
@@ -25,20 +25,23 @@ logger = logging.getLogger(__name__)
 
 
 
-def next_tokens(logits: torch.Tensor, jobs: Sequence[Job], eos_ids: set[int]) -> torch.Tensor:
+def next_tokens(logits: torch.Tensor, jobs: Sequence[Job], eos_ids: set[int], backend) -> torch.Tensor:
     """Each row's next token (B,) from its logits (B, V): the end of sequence held back below the row's
-    `min_new_tokens`, then greedy (temperature 0) or sampled with the row's own temperature and top-p."""
+    `min_new_tokens`, then the row's own processors as `generate` would run them (`Backend.step_processors`: the
+    model's generation config and, when sampling, the row's temperature and top-p warpers); greedy or sampled."""
     scores = RowMinTokens(list(jobs), eos_ids)(None, logits)
-    tokens = scores.argmax(-1)
-    groups: dict[tuple[float, float], list[int]] = {}
+    tokens = scores.argmax(-1)  # (B,): greedy rows without processors keep theirs
     for i, job in enumerate(jobs):
+        if job.processors is None:  # built once per job
+            job.processors = backend.step_processors(job.prompt, job.settings.temperature, job.settings.top_p)
+        if not job.processors and job.settings.temperature == 0:
+            continue
+        history = torch.tensor([backend.generation_history(job.prompt, job.generated)], device=scores.device)
+        row = job.processors(history, scores[i:i + 1])  # (1, V)
         if job.settings.temperature > 0:
-            groups.setdefault(job.sampling_key, []).append(i)
-    for (temperature, top_p), rows in groups.items():
-        index = torch.tensor(rows, device=scores.device)
-        warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)])
-        probs = warpers(None, scores[index]).softmax(-1)  # (B_group, V)
-        tokens[index] = torch.multinomial(probs, 1).squeeze(1)
+            tokens[i] = torch.multinomial(row.softmax(-1), 1)[0, 0]
+        else:
+            tokens[i] = row.argmax(-1)[0]
     return tokens
 
 
@@ -139,7 +142,7 @@ class ContinuousScheduler(Scheduler):
         for job in jobs:
             if job.cancelled.is_set():
                 finish_job(job, "cancelled")
-        tokens = next_tokens(logits, jobs, eos_ids)
+        tokens = next_tokens(logits, jobs, eos_ids, backend)
         for job, token in zip(jobs, tokens.tolist()):
             if not job.done:
                 accept_token(job, token, backend.tokenizer, eos_ids)

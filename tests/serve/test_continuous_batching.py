@@ -115,6 +115,26 @@ def test_greedy_answers_equal_single_requests_when_rows_join_and_leave_mid_fligh
     assert engine.scheduler.largest_batch >= 2
 
 
+def test_the_model_generation_config_applies_as_in_generate(engine, monkeypatch):
+    """A repetition penalty in the model's generation config changes greedy answers, the same way in both
+    schedulers, also for rows that join a running one."""
+    settings = GenerationSettings(max_new_tokens=12)
+    cases = [([("human", q)], img, settings) for q, img in zip(QUESTIONS, [_image(), None])]
+    plain = [engine.answer(*case) for case in cases]
+    monkeypatch.setattr(engine.backend.decoder.generation_config, "repetition_penalty", 3.0)
+    static = InferenceEngine(engine.backend, batching="static")
+    try:
+        alone = [static.answer(*case) for case in cases]
+    finally:
+        static.close()
+    assert alone != plain  # the penalty changes the answers of this model
+    long = engine.submit([("human", QUESTIONS[2])], _image(), LONG)
+    assert long.next_piece() is not None
+    assert ["".join(job.pieces()) for job in [engine.submit(*case) for case in cases]] == alone
+    long.cancel()
+    list(long.pieces())
+
+
 def test_a_failed_prefill_fails_the_joining_request_only(engine, monkeypatch):
     long = engine.submit([("human", QUESTIONS[2])], None, LONG)
     assert long.next_piece() is not None

@@ -34,3 +34,25 @@ def test_rows_joining_mid_flight_answer_as_single_requests(arch, tiny_vlm, easy_
     finally:
         engine.close()
         static.close()
+
+
+def test_qwen_generation_config_penalty_applies_to_joining_rows(tiny_vlm, easy_vqa_dir, monkeypatch):
+    """The model's own generation config (here a repetition penalty) applies as `generate` applies it, the prompt's
+    tokens included, to rows that join mid-flight."""
+    image = easy_vqa_dir / "images" / sorted(os.listdir(easy_vqa_dir / "images"))[0]
+    engine = InferenceEngine.from_path(str(tiny_vlm("qwen2_5_vl")), LoadOptions(device="cpu"))
+    static = InferenceEngine(engine.backend, batching="static")
+    settings = GenerationSettings(max_new_tokens=10)
+    cases = [([("human", "What color is the shape?")], image, settings), ([("human", "Is there a circle?")], None,
+                                                                          settings)]
+    try:
+        plain = [static.answer(*case) for case in cases]
+        monkeypatch.setattr(engine.backend.model.generation_config, "repetition_penalty", 3.0)
+        alone = [static.answer(*case) for case in cases]
+        assert alone != plain
+        long = engine.submit([("human", "Describe the image.")], image, GenerationSettings(60, min_new_tokens=60))
+        assert long.next_piece() is not None
+        assert ["".join(job.pieces()) for job in [engine.submit(*case) for case in cases]] == alone
+    finally:
+        engine.close()
+        static.close()
