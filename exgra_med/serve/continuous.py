@@ -24,7 +24,6 @@ from exgra_med.serve.options import DEFAULT_MAX_BATCH_TOKENS
 logger = logging.getLogger(__name__)
 
 
-
 def next_tokens(logits: torch.Tensor, jobs: Sequence[Job], eos_ids: set[int], backend) -> torch.Tensor:
     """Each row's next token (B,) from its logits (B, V): the end of sequence held back below the row's
     `min_new_tokens`, then the row's own processors as `generate` would run them (`Backend.step_processors`: the

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from exgra_med.eval.generate import positive_int
+
 # The servers' answer length: the default and the cap of a request's max_tokens.
 SERVE_MAX_NEW_TOKENS = 256
 # The engine's schedulers (exgra_med.serve.continuous, exgra_med.serve.batching), the default first.
@@ -29,7 +31,7 @@ def add_serving_limits(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batching", choices=BATCHING, default="continuous",
                    help="continuous: requests join and leave the batch at every decoding step; static: a batch runs "
                    "until its longest answer ends (the baseline)")
-    p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
+    p.add_argument("--max-batch-tokens", type=positive_int, default=DEFAULT_MAX_BATCH_TOKENS,
                    help="continuous batching: prompt tokens prefilled per decoding step, plus one per running request "
                    "(a longer prompt is prefilled alone)")
     p.add_argument("--max-image-memory-mb", type=int, default=DEFAULT_MAX_IMAGE_MEMORY_MB,

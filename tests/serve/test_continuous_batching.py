@@ -175,6 +175,18 @@ def test_close_ends_running_rows_and_refuses_waiting_and_new_jobs(engine):
         InferenceEngine(engine.backend, batching="dynamic")
 
 
+def test_batching_flags_are_parsed_before_the_model_loads(capsys):
+    from exgra_med.serve.api import build_parser
+
+    args = build_parser().parse_args(["--model", "m", "--batching", "static", "--max-batch-tokens", "512"])
+    assert (args.batching, args.max_batch_tokens) == ("static", 512)
+    assert build_parser().parse_args(["--model", "m"]).batching == "continuous"
+    for bad in (["--max-batch-tokens", "0"], ["--batching", "dynamic"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--model", "m", *bad])
+    assert "--max-batch-tokens: must be an integer >= 1" in capsys.readouterr().err
+
+
 def _start(model_dir, *flags: str) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "exgra_med.cli", "serve-api", "--model", str(model_dir), "--port", "0", *flags]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
