@@ -14,13 +14,17 @@ comma := ,
 BIN := $(VENV)/bin
 UV := $(BIN)/uv
 STAMP := $(VENV)/.installed
-PYTEST := HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+# The suite runs on TEST_WORKERS processes (pytest-xdist; each test module stays on one worker, so its module-scoped
+# fixtures are built once); TEST_WORKERS=0 runs it in this one process.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope)
+PYTEST = HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(XDIST)
 # One universal resolve (every platform and Python the project supports) of the extras above, torch capped by
 # constraints.txt; --upgrade ignores the previous lock, so each `make lock` is a clean resolve.
 LOCK_FLAGS := $(foreach e,$(subst $(comma), ,$(EXTRAS)),--extra $(e)) -c constraints.txt --universal --upgrade \
 	--custom-compile-command "make lock"
 
-.PHONY: setup lint demo test test-fast test-latest test-lowest lock bench clean-demo
+.PHONY: setup lint demo test test-fast coverage test-latest test-lowest lock bench clean-demo
 
 setup: $(STAMP)
 
@@ -52,6 +56,11 @@ test: setup lint
 test-fast: setup
 	$(PYTEST) -m "not slow and not gpu"
 
+# Line coverage of exgra_med/ over the whole suite (a guard when tests are changed: it must not drop).
+coverage: setup
+	bash scripts/install_test_deps.sh
+	$(PYTEST) --cov=exgra_med --cov-report=term --cov-report=json:coverage.json
+
 # Forward-compatibility canary: the newest releases the ranges of pyproject.toml allow (torch stays pinned by
 # constraints.txt), in a separate environment, with the fast suite. Run it before new work and after every
 # dependency change.
@@ -62,7 +71,7 @@ test-latest:
 	$(LATEST_VENV)/bin/uv pip install -q --python $(LATEST_VENV)/bin/python --upgrade -c constraints.txt -e ".[$(EXTRAS)]"
 	$(LATEST_VENV)/bin/uv pip freeze --python $(LATEST_VENV)/bin/python > $(LATEST_VENV)/versions.txt
 	grep -iE '^(torch|transformers|accelerate|peft|deepspeed|torch.geometric|open.clip.torch|gradio)==' $(LATEST_VENV)/versions.txt
-	HF_HUB_OFFLINE=1 $(LATEST_VENV)/bin/python -m pytest -q -m "not slow and not gpu"
+	HF_HUB_OFFLINE=1 $(LATEST_VENV)/bin/python -m pytest -q $(XDIST) -m "not slow and not gpu"
 
 # The lower bounds of pyproject.toml, kept honest: the oldest release each direct dependency allows (what the
 # others then need on top), in .venv-lowest, with the whole suite.
@@ -72,7 +81,7 @@ test-lowest:
 	if [ -n "$(TORCH_SPEC)" ]; then $(LOWEST_VENV)/bin/python -m pip install -q -c constraints.txt $(TORCH_SPEC); fi
 	$(LOWEST_VENV)/bin/uv pip install -q --python $(LOWEST_VENV)/bin/python --resolution lowest-direct \
 	  -c constraints.txt -e ".[$(EXTRAS)]"
-	HF_HUB_OFFLINE=1 $(LOWEST_VENV)/bin/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(LOWEST_VENV)/bin/python -m pytest -q $(XDIST)
 
 lock:
 	test -x $(UV) || { test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); $(BIN)/python -m pip install -q uv; }

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,6 +22,23 @@ import pytest
 import torch
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now: for a torchrun rendezvous or a server a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The launch scripts default MASTER_PORT to fixed numbers: every test process (each xdist worker) and every test
+# gets a port of its own, so torchrun runs side by side do not meet at one rendezvous.
+os.environ["MASTER_PORT"] = str(free_port())
+
+
+@pytest.fixture(autouse=True)
+def _own_master_port(monkeypatch):
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
 
 # A few sentences in the style of the demo data; the tokenizer also learns every template string.
 TINY_CORPUS = [
@@ -58,6 +76,22 @@ def easy_vqa_dir(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("easy_vqa") / "data"
     prepare(out, max_images=40, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def stage1_projector(tiny_model_dir, easy_vqa_dir, tmp_path_factory):
+    """A stage-1 run (2 steps, projector only, in process) on the tiny model and `easy_vqa_dir`: the projector the
+    stage-2 tests start from. Shared: do not write into it."""
+    from exgra_med.train.main import main
+
+    out = tmp_path_factory.mktemp("stage1") / "stage1"
+    assert main([
+        "--model_name_or_path", str(tiny_model_dir / "llm"), "--vision_tower", str(tiny_model_dir / "vision"),
+        "--data_path", str(easy_vqa_dir / "alignment.json"), "--image_folder", str(easy_vqa_dir / "images"),
+        "--tune_mm_mlp_adapter", "True", "--max_steps", "2", "--output_dir", str(out), "--report_to", "none",
+        "--per_device_train_batch_size", "2", "--save_strategy", "no", "--use_cpu", "True",
+    ]) == 0
     return out
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import small_easy_vqa
+from tests.conftest import free_port, small_easy_vqa
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -95,7 +95,7 @@ def test_finetune_script_runs_on_cpu(tiny_model_dir, easy_vqa_dir, tmp_path):
             OUTPUT_DIR=str(out),
             LR="1e-4",
             NPROC_PER_NODE="1",
-            MASTER_PORT="29561",
+            MASTER_PORT=str(free_port()),
         ),
     )
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
@@ -145,7 +145,7 @@ def test_two_ranks_shard_and_gather_val_and_test_answers(tiny_model_dir, easy_vq
             OUTPUT_DIR=str(out),
             LR="1e-4",
             NPROC_PER_NODE="2",
-            MASTER_PORT="29563",
+            MASTER_PORT=str(free_port()),
         ),
     )
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -14,6 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 ARGS = [
     "--bf16", "False", "--activation_checkpointing", "False", "--dataloader_num_workers", "0",
@@ -41,22 +43,13 @@ def _stage2(tiny_model_dir: Path, data: Path, projector: Path, out: Path, port: 
 
 
 @pytest.fixture(scope="module")
-def projector(tiny_model_dir, easy_vqa_dir, tmp_path_factory):
-    from exgra_med.train.main import main
-
-    out = tmp_path_factory.mktemp("s1") / "stage1"
-    main([
-        "--model_name_or_path", str(tiny_model_dir / "llm"), "--vision_tower", str(tiny_model_dir / "vision"),
-        "--data_path", str(easy_vqa_dir / "alignment.json"), "--image_folder", str(easy_vqa_dir / "images"),
-        "--tune_mm_mlp_adapter", "True", "--max_steps", "2", "--output_dir", str(out), "--report_to", "none",
-        "--per_device_train_batch_size", "2", "--save_strategy", "no", "--use_cpu", "True",
-    ])
-    return out
+def projector(stage1_projector):
+    return stage1_projector
 
 
 @pytest.fixture(scope="module")
 def ddp_padded(tiny_model_dir, easy_vqa_dir, projector, tmp_path_factory):
-    return _stage2(tiny_model_dir, easy_vqa_dir, projector, tmp_path_factory.mktemp("ddp") / "out", 29551)
+    return _stage2(tiny_model_dir, easy_vqa_dir, projector, tmp_path_factory.mktemp("ddp") / "out", free_port())
 
 
 def _assert_same_run(out: Path, steps: list[dict], reference: tuple[Path, list[dict]], atol: float) -> None:
@@ -73,8 +66,8 @@ def _assert_same_run(out: Path, steps: list[dict], reference: tuple[Path, list[d
 @pytest.mark.slow
 def test_fsdp_on_packed_batches_trains_the_ddp_padded_weights(tiny_model_dir, easy_vqa_dir, projector, ddp_padded,
                                                               tmp_path):
-    out, steps = _stage2(tiny_model_dir, easy_vqa_dir, projector, tmp_path / "fsdp", 29553, "--padding_free", "True",
-                         FSDP="full_shard auto_wrap")
+    out, steps = _stage2(tiny_model_dir, easy_vqa_dir, projector, tmp_path / "fsdp", free_port(),
+                         "--padding_free", "True", FSDP="full_shard auto_wrap")
     _assert_same_run(out, steps, ddp_padded, atol=1e-4)
 
 
@@ -86,6 +79,6 @@ def test_fsdp_on_packed_batches_trains_the_ddp_padded_weights(tiny_model_dir, ea
 def test_deepspeed_zero2_on_packed_batches_trains_the_ddp_padded_weights(tiny_model_dir, easy_vqa_dir, projector,
                                                                          ddp_padded, tmp_path):
     pytest.importorskip("deepspeed")
-    out, steps = _stage2(tiny_model_dir, easy_vqa_dir, projector, tmp_path / "zero2", 29555, "--padding_free", "True",
-                         DEEPSPEED=str(REPO / "scripts" / "deepspeed" / "zero2.json"))
+    out, steps = _stage2(tiny_model_dir, easy_vqa_dir, projector, tmp_path / "zero2", free_port(),
+                         "--padding_free", "True", DEEPSPEED=str(REPO / "scripts" / "deepspeed" / "zero2.json"))
     _assert_same_run(out, steps, ddp_padded, atol=1e-4)

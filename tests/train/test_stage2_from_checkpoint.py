@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from exgra_med.train.main import main
+from tests.conftest import free_port
 
 ALIGN = ["--contrastive", "True", "--multi_graph", "True", "--after_de", "True"]
 CPU = [
@@ -99,7 +100,7 @@ def test_stage2_from_checkpoint_under_zero3(tiny_model_dir, easy_vqa_dir, tmp_pa
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29561",
+        str(free_port()),
         "-m",
         "exgra_med.train",
         *_argv(tiny_model_dir, easy_vqa_dir, out, "0", steps=2),

@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 CPU_ARGS = [
     "--bf16", "False", "--activation_checkpointing", "False", "--dataloader_num_workers", "0",
@@ -30,18 +32,6 @@ def _run_script(script: str, env_extra: dict, args: list[str], timeout: int = 90
     return proc
 
 
-def _stage1_projector(tiny_model_dir: Path, data: Path, out: Path) -> Path:
-    from exgra_med.train.main import main
-
-    main([
-        "--model_name_or_path", str(tiny_model_dir / "llm"), "--vision_tower", str(tiny_model_dir / "vision"),
-        "--data_path", str(data / "alignment.json"), "--image_folder", str(data / "images"),
-        "--tune_mm_mlp_adapter", "True", "--max_steps", "2", "--output_dir", str(out), "--report_to", "none",
-        "--per_device_train_batch_size", "2", "--save_strategy", "no", "--use_cpu", "True",
-    ])
-    return out
-
-
 def _env(tiny_model_dir: Path, data: Path, projector: Path, out: Path, port: int, **extra) -> dict:
     env = dict(
         MODEL_PATH=str(tiny_model_dir / "llm"), VISION_TOWER=str(tiny_model_dir / "vision"),
@@ -53,8 +43,8 @@ def _env(tiny_model_dir: Path, data: Path, projector: Path, out: Path, port: int
 
 
 @pytest.fixture(scope="module")
-def projector(tiny_model_dir, easy_vqa_dir, tmp_path_factory):
-    return _stage1_projector(tiny_model_dir, easy_vqa_dir, tmp_path_factory.mktemp("s1") / "stage1")
+def projector(stage1_projector):
+    return stage1_projector
 
 
 STAGE2_ARGS = [*CPU_ARGS, "--max_steps", "3", "--learning_rate", "1e-3"]
@@ -64,7 +54,7 @@ STAGE2_ARGS = [*CPU_ARGS, "--max_steps", "3", "--learning_rate", "1e-3"]
 def ddp_stage2(tiny_model_dir, easy_vqa_dir, projector, tmp_path_factory):
     """Stage 2 with alignment through scripts/stage2.sh under a real 2-process torchrun (DDP, gloo)."""
     out = tmp_path_factory.mktemp("s2") / "stage2_ddp"
-    env = _env(tiny_model_dir, easy_vqa_dir, projector, out, 29531, NPROC_PER_NODE="2")
+    env = _env(tiny_model_dir, easy_vqa_dir, projector, out, free_port(), NPROC_PER_NODE="2")
     _run_script("stage2.sh", env, STAGE2_ARGS)
     return out
 
@@ -82,14 +72,6 @@ def test_stage2_script_two_process_torchrun(ddp_stage2):
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_stage2_script_on_two_simulated_nodes_matches_one_node(
     tiny_model_dir, easy_vqa_dir, projector, ddp_stage2, tmp_path
@@ -97,7 +79,7 @@ def test_stage2_script_on_two_simulated_nodes_matches_one_node(
     """Two launches of scripts/stage2.sh as node 0 and node 1 of a 2-node run (1 process each, rendezvous at
     127.0.0.1, gloo) train exactly the weights of the 1-node 2-process run, and only global rank 0 writes: node 1's
     output folder (its own, as on a machine of its own) stays empty."""
-    port = _free_port()
+    port = free_port()
     bin_dir = str(Path(sys.executable).parent)
     procs = []
     for node in (0, 1):
@@ -153,7 +135,8 @@ def test_stage2_script_fsdp_matches_ddp(tiny_model_dir, easy_vqa_dir, projector,
     """FSDP full_shard through scripts/fsdp.json (layers to wrap taken from the model) trains the same weights as
     DDP."""
     out = tmp_path / "stage2_fsdp"
-    env = _env(tiny_model_dir, easy_vqa_dir, projector, out, 29535, NPROC_PER_NODE="2", FSDP="full_shard auto_wrap")
+    env = _env(tiny_model_dir, easy_vqa_dir, projector, out, free_port(), NPROC_PER_NODE="2",
+               FSDP="full_shard auto_wrap")
     _run_script("stage2.sh", env, STAGE2_ARGS)
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 3
@@ -181,7 +164,7 @@ def test_stage1_script_deepspeed_zero2(tiny_model_dir, easy_vqa_dir, tmp_path):
         easy_vqa_dir,
         tmp_path,
         out,
-        29533,
+        free_port(),
         NPROC_PER_NODE="2",
         DEEPSPEED=str(REPO / "scripts" / "deepspeed" / "zero2.json"),
         DATA_PATH=str(easy_vqa_dir / "alignment.json"),
@@ -212,7 +195,7 @@ def test_lora_run_saves_a_merged_checkpoint_equal_to_merging_its_last_checkpoint
     from exgra_med.model.loading import load_pretrained
 
     out = tmp_path / "stage2_lora"
-    env = _env(tiny_model_dir, easy_vqa_dir, projector, out, 29537, NPROC_PER_NODE="2")
+    env = _env(tiny_model_dir, easy_vqa_dir, projector, out, free_port(), NPROC_PER_NODE="2")
     _run_script(
         "stage2.sh",
         env,

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
 from exgra_med.model.native.aligned import ALIGNMENT_WEIGHTS
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 ARGS = ["--bf16", "False", "--activation_checkpointing", "False", "--dataloader_num_workers", "0",
@@ -56,8 +57,8 @@ def _assert_same_run(a: Path, b: Path, atol: float) -> None:
 
 def test_fsdp_trains_what_ddp_trains(tiny_vlm, easy_vqa_dir, tmp_path):
     model = tiny_vlm("qwen2_5_vl")
-    ddp = _run(model, easy_vqa_dir, tmp_path / "ddp", 29611)
-    fsdp = _run(model, easy_vqa_dir, tmp_path / "fsdp", 29613, FSDP="full_shard auto_wrap")
+    ddp = _run(model, easy_vqa_dir, tmp_path / "ddp", free_port())
+    fsdp = _run(model, easy_vqa_dir, tmp_path / "fsdp", free_port(), FSDP="full_shard auto_wrap")
     _assert_same_run(ddp, fsdp, atol=1e-6)
     trained, initial = _weights(fsdp), _weights(model)
     assert any(not torch.equal(trained[k], initial[k]) for k in trained if "language_model.layers.1" in k)
@@ -65,15 +66,15 @@ def test_fsdp_trains_what_ddp_trains(tiny_vlm, easy_vqa_dir, tmp_path):
 
 def test_deepspeed_zero3_trains_what_ddp_trains(tiny_vlm, easy_vqa_dir, tmp_path):
     model = tiny_vlm("gemma3")
-    ddp = _run(model, easy_vqa_dir, tmp_path / "ddp", 29615)
-    zero3 = _run(model, easy_vqa_dir, tmp_path / "zero3", 29617,
+    ddp = _run(model, easy_vqa_dir, tmp_path / "ddp", free_port())
+    zero3 = _run(model, easy_vqa_dir, tmp_path / "zero3", free_port(),
                  DEEPSPEED=str(REPO / "scripts" / "deepspeed" / "zero3.json"))
     _assert_same_run(ddp, zero3, atol=1e-5)
 
 
 def test_deepspeed_zero2_with_lora_saves_merged_weights(tiny_vlm, easy_vqa_dir, tmp_path):
     model = tiny_vlm("llava_onevision")
-    out = _run(model, easy_vqa_dir, tmp_path / "zero2_lora", 29619, "--lora_enable", "True", "--lora_r", "4",
+    out = _run(model, easy_vqa_dir, tmp_path / "zero2_lora", free_port(), "--lora_enable", "True", "--lora_r", "4",
                DEEPSPEED=str(REPO / "scripts" / "deepspeed" / "zero2.json"))
     trained, initial = _weights(out), _weights(model)
     assert set(trained) == set(initial)

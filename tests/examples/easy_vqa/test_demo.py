@@ -14,7 +14,7 @@ import pytest
 
 from examples.easy_vqa.rationale import parse_rationale
 from examples.easy_vqa.rationale_answers import rationale_answers
-from tests.conftest import small_easy_vqa
+from tests.conftest import free_port, small_easy_vqa
 
 REPO = Path(__file__).resolve().parents[3]
 DEMO = REPO / "examples" / "easy_vqa"
@@ -30,7 +30,7 @@ def _env(**extra) -> dict:
 def test_demo_on_a_native_vlm(tmp_path):
     demo = tmp_path / "demo"
     env = _env(DEMO_ARCH="gemma3", DEMO_DIR=str(demo), STAGE2_STEPS="2", FINETUNE_STEPS="2", STAGE2_BATCH="4",
-               BATCH="4", DEMO_IMAGES="40", TEST_QUESTIONS="8", MASTER_PORT="29571")
+               BATCH="4", DEMO_IMAGES="40", TEST_QUESTIONS="8", MASTER_PORT=str(free_port()))
     result = subprocess.run(["bash", str(DEMO / "demo.sh")], capture_output=True, text=True, env=env, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "tiny gemma3 model" in result.stdout
@@ -49,7 +49,7 @@ def test_demo_defaults_read_one_cls_token_and_fine_tune_on_rationale_answers(tmp
     evaluation, and is fine-tuned on `train_rationale.json` (yes/no answered with the comparison in words)."""
     demo = tmp_path / "demo"
     env = _env(DEMO_DIR=str(demo), TOWER_STEPS="2", STAGE1_STEPS="2", STAGE2_STEPS="2", FINETUNE_STEPS="2",
-               STAGE2_BATCH="4", BATCH="4", DEMO_IMAGES="40", TEST_QUESTIONS="8", MASTER_PORT="29573")
+               STAGE2_BATCH="4", BATCH="4", DEMO_IMAGES="40", TEST_QUESTIONS="8", MASTER_PORT=str(free_port()))
     for name in ("DEMO_ARCH", "VISION_FLAGS", "TEMPLATE", "RATIONALE", "FINETUNE_DATA", "MAX_NEW_TOKENS"):
         env.pop(name, None)
     result = subprocess.run(["bash", str(DEMO / "demo.sh")], capture_output=True, text=True, env=env, timeout=1200)
@@ -89,7 +89,7 @@ def test_finetune_audit_on_another_train_file_prints_the_grounding_audit_and_sco
     train = tmp_path / "train_rationale.json"
     train.write_text(json.dumps(records))
     out = tmp_path / "ft_rationale"
-    env = dict(DEMO_DIR=str(demo), FINETUNE_STEPS="2", BATCH="4", TEST_QUESTIONS="12", MASTER_PORT="29562",
+    env = dict(DEMO_DIR=str(demo), FINETUNE_STEPS="2", BATCH="4", TEST_QUESTIONS="12", MASTER_PORT=str(free_port()),
                FINETUNE_DATA=str(train), FINETUNE_OUT=str(out))
     result = subprocess.run(["bash", str(DEMO / "finetune_audit.sh")], capture_output=True, text=True,
                             check=False, env=_env(**env))
