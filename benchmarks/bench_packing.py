@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.bench_step import print_peak_rss_increase
+from benchmarks.bench_step import print_peak_rss_increase, run_memory_children
 from exgra_med.constants import IGNORE_INDEX
 from exgra_med.data.collate import DataCollator
 from exgra_med.model.loading import ConnectorOptions, load_pretrained
@@ -172,18 +172,13 @@ def _peak_rss_child(quick: bool, aligned: bool, name: str) -> None:
 def peak_memory(quick: bool = False) -> list[dict]:
     """Peak RSS increase (MiB) of two training steps on the same micro-batch, padded vs padding-free (CPU; a fresh
     process each)."""
-    import subprocess
     import sys
 
-    rows = []
-    for aligned in (False, True):
-        for name in ("padded", "padding_free"):
-            cmd = [sys.executable, "-m", "benchmarks.bench_packing", "--child-memory", f"{int(aligned)}:{name}"]
-            cmd += ["--quick"] if quick else []
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            rows.append({"alignment": aligned, "arrangement": name,
-                         "rss_mib": float(proc.stdout.strip().splitlines()[-1])})
-    return rows
+    cells = [(aligned, name) for aligned in (False, True) for name in ("padded", "padding_free")]
+    cmds = [[sys.executable, "-m", "benchmarks.bench_packing", "--child-memory", f"{int(aligned)}:{name}",
+             *(["--quick"] if quick else [])] for aligned, name in cells]
+    return [{"alignment": aligned, "arrangement": name, "rss_mib": mib}
+            for (aligned, name), mib in zip(cells, run_memory_children(cmds))]
 
 
 def to_markdown(rows: list[dict], memory: list[dict] | None = None) -> str:

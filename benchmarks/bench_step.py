@@ -125,19 +125,29 @@ def print_peak_rss_increase() -> Iterator[None]:
     print((peak[0] - base) / 2**20)
 
 
+def run_memory_children(commands: list[list[str]]) -> list[float]:
+    """Run `print_peak_rss_increase` child processes side by side and return the MiB each printed last.
+
+    Resident memory is per process, so children that share the CPU measure what they would alone; side by side they
+    cost the start-up (imports, model building) of one instead of all of them in turn."""
+    import subprocess
+
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cmd in commands]
+    outputs = [(proc, *proc.communicate()) for proc in procs]
+    for cmd, (proc, _, err) in zip(commands, outputs):
+        if proc.returncode != 0:
+            raise subprocess.CalledProcessError(proc.returncode, cmd, stderr=err)
+    return [float(out.strip().splitlines()[-1]) for _, out, _ in outputs]
+
+
 def peak_memory(quick: bool = False) -> dict:
     """Peak RSS increase (MiB) during stage-2 steps without / with alignment (CPU; a fresh process each)."""
-    import subprocess
     import sys
 
-    result = {}
-    for aligned in (False, True):
-        cmd = [sys.executable, "-m", "benchmarks.bench_step", "--child-memory", "1" if aligned else "0"]
-        cmd += ["--quick"] if quick else []
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        result["rss_mib_exgra_med" if aligned else "rss_mib_lm_only"] = float(proc.stdout.strip().splitlines()[-1])
-    result["rss_ratio"] = result["rss_mib_exgra_med"] / result["rss_mib_lm_only"]
-    return result
+    cmds = [[sys.executable, "-m", "benchmarks.bench_step", "--child-memory", flag, *(["--quick"] if quick else [])]
+            for flag in ("0", "1")]
+    lm_only, exgra_med = run_memory_children(cmds)
+    return {"rss_mib_lm_only": lm_only, "rss_mib_exgra_med": exgra_med, "rss_ratio": exgra_med / lm_only}
 
 
 def _interleaved(model, batch: dict, arrangements: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:

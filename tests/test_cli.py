@@ -65,7 +65,7 @@ def _run(*argv: str, env_debug: bool = False) -> subprocess.CompletedProcess:
     return subprocess.run([EXGRA_MED, *argv], capture_output=True, text=True, env=env)
 
 
-def test_user_mistakes_end_in_one_line_and_exit_2(tmp_path):
+def test_user_mistakes_end_in_one_line_and_exit_2(tmp_path, capsys):
     bad_json = tmp_path / "bad.json"
     bad_json.write_text('[{"id": 1,}]')
     dupes = tmp_path / "dupes.json"
@@ -87,10 +87,16 @@ def test_user_mistakes_end_in_one_line_and_exit_2(tmp_path):
           str(tmp_path / "a.jsonl")], "--model"),
     ]
     for argv, expected in cases:
-        proc = _run(*argv)
-        assert proc.returncode == 2, (argv, proc.stderr)
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        # The light commands start in a fraction of a second: through the console script, as users run them. The
+        # model commands import torch and transformers (seconds per process): in process, the same `main`.
+        if argv[0] in LIGHT_COMMANDS:
+            proc = _run(*argv)
+            code, err = proc.returncode, proc.stderr
+        else:
+            code, err = main(argv), capsys.readouterr().err
+        assert code == 2, (argv, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in err, err
         assert lines[0].startswith(f"exgra-med {argv[0]}: error: ") and expected in lines[0], lines[0]
     # --debug (or EXGRA_MED_DEBUG=1) shows the traceback.
     proc = _run("--debug", *cases[1][0])
@@ -98,22 +104,37 @@ def test_user_mistakes_end_in_one_line_and_exit_2(tmp_path):
     assert "Traceback" in _run(*cases[1][0], env_debug=True).stderr
 
 
-def test_argparse_mistakes_exit_2_with_usage(tmp_path):
-    for argv in (["generate-vqa", "--model", "m", "--question-file", "q", "--answers-file", "a", "--conv-mode", "x"],
-                 ["train", "--model_name_or_path", "m", "--data_path", "d", "--output_dir", "o", "--no_such_flag"],
-                 ["train", "--model_name_or_path", "m", "--data_path", "d", "--output_dir", "o",
-                  "--conv_template", "nope"]):
-        proc = _run(*argv)
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-        assert proc.stderr.startswith(f"usage: exgra-med {argv[0]}")
-    proc = _run("train", "--model_name_or_path", "m", "--data_path", "d", "--output_dir", "o", "--no_such_flag")
-    assert proc.stderr.strip().endswith("unrecognized arguments: --no_such_flag")
+def _main_exit_code(argv: list[str]) -> int:
+    """`main(argv)`'s exit status, whether it returns it or argparse raises SystemExit."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
 
 
-def test_help_shows_defaults():
-    proc = _run("generate-vqa", "--help")
-    text = " ".join(proc.stdout.split())
-    assert proc.returncode == 0 and "only matters with --temperature > 0 (default: 0)" in text  # --seed
+@pytest.mark.parametrize("argv", [
+    ["generate-vqa", "--model", "m", "--question-file", "q", "--answers-file", "a", "--conv-mode", "x"],
+    ["train", "--model_name_or_path", "m", "--data_path", "d", "--output_dir", "o", "--no_such_flag"],
+    ["train", "--model_name_or_path", "m", "--data_path", "d", "--output_dir", "o", "--conv_template", "nope"],
+])
+def test_argparse_mistakes_exit_2_with_usage(argv, capsys):
+    assert _main_exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith(f"usage: exgra-med {argv[0]}"), err
+    if "--no_such_flag" in argv:
+        assert err.strip().endswith("unrecognized arguments: --no_such_flag")
+
+
+def test_an_argparse_mistake_through_the_console_script_exits_2_with_usage():
+    proc = _run("subsample", "--in", "a.json", "--out", "b.json", "--fraction", "0.5", "--no_such_flag")
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: exgra-med subsample"), proc.stderr
+    assert proc.stderr.strip().endswith("unrecognized arguments: --no_such_flag") and "Traceback" not in proc.stderr
+
+
+def test_help_shows_defaults(capsys):
+    assert _main_exit_code(["generate-vqa", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "only matters with --temperature > 0 (default: 0)" in text  # --seed
 
 
 def test_a_real_bug_keeps_its_traceback(monkeypatch, capsys):

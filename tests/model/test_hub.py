@@ -79,9 +79,12 @@ def test_model_and_towers_load_from_hub_ids(offline_hub, tiny_model_dir):
     assert kind == "hf" and tower.image_size == model.vision_tower.image_size
 
 
-def test_generate_vqa_cli_from_a_hub_id(offline_hub, easy_vqa_dir, tmp_path):
+def test_generate_vqa_cli_from_a_hub_id(offline_hub, easy_vqa_dir, tmp_path, capsys):
     """The issue's reproduction: `exgra-med generate-vqa --model acme/tiny-exgra` with HF_HUB_OFFLINE=1 and
-    HF_HUB_CACHE, in a real subprocess; an unknown id fails naming the id and the reason."""
+    HF_HUB_CACHE, in a real subprocess, answers as the snapshot folder does (in process, the same `main`); an unknown
+    id fails naming the id and the reason."""
+    from exgra_med.cli import main
+
     questions = tmp_path / "questions.json"
     questions.write_text(json.dumps(json.loads((easy_vqa_dir / "test.json").read_text())[:4]))
     env = dict(os.environ, HF_HUB_CACHE=str(offline_hub), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -92,16 +95,14 @@ def test_generate_vqa_cli_from_a_hub_id(offline_hub, easy_vqa_dir, tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     local = tmp_path / "local.jsonl"
-    done = subprocess.run([*base, "--model", str(_snapshot(offline_hub, "acme/tiny-exgra")), "--answers-file",
-                           str(local)], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert main([*base[3:], "--model", str(_snapshot(offline_hub, "acme/tiny-exgra")), "--answers-file",
+                 str(local)]) == 0
 
     def texts(path):
         return {line["question_id"]: line["text"] for line in map(json.loads, path.read_text().splitlines())}
 
     assert set(texts(answers)) == {r["id"] for r in json.loads(questions.read_text())}
     assert texts(answers) == texts(local)
-    failed = subprocess.run([*base, "--model", "acme/nope", "--answers-file", str(tmp_path / "other.jsonl")],
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert failed.returncode != 0
-    assert "acme/nope: no such local model folder; as a Hub id: HF_HUB_OFFLINE=1" in failed.stderr
+    capsys.readouterr()
+    assert main([*base[3:], "--model", "acme/nope", "--answers-file", str(tmp_path / "other.jsonl")]) == 2
+    assert "acme/nope: no such local model folder; as a Hub id: HF_HUB_OFFLINE=1" in capsys.readouterr().err
