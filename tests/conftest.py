@@ -7,6 +7,9 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,6 +42,32 @@ os.environ["MASTER_PORT"] = str(free_port())
 @pytest.fixture(autouse=True)
 def _own_master_port(monkeypatch):
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
+
+
+def start_api_server(model, *flags: str, env: dict | None = None, drain: bool = False,
+                     timeout: float = 180) -> tuple[subprocess.Popen, str]:
+    """`exgra-med serve-api --model MODEL --port 0 FLAGS` in a real subprocess (offline, one thread, `env` added);
+    returns the process and its base URL once it prints "serving model ... on URL". `drain` reads the rest of its
+    output in a thread (a chatty server never blocks on a full pipe); otherwise the caller may read it. The caller
+    stops the server."""
+    cmd = [sys.executable, "-m", "exgra_med.cli", "serve-api", "--model", str(model), "--port", "0", *flags]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})})
+    timer = threading.Timer(timeout, proc.kill)  # a server that never prints its address ends the wait below
+    timer.start()
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("serving model"):
+                url = line.split(" on ", 1)[1].strip()
+                if drain:
+                    threading.Thread(target=proc.stdout.read, daemon=True).start()
+                return proc, url
+    finally:
+        timer.cancel()
+    proc.kill()
+    pytest.fail(f"serve-api did not start within {timeout:.0f} s:\n" + "".join(lines[-30:]))
 
 # A few sentences in the style of the demo data; the tokenizer also learns every template string.
 TINY_CORPUS = [

@@ -7,11 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import re
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,6 +18,7 @@ from PIL import Image
 
 from exgra_med.model.auto import LoadOptions
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine
+from tests.conftest import start_api_server
 
 MAX_TOKENS = 6
 MAX_IMAGE_BYTES = 60_000
@@ -47,22 +44,8 @@ def _messages(url: str, question: str = QUESTION) -> list[dict]:
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
     """The real CLI in a subprocess; yields (openai client, model id)."""
-    cmd = [sys.executable, "-m", "exgra_med.cli", "serve-api", "--model", str(tiny_model_dir), "--port", "0",
-           "--max-new-tokens", str(MAX_TOKENS), "--max-image-bytes", str(MAX_IMAGE_BYTES)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    url, lines = None, []
-    deadline = time.time() + 180
-    while time.time() < deadline and url is None:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith("serving model"):
-            url = line.split(" on ", 1)[1].strip()
-    if url is None:
-        proc.kill()
-        pytest.fail("server did not start:\n" + "".join(lines[-30:]))
+    proc, url = start_api_server(tiny_model_dir, "--max-new-tokens", str(MAX_TOKENS), "--max-image-bytes",
+                                 str(MAX_IMAGE_BYTES), drain=True)
     assert url.startswith("http://127.0.0.1:")
     client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
     yield client, tiny_model_dir.name
@@ -149,19 +132,6 @@ def test_bad_inputs_get_4xx_and_the_server_stays_up(server, expected):
     assert reply.choices[0].message.content == answer
 
 
-def _start(tiny_model_dir, *flags: str) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "exgra_med.cli", "serve-api", "--model", str(tiny_model_dir), "--port", "0", *flags]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("serving model"):
-            return proc, line.split(" on ", 1)[1].strip()
-    proc.kill()
-    pytest.fail("server did not start:\n" + "".join(lines[-30:]))
-
-
 def test_max_tokens_is_capped_by_the_server_flag():
     from exgra_med.serve.api import _settings
 
@@ -198,7 +168,7 @@ def test_bounds_queue_disconnect_and_sigterm(tiny_model_dir):
     # `min_tokens` keeps a row busy for the whole answer whatever the tiny model says (about 1 s on this CPU, while
     # the requests below take milliseconds); greedy, so the answer is the same each time.
     long_tokens = 1500
-    proc, url = _start(tiny_model_dir, "--max-new-tokens", str(long_tokens), "--max-batch-size", "1",
+    proc, url = start_api_server(tiny_model_dir, "--max-new-tokens", str(long_tokens), "--max-batch-size", "1",
                        "--max-queue", "1")
     body = {"messages": [{"role": "user", "content": "Describe the image."}], "max_tokens": long_tokens,
             "min_tokens": long_tokens, "stream": True}

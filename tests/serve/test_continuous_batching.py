@@ -4,9 +4,6 @@ request sent to a real `serve-api` server while a long one decodes."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 
 import httpx
@@ -20,6 +17,7 @@ from exgra_med.model.backend import DecodeState, Prompt
 from exgra_med.serve.batching import Job, ServerClosingError, StaticScheduler
 from exgra_med.serve.continuous import ContinuousScheduler
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine
+from tests.conftest import start_api_server
 
 QUESTIONS = ["What color is the shape?", "Is there a circle in the image?", "Describe the image."]
 # A row that stays busy whatever the tiny model says (greedy, so the same tokens every time).
@@ -187,23 +185,10 @@ def test_batching_flags_are_parsed_before_the_model_loads(capsys):
     assert "--max-batch-tokens: must be an integer >= 1" in capsys.readouterr().err
 
 
-def _start(model_dir, *flags: str) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "exgra_med.cli", "serve-api", "--model", str(model_dir), "--port", "0", *flags]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("serving model"):
-            return proc, line.split(" on ", 1)[1].strip()
-    proc.kill()
-    pytest.fail("server did not start:\n" + "".join(lines[-30:]))
-
-
 def test_server_answers_a_short_request_while_a_long_one_decodes(tiny_model_dir):
     """The short request is answered, with the answer it gets alone, before the long one's stream ends: with static
     batching it would wait for the long one's 200 tokens."""
-    proc, url = _start(tiny_model_dir, "--max-new-tokens", "200")
+    proc, url = start_api_server(tiny_model_dir, "--max-new-tokens", "200")
     long = {"messages": [{"role": "user", "content": "Describe the image."}], "max_tokens": 200, "min_tokens": 200,
             "stream": True}
     short = {"messages": [{"role": "user", "content": QUESTIONS[0]}], "max_tokens": 3}

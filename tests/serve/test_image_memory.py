@@ -5,9 +5,7 @@ the budget it was given."""
 from __future__ import annotations
 
 import base64
-import os
 import struct
-import subprocess
 import sys
 import threading
 import zlib
@@ -20,6 +18,7 @@ import pytest
 from exgra_med.data.images import ImageLoadError
 from exgra_med.serve.image_memory import ImageMemoryBudget, ImageMemoryBusyError
 from exgra_med.serve.uploads import UploadError
+from tests.conftest import start_api_server
 
 MB = 1024 * 1024
 SIDE = 6300  # under the default 40 Mpx limit; ~150 MB decoded (PIL keeps RGB in 4 bytes a pixel)
@@ -124,20 +123,8 @@ def test_concurrent_large_images_stay_within_the_budget(tiny_model_dir):
     all at once) against --max-image-memory-mb 200: the server's peak RSS during the burst stays within the budget and
     a stated slack, every request gets the answer (200) or the documented refusal (429), and the memory is given back.
     """
-    cmd = [sys.executable, "-m", "exgra_med.cli", "serve-api", "--model", str(tiny_model_dir), "--port", "0",
-           "--max-new-tokens", "4", "--max-image-memory-mb", str(BUDGET_MB)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    url, lines = None, []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("serving model"):
-            url = line.split(" on ", 1)[1].strip()
-            break
-    if url is None:
-        proc.kill()
-        pytest.fail("server did not start:\n" + "".join(lines[-30:]))
-    threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
+    proc, url = start_api_server(tiny_model_dir, "--max-new-tokens", "4", "--max-image-memory-mb", str(BUDGET_MB),
+                                 drain=True)
     body = _png_body(SIDE)
     try:
         with httpx.Client(base_url=url, timeout=120) as http:

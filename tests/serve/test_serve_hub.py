@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import subprocess
-import sys
-import time
 
 import openai
-import pytest
 from PIL import Image
 
 from exgra_med.model.auto import LoadOptions
 from exgra_med.serve.engine import GenerationSettings, InferenceEngine
+from tests.conftest import start_api_server
 
 QUESTION = "What color is the shape?"
 
@@ -24,21 +20,9 @@ def test_serve_api_from_a_hub_id(offline_hub, tiny_model_dir):
     image = Image.new("RGB", (40, 30), (220, 30, 30))
     expected = InferenceEngine.from_path(str(tiny_model_dir), LoadOptions(device="cpu")).answer(
         [("human", QUESTION)], image, GenerationSettings(max_new_tokens=6))
-    cmd = [sys.executable, "-m", "exgra_med.cli", "serve-api", "--model", "acme/tiny-exgra", "--port", "0",
-           "--max-new-tokens", "6", "--device", "cpu"]
-    env = dict(os.environ, HF_HUB_CACHE=str(offline_hub), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc, url = start_api_server("acme/tiny-exgra", "--max-new-tokens", "6", "--device", "cpu",
+                                 env={"HF_HUB_CACHE": str(offline_hub)}, drain=True)
     try:
-        url, lines, deadline = None, [], time.time() + 180
-        while time.time() < deadline and url is None:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("serving model"):
-                url = line.split(" on ", 1)[1].strip()
-        if url is None:
-            pytest.fail("server did not start:\n" + "".join(lines[-30:]))
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
         assert [m.id for m in client.models.list().data] == ["acme/tiny-exgra"]
         buf = io.BytesIO()

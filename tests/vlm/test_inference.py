@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 
 import pytest
@@ -19,6 +18,7 @@ from exgra_med.eval.generate import generate_answers
 from exgra_med.model.auto import LoadOptions, load_backend
 from exgra_med.model.native.backend import NativeBackend
 from exgra_med.serve.engine import GenerationInfo, GenerationSettings, InferenceEngine
+from tests.conftest import start_api_server
 
 QUESTIONS = 10
 
@@ -139,17 +139,8 @@ def test_serve_api_and_web_answer_like_the_engine(tiny_vlm, easy_vqa_dir):
         app.close()
         engine.close()
 
-    cmd = [sys.executable, "-m", "exgra_med.cli", "serve-api", "--model", str(model), "--port", "0",
-           "--max-new-tokens", "5"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    proc, base = start_api_server(model, "--max-new-tokens", "5", drain=True)
     try:
-        base = None
-        while base is None:
-            line = proc.stdout.readline()
-            assert line, "server exited"
-            if line.startswith("serving model"):
-                base = line.split(" on ", 1)[1].strip()
         client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=120)
         import base64
         import io
