@@ -51,7 +51,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 # Commands that load no model: run without importing torch and transformers for the registration (about 10 s).
-LIGHT_COMMANDS = frozenset({"prepare", "subsample", "score", "vqa-baselines", "data-efficiency", "plot"})
+LIGHT_COMMANDS = frozenset({"prepare", "subsample", "score", "vqa-baselines", "data-efficiency", "plot",
+                            "extend-captions", "merge-extended", "chatbot-review"})
 
 
 def _usage() -> str:

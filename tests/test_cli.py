@@ -47,7 +47,8 @@ def test_light_commands_start_without_torch_and_the_others_register_the_model():
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPROFILEIMPORTTIME="1")
 
     def imported(*argv: str) -> set[str]:
-        proc = subprocess.run([EXGRA_MED, *argv], capture_output=True, text=True, env=env)
+        command = [sys.executable, *argv] if argv[0] == "-m" else [EXGRA_MED, *argv]
+        proc = subprocess.run(command, capture_output=True, text=True, env=env)
         assert proc.returncode == 0, proc.stderr[-2000:]
         return {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time")}
 
@@ -55,6 +56,10 @@ def test_light_commands_start_without_torch_and_the_others_register_the_model():
         modules = imported(name, "--help")
         assert "exgra_med.cli" in modules and not {"torch", "transformers", "exgra_med.model"} & modules, name
     assert {"transformers", "exgra_med.model"} <= imported("generate-vqa", "--help")
+    # `python -m exgra_med.cli` (how scripts/ call the light commands) alike.
+    modules = imported("-m", "exgra_med.cli", "merge-extended", "--help")  # (the module runs as __main__)
+    assert "exgra_med.errors" in modules
+    assert not {"torch", "transformers", "exgra_med.model"} & modules
 
 
 def _run(*argv: str, env_debug: bool = False) -> subprocess.CompletedProcess:
