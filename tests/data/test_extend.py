@@ -223,6 +223,7 @@ def test_refuses_to_restart_over_existing_work(api_env, tmp_path) -> None:
     assert [r["id"] for r in json.loads(new.read_text())] == ["r0", "r1", "r2"]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume(api_env, tmp_path) -> None:
     n = 30
     src = tmp_path / "instruct.json"

@@ -51,6 +51,7 @@ def test_processor_counts_images_against_markers(tiny_model_dir):
     assert batch["input_ids"].shape[0] == 2 and "pixel_values" not in batch
 
 
+@pytest.mark.slow
 def test_import_exgra_med_registers_for_hub_ids_in_a_fresh_interpreter(offline_hub):
     """A new interpreter: `import exgra_med`, then plain transformers calls on a Hub id from the local cache."""
     code = (

@@ -157,6 +157,7 @@ def test_min_tokens_holds_back_the_end_of_sequence_per_row(tiny_model_dir):
         GenerationSettings(max_new_tokens=5, min_new_tokens=6)
 
 
+@pytest.mark.slow
 def test_bounds_queue_disconnect_and_sigterm(tiny_model_dir):
     """A prompt beyond the context is refused (400) while a normal request is answered; a full queue answers 429;
     a client that disconnects cancels its generation; SIGTERM stops the server while it generates."""

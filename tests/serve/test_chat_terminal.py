@@ -66,6 +66,7 @@ def _reply(term: Terminal, question: str) -> str:
     return term.expect("\nUSER: ").strip()
 
 
+@pytest.mark.slow
 def test_chat_answers_questions_about_images(tiny_model_dir, engine, bomb_png):
     settings = GenerationSettings(max_new_tokens=MAX_TOKENS)
     png, dicom = ASSETS / "red_circle.png", ASSETS / "ct_slice.dcm"

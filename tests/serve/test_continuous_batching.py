@@ -185,6 +185,7 @@ def test_batching_flags_are_parsed_before_the_model_loads(capsys):
     assert "--max-batch-tokens: must be an integer >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_server_answers_a_short_request_while_a_long_one_decodes(tiny_model_dir):
     """The short request is answered, with the answer it gets alone, before the long one's stream ends: with static
     batching it would wait for the long one's 200 tokens."""

@@ -118,6 +118,7 @@ def _status_kb(pid: int, field: str) -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the server's peak RSS from /proc")
+@pytest.mark.slow
 def test_concurrent_large_images_stay_within_the_budget(tiny_model_dir):
     """4 concurrent 6300x6300 PNGs (before the budget: ~0.5 GB each to decode, convert and preprocess at full size,
     all at once) against --max-image-memory-mb 200: the server's peak RSS during the burst stays within the budget and

@@ -7,6 +7,7 @@ import base64
 import io
 
 import openai
+import pytest
 from PIL import Image
 
 from exgra_med.model.auto import LoadOptions
@@ -16,6 +17,7 @@ from tests.conftest import start_api_server
 QUESTION = "What color is the shape?"
 
 
+@pytest.mark.slow
 def test_serve_api_from_a_hub_id(offline_hub, tiny_model_dir):
     image = Image.new("RGB", (40, 30), (220, 30, 30))
     expected = InferenceEngine.from_path(str(tiny_model_dir), LoadOptions(device="cpu")).answer(

@@ -51,6 +51,7 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
+@pytest.mark.slow
 def test_uploads_stay_private_and_a_killed_servers_are_removed_at_the_next_start(tiny_model_dir, tmp_path):
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()

@@ -119,6 +119,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_serve_api_and_web_answer_like_the_engine(tiny_vlm, easy_vqa_dir):
     import openai
     from gradio_client import Client, handle_file
@@ -160,6 +161,7 @@ def test_serve_api_and_web_answer_like_the_engine(tiny_vlm, easy_vqa_dir):
         proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_chat_in_a_terminal_answers_like_the_engine(tiny_vlm, easy_vqa_dir):
     from tests.serve.test_chat_terminal import Terminal
 

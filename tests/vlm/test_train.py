@@ -45,6 +45,7 @@ def _auto_generate(folder: Path, image: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_stage2_with_alignment_logs_finite_losses_and_saves_the_base_format(arch, stage2_run, tiny_vlm,
                                                                              easy_vqa_dir):
     out = stage2_run(arch)

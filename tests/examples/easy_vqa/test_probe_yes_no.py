@@ -31,6 +31,7 @@ def test_yes_no_probe_trains_and_reports(capsys):
     assert step == "2" and stand_ins == "3" and 0 < float(loss) < 5 and 0 <= float(accuracy) <= 100
 
 
+@pytest.mark.slow
 def test_yes_no_probe_curriculum_grows_the_image_stand_ins(capsys):
     from examples.easy_vqa.probe_yes_no import main
 

@@ -86,6 +86,7 @@ def test_pretraining_learns_the_captions_and_writes_a_drop_in_tower(tiny_model_d
     assert (out / "preprocessor_config.json").is_file()
 
 
+@pytest.mark.slow
 def test_bad_input_fails_before_training_with_one_line(tiny_model_dir, caption_data, tmp_path):
     records = json.loads((caption_data / "captions.json").read_text())
     records[7]["image"] = "missing.png"
