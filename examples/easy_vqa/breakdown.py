@@ -8,7 +8,9 @@ accuracy per kind alone can hide behind easy-VQA's skewed answers). Scores are t
 of the table (closed accuracy by the reference's rule, open recall), per kind, for the real, blank and shuffled
 images of `exgra-med grounding-audit --out` (or one answers file of `exgra-med generate-vqa`). For a model fine-tuned
 on rationale answers ("red blue different absent yes", `python -m examples.easy_vqa.rationale`) it also counts
-the yes/no answers whose comparison word agrees with the two words before it ("same" exactly when they are equal).
+the yes/no answers whose comparison word agrees with the two words before it ("same" exactly when they are equal),
+and checks the "seen" word against the image's truth (read off its questions), counting the answers that copy the
+question's word where the image shows another: a consistent comparison alone cannot tell that copy from a reading.
 
     python -m examples.easy_vqa.breakdown --questions runs/demo/finetune/test_questions.json \\
         --audit runs/demo/finetune/grounding_audit.json
@@ -86,6 +88,36 @@ def comparisons(
     return counts
 
 
+def seen_words(
+    questions: Sequence[Mapping], answers: Mapping[str, Mapping[str, str]]
+) -> dict[str, tuple[int, int, int]]:
+    """{condition: (yes/no answers whose seen word is the image's own colour or shape, answers whose seen word copies
+    the asked word where that is not the image's, yes/no answers in the rationale form about an image whose truth
+    the questions give)}; the comparison count cannot tell a seen word copied from the question from one read off
+    the image. Conditions without such answers are left out."""
+    from examples.easy_vqa.rationale import facts_per_image, parse_rationale
+    from exgra_med.data.prepare.easy_vqa import SHAPES
+
+    facts = facts_per_image([r for r in questions if r.get("image")])
+    counts = {}
+    for condition, texts in answers.items():
+        right = copied = parsed = 0
+        for record in questions:
+            steps = parse_rationale(texts.get(str(record["id"]), ""))
+            if str(record.get("answer_type", "")).upper() != "CLOSED" or steps is None:
+                continue
+            image = facts.get(record.get("image"))
+            truth = None if image is None else image.shape if steps["asked"] in SHAPES else image.color
+            if truth is None:
+                continue
+            parsed += 1
+            right += steps["seen"] == truth
+            copied += steps["seen"] == steps["asked"] != truth
+        if parsed:
+            counts[condition] = (right, copied, parsed)
+    return counts
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from exgra_med.eval.metrics import load_predictions
     from exgra_med.io import read_json
@@ -108,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for kind, row in table.items():
         scores = " | ".join(f"{row[c][1]:.1f}" for c in conditions)
         print(f"| {kind} | {next(iter(row.values()))[0]} | {scores} |")
+    for condition, (right, copied, parsed) in seen_words(questions, answers).items():
+        print(f"{condition}: the seen word is the image's own colour or shape in {right} of the {parsed} yes/no "
+              f"answers written as a rationale; it copies the question's word instead in {copied}")
     for condition, (right, parsed) in comparisons(questions, answers).items():
         print(f"{condition}: the comparison agrees with the asked and seen words in {right} of the {parsed} yes/no "
               "answers written as a rationale")

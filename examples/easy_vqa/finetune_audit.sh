@@ -2,7 +2,10 @@
 # Demo, last part (called by examples/easy_vqa/demo.sh): fine-tune the demo's stage-2 checkpoint on easy-VQA with
 # scripts/finetune.sh (CPU settings), then one `exgra-med grounding-audit` (batch 16): the test questions answered
 # with the real, blank and shuffled images, scored beside two answer-prior baselines (majority answer, question
-# prior); the real-image answers are written as generate-vqa writes them and scored with the reference metrics.
+# prior), then the counterfactual rows (each question asked again on its image with the shape recoloured or swapped
+# so that its answer changes: the shares of answers that follow the new truth, stay with the old one or neither, with
+# 95% intervals; yes/no questions paired with the same question about another colour or shape); the real-image
+# answers are written as generate-vqa writes them and scored with the reference metrics.
 #
 #   DEMO_DIR=runs/demo bash examples/easy_vqa/finetune_audit.sh
 # Needs DEMO_DIR/stage2 (stage-2 checkpoint) and DEMO_DIR/data (prepared easy-VQA).
@@ -13,7 +16,8 @@
 # of `python -m examples.easy_vqa.rationale_answers`); FINETUNE_OUT (default DEMO_DIR/finetune) keeps such a run apart.
 # Variables: DEMO_DIR, FINETUNE_STEPS (default 600), BATCH (32), FINETUNE_LR (3e-3), TEST_QUESTIONS
 # (seeded subset of test.json, default 600; 0 = all), EVAL_BATCH (16), MAX_NEW_TOKENS (8), SEED, CONV_MODE (the
-# template of fine-tuning and evaluation; default: the one the stage-2 checkpoint was trained with).
+# template of fine-tuning and evaluation; default: the one the stage-2 checkpoint was trained with), COUNTERFACTUAL
+# (auto: the counterfactual rows, about half as many answers again as the real, blank and shuffled images; off: none).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."  # the repository root
 
@@ -65,7 +69,7 @@ else
   cp "$DATA/test.json" "$QUESTIONS"
 fi
 
-echo "== answers on the test questions with the real, blank and shuffled images (batch $EVAL_BATCH) -> $OUT/test_answers_$TEST_QUESTIONS.jsonl"
+echo "== answers on the test questions with the real, blank, shuffled and counterfactual images (batch $EVAL_BATCH) -> $OUT/test_answers_$TEST_QUESTIONS.jsonl"
 start=$SECONDS
 # The tiny model has only ever seen the training template, so it answers in that format (GPU checkpoints
 # use the reference's `simple` evaluation prompt, the default of generate-vqa). The grounding audit writes the
@@ -74,7 +78,8 @@ start=$SECONDS
 exgra-med grounding-audit --model "$OUT" --question-file "$QUESTIONS" --image-folder "$DATA/images" \
   --candidate "$DATA/candidate.json" --train "$DATA/train.json" --conv-template "$CONV_MODE" \
   --batch-size "$EVAL_BATCH" --max-new-tokens "${MAX_NEW_TOKENS:-8}" --quiet \
-  --answers-file "$OUT/test_answers_$TEST_QUESTIONS.jsonl" --out "$OUT/grounding_audit.json"
+  --answers-file "$OUT/test_answers_$TEST_QUESTIONS.jsonl" --out "$OUT/grounding_audit.json" \
+  --counterfactual "${COUNTERFACTUAL:-auto}"
 echo "   answering took $((SECONDS - start)) s"
 echo
 echo "== reference metrics of the real-image answers -> $OUT/test_scores.json"

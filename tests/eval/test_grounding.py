@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from exgra_med.eval.counterfactual import counterfactual_questions, known_truth, outcome, probe
 from exgra_med.eval.grounding import CONDITIONS, audit, blank_images, changed_fraction, main, shuffled_images
 from exgra_med.model.auto import backend_for
 from exgra_med.model.loading import load_pretrained
@@ -29,11 +30,11 @@ def _model(tiny_model_dir, projector_scale: float):
     return model, tokenizer, processor
 
 
-def _run(model, tokenizer, processor, questions, easy_vqa_dir):
+def _run(model, tokenizer, processor, questions, easy_vqa_dir, counterfactual="auto"):
     return audit(backend_for(model, tokenizer, processor), questions,
                  json.loads((easy_vqa_dir / "candidate.json").read_text()),
                  image_folder=easy_vqa_dir / "images", train=json.loads((easy_vqa_dir / "train.json").read_text()),
-                 seed=0, batch_size=8, max_new_tokens=3)
+                 seed=0, batch_size=8, max_new_tokens=3, counterfactual=counterfactual)
 
 
 def test_shuffle_is_seeded_and_moves_every_image(questions):
@@ -53,12 +54,32 @@ def test_blank_images_keep_the_size(questions, easy_vqa_dir, tmp_path):
     assert changed_fraction({"1": "Yes", "2": "red"}, {"1": "yes ", "2": "blue"}) == 50.0
 
 
-def test_audit_of_a_model_that_ignores_images(tiny_model_dir, easy_vqa_dir, questions):
+def test_audit_of_a_model_that_ignores_images(tiny_model_dir, easy_vqa_dir, questions, tmp_path):
     result = _run(*_model(tiny_model_dir, 0.0), questions, easy_vqa_dir)
     assert result["answers_changed_vs_real"] == {"blank images": 0.0, "shuffled images": 0.0}
     real = result["rows"]["real images"]
     assert all(result["rows"][name] == real for name in CONDITIONS)
     assert {"majority answer", "question prior"} <= set(result["rows"])
+    assert result["multimodal_gain"] == {"average": 0.0, "closed_accuracy": 0.0, "recall": 0.0}
+
+    # Edited images: the same answers as on the real ones, so no answer moves to the new truth; the only answers
+    # that "follow" it are those that already gave it on the unedited image.
+    controls = result["counterfactual"]
+    assert controls["used"] and controls["setting"] == "auto"
+    edited = controls["answers"]["counterfactual images"]
+    real_answers = result["answers"]["real images"]
+    assert edited == real_answers
+    questions_by_kind: dict[str, list[dict]] = {}
+    for record in questions:
+        questions_by_kind.setdefault(probe(record).kind, []).append(record)
+    assert set(controls["rows"]) == set(questions_by_kind)
+    edited_records = {r["id"]: r["counterfactual"] for r in counterfactual_questions(
+        questions, known_truth(questions, easy_vqa_dir / "images")[0], easy_vqa_dir / "images", tmp_path, seed=0)[0]}
+    for kind, row in controls["rows"].items():
+        assert row["n"] == len(questions_by_kind[kind]) and row["changed"]["count"] == 0
+        already = sum(outcome(real_answers[str(r["id"])], kind, edited_records[r["id"]]["old"],
+                              edited_records[r["id"]]["new"]) == "new" for r in questions_by_kind[kind])
+        assert row["new"]["count"] == already and row["both"]["count"] == 0, (kind, row)
 
 
 def test_audit_of_a_model_whose_answers_depend_on_the_image(tiny_model_dir, easy_vqa_dir, questions):
@@ -66,6 +87,7 @@ def test_audit_of_a_model_whose_answers_depend_on_the_image(tiny_model_dir, easy
     changed = result["answers_changed_vs_real"]
     assert changed["blank images"] > 0 and changed["shuffled images"] > 0, changed
     assert result["answers"]["real images"] != result["answers"]["shuffled images"]
+    assert sum(row["changed"]["count"] for row in result["counterfactual"]["rows"].values()) > 0
 
 
 def test_cli_prints_the_table_and_writes_json(tiny_model_dir, easy_vqa_dir, questions, tmp_path, capsys):
@@ -80,8 +102,43 @@ def test_cli_prints_the_table_and_writes_json(tiny_model_dir, easy_vqa_dir, ques
     printed = capsys.readouterr().out
     for row in (*CONDITIONS, "majority answer", "question prior"):
         assert f"| {row} |" in printed
+    assert "multi-modal gain (MMStar; real minus blank images, points): overall " in printed
+    assert "answer-change share (answers that differ from the real-image answers): blank images " in printed
     saved = json.loads(Path(out).read_text())
     assert saved["questions"] == 6 and set(saved["answers"]) == set(CONDITIONS)
+    controls = saved["counterfactual"]
+    assert controls["setting"] == "auto" and controls["used"] and sum(r["n"] for r in controls["rows"].values()) == 6
+    assert "counterfactual controls (" in printed
+    for kind, row in controls["rows"].items():
+        low, high = row["new"]["ci95"]
+        assert 0.0 <= low <= row["new"]["percent"] <= high <= 100.0
+        shown = f"{row['new']['percent']:.1f} [{low:.1f}-{high:.1f}]"
+        assert f"| {kind} | {row['edit']} | {row['n']} | {shown} |" in printed
+    for kind, row in controls["pairs"].items():
+        assert f"| {kind} | {row['n']} | " in printed
+
+
+def test_without_known_truth_the_audit_says_so_and_on_is_refused(tiny_model_dir, easy_vqa_dir, questions, tmp_path,
+                                                                  monkeypatch, capsys):
+    from exgra_med.errors import UserError
+    from exgra_med.eval import generate
+
+    unknown = [*questions[:2], {**questions[2], "id": "other-1", "answer_type": "OPEN",
+                                "conversations": [questions[2]["conversations"][0],
+                                                  {"from": "gpt", "value": "pneumonia"}]}]
+    qfile = tmp_path / "questions.json"
+    qfile.write_text(json.dumps(unknown))
+    argv = ["--model", str(tiny_model_dir), "--question-file", str(qfile), "--image-folder",
+            str(easy_vqa_dir / "images"), "--candidate", str(easy_vqa_dir / "candidate.json"), "--max-new-tokens", "2",
+            "--quiet", "--out", str(tmp_path / "audit.json")]
+    assert main(argv) == 0
+    assert ("counterfactual controls: none (question 'other-1' asks about no known colour or shape, so the truth of "
+            "its image is unknown); blank, shuffled and prior rows only") in capsys.readouterr().out
+    saved = json.loads((tmp_path / "audit.json").read_text())["counterfactual"]
+    assert saved["setting"] == "auto" and not saved["used"] and "rows" not in saved
+    monkeypatch.setattr(generate, "load_backend", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(UserError, match=r"--counterfactual on needs the truth of the images: question 'other-1'"):
+        main([*argv, "--counterfactual", "on"])
 
 
 
