@@ -100,6 +100,7 @@ def test_finetune_audit_on_another_train_file_prints_the_grounding_audit_and_sco
     for row in ("| real images |", "| blank images |", "| shuffled images |", "| majority answer |",
                 "| question prior |"):
         assert row in result.stdout
+    assert "counterfactual controls (" in result.stdout  # easy-VQA's truth is known: the edited-image rows
     answers = [json.loads(line) for line in (out / "test_answers_12.jsonl").read_text().splitlines()]
     questions = json.loads((out / "test_questions.json").read_text())
     assert len(answers) == len(questions) == 12
