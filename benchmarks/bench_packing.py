@@ -105,7 +105,7 @@ def run(quick: bool = False, threads: int = 2, one_row: bool = False) -> list[di
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     config = "quick" if quick else "small"
-    batch_size, rounds = BATCH[config], 3 if quick else 7
+    batch_size, rounds = BATCH[config], 2 if quick else 7
     model, tokenizer, alignment = _model(quick)
     micro_batches = [make_items(model, rng, batch_size) for _ in range(rounds + 1)]  # round 0 warms up
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)  # alignment included

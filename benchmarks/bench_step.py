@@ -175,7 +175,7 @@ def run(quick: bool = False, threads: int = 2) -> list[dict]:
     """
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    repeats = 3 if quick else 7
+    repeats = 2 if quick else 7
     model, alignment, batch = _prepared(quick)
 
     def full_step(m, b):
