@@ -41,6 +41,7 @@ from exgra_med.eval.baselines import (
     question_prior_predictions,
     summarize,
 )
+from exgra_med.eval.card import RunCard, file_entry
 from exgra_med.eval.counterfactual import counterfactual_questions, counterfactual_rows, known_truth, pair_rows
 from exgra_med.eval.generate import (
     add_answer_arguments,
@@ -228,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--question-file", required=True, help="VQA records (JSON list), e.g. test.json")
     parser.add_argument("--candidate", required=True, help='candidate.json ({"0": [answers]}) of the data set')
     parser.add_argument("--train", default=None, help="training records: adds the answer-prior baselines")
-    parser.add_argument("--out", default=None, help="write the audit (scores, answers) as JSON here")
+    parser.add_argument("--out", default=None,
+                        help="write the audit (scores, answers) as JSON here, and its reproducibility card beside it "
+                        "(audit.json -> audit.card.json)")
     parser.add_argument("--answers-file", default=None,
                         help="the real-image answers (generate-vqa's JSON lines): used where present, the missing ones "
                         "generated and appended")
@@ -238,8 +241,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def card_settings(args: argparse.Namespace, options: ModelOptions, generation: Mapping[str, Any]) -> dict[str, Any]:
+    """What the audit's numbers depend on, for its reproducibility card: the answers' generation settings
+    (`provenance`: model, weights, template, decoding), where they were computed, the input files and the audit's
+    own flags."""
+    return {
+        "generation": dict(generation),
+        "placement": {"device": options.device, "attn_implementation": options.attn_implementation},
+        "question_file": file_entry(args.question_file),
+        "candidate": file_entry(args.candidate),
+        "train": file_entry(args.train) if args.train else None,
+        "image_folder": str(Path(args.image_folder).resolve()) if args.image_folder else None,
+        "answers_file": file_entry(args.answers_file) if args.answers_file else None,
+        "batch_size": args.batch_size,
+        "counterfactual": args.counterfactual,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """`exgra-med grounding-audit --model DIR --question-file test.json --image-folder D --candidate F [...]`."""
+    """`exgra-med grounding-audit --model DIR --question-file test.json --image-folder D --candidate F [...]`; with
+    `--out`, the reproducibility card goes beside OUT (`exgra_med.eval.card`)."""
+    card = RunCard("grounding-audit", argv)
     args = build_parser().parse_args(argv)
     options, decoding = ModelOptions.from_args(args), DecodingOptions.from_args(args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -254,14 +276,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             raise UserError(f"--counterfactual on needs the truth of the images: {unknown}")
     train = read_json(args.train) if args.train else None
+    options = resolve_settings(options)
+    # the settings generate-vqa records (the audit's own flags do not change an answer): answers file and card
+    generation = provenance(options, decoding, args.strip_role_prefix)
     real = None
     if args.answers_file:
         check_answers_file(args.answers_file, {"--question-file": args.question_file, "--candidate": args.candidate,
                                                "--train": args.train})
         check_answers_folder(args.answers_file)
-        options = resolve_settings(options)
-        # the settings generate-vqa records (the audit's own flags do not change an answer)
-        generation = provenance(options, decoding, args.strip_role_prefix)
         # refused here, before the model loads
         rows, todo = pending_questions(args.answers_file, questions, generation, advice=AUDIT_ADVICE)
         real = {str(r["question_id"]): r["text"] for r in rows}
@@ -276,7 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_audit(result))
     if args.out:
         write_json_atomic(args.out, {**result, "model": options.model})
-        print(f"audit written to {args.out}")
+        written = card.write(args.out, card_settings(args, options, generation), seed=decoding.seed)
+        print(f"audit written to {args.out} (reproducibility card: {written})")
     return 0
 
 

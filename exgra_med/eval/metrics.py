@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from exgra_med.errors import HelpFormatter, UserError
+from exgra_med.eval.card import RunCard, answers_generation, file_entry
 from exgra_med.eval.glossary import normalize_word
 from exgra_med.io import read_json, read_jsonl, write_json_atomic
 
@@ -238,7 +239,9 @@ def format_table(scores: Mapping[str, float]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`exgra-med score --gt test.json --pred answers.jsonl --candidate candidate.json [--json OUT]`."""
+    """`exgra-med score --gt test.json --pred answers.jsonl --candidate candidate.json [--json OUT]`; with `--json`,
+    the reproducibility card goes beside OUT (`exgra_med.eval.card`)."""
+    card = RunCard("score", argv)
     parser = argparse.ArgumentParser(
         prog="exgra-med score", description=__doc__.splitlines()[0],
         formatter_class=HelpFormatter,
@@ -246,7 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gt", required=True, help="VQA test json (list of records)")
     parser.add_argument("--pred", required=True, help="answers JSON-lines file")
     parser.add_argument("--candidate", required=True, help='candidate.json ({"0": [answers]})')
-    parser.add_argument("--json", default=None, help="write the scores here as JSON")
+    parser.add_argument("--json", default=None,
+                        help="write the scores here as JSON, and its reproducibility card beside it (scores.json -> "
+                        "scores.card.json)")
     args = parser.parse_args(argv)
     gt = read_json(args.gt)
     if not isinstance(gt, list):
@@ -264,4 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(scores))
     if args.json:
         write_json_atomic(args.json, scores)
+        settings = {"gt": file_entry(args.gt), "pred": file_entry(args.pred), "candidate": file_entry(args.candidate),
+                    "pred_generation": answers_generation(args.pred)}
+        card.write(args.json, settings)
     return 0

@@ -1,7 +1,8 @@
 """`exgra-med data-efficiency record|summarize`: the result files of the data-efficiency study and their table.
 
 `record` writes one cell's result (method, pre-training fraction, seed, the grounding audits of its stage-2 and
-fine-tuned models, the seconds per step, the settings and the library versions) atomically; the study script
+fine-tuned models, the seconds per step, the settings and the library versions) atomically, then its reproducibility
+card beside it (`exgra_med.eval.card`: `<cell>.card.json`, with the commit); the study script
 (scripts/data_efficiency.sh) calls it last, so a cell with a result file is finished. `summarize` reads every
 cell file of a folder and writes `table.md` (mean +- std over seeds per method and fraction, per answer type,
 beside the blank- and shuffled-image audit and the answer-prior baselines), `cells.csv` (one row per cell, the
@@ -13,31 +14,19 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import platform
 import statistics
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from exgra_med.errors import HelpFormatter
+from exgra_med.eval.card import RunCard, file_entry, is_card, versions
 from exgra_med.io import read_json, write_json_atomic, write_text_atomic
 
 METHOD_NAMES = {"llava_med": "LLaVA-Med (alignment off)", "exgra_med": "ExGra-Med"}
 SCORE_KEYS = (("average", "overall"), ("closed_accuracy", "closed"), ("recall", "open"))
 AUDIT_ROWS = ("real images", "blank images", "shuffled images")
-VERSIONED = ("exgra-med", "torch", "transformers", "accelerate", "deepspeed")
-
-
-def versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for name in VERSIONED:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
 
 
 def _audit_summary(path: str | Path) -> dict[str, Any]:
@@ -87,7 +76,7 @@ def record(
 
 def load_cells(folder: str | Path) -> list[dict]:
     cells = []
-    for path in sorted(Path(folder).glob("*.json")):
+    for path in sorted(p for p in Path(folder).glob("*.json") if not is_card(p)):
         cell = read_json(path)
         missing = [k for k in ("method", "fraction", "seed", "finetune") if k not in cell]
         if missing:
@@ -180,6 +169,7 @@ def summarize(cells_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    card = RunCard("data-efficiency", argv)
     parser = argparse.ArgumentParser(
         prog="exgra-med data-efficiency",
         description=__doc__.split("\n")[0],
@@ -202,17 +192,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "record":
         seconds = {k: float(v) for k, v in _pairs(args.seconds, "--seconds").items()}
-        record(
-            args.out,
-            args.method,
-            args.fraction,
-            args.seed,
-            args.finetune_audit,
-            args.stage2_audit,
-            seconds,
-            _pairs(args.setting, "--setting"),
-        )
-        print(f"wrote {args.out}")
+        settings = _pairs(args.setting, "--setting")
+        record(args.out, args.method, args.fraction, args.seed, args.finetune_audit, args.stage2_audit, seconds,
+               settings)
+        # the audits' entries name their own cards (the commit, model and decoding settings they ran with)
+        card.write(args.out, {
+            "method": args.method,
+            "fraction": args.fraction,
+            "finetune_audit": file_entry(args.finetune_audit),
+            "stage2_audit": file_entry(args.stage2_audit) if args.stage2_audit else None,
+            "seconds": seconds,
+            "settings": settings,
+        }, seed=args.seed)
+        print(f"wrote {args.out} and its reproducibility card")
     else:
         paths = summarize(args.cells, args.out)
         print(Path(paths["table"]).read_text())

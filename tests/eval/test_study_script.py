@@ -69,7 +69,10 @@ def test_study_runs_resumes_and_summarizes(tiny_model_dir, easy_vqa_dir, tmp_pat
     assert "resuming from" in (study / "f50_s0" / "llava_med" / "stage2.log").read_text()
     assert "[2/2] exgra_med, 50% of the pre-training data, seed 0" in done.stdout
     cells = sorted(p.name for p in (study / "cells").glob("*.json"))
-    assert cells == ["exgra_med_f50_s0.json", "llava_med_f50_s0.json"]
+    assert cells == ["exgra_med_f50_s0.card.json", "exgra_med_f50_s0.json", "llava_med_f50_s0.card.json",
+                     "llava_med_f50_s0.json"]  # each cell with its reproducibility card
+    card = json.loads((study / "cells" / "exgra_med_f50_s0.card.json").read_text())
+    assert card["seed"] == 0 and card["settings"]["finetune_audit"]["card"].endswith("audit_finetune.card.json")
     cell = json.loads((study / "cells" / "exgra_med_f50_s0.json").read_text())
     assert cell["finetune"]["questions"] == 8 and set(cell["seconds"]) == {"stage1", "stage2", "finetune", "eval"}
     for row in ("real images", "blank images", "shuffled images", "question prior"):
