@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import bench_align, bench_data, bench_generate, bench_packing, bench_serve, bench_step, bench_vlm
+from exgra_med.eval.card import cpu_model
 from exgra_med.io import write_text_atomic
 
 ALIGN_TARGET_MS = 50.0
@@ -138,16 +139,9 @@ def gpu_section(folder: Path = GPU_RESULTS) -> str:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return f"{cpu}, {os.cpu_count()} cores, GPU: {gpu}; Python {platform.python_version()}, torch {torch.__version__}"
+    return (f"{cpu_model()}, {os.cpu_count()} cores, GPU: {gpu}; Python {platform.python_version()}, "
+            f"torch {torch.__version__}")
 
 
 def _verdict(ok: bool) -> str:

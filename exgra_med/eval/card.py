@@ -84,7 +84,8 @@ def code_revision() -> dict[str, Any]:
     return code
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux; the platform's processor name elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
             if line.lower().startswith(("model name", "hardware", "cpu model")):
@@ -99,7 +100,7 @@ def hardware() -> dict[str, Any]:
     the command imported torch (light commands start without it)."""
     found: dict[str, Any] = {
         "platform": platform.platform(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
     }
