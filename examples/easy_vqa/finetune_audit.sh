@@ -12,6 +12,7 @@
 # BALANCE_YES_NO=1 fine-tunes on train.json with its yes/no questions balanced (`exgra-med subsample
 # --balance-yes-no`: per question text as many yes as no answers), which takes the wording's prior away from the
 # yes/no answers (86% of easy-VQA's are predicted by the question alone); measured in the README's demo section.
+# FINETUNE_FLAGS: extra trainer flags of the fine-tuning (e.g. "--tune_vision_tower True").
 # FINETUNE_DATA=F fine-tunes on the VQA records of F instead of DEMO_DIR/data/train.json (e.g. the rationale answers
 # of `python -m examples.easy_vqa.rationale_answers`); FINETUNE_OUT (default DEMO_DIR/finetune) keeps such a run apart.
 # Variables: DEMO_DIR, FINETUNE_STEPS (default 600), BATCH (32), FINETUNE_LR (3e-3), TEST_QUESTIONS
@@ -33,7 +34,14 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_T
 export NPROC_PER_NODE=${NPROC_PER_NODE:-1} MASTER_PORT=${MASTER_PORT:-29512}
 [ -f "$DEMO_DIR/stage2/config.json" ] || { echo "finetune_audit.sh: no stage-2 checkpoint in $DEMO_DIR/stage2" >&2; exit 2; }
 [ -f "$DATA/test.json" ] || { echo "finetune_audit.sh: no prepared easy-VQA in $DATA" >&2; exit 2; }
-CONV_MODE=${CONV_MODE:-$(python -c "import json,sys; print(json.load(open(sys.argv[1])).get('conv_template') or 'llava_med')" "$DEMO_DIR/stage2/config.json")}
+# A transformers-native VLM (DEMO_ARCH) is prompted with its own chat template: no template flag.
+CONV_MODE=${CONV_MODE-$(python -c "
+import json, sys
+from exgra_med.model.auto import native_model_type
+print('' if native_model_type(sys.argv[1]) else json.load(open(sys.argv[1] + '/config.json')).get('conv_template') or 'llava_med')
+" "$DEMO_DIR/stage2")}
+TEMPLATE_FLAGS=()
+[ -n "$CONV_MODE" ] && TEMPLATE_FLAGS=(--conv_template "$CONV_MODE")
 
 # The GPU recipe, made small: no per-epoch val scoring or checkpoints, a fixed number of steps.
 CPU_ARGS=(--bf16 False --activation_checkpointing False --dataloader_num_workers 0 --seed "$SEED"
@@ -57,7 +65,8 @@ echo "== fine-tune: $DEMO_DIR/stage2 on easy-VQA ($FINETUNE_STEPS steps of $BATC
 start=$SECONDS
 if [ ! -f "$OUT/model.safetensors" ]; then
   MODEL_PATH="$DEMO_DIR/stage2" DATA_DIR="$DATA" OUTPUT_DIR="$OUT" LR="${FINETUNE_LR:-3e-3}" \
-    bash scripts/finetune.sh easy-vqa "${CPU_ARGS[@]}" --conv_template "$CONV_MODE" "${TRAIN_DATA[@]}"
+    bash scripts/finetune.sh easy-vqa "${CPU_ARGS[@]}" ${TEMPLATE_FLAGS[@]+"${TEMPLATE_FLAGS[@]}"} \
+      ${TRAIN_DATA[@]+"${TRAIN_DATA[@]}"} ${FINETUNE_FLAGS:-}
 fi
 echo "   fine-tuning took $((SECONDS - start)) s"
 
@@ -76,7 +85,7 @@ start=$SECONDS
 # real-image answers in generate-vqa's format (and reuses them on a rerun) and scores all three beside the
 # answer-prior baselines (majority answer, question prior).
 exgra-med grounding-audit --model "$OUT" --question-file "$QUESTIONS" --image-folder "$DATA/images" \
-  --candidate "$DATA/candidate.json" --train "$DATA/train.json" --conv-template "$CONV_MODE" \
+  --candidate "$DATA/candidate.json" --train "$DATA/train.json" ${CONV_MODE:+--conv-template "$CONV_MODE"} \
   --batch-size "$EVAL_BATCH" --max-new-tokens "${MAX_NEW_TOKENS:-8}" --quiet \
   --answers-file "$OUT/test_answers_$TEST_QUESTIONS.jsonl" --out "$OUT/grounding_audit.json" \
   --counterfactual "${COUNTERFACTUAL:-auto}"

@@ -11,6 +11,14 @@ image against every distinct caption) is printed during training and saved in `p
 
     python -m examples.easy_vqa.tower --tower runs/demo/tiny/vision --tokenizer runs/demo/tiny/llm \\
         --data runs/demo/data/alignment.json --image-folder runs/demo/data/images --out runs/demo/tower
+
+The same command pre-trains the vision encoder of a transformers-native VLM (`--tower` a folder that
+`AutoModelForImageTextToText` loads, e.g. `make-tiny-model --arch qwen2_5_vl`): the image side is the model's own
+image features after its projector / merger (what its language model and the ExGra-Med alignment see, through the
+model's own processor and chat template), mean-pooled per image and projected; the encoder and projector train, the
+language model is left as it is, and the whole model is written back in its native format with its processor
+(`--tokenizer` defaults to the model's own). The demo's native path starts stage 2 from it
+(`DEMO_ARCH=qwen2_5_vl make demo`).
 """
 
 from __future__ import annotations
@@ -25,13 +33,29 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionModel
+from open_clip.loss import ClipLoss
+from torch import nn
+from transformers import (
+    AutoTokenizer,
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPVisionModel,
+)
 
 from exgra_med.cli import quiet_optional_backends
 from exgra_med.constants import GPT
+from exgra_med.data.chat import ChatEncoder, collate_encoded
 from exgra_med.data.images import check_record_images, load_image, preprocess_image
 from exgra_med.data.records import RecordError, load_records, record_label
+from exgra_med.errors import UserError
+from exgra_med.model.alignment_head import sample_image_features
+from exgra_med.model.auto import native_model_type
 from exgra_med.model.checkpoint import check_output_dir, staged_output_dir, write_json
+from exgra_med.model.native.aligned import text_hidden_size
+from exgra_med.model.native.training import vision_side_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -96,37 +120,152 @@ def tokenize_captions(tokenizer, captions: Sequence[str], max_tokens: int) -> tu
     return ids, mask
 
 
+def _unit(features) -> torch.Tensor:  # transformers 5 returns CLIP's projected features as `pooler_output`
+    return nn.functional.normalize(getattr(features, "pooler_output", features), dim=-1)
+
+
+def _retrieval(encode_images, text: torch.Tensor, distinct: Sequence[str], captions: Sequence[str]) -> float:
+    """Share of images (embedded by `encode_images(start, stop)`, unit rows) whose most similar caption among
+    `distinct` (unit rows `text`) is their own."""
+    correct = 0
+    for start in range(0, len(captions), 256):
+        best = (encode_images(start, start + 256) @ text.T).argmax(-1)
+        correct += sum(distinct[b] == c for b, c in zip(best.tolist(), captions[start : start + 256]))
+    return correct / max(1, len(captions))
+
+
 @torch.no_grad()
 def retrieval_accuracy(
     model: CLIPModel, pixels: torch.Tensor, captions: Sequence[str], tokenizer, max_tokens: int
 ) -> float:
     """Share of images whose most similar caption, among the distinct captions, is their own."""
     model.eval()
-
-    def unit(features) -> torch.Tensor:  # transformers 5 returns the projected features as `pooler_output`
-        return torch.nn.functional.normalize(getattr(features, "pooler_output", features), dim=-1)
-
     distinct = sorted(set(captions))
     ids, mask = tokenize_captions(tokenizer, distinct, max_tokens)
-    text = unit(model.get_text_features(input_ids=ids, attention_mask=mask))
-    correct = 0
-    for start in range(0, len(pixels), 256):
-        image = unit(model.get_image_features(pixel_values=pixels[start : start + 256]))
-        best = (image @ text.T).argmax(-1)
-        correct += sum(distinct[b] == c for b, c in zip(best.tolist(), captions[start : start + 256]))
+    text = _unit(model.get_text_features(input_ids=ids, attention_mask=mask))
+    share = _retrieval(lambda a, b: _unit(model.get_image_features(pixel_values=pixels[a:b])), text, distinct, captions)
     model.train()
-    return correct / max(1, len(pixels))
+    return share
+
+
+class ClipTowerPair:
+    """A CLIP vision tower and a small text transformer in transformers' `CLIPModel` (its own contrastive loss)."""
+
+    def __init__(self, tower: str | Path, tokenizer_path: str | Path | None, config: TowerPretrainConfig):
+        if tokenizer_path is None:
+            raise UserError(f"--tokenizer is required for a CLIP vision tower ({tower}): the captions' tokenizer")
+        vision = CLIPVisionModel.from_pretrained(tower)
+        self.processor = CLIPImageProcessor.from_pretrained(tower)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.config = config
+        vcfg = vision.config
+        text_config = _text_config(self.tokenizer, vcfg.hidden_size, vcfg.num_attention_heads, config)
+        clip_config = CLIPConfig(
+            text_config=text_config.to_dict(), vision_config=vcfg.to_dict(), projection_dim=vcfg.projection_dim
+        )
+        self.model = CLIPModel(clip_config)
+        self.model.vision_model.load_state_dict(vision.state_dict())  # CLIPModel.vision_model is a CLIPVisionModel
+        self.pixels = None
+
+    def prepare(self, images: Sequence) -> None:
+        """Decode-once: every image preprocessed (the records of a demo fit in memory many times over)."""
+        self.pixels = torch.stack([preprocess_image(img, self.processor, self.config.aspect_ratio) for img in images])
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.model.parameters())
+
+    def train(self) -> None:
+        self.model.train()
+
+    def loss(self, images: list[int], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, attention_mask=mask, pixel_values=self.pixels[images], return_loss=True).loss
+
+    def retrieval(self, images: list[int], captions: Sequence[str]) -> float:
+        held = self.pixels[images] if images else self.pixels[:0]
+        return retrieval_accuracy(self.model, held, captions, self.tokenizer, self.config.max_caption_tokens)
+
+    def save(self, folder: Path) -> None:
+        self.model.vision_model.save_pretrained(folder)
+        self.processor.save_pretrained(folder)
+
+
+class NativeVLMPair(nn.Module):
+    """A native VLM's image features (after its projector, through its processor and chat template, mean-pooled per
+    image, projected) against a small CLIP text transformer, with CLIP's symmetric loss. The language model stays
+    frozen; everything else of the VLM (vision encoder, projector / merger) trains."""
+
+    def __init__(self, folder: str | Path, tokenizer_path: str | Path | None, config: TowerPretrainConfig):
+        super().__init__()
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.vlm = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+        self.processor = AutoProcessor.from_pretrained(folder)
+        self.tokenizer = (AutoTokenizer.from_pretrained(tokenizer_path) if tokenizer_path is not None
+                          else self.processor.tokenizer)
+        self.config = config
+        hidden = text_hidden_size(self.vlm)
+        heads = int(self.vlm.config.get_text_config().num_attention_heads)
+        text_config = _text_config(self.tokenizer, hidden, heads, config)
+        text_config.projection_dim = hidden
+        self.text = CLIPTextModelWithProjection(text_config)
+        self.image_projection = nn.Linear(hidden, hidden, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+        self.clip_loss = ClipLoss()  # open_clip's symmetric image-text cross-entropy
+        self.vlm.requires_grad_(False)
+        for p in vision_side_parameters(self.vlm):
+            p.requires_grad_(True)
+        if not any(p.requires_grad for p in self.vlm.parameters()):
+            raise UserError(f"{folder}: found no vision encoder or projector outside the language model to train")
+        self.encoder = ChatEncoder(self.processor, stops=[], image_aspect_ratio=config.aspect_ratio)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.inputs: list = []
+
+    def prepare(self, images: Sequence) -> None:
+        """Each image through the model's processor once, as the one image of a user turn of its chat template."""
+        chat = [{"role": "user", "content": [{"type": "image"}]}]
+        self.inputs = [self.encoder.encode_prompt(chat, [self.encoder.prepare_image(img)]) for img in images]
+
+    def image_embeds(self, images: Sequence[int]) -> torch.Tensor:
+        batch = collate_encoded([self.inputs[i] for i in images], self.pad_id)
+        counts = batch.pop("images_per_sample")
+        batch.pop("labels", None)
+        out = self.vlm(**batch, use_cache=False)
+        features = sample_image_features(out.image_outputs.pooler_output, counts)[:, 0]  # (B, D)
+        return self.image_projection(features)
+
+    def loss(self, images: list[int], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        image = _unit(self.image_embeds(images))
+        text = _unit(self.text(input_ids=ids, attention_mask=mask).text_embeds)
+        return self.clip_loss(image, text, self.logit_scale.exp())
+
+    @torch.no_grad()
+    def retrieval(self, images: list[int], captions: Sequence[str]) -> float:
+        self.eval()
+        distinct = sorted(set(captions))
+        ids, mask = tokenize_captions(self.tokenizer, distinct, self.config.max_caption_tokens)
+        text = _unit(self.text(input_ids=ids, attention_mask=mask).text_embeds)
+        share = _retrieval(lambda a, b: _unit(self.image_embeds(images[a:b])), text, distinct, captions)
+        self.train()
+        return share
+
+    def parameters(self, recurse: bool = True):  # what the optimiser gets: the frozen language model left out
+        return [p for p in super().parameters(recurse) if p.requires_grad]
+
+    def save(self, folder: Path) -> None:
+        self.vlm.save_pretrained(folder)
+        self.processor.save_pretrained(folder)
 
 
 def pretrain_tower(
     tower: str | Path,
-    tokenizer_path: str | Path,
+    tokenizer_path: str | Path | None,
     data: str | Path,
     image_folder: str | Path,
     out: str | Path,
     config: TowerPretrainConfig,
 ) -> dict:
-    """Train the CLIP vision tower at `tower` contrastively on `data`'s captions; write it to `out`."""
+    """Train the vision encoder at `tower` (a CLIP vision tower, or a native VLM folder) contrastively on `data`'s
+    captions; write it to `out` (a CLIP vision tower folder, or the whole native VLM)."""
     # Here, not at the top: transformers' optimization module imports bitsandbytes, whose import-time warning `main`
     # silences first (as the `exgra-med` commands do).
     from transformers import get_cosine_schedule_with_warmup
@@ -140,26 +279,13 @@ def pretrain_tower(
     check_record_images(records, image_folder, str(data))  # every image's header, before any training
 
     torch.manual_seed(config.seed)
-    vision = CLIPVisionModel.from_pretrained(tower)
-    processor = CLIPImageProcessor.from_pretrained(tower)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    vcfg = vision.config
-    text_config = _text_config(tokenizer, vcfg.hidden_size, vcfg.num_attention_heads, config)
-    clip_config = CLIPConfig(
-        text_config=text_config.to_dict(), vision_config=vcfg.to_dict(), projection_dim=vcfg.projection_dim
-    )
-    model = CLIPModel(clip_config)
-    model.vision_model.load_state_dict(vision.state_dict())  # CLIPModel.vision_model is a CLIPVisionModel
+    native = native_model_type(tower)
+    model = NativeVLMPair(tower, tokenizer_path, config) if native else ClipTowerPair(tower, tokenizer_path, config)
+    tokenizer = model.tokenizer
 
-    # Images are decoded and preprocessed once (the records of a demo fit in memory many times over).
     distinct_images = sorted({image for image, _ in pairs})
     index = {image: i for i, image in enumerate(distinct_images)}
-    pixels = torch.stack(
-        [
-            preprocess_image(load_image(image_folder / image), processor, config.aspect_ratio)
-            for image in distinct_images
-        ]
-    )
+    model.prepare([load_image(image_folder / image) for image in distinct_images])
     heldout = set(
         random.Random(f"{config.seed}-heldout").sample(
             distinct_images, int(round(config.heldout_fraction * len(distinct_images)))
@@ -167,7 +293,7 @@ def pretrain_tower(
     )
     train = [(index[i], c) for i, c in pairs if i not in heldout]
     held = [(index[i], c) for i, c in pairs if i in heldout]
-    held_pixels = pixels[[i for i, _ in held]] if held else pixels[:0]
+    held_images = [i for i, _ in held]
     held_captions = [c for _, c in held]
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -175,9 +301,7 @@ def pretrain_tower(
     rng = random.Random(f"{config.seed}-batches")
     order: list[int] = []
     history = []
-    before = (
-        retrieval_accuracy(model, held_pixels, held_captions, tokenizer, config.max_caption_tokens) if held else None
-    )
+    before = model.retrieval(held_images, held_captions) if held else None
     logger.info(
         "tower pre-training: %d train / %d held-out pairs; held-out retrieval before: %s", len(train), len(held), before
     )
@@ -190,9 +314,7 @@ def pretrain_tower(
             order += fresh
         batch, order = order[: config.batch_size], order[config.batch_size :]
         ids, mask = tokenize_captions(tokenizer, [train[b][1] for b in batch], config.max_caption_tokens)
-        loss = model(
-            input_ids=ids, attention_mask=mask, pixel_values=pixels[[train[b][0] for b in batch]], return_loss=True
-        ).loss
+        loss = model.loss([train[b][0] for b in batch], ids, mask)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"tower pre-training: loss is {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -203,14 +325,13 @@ def pretrain_tower(
         if step % config.eval_every == 0 or step == config.steps:
             row = {"step": step, "loss": round(loss.item(), 4), "seconds": round(time.time() - start, 1)}
             if held:
-                row["heldout_retrieval"] = round(
-                    retrieval_accuracy(model, held_pixels, held_captions, tokenizer, config.max_caption_tokens), 4
-                )
+                row["heldout_retrieval"] = round(model.retrieval(held_images, held_captions), 4)
             history.append(row)
             print("   " + "  ".join(f"{k} {v}" for k, v in row.items()), flush=True)
 
     summary = {
         "tower": str(tower),
+        "kind": native or "clip_vision_model",
         "data": str(data),
         "pairs": {"train": len(train), "heldout": len(held)},
         "distinct_captions": len(set(c for _, c in pairs)),
@@ -221,8 +342,7 @@ def pretrain_tower(
         "seconds": round(time.time() - start, 1),
     }
     with staged_output_dir(out) as tmp:
-        model.vision_model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+        model.save(tmp)
         write_json(summary, tmp / "pretrain_tower.json")
     return summary
 
@@ -233,12 +353,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     defaults = TowerPretrainConfig()
     p = argparse.ArgumentParser(
         prog="python -m examples.easy_vqa.tower",
-        description="Contrastive (CLIP) pre-training of a CLIP vision tower on image-caption records; "
-        "writes a CLIPVisionModel folder usable as --vision_tower.",
+        description="Contrastive (CLIP) pre-training of a CLIP vision tower (writes a CLIPVisionModel folder usable "
+        "as --vision_tower) or of a native VLM's vision encoder (writes the whole model) on image-caption records.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--tower", required=True, help="CLIP vision tower folder to start from (CLIPVisionModel)")
-    p.add_argument("--tokenizer", required=True, help="tokenizer folder for the captions (e.g. the LLM's)")
+    p.add_argument("--tower", required=True, help="CLIP vision tower folder to start from (CLIPVisionModel), or a "
+                   "transformers-native VLM folder (its vision encoder and projector train; the whole model is "
+                   "written)")
+    p.add_argument("--tokenizer", help="tokenizer folder for the captions (e.g. the LLM's); required for a CLIP tower, "
+                   "a native VLM's own by default")
     p.add_argument("--data", required=True, help="records with an image and a caption (first gpt turn)")
     p.add_argument("--image-folder", required=True)
     p.add_argument("--out", required=True, help="output folder (absent or empty)")

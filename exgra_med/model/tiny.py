@@ -168,7 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--vision", choices=VISION_TYPES, default="clip", help="(llava)")
     p.add_argument("--llm", choices=LLM_TYPES, default="llama", help="(llava)")
     p.add_argument("--image-size", type=int, default=32, help="(llava)")
-    p.add_argument("--patch-size", type=int, default=8, help="(llava)")
+    p.add_argument("--patch-size", type=int, default=None,
+                   help="vision patch size (llava: default 8; qwen2_5_vl: default 14; not the other native ones)")
+    p.add_argument("--merge-size", type=int, default=None,
+                   help="(qwen2_5_vl) patches merged per image token along each side (default 2)")
     p.add_argument("--hidden", type=int, default=None, help="LLM hidden size (default: 128 llava, 64 native)")
     p.add_argument("--layers", type=int, default=2, help="LLM layers")
     p.add_argument("--vision-hidden", type=int, default=None, help="vision hidden size (default: 128 llava, 32 native)")
@@ -180,9 +183,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="mm_dense_connector_type of the assembled model")
     p.add_argument("--no-im-start-end", action="store_true", help="plain image placeholder (no <im_start>/<im_end>)")
     args = p.parse_args(argv)
+    if args.arch == "llava" and args.merge_size is not None:
+        p.error("--merge-size sets the image tokens of qwen2_5_vl; the llava model has one token per patch")
     if args.arch != "llava":
         size = TinySize(hidden=args.hidden or 64, layers=args.layers, heads=args.heads,
-                        vision_hidden=args.vision_hidden or 32, vision_layers=args.vision_layers)
+                        vision_hidden=args.vision_hidden or 32, vision_layers=args.vision_layers,
+                        patch_size=args.patch_size or TinySize.patch_size,
+                        merge_size=args.merge_size or TinySize.merge_size)
         out = make_tiny_vlm(args.out, args.arch, args.seed, size)
         print(f"tiny {args.arch} model written to {out} (loads with AutoModelForImageTextToText / AutoProcessor)")
         return 0
@@ -196,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.vision,
         args.llm,
         args.image_size,
-        args.patch_size,
+        args.patch_size or 8,
         args.hidden or 128,
         args.layers,
         args.vision_hidden or 128,

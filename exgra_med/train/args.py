@@ -76,6 +76,11 @@ class ModelArguments(AlignmentArguments):
     )
     pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": "stage-1 projector file or folder"})
     freeze_backbone: bool = field(default=False, metadata={"help": "freeze the LLM (train projector + alignment)"})
+    tune_vision_tower: bool = field(
+        default=False,
+        metadata={"help": "also train the vision encoder (the tower; of a native VLM, every part outside its "
+                          "language model); the reference keeps it frozen"},
+    )
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | flash_attention_2 | eager"})
     lora_enable: bool = field(default=False, metadata={"help": "train LoRA adapters on the LLM (PEFT)"})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank"})
@@ -108,6 +113,10 @@ class ModelArguments(AlignmentArguments):
             raise ValueError(f"--mm_spatial_pool_stride must be >= 1, got {self.mm_spatial_pool_stride}")
         if self.tune_mm_mlp_adapter and self.lora_enable:
             raise ValueError("--tune_mm_mlp_adapter (stage 1) trains only the projector; drop --lora_enable")
+        if self.tune_vision_tower and (self.tune_mm_mlp_adapter or self.lora_enable):
+            raise ValueError("--tune_vision_tower trains the vision encoder in full runs; drop it with "
+                             + ("--tune_mm_mlp_adapter (stage 1 trains only the projector)" if self.tune_mm_mlp_adapter
+                                else "--lora_enable (LoRA trains adapters on a frozen model)"))
 
 
 @dataclass

@@ -192,7 +192,7 @@ def set_trainable(model, model_args: ModelArguments, activation_checkpointing: b
         model.config.lora_alpha = model_args.lora_alpha  # recorded in every checkpoint for `merge-lora`
     elif not model_args.freeze_backbone:
         model.language_model.requires_grad_(True)
-    if not model.config.freeze_vision_tower:
+    if model_args.tune_vision_tower or not model.config.freeze_vision_tower:
         model.vision_tower.requires_grad_(True)
 
 

@@ -123,3 +123,23 @@ def test_batches_pad_ids_and_token_inputs_and_concatenate_images(tiny_vlm, easy_
     assert collated["token_type_ids"].shape == collated["input_ids"].shape  # Gemma's image-token mask, padded
     assert collated["token_type_ids"].sum().item() == 2 * 16  # 16 image tokens per image
     assert collated["response_ids"].shape[0] == 2 and collated["extended_mask"].shape == collated["extended_ids"].shape
+
+
+def test_tiny_qwen_with_finer_patches_keeps_four_image_tokens_and_runs(tmp_path):
+    """`make-tiny-model --arch qwen2_5_vl --patch-size 7 --merge-size 4` (the native demo's): a 64 px image is still
+    4 image tokens, now from an 8 x 8 grid of patches, and the model runs on it; other architectures refuse them."""
+    from transformers import AutoModelForImageTextToText
+
+    from exgra_med.model.tiny import main
+
+    out = tmp_path / "qwen"
+    assert main(["--arch", "qwen2_5_vl", "--out", str(out), "--patch-size", "7", "--merge-size", "4"]) == 0
+    encoded = _encoder(out).encode_prompt([{"role": "user", "content": [{"type": "image"}]}],
+                                          [Image.new("RGB", (64, 64), (200, 30, 30))])
+    assert encoded.image_inputs["image_grid_thw"].tolist() == [[1, 8, 8]]
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert (model.config.vision_config.patch_size, model.config.vision_config.spatial_merge_size) == (7, 4)
+    features = model.get_image_features(encoded.image_inputs["pixel_values"], encoded.image_inputs["image_grid_thw"])
+    assert [f.shape for f in features.pooler_output] == [torch.Size([4, model.config.text_config.hidden_size])]
+    with pytest.raises(ValueError, match="qwen2_5_vl only"):
+        main(["--arch", "gemma3", "--out", str(tmp_path / "gemma"), "--patch-size", "7"])

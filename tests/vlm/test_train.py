@@ -237,3 +237,33 @@ def test_a_resumed_stage2_run_ends_with_the_weights_of_the_uninterrupted_run(tin
     losses = [[h["align_loss"] for h in log_history(run) if "align_loss" in h and h["step"] > 2]
               for run in (full, resumed)]
     assert losses[0] == losses[1] and len(losses[0]) == 2  # the same alignment noise after the resume
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "gemma3"])
+def test_tune_vision_tower_trains_the_encoder_and_by_default_it_stays(arch, tiny_vlm, easy_vqa_dir, tmp_path):
+    """`--tune_vision_tower True` on a native VLM: the vision encoder's weights change in a real run (the language model
+    and projector train either way); without it they are saved as loaded."""
+    from exgra_med.train.main import main
+
+    folder = tiny_vlm(arch)
+    initial = _load_weights(folder)
+    encoder = [k for k in initial if ("visual." in k or "vision_tower." in k) and "merger" not in k]
+    assert encoder
+    for flag, out in (("True", tmp_path / "tuned"), ("False", tmp_path / "frozen")):
+        assert main(train_args(folder, easy_vqa_dir / "train.json", easy_vqa_dir / "images", out, 2,
+                               "--tune_vision_tower", flag, alignment=False)) == 0
+        weights = _load_weights(out)
+        changed = [k for k in encoder if not torch.equal(weights[k], initial[k])]
+        if flag == "True":  # down to the patch embedding (SigLIP's pooling head, unused by Gemma 3, gets no gradient)
+            assert any("patch_embed" in k for k in changed) and len(changed) >= len(encoder) // 2, changed
+        else:
+            assert not changed, changed
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--lora_enable", "True"), "--lora_enable"), (("--tune_mm_mlp_adapter", "True"), "--tune_mm_mlp_adapter")])
+def test_tune_vision_tower_is_refused_where_the_run_trains_no_full_weights(extra, message):
+    from exgra_med.train.args import ModelArguments
+
+    with pytest.raises(ValueError, match=f"--tune_vision_tower .*{message}"):
+        ModelArguments(model_name_or_path="x", tune_vision_tower=True, **{extra[0][2:]: True})

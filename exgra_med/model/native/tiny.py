@@ -85,6 +85,10 @@ class TinySize:
     heads: int = 4
     vision_hidden: int = 32
     vision_layers: int = 2
+    # Qwen2.5-VL only: the vision patch and the spatial merge (merge x merge patches per image token). The default
+    # 14 / 2 is the released models'; 7 / 4 gives the same 4 tokens for a 64 px image from 4x finer patches.
+    patch_size: int = 14
+    merge_size: int = 2
 
 
 def build_chat_tokenizer(
@@ -128,9 +132,10 @@ def _qwen2_5_vl(size: TinySize, corpus: list[str]):
         vision_eos_token="<|vision_end|>",
     )
     pad, _, eos, v_start, v_end, image, video = _ids(tokenizer, *special)
-    # 28 x 28 pixels per merged token; a 64 x 64 image becomes 56 x 56: 2 x 2 = 4 image tokens.
-    pixels = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 16, "patch_size": 14, "merge_size": 2,
-              "temporal_patch_size": 2}
+    # patch x merge (default 28) pixels a side per image token; a 64 x 64 image becomes 56 x 56: 2 x 2 = 4 tokens.
+    factor = size.patch_size * size.merge_size
+    pixels = {"min_pixels": factor * factor * 4, "max_pixels": factor * factor * 16, "patch_size": size.patch_size,
+              "merge_size": size.merge_size, "temporal_patch_size": 2}
     processor = Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(**pixels), video_processor=Qwen2VLVideoProcessor(**pixels),
         tokenizer=tokenizer, chat_template=QWEN_TEMPLATE,
@@ -146,8 +151,8 @@ def _qwen2_5_vl(size: TinySize, corpus: list[str]):
         ),
         vision_config=dict(
             depth=size.vision_layers, hidden_size=size.vision_hidden, intermediate_size=2 * size.vision_hidden,
-            num_heads=2, out_hidden_size=size.hidden, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-            fullatt_block_indexes=[size.vision_layers - 1], window_size=56,
+            num_heads=2, out_hidden_size=size.hidden, patch_size=size.patch_size, spatial_merge_size=size.merge_size,
+            temporal_patch_size=2, fullatt_block_indexes=[size.vision_layers - 1], window_size=2 * factor,
         ),
         image_token_id=image, video_token_id=video, vision_start_token_id=v_start, vision_end_token_id=v_end,
     )
@@ -231,8 +236,11 @@ def make_tiny_vlm(
     """Write a tiny random `arch` model with its processor to `out` (native format); returns `out`."""
     if arch not in _BUILDERS:
         raise ValueError(f"--arch must be one of llava, {', '.join(ARCHES)}; got {arch!r}")
+    size = size or TinySize()
+    if arch != "qwen2_5_vl" and (size.patch_size, size.merge_size) != (TinySize.patch_size, TinySize.merge_size):
+        raise ValueError(f"--patch-size / --merge-size set the vision patches of qwen2_5_vl only, not of {arch}")
     torch.manual_seed(seed)
-    model, processor, eos_ids = _BUILDERS[arch](size or TinySize(), _corpus(corpus))
+    model, processor, eos_ids = _BUILDERS[arch](size, _corpus(corpus))
     tokenizer = processor.tokenizer
     generation = model.generation_config
     generation.eos_token_id = eos_ids if len(eos_ids) > 1 else eos_ids[0]

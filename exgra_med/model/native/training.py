@@ -1,11 +1,11 @@
 """Building, saving and reloading a transformers-native VLM for training (`exgra-med train` on a native folder).
 
 Trainable by default: the language model and the projector / merger (+ the alignment head); the vision encoder stays
-frozen. `--freeze_backbone True` freezes the language model, `--lora_enable True` trains LoRA adapters on its linear
-layers instead (folded into the weights when saved); `--bits 4|8` (QLoRA) loads the language model quantised by
-bitsandbytes under those adapters, and `--use_liger_kernel True` patches Liger's kernels onto the VLM. Every save
-writes the model in its own format, full precision (loadable with `AutoModelForImageTextToText`), its processor, and
-the alignment head beside it (`head.ALIGNMENT_WEIGHTS`).
+frozen unless `--tune_vision_tower True`. `--freeze_backbone True` freezes the language model, `--lora_enable True`
+trains LoRA adapters on its linear layers instead (folded into the weights when saved); `--bits 4|8` (QLoRA) loads
+the language model quantised by bitsandbytes under those adapters, and `--use_liger_kernel True` patches Liger's
+kernels onto the VLM. Every save writes the model in its own format, full precision (loadable with
+`AutoModelForImageTextToText`), its processor, and the alignment head beside it (`head.ALIGNMENT_WEIGHTS`).
 """
 
 from __future__ import annotations
@@ -63,9 +63,17 @@ def lora_targets(vlm: nn.Module) -> list[str]:
     return [f"{prefix}.{n}" for n, m in decoder.named_modules() if isinstance(m, nn.Linear)]
 
 
+def vision_side_parameters(vlm: nn.Module) -> list[nn.Parameter]:
+    """The parameters of a native VLM outside its language model (decoder, input embeddings, output head): the vision
+    encoder, the projector / merger and whatever else lies between the image and the language model."""
+    language = {id(p) for m in (vlm.get_decoder(), vlm.get_input_embeddings(), vlm.get_output_embeddings())
+                if m is not None for p in m.parameters()}
+    return [p for p in vlm.parameters() if id(p) not in language]
+
+
 def set_native_trainable(model: AlignedVLM, model_args, activation_checkpointing: bool = False) -> None:
     """Projector (+ alignment head) always; the language model fully, or LoRA adapters on it (on its quantised
-    weights with `--bits 4|8`), unless frozen."""
+    weights with `--bits 4|8`), unless frozen; with `--tune_vision_tower` the vision encoder too."""
     model.requires_grad_(False)
     if model_args.lora_enable:
         quantized = is_quantized(model.vlm)
@@ -87,6 +95,9 @@ def set_native_trainable(model: AlignedVLM, model_args, activation_checkpointing
                        type(model.base_vlm).__name__, ", ".join(PROJECTOR_NAMES))
     for _, part in projectors:
         part.requires_grad_(True)
+    if model_args.tune_vision_tower:
+        for p in vision_side_parameters(model.base_vlm):
+            p.requires_grad_(True)
     if model.alignment is not None:
         model.alignment.requires_grad_(True)
 

@@ -28,18 +28,32 @@ def _env(**extra) -> dict:
 
 @pytest.mark.slow
 def test_demo_on_a_native_vlm(tmp_path):
+    """`DEMO_ARCH=gemma3`: the model's own vision encoder pre-trained on the captions (the whole model written back in
+    its format), stage 2 from it with the alignment head, then the default demo's fine-tuning on rationale answers and
+    its audit (counterfactual rows included), the model prompted with its own chat template."""
     demo = tmp_path / "demo"
-    env = _env(DEMO_ARCH="gemma3", DEMO_DIR=str(demo), STAGE2_STEPS="2", FINETUNE_STEPS="2", STAGE2_BATCH="4",
-               BATCH="4", DEMO_IMAGES="40", TEST_QUESTIONS="8", MASTER_PORT=str(free_port()))
+    env = _env(DEMO_ARCH="gemma3", DEMO_DIR=str(demo), TOWER_STEPS="2", STAGE2_STEPS="2", FINETUNE_STEPS="2",
+               STAGE2_BATCH="4", BATCH="4", DEMO_IMAGES="40", TEST_QUESTIONS="8", MASTER_PORT=str(free_port()),
+               TINY_FLAGS="--hidden 32 --vision-hidden 16")  # smaller than the demo's: the test checks the wiring
+    for name in ("RATIONALE", "FINETUNE_DATA", "MAX_NEW_TOKENS", "CONV_MODE"):
+        env.pop(name, None)
     result = subprocess.run(["bash", str(DEMO / "demo.sh")], capture_output=True, text=True, env=env, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "tiny gemma3 model" in result.stdout
-    for row in ("| majority answer |", "| real images |", "| shuffled images |"):
+    assert "tiny gemma3 model" in result.stdout and re.search(r"^demo took \d+ s", result.stdout, re.M)
+    for row in ("| majority answer |", "| real images |", "| shuffled images |", "| question kind | edit |"):
         assert row in result.stdout
+    tower = json.loads((demo / "tower" / "pretrain_tower.json").read_text())
+    assert tower["kind"] == "gemma3" and tower["history"][-1]["step"] == 2
+    config = json.loads((demo / "tower" / "config.json").read_text())
+    assert config["model_type"] == "gemma3" and config["vision_config"]["hidden_size"] == 16
+    assert f"model_name_or_path: {demo / 'tower'}\n" in (demo / "stage2" / "train_recipe.yaml").read_text()
     assert json.loads((demo / "stage2" / "config.json").read_text())["model_type"] == "gemma3"
     assert (demo / "stage2" / "exgra_med_alignment.safetensors").is_file()  # stage 2 trained the alignment head
-    answers = (demo / "finetune" / "test_answers.jsonl").read_text().splitlines()
+    recipe = (demo / "finetune" / "train_recipe.yaml").read_text()
+    assert f"data_path: {demo / 'data' / 'train_rationale.json'}\n" in recipe and "conv_template" not in recipe
+    answers = (demo / "finetune" / "test_answers_8.jsonl").read_text().splitlines()
     assert len(answers) == len(json.loads((demo / "finetune" / "test_questions.json").read_text())) > 0
+    assert json.loads(answers[0])["metadata"]["generation"]["max_new_tokens"] == 32
 
 
 @pytest.mark.slow

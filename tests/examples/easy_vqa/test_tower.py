@@ -1,4 +1,5 @@
-"""examples/easy_vqa/tower.py: contrastive pre-training of the demo's CLIP vision tower on image-caption records."""
+"""examples/easy_vqa/tower.py: contrastive pre-training of the demo's CLIP vision tower, or of a native VLM's vision
+encoder, on image-caption records."""
 
 from __future__ import annotations
 
@@ -84,6 +85,37 @@ def test_pretraining_learns_the_captions_and_writes_a_drop_in_tower(tiny_model_d
     changed = [k for k, v in after.state_dict().items() if not torch.equal(v, before.state_dict()[k])]
     assert "embeddings.patch_embedding.weight" in changed
     assert (out / "preprocessor_config.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "gemma3", "llava_onevision"])
+def test_a_native_vlms_vision_encoder_learns_the_captions_and_the_language_model_stays(arch, caption_data, tmp_path):
+    """`--tower` a native VLM folder: its image features (after the projector) learn to retrieve the captions, the
+    vision side's weights change, the language model's do not, and the output is the whole model in its format."""
+    from transformers import AutoModelForImageTextToText
+
+    from exgra_med.model.native.tiny import make_tiny_vlm
+
+    start = make_tiny_vlm(tmp_path / "tiny", arch, seed=0)
+    out = tmp_path / "tower"
+    config = TowerPretrainConfig(
+        steps=80, batch_size=24, learning_rate=2e-3, warmup_steps=5, eval_every=40, heldout_fraction=0.25, seed=0
+    )
+    summary = pretrain_tower(start, None, caption_data / "captions.json", caption_data / "images", out, config)
+    assert summary["kind"] == arch and summary["pairs"] == {"train": 45, "heldout": 15}
+    assert summary["heldout_retrieval_after"] >= 0.9 > summary["heldout_retrieval_before"] + 0.3
+
+    before = AutoModelForImageTextToText.from_pretrained(start)
+    after = AutoModelForImageTextToText.from_pretrained(out)  # loads as it is, in its own format
+    assert after.config.model_type == arch
+    old = dict(before.named_parameters())
+    changed = {n for n, p in after.named_parameters() if not torch.equal(p, old[n])}
+    decoder = next(n for n, m in after.named_modules() if m is after.get_decoder())
+    assert changed and not any(n.startswith(decoder + ".") for n in changed)  # the language model is untouched
+    assert any("vision" in n or "visual" in n for n in changed)
+    # the processor's files (tokenizer, image processor, chat template) beside it, as in the folder it started from
+    assert {f.name for f in start.iterdir()} <= {f.name for f in out.iterdir()}
+    assert (out / "pretrain_tower.json").is_file()
 
 
 @pytest.mark.slow
