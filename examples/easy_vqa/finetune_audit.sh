@@ -34,12 +34,13 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_T
 export NPROC_PER_NODE=${NPROC_PER_NODE:-1} MASTER_PORT=${MASTER_PORT:-29512}
 [ -f "$DEMO_DIR/stage2/config.json" ] || { echo "finetune_audit.sh: no stage-2 checkpoint in $DEMO_DIR/stage2" >&2; exit 2; }
 [ -f "$DATA/test.json" ] || { echo "finetune_audit.sh: no prepared easy-VQA in $DATA" >&2; exit 2; }
-# A transformers-native VLM (DEMO_ARCH) is prompted with its own chat template: no template flag.
+# The template stage 2 recorded; none for a transformers-native VLM (DEMO_ARCH), which is prompted with its own chat
+# template (its config has another model_type than this project's exgra_med).
 CONV_MODE=${CONV_MODE-$(python -c "
 import json, sys
-from exgra_med.model.auto import native_model_type
-print('' if native_model_type(sys.argv[1]) else json.load(open(sys.argv[1] + '/config.json')).get('conv_template') or 'llava_med')
-" "$DEMO_DIR/stage2")}
+config = json.load(open(sys.argv[1]))
+print(config.get('conv_template') or ('llava_med' if config.get('model_type') == 'exgra_med' else ''))
+" "$DEMO_DIR/stage2/config.json")}
 TEMPLATE_FLAGS=()
 [ -n "$CONV_MODE" ] && TEMPLATE_FLAGS=(--conv_template "$CONV_MODE")
 

@@ -33,7 +33,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from open_clip.loss import ClipLoss
 from torch import nn
 from transformers import (
     AutoTokenizer,
@@ -47,15 +46,11 @@ from transformers import (
 
 from exgra_med.cli import quiet_optional_backends
 from exgra_med.constants import GPT
-from exgra_med.data.chat import ChatEncoder, collate_encoded
 from exgra_med.data.images import check_record_images, load_image, preprocess_image
 from exgra_med.data.records import RecordError, load_records, record_label
 from exgra_med.errors import UserError
-from exgra_med.model.alignment_head import sample_image_features
 from exgra_med.model.auto import native_model_type
 from exgra_med.model.checkpoint import check_output_dir, staged_output_dir, write_json
-from exgra_med.model.native.aligned import text_hidden_size
-from exgra_med.model.native.training import vision_side_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +191,13 @@ class NativeVLMPair(nn.Module):
 
     def __init__(self, folder: str | Path, tokenizer_path: str | Path | None, config: TowerPretrainConfig):
         super().__init__()
+        # Here, not at the top: the CLIP tower's path needs none of these (a shorter start-up).
+        from open_clip.loss import ClipLoss
         from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from exgra_med.data.chat import ChatEncoder
+        from exgra_med.model.native.aligned import text_hidden_size
+        from exgra_med.model.native.training import vision_side_parameters
 
         self.vlm = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
         self.processor = AutoProcessor.from_pretrained(folder)
@@ -226,6 +227,9 @@ class NativeVLMPair(nn.Module):
         self.inputs = [self.encoder.encode_prompt(chat, [self.encoder.prepare_image(img)]) for img in images]
 
     def image_embeds(self, images: Sequence[int]) -> torch.Tensor:
+        from exgra_med.data.chat import collate_encoded
+        from exgra_med.model.alignment_head import sample_image_features
+
         batch = collate_encoded([self.inputs[i] for i in images], self.pad_id)
         counts = batch.pop("images_per_sample")
         batch.pop("labels", None)
