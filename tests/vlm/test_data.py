@@ -126,7 +126,7 @@ def test_batches_pad_ids_and_token_inputs_and_concatenate_images(tiny_vlm, easy_
 
 
 def test_tiny_qwen_with_finer_patches_keeps_four_image_tokens_and_runs(tmp_path):
-    """`make-tiny-model --arch qwen2_5_vl --patch-size 7 --merge-size 4` (the native demo's): a 64 px image is still
+    """`make-tiny-model --arch qwen2_5_vl --patch-size 7 --merge-size 4`: a 64 px image is still
     4 image tokens, now from an 8 x 8 grid of patches, and the model runs on it; other architectures refuse them."""
     from transformers import AutoModelForImageTextToText
 
