@@ -119,28 +119,30 @@ def _unit(features) -> torch.Tensor:  # transformers 5 returns CLIP's projected 
     return nn.functional.normalize(getattr(features, "pooler_output", features), dim=-1)
 
 
-def _retrieval(encode_images, text: torch.Tensor, distinct: Sequence[str], captions: Sequence[str]) -> float:
-    """Share of images (embedded by `encode_images(start, stop)`, unit rows) whose most similar caption among
-    `distinct` (unit rows `text`) is their own."""
+@torch.no_grad()
+def _retrieval(module: nn.Module, encode_texts, encode_images, captions: Sequence[str], tokenizer,
+               max_tokens: int) -> float:
+    """Share of images whose most similar caption, among the distinct captions, is their own: `encode_texts(ids,
+    mask)` embeds the distinct captions, `encode_images(start, stop)` the images in that slice (in caption order);
+    `module` is evaluated in eval mode and left in train mode."""
+    module.eval()
+    distinct = sorted(set(captions))
+    ids, mask = tokenize_captions(tokenizer, distinct, max_tokens)
+    text = _unit(encode_texts(ids, mask))
     correct = 0
     for start in range(0, len(captions), 256):
-        best = (encode_images(start, start + 256) @ text.T).argmax(-1)
+        best = (_unit(encode_images(start, start + 256)) @ text.T).argmax(-1)
         correct += sum(distinct[b] == c for b, c in zip(best.tolist(), captions[start : start + 256]))
+    module.train()
     return correct / max(1, len(captions))
 
 
-@torch.no_grad()
 def retrieval_accuracy(
     model: CLIPModel, pixels: torch.Tensor, captions: Sequence[str], tokenizer, max_tokens: int
 ) -> float:
     """Share of images whose most similar caption, among the distinct captions, is their own."""
-    model.eval()
-    distinct = sorted(set(captions))
-    ids, mask = tokenize_captions(tokenizer, distinct, max_tokens)
-    text = _unit(model.get_text_features(input_ids=ids, attention_mask=mask))
-    share = _retrieval(lambda a, b: _unit(model.get_image_features(pixel_values=pixels[a:b])), text, distinct, captions)
-    model.train()
-    return share
+    return _retrieval(model, lambda ids, mask: model.get_text_features(input_ids=ids, attention_mask=mask),
+                      lambda a, b: model.get_image_features(pixel_values=pixels[a:b]), captions, tokenizer, max_tokens)
 
 
 class ClipTowerPair:
@@ -166,7 +168,7 @@ class ClipTowerPair:
         """Decode-once: every image preprocessed (the records of a demo fit in memory many times over)."""
         self.pixels = torch.stack([preprocess_image(img, self.processor, self.config.aspect_ratio) for img in images])
 
-    def parameters(self) -> list[nn.Parameter]:
+    def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.model.parameters())
 
     def train(self) -> None:
@@ -176,8 +178,8 @@ class ClipTowerPair:
         return self.model(input_ids=ids, attention_mask=mask, pixel_values=self.pixels[images], return_loss=True).loss
 
     def retrieval(self, images: list[int], captions: Sequence[str]) -> float:
-        held = self.pixels[images] if images else self.pixels[:0]
-        return retrieval_accuracy(self.model, held, captions, self.tokenizer, self.config.max_caption_tokens)
+        return retrieval_accuracy(self.model, self.pixels[images], captions, self.tokenizer,
+                                  self.config.max_caption_tokens)
 
     def save(self, folder: Path) -> None:
         self.model.vision_model.save_pretrained(folder)
@@ -242,18 +244,13 @@ class NativeVLMPair(nn.Module):
         text = _unit(self.text(input_ids=ids, attention_mask=mask).text_embeds)
         return self.clip_loss(image, text, self.logit_scale.exp())
 
-    @torch.no_grad()
     def retrieval(self, images: list[int], captions: Sequence[str]) -> float:
-        self.eval()
-        distinct = sorted(set(captions))
-        ids, mask = tokenize_captions(self.tokenizer, distinct, self.config.max_caption_tokens)
-        text = _unit(self.text(input_ids=ids, attention_mask=mask).text_embeds)
-        share = _retrieval(lambda a, b: _unit(self.image_embeds(images[a:b])), text, distinct, captions)
-        self.train()
-        return share
+        return _retrieval(self, lambda ids, mask: self.text(input_ids=ids, attention_mask=mask).text_embeds,
+                          lambda a, b: self.image_embeds(images[a:b]), captions, self.tokenizer,
+                          self.config.max_caption_tokens)
 
-    def parameters(self, recurse: bool = True):  # what the optimiser gets: the frozen language model left out
-        return [p for p in super().parameters(recurse) if p.requires_grad]
+    def trainable_parameters(self) -> list[nn.Parameter]:  # the frozen language model left out
+        return [p for p in self.parameters() if p.requires_grad]
 
     def save(self, folder: Path) -> None:
         self.vlm.save_pretrained(folder)
@@ -300,7 +297,8 @@ def pretrain_tower(
     held_images = [i for i, _ in held]
     held_captions = [c for _, c in held]
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    params = model.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
     rng = random.Random(f"{config.seed}-batches")
     order: list[int] = []
@@ -323,7 +321,7 @@ def pretrain_tower(
             raise FloatingPointError(f"tower pre-training: loss is {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         if step % config.eval_every == 0 or step == config.steps:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port, small_easy_vqa
-from tests.train.test_finetune_scripts import _env
+from tests.train.test_finetune_scripts import _env, cpu_flags
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,32 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_two_ranks_shard_and_gather_val_and_test_answers(tiny_model_dir, easy_vqa_dir, tmp_path):
     data = small_easy_vqa(easy_vqa_dir, tmp_path / "data", {"train": 16, "val": 5, "test": 5})
     out = tmp_path / "ft"
-    cpu = [
-        "--use_cpu",
-        "True",
-        "--bf16",
-        "False",
-        "--activation_checkpointing",
-        "False",
-        "--dataloader_num_workers",
-        "0",
-        "--max_steps",
-        "2",
-        "--per_device_train_batch_size",
-        "2",
-        "--eval_strategy",
-        "steps",
-        "--eval_steps",
-        "2",
-        "--save_strategy",
-        "steps",
-        "--save_steps",
-        "2",
-        "--eval_batch_size",
-        "2",
-        "--eval_max_new_tokens",
-        "3",
-    ]
+    cpu = cpu_flags(batch=2, every=2, eval_batch=2, new_tokens=3)
     proc = subprocess.run(
         ["bash", str(REPO / "scripts" / "finetune.sh"), "easy-vqa", *cpu],
         capture_output=True,

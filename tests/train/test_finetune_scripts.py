@@ -31,6 +31,14 @@ def _flags(argv: list[str]) -> dict[str, str]:
     return out
 
 
+def cpu_flags(batch: int, every: int, eval_batch: int, new_tokens: int) -> list[str]:
+    """finetune.sh's trainer flags of a 2-step CPU run: val scored and a checkpoint saved every `every` steps."""
+    return ["--use_cpu", "True", "--bf16", "False", "--activation_checkpointing", "False",
+            "--dataloader_num_workers", "0", "--max_steps", "2", "--per_device_train_batch_size", str(batch),
+            "--eval_strategy", "steps", "--eval_steps", str(every), "--save_strategy", "steps", "--save_steps",
+            str(every), "--eval_batch_size", str(eval_batch), "--eval_max_new_tokens", str(new_tokens)]
+
+
 def _dry_run(tmp_path: Path, *args: str, **env) -> dict[str, str]:
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
@@ -60,32 +68,7 @@ def test_extra_flags_and_variables_override(tmp_path):
 def test_finetune_script_runs_on_cpu(tiny_model_dir, easy_vqa_dir, tmp_path):
     data = small_easy_vqa(easy_vqa_dir, tmp_path / "data", {"train": 16, "val": 4, "test": 4})
     out = tmp_path / "ft"
-    cpu = [
-        "--use_cpu",
-        "True",
-        "--bf16",
-        "False",
-        "--activation_checkpointing",
-        "False",
-        "--dataloader_num_workers",
-        "0",
-        "--max_steps",
-        "2",
-        "--per_device_train_batch_size",
-        "4",
-        "--eval_strategy",
-        "steps",
-        "--eval_steps",
-        "1",
-        "--save_strategy",
-        "steps",
-        "--save_steps",
-        "1",
-        "--eval_batch_size",
-        "4",
-        "--eval_max_new_tokens",
-        "2",
-    ]
+    cpu = cpu_flags(batch=4, every=1, eval_batch=4, new_tokens=2)
     subprocess.run(
         ["bash", str(REPO / "scripts" / "finetune.sh"), "easy-vqa", *cpu],
         check=True,
