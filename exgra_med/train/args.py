@@ -194,9 +194,19 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "replace a trained model already in --output_dir, or write over an input folder (refused "
                   "otherwise; --resume_from_checkpoint continues a run in its own folder)"},
     )
+    save_at_steps: list[int] = field(
+        default_factory=list,
+        metadata={"help": "also write checkpoint-N at exactly these optimizer steps (e.g. 25 50 100 200 400 800: the "
+                  "points of a learning curve), whatever --save_strategy says; all are kept"},
+    )
 
     def __post_init__(self):
         super().__post_init__()
+        if any(step < 1 for step in self.save_at_steps):
+            raise ValueError(f"--save_at_steps takes optimizer steps >= 1, got {self.save_at_steps}")
+        if self.save_at_steps and self.save_total_limit is not None:
+            raise ValueError("--save_at_steps keeps every checkpoint it asks for, which --save_total_limit would "
+                             "delete; drop one of them")
         if self.group_by_modality_length and self.train_sampling_strategy not in ("random", None):
             raise ValueError(
                 f"--group_by_modality_length chooses the training order itself; drop --train_sampling_strategy "

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from exgra_med.io import atomic_file
 from exgra_med.model.delimiters import delimiter_ids
@@ -22,11 +22,26 @@ ALIGN_PART_PREFIX = "align_loss/"  # + the part's name: image, response, extende
 ALIGN_RNG_PREFIX = "align_rng_state_"  # + process index + .pth, in every checkpoint-N of a run with the alignment
 
 
+class SaveAtSteps(TrainerCallback):
+    """`--save_at_steps`: a checkpoint at each listed optimizer step, beside whatever `--save_strategy` writes (the
+    points of a learning curve, which no fixed `--save_steps` interval gives)."""
+
+    def __init__(self, steps):
+        self.steps = frozenset(steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.steps:
+            control.should_save = True
+        return control
+
+
 class ExGraMedTrainer(Trainer):
     """Trainer for all stages. `projector_only=True` (stage 1) checkpoints and saves just `mm_projector`."""
 
     def __init__(self, *args, projector_only: bool = False, image_processor=None, **kwargs):
         super().__init__(*args, **kwargs)
+        if getattr(self.args, "save_at_steps", None):
+            self.add_callback(SaveAtSteps(self.args.save_at_steps))
         self.projector_only = projector_only
         # Saved beside the weights, so that every checkpoint-N is a complete model for evaluation and serving.
         self.image_processor = image_processor

@@ -96,6 +96,7 @@ def test_stage2_llm_weights_change_and_projector_trains(tiny_model_dir, easy_vqa
         "--model_name_or_path", str(tiny_model_dir / "llm"), "--vision_tower", str(tiny_model_dir / "vision"),
         "--data_path", str(easy_vqa_dir / "instruct.json"), "--image_folder", str(easy_vqa_dir / "images"),
         "--learning_rate", "1e-3", "--max_steps", "2", "--output_dir", str(out), *COMMON,
+        "--save_at_steps", "1",  # a learning-curve point, with --save_strategy no
     ]
     assert main(argv) == 0
     before = load_file(str(tiny_model_dir / "llm" / "model.safetensors"))
@@ -103,6 +104,10 @@ def test_stage2_llm_weights_change_and_projector_trains(tiny_model_dir, easy_vqa
     state = after.state_dict()
     key = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(state[f"language_model.{key}"], before[key])
+    # --save_at_steps: checkpoint-1 only (step 2 is the final model), a complete model between the two
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    step1 = load_pretrained(str(out / "checkpoint-1"), dtype=torch.float32)[0].state_dict()[f"language_model.{key}"]
+    assert not torch.equal(step1, before[key]) and not torch.equal(step1, state[f"language_model.{key}"])
     vision_before = load_file(str(tiny_model_dir / "vision" / "model.safetensors"))
     vkey = next(iter(vision_before))
     assert torch.equal(state[f"vision_tower.model.{vkey}"], vision_before[vkey])  # frozen tower
@@ -164,3 +169,13 @@ def test_half_precision_model_has_one_dtype(tiny_model_dir, tmp_path, from_check
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     if lora:  # PEFT's adapters too (it upcasts them to float32 unless told not to)
         assert any("lora_A" in n and p.requires_grad for n, p in model.named_parameters())
+
+
+def test_save_at_steps_is_checked(tiny_model_dir, easy_vqa_dir, tmp_path, capsys):
+    argv = _stage1(tiny_model_dir, easy_vqa_dir, tmp_path / "out")
+    for flags, message in ((["--save_at_steps", "0", "5"], "optimizer steps >= 1, got [0, 5]"),
+                           (["--save_at_steps", "5", "--save_total_limit", "1"], "--save_total_limit would delete")):
+        with pytest.raises(SystemExit):
+            parse_args([*argv, *flags])
+        assert message in capsys.readouterr().err
+    assert parse_args([*argv, "--save_at_steps", "25", "50"])[2].save_at_steps == [25, 50]
