@@ -195,6 +195,22 @@ def score_vqa(
     return scores
 
 
+def question_scores(
+    gt_records: Sequence[Mapping[str, Any]], predictions: Mapping[Any, str],
+) -> dict[str, dict[str, float]]:
+    """Per question, the value the table's two headline numbers average: `{"closed": {id: hit 0/1}, "open": {id:
+    recall 0-1}}` (their means x 100 are `score_vqa`'s closed_accuracy and recall), for paired resampling."""
+    out: dict[str, dict[str, float]] = {"closed": {}, "open": {}}
+    for record, text in zip(gt_records, align_predictions(gt_records, predictions)):
+        gt = normalize_word(reference_answer(record).lower())
+        pred = normalize_word(text.lower())
+        if _answer_type(record) == "CLOSED":
+            out["closed"][str(record["id"])] = closed_hit(pred, gt)
+        else:
+            out["open"][str(record["id"])] = f1_precision_recall(pred, gt)[2]
+    return out
+
+
 def vqa_train_metrics(gt_records: Sequence[Mapping[str, Any]], predictions: Mapping[Any, str]) -> dict:
     """The in-training metric: OPEN recall, CLOSED accuracy and their mean, in percent. A prediction
     is cut at the first `###` like the reference trainer does."""

@@ -143,6 +143,43 @@ def plot_efficiency(
         plt.close(fig)
 
 
+def plot_learning_curves(csv_path: str | os.PathLike, out: str | os.PathLike, dpi: int = 100) -> Path:
+    """Score vs. fine-tuning steps (step 0: the stage-2 model) from a CSV with columns `method, fraction, step,
+    dataset, score`: one panel per (fraction, dataset), one line per method, the mean over seeds with a +- std band."""
+    points: dict[tuple[float, str], dict[str, dict[int, list[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list)))
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            points[(float(row["fraction"]), row["dataset"])][row["method"]][int(row["step"])].append(
+                float(row["score"]))
+    if not points:
+        raise ValueError(f"{csv_path}: no rows")
+    fractions = sorted({k[0] for k in points})
+    datasets = sorted({k[1] for k in points})
+    plt, fig = _figure(4.5 * len(datasets), 3.6 * len(fractions))
+    for i, key in enumerate((f, d) for f in fractions for d in datasets):
+        if key not in points:
+            continue
+        ax = fig.add_subplot(len(fractions), len(datasets), i + 1)
+        for method, by_step in sorted(points[key].items()):
+            xs = sorted(by_step)
+            means = [statistics.fmean(by_step[x]) for x in xs]
+            stds = [statistics.stdev(by_step[x]) if len(by_step[x]) > 1 else 0.0 for x in xs]
+            ax.plot(xs, means, marker="o", label=method)
+            ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.2)
+        ax.set_xscale("symlog", linthresh=25)
+        ax.set_title(f"{key[1]}, {key[0]:g}% of the pre-training data")
+        ax.set_xlabel("fine-tuning steps (0: stage-2 model)")
+        ax.set_ylabel("score")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    try:
+        return _save(fig, Path(out), dpi)
+    finally:
+        plt.close(fig)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`exgra-med plot losses RUN_DIR [--out PNG]` or `exgra-med plot efficiency CSV [--out PNG]`."""
     parser = argparse.ArgumentParser(

@@ -113,3 +113,129 @@ def test_summarize_without_cells_is_one_clear_error(tmp_path, capsys):
 def test_summarize_function_returns_paths(cells, tmp_path):
     paths = summarize(cells, tmp_path / "r")
     assert all(p.is_file() for p in paths.values())
+
+
+def _protocol2_audit(path, real, blank, answers, follows=80.0):
+    """An audit with per-question answers (ids 0-3 closed, 4-7 open) and counterfactual rows."""
+    audit = json.loads(_audit(path, real, blank, blank).read_text())
+    audit["answers"] = {"real images": answers}
+    audit["counterfactual"] = {
+        "rows": {kind: {"new": {"percent": follows}} for kind in ("colour, open", "colour, yes/no", "shape, open",
+                                                                  "shape, yes/no")},
+        "pairs": {kind: {"both right": {"percent": follows / 2}} for kind in ("colour, yes/no", "shape, yes/no")},
+        "answers": {"counterfactual images": {}},
+    }
+    path.write_text(json.dumps(audit))
+    return path
+
+
+QUESTIONS = [
+    {"id": i, "answer_type": "CLOSED" if i < 4 else "OPEN",
+     "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "yes" if i < 4 else "red circle"}]}
+    for i in range(8)
+]
+
+
+def _answers(closed_right, open_words):
+    """closed_right of the 4 yes/no questions right; each open answer names `open_words` of the two words."""
+    out = {str(i): "yes" if i < closed_right else "no" for i in range(4)}
+    out.update({str(i): " ".join(["red", "circle"][:open_words]) or "blue" for i in range(4, 8)})
+    return out
+
+
+@pytest.fixture
+def protocol2(tmp_path):
+    questions = tmp_path / "questions.json"
+    questions.write_text(json.dumps(QUESTIONS))
+    folder = tmp_path / "cells2"
+    # per seed: (closed right, open words) of the stage-2 model and at fine-tuning steps 10 and 20 (the final model)
+    plan = {"llava_med": [((2, 0), (2, 1), (3, 1)), ((1, 0), (3, 1), (3, 1))],
+            "exgra_med": [((2, 1), (3, 2), (4, 2)), ((2, 1), (4, 1), (4, 2))],
+            "exgra_med_a0.25": [((2, 1), (3, 1), (3, 2)), ((2, 1), (3, 1), (3, 2))]}
+    for method, seeds in plan.items():
+        for seed, points in enumerate(seeds):
+            paths = []
+            for step, (closed, words) in zip((0, 10, 20), points):
+                answers = _answers(closed, words)
+                real = (100.0 * closed / 4, 50.0 * words)
+                paths.append(_protocol2_audit(tmp_path / f"{method}_{seed}_{step}.json", real, (50.0, 0.0), answers))
+            record(folder / f"{method}_f10_s{seed}.json", method, 10, seed, paths[2], paths[0], {"stage2": 1.0},
+                   {"stage2_steps": "7"}, curve={10: paths[1], 20: paths[2]}, questions=questions)
+    return folder
+
+
+def test_protocol2_cells_hold_the_curve_and_per_question_scores(protocol2):
+    cell = json.loads((protocol2 / "exgra_med_f10_s1.json").read_text())
+    assert sorted(cell["curve"]) == ["10", "20"]
+    assert cell["curve"]["10"]["rows"]["real images"]["closed_accuracy"] == 100
+    assert cell["finetune"]["per_question"]["closed"] == {"0": 1.0, "1": 1.0, "2": 1.0, "3": 1.0}
+    assert cell["stage2"]["per_question"]["open"] == {"4": 0.5, "5": 0.5, "6": 0.5, "7": 0.5}
+    assert "answers" not in cell["finetune"]["counterfactual"]
+    with pytest.raises(ValueError, match="unknown method 'exgra'"):
+        record(protocol2 / "x.json", "exgra", 10, 0, protocol2 / "x", None, {}, {})
+
+
+def test_protocol2_tables(protocol2):
+    text = table(load_cells(protocol2))
+    assert text.startswith("All 6 cells ran on commit unknown (no card).")
+    # learning curve, overall: ExGra-Med seed 0 (50+50)/2 -> 50, (75+100)/2 -> 87.5, 100; seed 1: 50, 75, 100
+    assert "| ExGra-Med | 10% | 2 | 50.00 ± 0.00 | 81.25 ± 8.84 | 100.00 ± 0.00 |" in text
+    assert "| ExGra-Med, alpha 0.25 | 10% | 2 |" in text
+    # steps to reach an overall score (mean over seeds): ExGra-Med 81.25 at 10 (>= 60, 70, 80), 100 at 20 (>= 90)
+    assert "| ExGra-Med | 10% | 10 | 10 | 10 | 20 | 100.00 (20) |" in text
+    # LLaVA-Med: stage 2 (37.5+0 / 25+0)/2 = 18.75 / 12.5; final (75+50)/2 = 62.5 both seeds: only >= 60, at 10 for
+    # seed 1 (62.5) but not seed 0 (50): mean 56.25 at 10, 62.5 at 20
+    assert "| LLaVA-Med (alignment off) | 10% | 20 | - | - | - | 62.50 (20) |" in text
+    # paired difference of the final models, ExGra-Med minus LLaVA-Med: closed 100-75 = +25 both seeds (one
+    # question of four: resampled questions give 0-75), open 100-50 on every question
+    assert "| ExGra-Med minus LLaVA-Med (alignment off) | 10% | fine-tuned | 2 | +37.50 [+25.00, +62.50] | " \
+           "+25.00 [+0.00, +75.00] | +50.00 [+50.00, +50.00] |" in text
+    assert "| ExGra-Med, alpha 0.25 minus LLaVA-Med (alignment off) | 10% | fine-tuned | 2 |" in text
+    assert "| ExGra-Med | 10% | 2 | 80.00 ± 0.00 | 80.00 ± 0.00 | 80.00 ± 0.00 | 80.00 ± 0.00 | 40.00 ± 0.00 | " \
+           "40.00 ± 0.00 |" in text  # counterfactual follow-new and pairs
+    assert text.count("stage2_steps") == 1 and "| ExGra-Med | 10% | 0 | 1.0 | 7 |" in text
+
+
+def test_paired_bootstrap_interval_covers_the_difference_and_widens_with_spread(protocol2):
+    from exgra_med.eval.study import paired_difference
+
+    cells = load_cells(protocol2)
+    a = [c for c in cells if c["method"] == "exgra_med"]
+    b = [c for c in cells if c["method"] == "llava_med"]
+    stage2 = paired_difference(a, b, "stage2")
+    # closed: seed 0 2-2 = 0, seed 1 2-1 = +1 of 4 -> +12.5; open +50 both seeds
+    assert stage2["difference"]["closed"] == pytest.approx(12.5) and stage2["seeds"] == [0, 1]
+    low, high = stage2["ci95"]["closed"]
+    assert low <= 12.5 <= high and high - low > 10
+    assert stage2["ci95"]["open"] == pytest.approx((50.0, 50.0))
+    assert paired_difference(a, b, "stage2") == stage2  # seeded
+    assert paired_difference(a, [], "stage2") is None
+
+
+def test_mixed_commits_are_named(cells):
+    from exgra_med.eval.study import commits_line
+
+    loaded = load_cells(cells)
+    loaded[0]["commit"] = "abc"
+    assert commits_line(loaded).startswith(
+        "The cells ran on 2 code versions: abc (1 cells), unknown (no card) (7 cells)")
+
+
+def test_summarize_draws_the_learning_curves(protocol2, tmp_path):
+    paths = summarize(protocol2, tmp_path / "r")
+    rows = list(csv.DictReader(paths["curve_csv"].open()))
+    assert len(rows) == 6 * 3 * 3  # cells x (stage 2, 10, 20) x (overall, closed, open)
+    assert {r["step"] for r in rows} == {"0", "10", "20"}
+    assert paths["curve_figure"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_matched_steps_scale_by_the_runtime_ratio(tmp_path, capsys):
+    for name, steps, runtime in (("llava", 100, 40.0), ("exgra", 100, 66.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer_state.json").write_text(json.dumps(
+            {"global_step": steps, "log_history": [{"loss": 1.0}, {"train_runtime": runtime}]}))
+    argv = ["data-efficiency", "matched-steps", "--baseline", str(tmp_path / "llava"),
+            "--target", str(tmp_path / "exgra")]
+    assert cli(argv) == 0 and capsys.readouterr().out.strip() == "165"
+    argv[-1] = str(tmp_path / "missing")
+    assert cli(argv) == 2 and "trainer_state.json not found: the run has not finished" in capsys.readouterr().err
