@@ -31,7 +31,7 @@
 #   STAGE2_EPOCHS ("" = the recipe's)  stage-2 epochs per fraction, e.g. "10:10 40:2.5 100:1" (every fraction then
 #                                      trains as many steps as the whole set does in one epoch)
 #   CURVE_STEPS ("")                   fine-tuning steps to audit, e.g. "25 50 100 200 400 800" (the last ends the
-#                                      run; FINETUNE_ARGS must then leave out --save_total_limit)
+#                                      run; the checkpoints are all kept: --save_total_limit 0)
 #   STUDY_DIR (runs/data_efficiency), RESULTS_DIR (STUDY_DIR/results)
 #   STAGE1_ARGS, STAGE2_ARGS, FINETUNE_ARGS, EVAL_ARGS   extra flags for each step (word-split)
 #   CONV_MODE (llava_med), EVAL_BATCH (16), plus the launcher variables of _launch.sh (NPROC_PER_NODE,
@@ -188,7 +188,7 @@ for seed in $SEEDS; do
       fi
       curve_flags=() models=("$out/stage2" "$out/audit_stage2.json") curve=()
       if [ ${#CURVE[@]} -gt 0 ]; then
-        curve_flags=(--max_steps "${CURVE[-1]}")
+        curve_flags=(--max_steps "${CURVE[-1]}" --save_total_limit 0)
         [ ${#CURVE[@]} -gt 1 ] && curve_flags+=(--save_at_steps "${CURVE[@]:0:${#CURVE[@]}-1}")
         for s in "${CURVE[@]:0:${#CURVE[@]}-1}"; do
           models+=("$out/finetune/checkpoint-$s" "$out/audit_finetune_$s.json")

@@ -204,9 +204,9 @@ class TrainingArguments(transformers.TrainingArguments):
         super().__post_init__()
         if any(step < 1 for step in self.save_at_steps):
             raise ValueError(f"--save_at_steps takes optimizer steps >= 1, got {self.save_at_steps}")
-        if self.save_at_steps and self.save_total_limit is not None:
+        if self.save_at_steps and (self.save_total_limit or 0) > 0:
             raise ValueError("--save_at_steps keeps every checkpoint it asks for, which --save_total_limit would "
-                             "delete; drop one of them")
+                             "delete; set --save_total_limit 0 (no rotation) or drop --save_at_steps")
         if self.group_by_modality_length and self.train_sampling_strategy not in ("random", None):
             raise ValueError(
                 f"--group_by_modality_length chooses the training order itself; drop --train_sampling_strategy "

@@ -179,3 +179,4 @@ def test_save_at_steps_is_checked(tiny_model_dir, easy_vqa_dir, tmp_path, capsys
             parse_args([*argv, *flags])
         assert message in capsys.readouterr().err
     assert parse_args([*argv, "--save_at_steps", "25", "50"])[2].save_at_steps == [25, 50]
+    assert parse_args([*argv, "--save_at_steps", "5", "--save_total_limit", "0"])[2].save_at_steps == [5]
