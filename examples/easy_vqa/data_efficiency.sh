@@ -9,11 +9,11 @@
 #
 # Protocol 1 (results/data_efficiency.md, first section): 10 / 40 / 100% of the pre-training data, 1 stage-2 epoch
 # at every fraction, 150 fine-tuning steps at lr 3e-3 (cosine), 3 seeds.
-# Protocol 2 (its second section): per seed, LLaVA-Med and ExGra-Med at 10% and 100% of the data, stage 2 over as
-# many steps at 10% as at 100% (10 epochs of the smaller set against 1), fine-tuning audited along its way
-# (CURVE_STEPS, default 25 50 100 200 400 800) at a constant learning rate (FT_LR, default 3e-4: one that keeps the
-# stage-2 model's reading of the image), the compute-matched LLaVA-Med (llava_med_matched) at 10%, and alpha 0.25 and
-# 4 at 10% for the first ALPHA_SEEDS (3) seeds; SEEDS default "0 1 2 3 4".
+# Protocol 2 (its second section): LLaVA-Med and ExGra-Med at 10% and 100% of the data, stage 2 over as many steps
+# at 10% as at 100% (10 epochs of the smaller set against 1), fine-tuning audited along its way (CURVE_STEPS, default
+# 25 50 100 200 400 800) at a constant learning rate (FT_LR, default 1e-3, chosen on a pilot run: see
+# results/data_efficiency.md), for every seed of SEEDS (default "0 1 2 3 4"); then the compute-matched LLaVA-Med
+# (llava_med_matched) at 10% for every seed, and alpha 0.25 and 4 at 10% for the first ALPHA_SEEDS (3) seeds.
 # Variables: DEMO_DIR (runs/demo), STUDY_DIR, SEEDS, FRACTIONS (protocol 1), STAGE1_EPOCHS (1), STAGE2_EPOCHS
 # (protocol 1: 1), FINETUNE_STEPS (protocol 1: 150), FT_FRACTION (0.1: a few-shot fine-tuning set and a small fixed
 # budget, so that the pre-trained starting point still shows), TEST_QUESTIONS (300), ALPHA (1.0), STAGE2_BATCH (16),
@@ -62,20 +62,24 @@ if [ "$PROTOCOL" = 1 ]; then
   exec bash scripts/data_efficiency.sh
 fi
 
-# Protocol 2: seed by seed, so that a partial run already holds every row of the tables for its seeds.
-export FT_LR=${FT_LR:-3e-4} STUDY_DIR=${STUDY_DIR:-runs/data_efficiency_cpu_2}
+# Protocol 2, in three passes, each seed by seed (a partial run holds whole rows): the headline cells, then the
+# compute-matched LLaVA-Med (it needs both methods' stage 2 of its fraction and seed), then the alpha sweep.
+export FT_LR=${FT_LR:-1e-3} STUDY_DIR=${STUDY_DIR:-runs/data_efficiency_cpu_2}
 export CURVE_STEPS=${CURVE_STEPS:-25 50 100 200 400 800} STAGE2_EPOCHS=${STAGE2_EPOCHS_BY_FRACTION:-10:10 100:1}
 export STAGE2_ARGS="$CPU $COSINE --per_device_train_batch_size ${STAGE2_BATCH:-16} --learning_rate 3e-3
   --save_steps 50 --save_total_limit 1 ${EXTRA_STAGE2_ARGS:-}"
 export FINETUNE_ARGS="$CPU --lr_scheduler_type constant_with_warmup --per_device_train_batch_size 32
   --eval_strategy no --save_strategy no --load_best_model_at_end False --evaluate_on_val False
   --evaluate_on_test False"
-ALPHA_SEEDS=${ALPHA_SEEDS:-3}
-n=0
-for seed in ${SEEDS:-0 1 2 3 4}; do
-  methods="llava_med exgra_med llava_med_matched"
-  [ "$n" -lt "$ALPHA_SEEDS" ] && methods="$methods exgra_med_a0.25 exgra_med_a4"
-  SEEDS=$seed FRACTIONS=10 METHODS=$methods bash scripts/data_efficiency.sh
-  SEEDS=$seed FRACTIONS=100 METHODS="llava_med exgra_med" bash scripts/data_efficiency.sh
-  n=$((n + 1))
+SEEDS=${SEEDS:-0 1 2 3 4}
+for seed in $SEEDS; do
+  for fraction in 10 100; do
+    SEEDS=$seed FRACTIONS=$fraction METHODS="llava_med exgra_med" bash scripts/data_efficiency.sh
+  done
+done
+for seed in $SEEDS; do
+  SEEDS=$seed FRACTIONS=10 METHODS="llava_med exgra_med llava_med_matched" bash scripts/data_efficiency.sh
+done
+for seed in $(echo $SEEDS | cut -d" " -f1-"${ALPHA_SEEDS:-3}"); do
+  SEEDS=$seed FRACTIONS=10 METHODS="llava_med exgra_med exgra_med_a0.25 exgra_med_a4" bash scripts/data_efficiency.sh
 done
