@@ -14,7 +14,8 @@ paired resampling), and its method may be a variant: `llava_med_matched` (LLaVA-
 time) or `exgra_med_a<alpha>` (another alignment weight). `summarize` then adds the learning curves, the steps each
 method needs to reach a score, the counterfactual rows, and each method minus LLaVA-Med paired by seed and question
 with a bootstrap 95% interval; it names the commit(s) the cells ran on (from their cards). `audit` runs the
-grounding audit of several models in one process (one start-up for a cell's checkpoints).
+grounding audit of several models in one process (one start-up for a cell's checkpoints); `export` copies the
+cells and their cards with the study folder's paths made relative, for publishing.
 """
 
 from __future__ import annotations
@@ -432,6 +433,32 @@ def matched_steps(baseline_run: str | Path, target_run: str | Path) -> int:
     return max(1, round(steps * target / baseline))
 
 
+def _relative(value: Any, root: str) -> Any:
+    """`value` with every path string under `root` written relative to it (`root` itself as ".")."""
+    if isinstance(value, str):
+        return value.replace(root + "/", "").replace(root, ".")
+    if isinstance(value, dict):
+        return {k: _relative(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relative(v, root) for v in value]
+    return value
+
+
+def export(cells_dir: str | Path, out_dir: str | Path, root: str | Path) -> list[Path]:
+    """Copy every cell and its card to `out_dir` with the paths under `root` (the study's working directory) made
+    relative, for publishing a study without the machine's folders; the scores are copied unchanged."""
+    root = str(Path(root).resolve())
+    out_dir = Path(out_dir)
+    written = []
+    for path in sorted(Path(cells_dir).glob("*.json")):
+        target = out_dir / path.name
+        write_json_atomic(target, _relative(read_json(path), root))
+        written.append(target)
+    if not written:
+        raise ValueError(f"{cells_dir}: no cell result files")
+    return written
+
+
 def audit_models(pairs: Sequence[tuple[str, str]], audit_args: Sequence[str]) -> int:
     """`exgra-med grounding-audit --model M --out O AUDIT_ARGS` for each (M, O) whose O does not exist yet, in this
     process (one start-up for a cell's stage-2 model and fine-tuning checkpoints)."""
@@ -477,6 +504,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                            help="steps that give a run another run's training time (the compute-matched baseline)")
     match.add_argument("--baseline", required=True, help="finished run whose steps are scaled (e.g. LLaVA-Med's)")
     match.add_argument("--target", required=True, help="finished run whose train_runtime to match (ExGra-Med's)")
+    exp = sub.add_parser("export", formatter_class=HelpFormatter,
+                         help="copy the cells and cards with their paths made relative (for publishing)")
+    exp.add_argument("--cells", required=True, help="folder of cell result files")
+    exp.add_argument("--out", required=True, help="output folder")
+    exp.add_argument("--root", default=".", help="the study's working directory: paths under it become relative")
     aud = sub.add_parser("audit", help="grounding audits of several models in one process",
                          formatter_class=HelpFormatter,
                          description="Runs `exgra-med grounding-audit --model MODEL --out OUT` plus every flag after "
@@ -487,6 +519,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "audit":
         return audit_models(args.pair, [a for a in rest if a != "--"])
+    if args.command == "export":
+        written = export(args.cells, args.out, args.root)
+        print(f"wrote {len(written)} files to {args.out}")
+        return 0
     if args.command == "matched-steps":
         print(matched_steps(args.baseline, args.target))
         return 0

@@ -239,3 +239,17 @@ def test_matched_steps_scale_by_the_runtime_ratio(tmp_path, capsys):
     assert cli(argv) == 0 and capsys.readouterr().out.strip() == "165"
     argv[-1] = str(tmp_path / "missing")
     assert cli(argv) == 2 and "trainer_state.json not found: the run has not finished" in capsys.readouterr().err
+
+
+def test_export_makes_the_study_folder_relative(cells, tmp_path, capsys):
+    card = cells / "exgra_med_f10_s0.card.json"
+    card.write_text(json.dumps({"cwd": str(tmp_path), "score_file": str(cells / "exgra_med_f10_s0.json"),
+                                "code": {"commit": "abc"}, "other": ["/elsewhere/x"]}))
+    out = tmp_path / "published"
+    assert cli(["data-efficiency", "export", "--cells", str(cells), "--out", str(out), "--root", str(tmp_path)]) == 0
+    assert "wrote 9 files" in capsys.readouterr().out
+    assert json.loads((out / "exgra_med_f10_s0.card.json").read_text()) == {
+        "cwd": ".", "score_file": "cells/exgra_med_f10_s0.json", "code": {"commit": "abc"}, "other": ["/elsewhere/x"]}
+    assert (out / "llava_med_f10_s0.json").read_text() == (cells / "llava_med_f10_s0.json").read_text()
+    assert [c["commit"] for c in load_cells(out) if (c["method"], c["fraction"], c["seed"]) == ("exgra_med", 10, 0)
+            ] == ["abc"]
