@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import free_port
@@ -63,6 +64,13 @@ def test_study_runs_resumes_and_summarizes(tiny_model_dir, easy_vqa_dir, tmp_pat
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    # torchrun starts its workers in sessions of their own, which the group kill does not reach: a surviving worker
+    # would go on writing checkpoints beside the rerun (seen under coverage's slower processes). Kill what runs on
+    # the study's files too, as a killed machine would.
+    survivors = [p for p in psutil.process_iter(["cmdline"]) if any(str(study) in a for a in p.info["cmdline"] or ())]
+    for survivor in survivors:
+        survivor.kill()
+    psutil.wait_procs(survivors, timeout=30)
     assert not (first / "model.safetensors").exists()
     assert not list((study / "cells").glob("*.json"))
 
