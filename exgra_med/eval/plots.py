@@ -113,6 +113,12 @@ def plot_losses(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
         plt.close(fig)
 
 
+def _mean_and_std(values: dict, xs: Sequence) -> tuple[list[float], list[float]]:
+    """Per x, the mean of its values (seeds) and their sample std (0 for one value)."""
+    return ([statistics.fmean(values[x]) for x in xs],
+            [statistics.stdev(values[x]) if len(values[x]) > 1 else 0.0 for x in xs])
+
+
 def plot_efficiency(
     csv_path: str | os.PathLike, out: str | os.PathLike | None = None, dpi: int = 100
 ) -> Path:
@@ -128,8 +134,7 @@ def plot_efficiency(
             for fraction, score in points:  # several rows per fraction (seeds): mean +- std
                 by_fraction[fraction].append(score)
             xs = sorted(by_fraction)
-            means = [statistics.fmean(by_fraction[x]) for x in xs]
-            stds = [statistics.stdev(by_fraction[x]) if len(by_fraction[x]) > 1 else 0.0 for x in xs]
+            means, stds = _mean_and_std(by_fraction, xs)
             ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=method)
         ax.set_title(dataset)
         ax.set_xlabel("fraction of pre-training data")
@@ -163,8 +168,7 @@ def plot_learning_curves(csv_path: str | os.PathLike, out: str | os.PathLike, dp
         ax = fig.add_subplot(len(fractions), len(datasets), i + 1)
         for method, by_step in sorted(points[key].items()):
             xs = sorted(by_step)
-            means = [statistics.fmean(by_step[x]) for x in xs]
-            stds = [statistics.stdev(by_step[x]) if len(by_step[x]) > 1 else 0.0 for x in xs]
+            means, stds = _mean_and_std(by_step, xs)
             ax.plot(xs, means, marker="o", label=method)
             ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.2)
         ax.set_xscale("symlog", linthresh=25)

@@ -72,8 +72,8 @@ def _method_argument(method: str) -> str:
 def _method_order(method: str) -> tuple[int, float]:
     match = METHOD_PATTERN.match(method)
     if match and match.group(2):
-        return (3, float(match.group(2)))
-    return ({"llava_med": 0, "llava_med_matched": 1, "exgra_med": 2}.get(method, 9), 0.0)
+        return (len(METHOD_NAMES), float(match.group(2)))
+    return (list(METHOD_NAMES).index(method) if method in METHOD_NAMES else 9, 0.0)
 
 
 def _read_audit(path: str | Path) -> dict[str, Any]:
@@ -198,14 +198,19 @@ def _learning_curves(out: io.StringIO, groups: Mapping[tuple[str, float], list[M
     head = " | ".join("stage 2" if s == 0 else str(s) for s in steps)
     measures = (("average", "overall", "real images"), ("closed_accuracy", "closed", "real images"),
                 ("recall", "open", "real images"), ("recall", "open, multi-modal gain (real minus blank)", None))
+    # {group: {step: the seeds' audit summaries}}, only the steps every seed of the group has
+    by_step = {}
+    for key, group in curved.items():
+        curves = [_curve_points(c) for c in group]
+        by_step[key] = {s: [c[s] for c in curves] for s in steps if all(s in c for c in curves)}
     for key, label, row in measures:
         out.write(f"\n### Learning curve: {label} after N fine-tuning steps (mean ± std over seeds)\n\n")
         out.write(f"| method | pre-training data | seeds | {head} |\n|---|---:|---:|" + "---:|" * len(steps) + "\n")
         for (method, fraction), group in curved.items():
             cols = []
             for step in steps:
-                points = [_curve_points(c).get(step) for c in group]
-                if any(p is None for p in points):
+                points = by_step[(method, fraction)].get(step)
+                if points is None:
                     cols.append("")
                     continue
                 if row:
@@ -217,12 +222,9 @@ def _learning_curves(out: io.StringIO, groups: Mapping[tuple[str, float], list[M
     out.write("\n### Fine-tuning steps to reach an overall score (real images, mean over seeds; - = not within "
               "the curve)\n\n| method | pre-training data | " + " | ".join(f"≥ {v:g}" for v in LEVELS)
               + " | best (step) |\n|---|---:|" + "---:|" * (len(LEVELS) + 1) + "\n")
-    for (method, fraction), group in curved.items():
-        means = {}
-        for step in steps:
-            points = [_curve_points(c).get(step) for c in group]
-            if all(p is not None for p in points):
-                means[step] = statistics.fmean(p["rows"]["real images"]["average"] for p in points)
+    for (method, fraction), points_at in by_step.items():
+        means = {step: statistics.fmean(p["rows"]["real images"]["average"] for p in points)
+                 for step, points in points_at.items()}
         reach = [next((str(s) for s in sorted(means) if means[s] >= level), "-") for level in LEVELS]
         best = max(means, key=lambda s: (means[s], -s))
         out.write(f"| {method_name(method)} | {fraction:g}% | " + " | ".join(reach)
