@@ -167,11 +167,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "transformers-native VLM folder with its processor and chat template")
     p.add_argument("--vision", choices=VISION_TYPES, default="clip", help="(llava)")
     p.add_argument("--llm", choices=LLM_TYPES, default="llama", help="(llava)")
-    p.add_argument("--image-size", type=int, default=32, help="(llava)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="the vision tower's image side (llava: default 32; llava_onevision: the tile side, default 16)")
     p.add_argument("--patch-size", type=int, default=None,
-                   help="vision patch size (llava: default 8; qwen2_5_vl: default 14; not the other native ones)")
+                   help="vision patch size (llava: default 8; qwen2_5_vl: 14; llava_onevision: 4; not gemma3)")
     p.add_argument("--merge-size", type=int, default=None,
                    help="(qwen2_5_vl) patches merged per image token along each side (default 2)")
+    p.add_argument("--anyres-grid", type=int, default=None,
+                   help="(llava_onevision) the largest anyres grid, N x N tiles (default 2; the released models: 6)")
     p.add_argument("--hidden", type=int, default=None, help="LLM hidden size (default: 128 llava, 64 native)")
     p.add_argument("--layers", type=int, default=2, help="LLM layers")
     p.add_argument("--vision-hidden", type=int, default=None, help="vision hidden size (default: 128 llava, 32 native)")
@@ -185,11 +188,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.arch == "llava" and args.merge_size is not None:
         p.error("--merge-size sets the image tokens of qwen2_5_vl; the llava model has one token per patch")
+    if args.arch == "llava" and args.anyres_grid is not None:
+        p.error("--anyres-grid sets the tiles of llava_onevision; the llava model sees one image")
     if args.arch != "llava":
         size = TinySize(hidden=args.hidden or 64, layers=args.layers, heads=args.heads,
                         vision_hidden=args.vision_hidden or 32, vision_layers=args.vision_layers,
-                        patch_size=args.patch_size or TinySize.patch_size,
-                        merge_size=args.merge_size or TinySize.merge_size)
+                        patch_size=args.patch_size, merge_size=args.merge_size or TinySize.merge_size,
+                        image_size=args.image_size,
+                        anyres_grid=TinySize.anyres_grid if args.anyres_grid is None else args.anyres_grid)
         out = make_tiny_vlm(args.out, args.arch, args.seed, size)
         print(f"tiny {args.arch} model written to {out} (loads with AutoModelForImageTextToText / AutoProcessor)")
         return 0
@@ -202,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out,
         args.vision,
         args.llm,
-        args.image_size,
+        args.image_size or 32,
         args.patch_size or 8,
         args.hidden or 128,
         args.layers,

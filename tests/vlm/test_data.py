@@ -142,4 +142,42 @@ def test_tiny_qwen_with_finer_patches_keeps_four_image_tokens_and_runs(tmp_path)
     features = model.get_image_features(encoded.image_inputs["pixel_values"], encoded.image_inputs["image_grid_thw"])
     assert [f.shape for f in features.pooler_output] == [torch.Size([4, model.config.text_config.hidden_size])]
     with pytest.raises(ValueError, match="qwen2_5_vl only"):
+        main(["--arch", "gemma3", "--out", str(tmp_path / "gemma"), "--merge-size", "4"])
+    with pytest.raises(ValueError, match="not of gemma3"):
         main(["--arch", "gemma3", "--out", str(tmp_path / "gemma"), "--patch-size", "7"])
+
+
+def test_tiny_onevision_tiles_set_its_image_tokens_and_it_runs(tmp_path, tiny_vlm):
+    """`make-tiny-model --arch llava_onevision --image-size 32 --patch-size 8 --anyres-grid 1`: a 64 px image is the
+    whole image plus one 32 px tile, 16 tokens each and a newline per tile row (36), where the default 16 px tiles
+    up to 2 x 2 give 16 + 64 + 8 (88); the model runs on it; the other architectures refuse the tile flags."""
+    from transformers import AutoModelForImageTextToText
+
+    from exgra_med.model.tiny import main
+
+    image = [Image.new("RGB", (64, 64), (200, 30, 30))]
+    messages = [{"role": "user", "content": [{"type": "image"}]}]
+
+    def image_tokens(folder):
+        encoder = _encoder(folder)
+        encoded = encoder.encode_prompt(messages, image)
+        token = encoder.processor.tokenizer.convert_tokens_to_ids("<image>")
+        return encoded, int((encoded.input_ids == token).sum())
+
+    default, n_default = image_tokens(tiny_vlm("llava_onevision"))
+    assert default.image_inputs["pixel_values"].shape == (1, 5, 3, 16, 16) and n_default == 16 + 64 + 8
+    out = tmp_path / "onevision"
+    assert main(["--arch", "llava_onevision", "--out", str(out), "--image-size", "32", "--patch-size", "8",
+                 "--anyres-grid", "1"]) == 0
+    encoded, n = image_tokens(out)
+    assert encoded.image_inputs["pixel_values"].shape == (1, 2, 3, 32, 32) and n == 16 + 16 + 4
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert model.config.image_grid_pinpoints == [[32, 32]] and model.config.vision_config.patch_size == 8
+    with torch.no_grad():
+        logits = model(input_ids=encoded.input_ids[None], **encoded.image_inputs).logits
+    assert logits.shape[:2] == (1, len(encoded.input_ids)) and torch.isfinite(logits).all()
+    for arch, flags in (("qwen2_5_vl", ["--anyres-grid", "1"]), ("gemma3", ["--image-size", "64"])):
+        with pytest.raises(ValueError, match="llava_onevision only"):
+            main(["--arch", arch, "--out", str(tmp_path / arch), *flags])
+    with pytest.raises(ValueError, match="multiple of --patch-size"):
+        main(["--arch", "llava_onevision", "--out", str(tmp_path / "bad"), "--image-size", "30", "--patch-size", "8"])

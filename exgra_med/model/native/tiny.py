@@ -85,10 +85,17 @@ class TinySize:
     heads: int = 4
     vision_hidden: int = 32
     vision_layers: int = 2
-    # Qwen2.5-VL only: the vision patch and the spatial merge (merge x merge patches per image token). The default
-    # 14 / 2 is the released models'; 7 / 4 gives the same 4 tokens for a 64 px image from 4x finer patches.
-    patch_size: int = 14
+    # The vision patch (None: the architecture's, 14 for Qwen2.5-VL as released, 4 for LLaVA-OneVision); Gemma 3's
+    # is fixed (4).
+    patch_size: int | None = None
+    # Qwen2.5-VL only: the spatial merge (merge x merge patches per image token). The default 2 is the released
+    # models'; patch 7 / merge 4 gives the same 4 tokens for a 64 px image from 4x finer patches.
     merge_size: int = 2
+    # LLaVA-OneVision only: the tile side in pixels (the encoder's image size; None: 16) and the largest anyres grid,
+    # anyres_grid x anyres_grid tiles (the released models go to 6 x 6). Each image is the whole image at tile size
+    # plus its tiles, (side / patch)^2 tokens each, with a newline token per row of tiles' patches.
+    image_size: int | None = None
+    anyres_grid: int = 2
 
 
 def build_chat_tokenizer(
@@ -133,8 +140,9 @@ def _qwen2_5_vl(size: TinySize, corpus: list[str]):
     )
     pad, _, eos, v_start, v_end, image, video = _ids(tokenizer, *special)
     # patch x merge (default 28) pixels a side per image token; a 64 x 64 image becomes 56 x 56: 2 x 2 = 4 tokens.
-    factor = size.patch_size * size.merge_size
-    pixels = {"min_pixels": factor * factor * 4, "max_pixels": factor * factor * 16, "patch_size": size.patch_size,
+    patch = size.patch_size or 14
+    factor = patch * size.merge_size
+    pixels = {"min_pixels": factor * factor * 4, "max_pixels": factor * factor * 16, "patch_size": patch,
               "merge_size": size.merge_size, "temporal_patch_size": 2}
     processor = Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(**pixels), video_processor=Qwen2VLVideoProcessor(**pixels),
@@ -151,7 +159,7 @@ def _qwen2_5_vl(size: TinySize, corpus: list[str]):
         ),
         vision_config=dict(
             depth=size.vision_layers, hidden_size=size.vision_hidden, intermediate_size=2 * size.vision_hidden,
-            num_heads=2, out_hidden_size=size.hidden, patch_size=size.patch_size, spatial_merge_size=size.merge_size,
+            num_heads=2, out_hidden_size=size.hidden, patch_size=patch, spatial_merge_size=size.merge_size,
             temporal_patch_size=2, fullatt_block_indexes=[size.vision_layers - 1], window_size=2 * factor,
         ),
         image_token_id=image, video_token_id=video, vision_start_token_id=v_start, vision_end_token_id=v_end,
@@ -199,14 +207,19 @@ def _llava_onevision(size: TinySize, corpus: list[str]):
         image_token="<image>", video_token="<video>",
     )
     pad, _, eos, image, video = _ids(tokenizer, *special)
-    # 16 px tiles, patch 4: 16 tokens per tile; anyres over 16/32 px grids, as the released 384 px / 6x6 grids.
-    pinpoints = [[16, 16], [16, 32], [32, 16], [32, 32]]
-    image_processor = LlavaOnevisionImageProcessor(size={"height": 16, "width": 16}, image_grid_pinpoints=pinpoints,
+    # Default: 16 px tiles, patch 4 (16 tokens per tile), anyres grids up to 2 x 2 tiles, as the released 384 px
+    # tiles up to 6 x 6.
+    tile, patch = size.image_size or 16, size.patch_size or 4
+    if tile % patch:
+        raise ValueError(f"--image-size {tile} must be a multiple of --patch-size {patch}")
+    grids = range(1, size.anyres_grid + 1)
+    pinpoints = [[tile * rows, tile * cols] for rows in grids for cols in grids]
+    image_processor = LlavaOnevisionImageProcessor(size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints,
                                                    image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
     processor = LlavaOnevisionProcessor(
-        image_processor=image_processor, video_processor=LlavaOnevisionVideoProcessor(size={"height": 16,
-                                                                                           "width": 16}),
-        tokenizer=tokenizer, num_image_tokens=16, vision_feature_select_strategy="full",
+        image_processor=image_processor, video_processor=LlavaOnevisionVideoProcessor(size={"height": tile,
+                                                                                           "width": tile}),
+        tokenizer=tokenizer, num_image_tokens=(tile // patch) ** 2, vision_feature_select_strategy="full",
         chat_template=ONEVISION_TEMPLATE,
     )
     config = LlavaOnevisionConfig(
@@ -219,7 +232,7 @@ def _llava_onevision(size: TinySize, corpus: list[str]):
         vision_config=dict(
             model_type="siglip_vision_model", hidden_size=size.vision_hidden,
             intermediate_size=2 * size.vision_hidden, num_hidden_layers=size.vision_layers, num_attention_heads=2,
-            image_size=16, patch_size=4,
+            image_size=tile, patch_size=patch,
         ),
         image_token_index=image, video_token_index=video, vision_feature_select_strategy="full",
         vision_feature_layer=-1, image_grid_pinpoints=pinpoints, vision_aspect_ratio="anyres_max_9",
@@ -237,8 +250,14 @@ def make_tiny_vlm(
     if arch not in _BUILDERS:
         raise ValueError(f"--arch must be one of llava, {', '.join(ARCHES)}; got {arch!r}")
     size = size or TinySize()
-    if arch != "qwen2_5_vl" and (size.patch_size, size.merge_size) != (TinySize.patch_size, TinySize.merge_size):
-        raise ValueError(f"--patch-size / --merge-size set the vision patches of qwen2_5_vl only, not of {arch}")
+    if arch != "qwen2_5_vl" and size.merge_size != TinySize.merge_size:
+        raise ValueError(f"--merge-size sets the image tokens of qwen2_5_vl only, not of {arch}")
+    if arch == "gemma3" and size.patch_size is not None:
+        raise ValueError("--patch-size sets the vision patches of qwen2_5_vl and llava_onevision only, not of gemma3")
+    if arch != "llava_onevision" and (size.image_size, size.anyres_grid) != (None, TinySize.anyres_grid):
+        raise ValueError(f"--image-size / --anyres-grid set the tiles of llava_onevision only, not of {arch}")
+    if size.anyres_grid < 1:
+        raise ValueError(f"--anyres-grid must be at least 1, got {size.anyres_grid}")
     torch.manual_seed(seed)
     model, processor, eos_ids = _BUILDERS[arch](size, _corpus(corpus))
     tokenizer = processor.tokenizer
